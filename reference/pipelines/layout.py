@@ -1,0 +1,46 @@
+"""Sequence layout shared by the reference pipelines and the runtime: CFG rows, masks, positions.
+
+These are the official conventions (JANUSFLOW.md 4.2, 4.6) extended to left-padded batches so
+that batching never changes a row's result: every row's positions start at 0 on its BOS.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def left_pad_counts(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Leading zeros per row of a left-padded [B,L] mask."""
+    return (attention_mask.cumsum(dim=1) == 0).sum(dim=1)
+
+
+def offset_positions(pad: torch.Tensor, length: int) -> torch.Tensor:
+    """[B,length] absolute positions `arange - pad`, clamped at 0 on the (masked) left pads.
+
+    Masked positions *inside* a row still consume indices, as in the official generation path,
+    which never derives positions from the mask.
+    """
+    pos = torch.arange(length, device=pad.device)[None, :] - pad[:, None]
+    return pos.clamp_min(0)
+
+
+def cfg_prompt_rows(cond_ids: torch.Tensor, cond_mask: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cond + uncond rows for classifier-free guidance, with the last prompt token dropped.
+
+    Returns (ids [2B,L-1], mask [2B,L-1], left-pad counts [2B]). The uncond row of a prompt is its
+    BOS followed by pad ids that are all masked out (official: `tokens[B:, 1:] = pad_id`).
+    """
+    pad = left_pad_counts(cond_mask)
+    rows = torch.arange(cond_ids.shape[0], device=cond_ids.device)
+    uncond_ids = torch.full_like(cond_ids, pad_id)
+    uncond_ids[rows, pad] = cond_ids[rows, pad]
+    uncond_mask = torch.zeros_like(cond_mask)
+    uncond_mask[rows, pad] = 1
+    ids = torch.cat([cond_ids, uncond_ids])[:, :-1]
+    mask = torch.cat([cond_mask, uncond_mask])[:, :-1]
+    return ids, mask, torch.cat([pad, pad])
+
+
+def understanding_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions for left-padded understanding prompts, as `generate()` derives them: cumsum(mask) - 1."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp_min(0)
