@@ -1,0 +1,1 @@
+"""ONNX export of the JanusFlow graph set and the TensorRT build."""

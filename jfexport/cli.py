@@ -1,0 +1,45 @@
+"""The `jfexport` command line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import click
+
+from jfexport.commands.reference_cmds import chat_cmd, generate_cmd, verify_reference_cmd
+from jfexport.reference.errors import JanusFlowError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="jfexport")
+@click.option("-v", "--verbose", is_flag=True, help="Log details (checkpoint loading, skipped weights).")
+def cli(verbose: bool) -> None:
+    """Export JanusFlow to ONNX/TensorRT engines and run them."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+for _command in (generate_cmd, chat_cmd, verify_reference_cmd):
+    cli.add_command(_command)
+
+
+def main() -> None:
+    try:
+        code = cli.main(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except JanusFlowError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except (FileNotFoundError, ValueError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

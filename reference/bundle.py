@@ -1,0 +1,128 @@
+"""A loaded model with everything a pipeline needs: JanusFlow, VAE and processor.
+
+Sources: a checkpoint folder in the official layout (plus `--vae DIR` or a `vae/` subfolder in
+diffusers format) or a named preset with deterministic random weights. With neither, the bundled
+default model is used so every command runs on a fresh machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+
+from .checkpoint import CONFIG_NAME, load_checkpoint, weight_files
+from .config import JanusFlowConfig
+from .errors import CheckpointError
+from .init import init_random
+from .modules.janusflow import JanusFlowModel
+from .presets import preset_config, preset_vae_config
+from .processor import JanusProcessor, JanusTokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).parent / "assets"
+TINY_ASSETS = ASSETS / "tiny"
+DEFAULT_MODEL = "tiny"  # the bundled default until a trained default model ships
+PRESET_SEED = 0
+
+
+@dataclass
+class ModelBundle:
+    model: JanusFlowModel
+    vae: AutoencoderKL | None
+    processor: JanusProcessor | None
+    source: str  # folder path or "preset:NAME"
+    fingerprint: str  # identifies the weights (checkpoint file hashes or preset name + seed)
+
+    @property
+    def config(self) -> JanusFlowConfig:
+        return self.model.config
+
+    @property
+    def image_size(self) -> int:
+        """Side of generated images: the understanding resolution, as in the released model."""
+        return self.config.vision_und.image_size
+
+    @property
+    def latent_size(self) -> int:
+        if self.vae is None:
+            raise CheckpointError(f"{self.source}: no VAE loaded (pass --vae DIR or add a vae/ folder)")
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.image_size // factor
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.gen_enc.input_channels
+
+
+def load_vae(folder: str | Path) -> AutoencoderKL:
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder}: not a diffusers AutoencoderKL folder (no config.json)")
+    try:
+        return AutoencoderKL.from_pretrained(str(folder)).eval()
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise CheckpointError(f"{folder}: cannot load the VAE ({e})") from None
+
+
+def _processor(folder: Path, config: JanusFlowConfig) -> JanusProcessor | None:
+    if not (folder / "tokenizer.json").is_file():
+        return None
+    und = config.vision_und
+    return JanusProcessor.from_folder(folder, image_size=und.image_size, num_image_tokens=und.num_patches)
+
+
+def _file_fingerprint(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def load_folder(folder: str | Path, vae: str | Path | None = None, dtype: torch.dtype = torch.float32) -> ModelBundle:
+    folder = Path(folder)
+    model = load_checkpoint(folder, dtype)
+    vae_dir = Path(vae) if vae is not None else folder / "vae"
+    vae_model = load_vae(vae_dir) if (vae is not None or vae_dir.is_dir()) else None
+    files = [folder / CONFIG_NAME, *weight_files(folder)]
+    return ModelBundle(model, vae_model, _processor(folder, model.config), str(folder), _file_fingerprint(files))
+
+
+def load_preset(name: str, seed: int = PRESET_SEED, dtype: torch.dtype = torch.float32) -> ModelBundle:
+    """Preset config with deterministic random weights; the tiny tokenizer serves every preset."""
+    tokenizer: JanusTokenizer = load_tokenizer(TINY_ASSETS)
+    vocab = len(tokenizer) if name == "tiny" else None
+    config = JanusFlowConfig.from_dict(preset_config(name, vocab))
+    if len(tokenizer) > config.language.vocab_size:
+        raise CheckpointError(f"preset {name}: tokenizer has {len(tokenizer)} ids, vocab is {config.language.vocab_size}")
+    model = JanusFlowModel(config)
+    init_random(model, seed)
+    vae = AutoencoderKL(**preset_vae_config(name))
+    init_random(vae, seed + 1)
+    und = config.vision_und
+    processor = JanusProcessor.from_folder(TINY_ASSETS, image_size=und.image_size, num_image_tokens=und.num_patches)
+    return ModelBundle(model.to(dtype).eval(), vae.eval(), processor, f"preset:{name}", f"preset:{name}:seed{seed}")
+
+
+def load_bundle(
+    checkpoint: str | Path | None = None,
+    vae: str | Path | None = None,
+    preset: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> ModelBundle:
+    if checkpoint is not None and preset is not None:
+        raise CheckpointError("give either a checkpoint folder or a preset, not both")
+    if checkpoint is not None:
+        return load_folder(checkpoint, vae, dtype)
+    bundle = load_preset(preset or DEFAULT_MODEL, dtype=dtype)
+    if vae is not None:
+        bundle.vae = load_vae(vae)
+    return bundle

@@ -1,0 +1,1 @@
+"""Engines and backend-agnostic pipelines for serving JanusFlow."""
