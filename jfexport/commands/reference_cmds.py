@@ -64,8 +64,9 @@ def chat_cmd(question, checkpoint, vae, preset, image_path, backend, max_new_tok
         if t == tokenizer.eos_id:
             break
         ids.append(t)
-        # Decode the whole answer each time: byte-level tokens need their neighbours to form text.
-        text = tokenizer.decode(ids)
+        # Decode the whole answer each time: a byte-level token may be half a character, so hold
+        # back a trailing replacement character until the next token completes it.
+        text = tokenizer.decode(ids).rstrip("\ufffd")
         click.echo(text[len(printed):], nl=False)
         printed = text
     click.echo()

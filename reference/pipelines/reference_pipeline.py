@@ -32,7 +32,7 @@ class ReferencePipeline:
         self.bundle = bundle
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[numerics]
         self.model = bundle.model.to(self.dtype)
-        if bundle.vae is not None:
+        if bundle.vae is not None and bundle.vae.dtype != self.dtype:
             # The official pipeline decodes with the bf16 VAE; fp32 is the parity default.
             bundle.vae.to(self.dtype)
 

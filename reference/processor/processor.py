@@ -1,0 +1,111 @@
+"""Batches for the two tasks, laid out as the official VLChatProcessor lays them out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..errors import InputError
+from .image import preprocess_image
+from .templates import SYSTEM_PROMPT, generation_prompt, understanding_prompt
+from .tokenizer import JanusTokenizer, Tags, load_tokenizer, read_json
+
+
+@dataclass
+class UnderstandingBatch:
+    input_ids: torch.Tensor  # [B,T] int64, left-padded with pad_id
+    attention_mask: torch.Tensor  # [B,T] int64
+    images_seq_mask: torch.Tensor  # [B,T] bool: BOI + placeholder positions
+    images_emb_mask: torch.Tensor  # [B,1,1+N] bool
+    pixel_values: torch.Tensor  # [B,1,3,S,S] float32, normalised
+
+
+@dataclass
+class GenerationBatch:
+    input_ids: torch.Tensor  # [B,L] int64: BOS, prompt, image tag (the tag is what sampling drops)
+    attention_mask: torch.Tensor  # [B,L] int64, left padding
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row):] = 1
+    return ids, mask
+
+
+class JanusProcessor:
+    def __init__(
+        self,
+        tokenizer: JanusTokenizer,
+        image_size: int,
+        num_image_tokens: int,
+        mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        std: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        min_size: int = 14,
+        system_prompt: str = SYSTEM_PROMPT,
+    ):
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self.num_image_tokens = num_image_tokens
+        self.mean, self.std, self.min_size = tuple(mean), tuple(std), min_size
+        self.system_prompt = system_prompt
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, image_size: int, num_image_tokens: int) -> "JanusProcessor":
+        folder = Path(folder)
+        tokenizer = load_tokenizer(folder, read_json(folder / "processor_config.json"))
+        pre = read_json(folder / "preprocessor_config.json")
+        return cls(
+            tokenizer, image_size, num_image_tokens,
+            mean=tuple(pre.get("image_mean", (0.5, 0.5, 0.5))),
+            std=tuple(pre.get("image_std", (0.5, 0.5, 0.5))),
+            min_size=int(pre.get("min_size", 14)),
+        )
+
+    @property
+    def tags(self) -> Tags:
+        return self.tokenizer.tags
+
+    def understanding_ids(self, question: str) -> list[int]:
+        """Template, tokenise, then expand the placeholder into BOI + N image ids + EOI."""
+        tok = self.tokenizer
+        ids = tok.encode(understanding_prompt(question, self.system_prompt, self.tags.image))
+        if ids.count(tok.image_id) != 1:
+            raise InputError(f"the question must not contain the image tag {self.tags.image!r}")
+        at = ids.index(tok.image_id)
+        block = [tok.image_start_id] + [tok.image_id] * self.num_image_tokens + [tok.image_end_id]
+        return ids[:at] + block + ids[at + 1:]
+
+    def understanding_batch(self, questions: list[str], images: list[Image.Image]) -> UnderstandingBatch:
+        if len(questions) != len(images) or not questions:
+            raise InputError(f"need one image per question, got {len(images)} images for {len(questions)} questions")
+        tok = self.tokenizer
+        ids, mask = _left_pad([self.understanding_ids(q) for q in questions], tok.pad_id)
+        pixels = torch.stack([
+            preprocess_image(img, self.image_size, self.mean, self.std, self.min_size) for img in images
+        ])[:, None]
+        return UnderstandingBatch(
+            input_ids=ids,
+            attention_mask=mask,
+            images_seq_mask=((ids == tok.image_id) | (ids == tok.image_start_id)) & mask.bool(),
+            images_emb_mask=torch.ones(len(questions), 1, self.num_image_tokens + 1, dtype=torch.bool),
+            pixel_values=pixels,
+        )
+
+    def generation_ids(self, prompt: str) -> list[int]:
+        ids = self.tokenizer.encode(generation_prompt(prompt) + self.tags.image_start)
+        if ids[-1] != self.tokenizer.image_start_id:
+            raise InputError(f"the image tag {self.tags.image_start!r} does not encode to one final token")
+        return ids
+
+    def generation_tokens(self, prompts: list[str]) -> GenerationBatch:
+        if not prompts:
+            raise InputError("no prompt given")
+        ids, mask = _left_pad([self.generation_ids(p) for p in prompts], self.tokenizer.pad_id)
+        return GenerationBatch(ids, mask)

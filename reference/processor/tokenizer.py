@@ -1,0 +1,91 @@
+"""The JanusFlow tokenizer, mutated exactly as the official VLChatProcessor mutates it.
+
+Tags missing from the vocabulary are appended as additional special tokens in the official
+order (image, generation, begin-of-image, end-of-image), so ids match the official processor's;
+the pad id is `<｜▁pad▁｜>` when the vocabulary has it, else EOS (JANUSFLOW.md 1.5).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerFast
+
+from ..errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+PAD_TOKEN = "<｜▁pad▁｜>"
+
+
+@dataclass(frozen=True)
+class Tags:
+    image: str = "<image_placeholder>"
+    image_start: str = "<begin_of_image>"
+    image_end: str = "<end_of_image>"
+    image_gen: str = "<｜begin▁of▁generation｜>"
+
+    @classmethod
+    def from_processor_config(cls, cfg: dict) -> "Tags":
+        d = cls()
+        return cls(
+            image=cfg.get("image_tag", d.image),
+            image_start=cfg.get("image_start_tag", d.image_start),
+            image_end=cfg.get("image_end_tag", d.image_end),
+            image_gen=cfg.get("image_gen_tag", d.image_gen),
+        )
+
+
+class JanusTokenizer:
+    def __init__(self, hf: PreTrainedTokenizerFast, tags: Tags):
+        self.hf = hf
+        self.tags = tags
+        for tag in (tags.image, tags.image_gen, tags.image_start, tags.image_end):
+            if hf.convert_tokens_to_ids(tag) in (None, hf.unk_token_id) or tag not in hf.get_vocab():
+                hf.add_special_tokens({"additional_special_tokens": [tag]})
+                log.info("added tag %s to the tokenizer", tag)
+        vocab = hf.get_vocab()
+        self.bos_id = int(hf.bos_token_id)
+        self.eos_id = int(hf.eos_token_id)
+        self.pad_id = int(vocab.get(PAD_TOKEN, self.eos_id))
+        self.image_id = vocab[tags.image]
+        self.image_start_id = vocab[tags.image_start]
+        self.image_end_id = vocab[tags.image_end]
+        self.image_gen_id = vocab[tags.image_gen]
+
+    def __len__(self) -> int:
+        return len(self.hf)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids with BOS prepended (the DeepSeek tokenizers add it)."""
+        ids = self.hf.encode(text)
+        if not ids or ids[0] != self.bos_id:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_tokenizer(folder: str | Path, processor_config: dict | None = None) -> JanusTokenizer:
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").is_file():
+        raise CheckpointError(f"{folder}: no tokenizer.json (the tokenizer files of the checkpoint)")
+    hf = PreTrainedTokenizerFast.from_pretrained(str(folder))
+    if hf.bos_token_id is None or hf.eos_token_id is None:
+        raise CheckpointError(f"{folder}: tokenizer defines no BOS/EOS token (special_tokens_map.json)")
+    if processor_config is None:
+        processor_config = read_json(folder / "processor_config.json")
+    return JanusTokenizer(hf, Tags.from_processor_config(processor_config))

@@ -1,0 +1,30 @@
+"""The CLI on the bundled default model, as a user runs it."""
+
+from __future__ import annotations
+
+from PIL import Image
+
+from .conftest import run_cli
+
+
+def test_generate_writes_pngs_and_chat_answers(tmp_path):
+    res = run_cli("generate", "a red circle at the top left", "-n", "2", "--steps", "3", "-o", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    paths = sorted(tmp_path.glob("*.png"))
+    assert [p.name for p in paths] == ["image_0.png", "image_1.png"]
+    img = Image.open(paths[0])
+    assert img.mode == "RGB" and img.size[0] == img.size[1] > 0
+    assert not list(tmp_path.glob("*.tmp"))
+    res = run_cli("chat", "--image", str(paths[0]), "What colour is the shape?", "--max-new-tokens", "4")
+    assert res.returncode == 0, res.stderr
+
+
+def test_bad_inputs_fail_with_a_message(tmp_path):
+    res = run_cli("generate", "   ", "--steps", "1", "-o", str(tmp_path))
+    assert res.returncode != 0 and "empty prompt" in res.stderr
+    bad = tmp_path / "x.png"
+    bad.write_bytes(b"\x00garbage")
+    res = run_cli("chat", "--image", str(bad), "what?")
+    assert res.returncode != 0 and "x.png" in res.stderr and "not a readable image" in res.stderr
+    res = run_cli("chat", "--image", str(tmp_path / "missing.png"), "what?")
+    assert res.returncode != 0 and "missing.png" in res.stderr
