@@ -14,7 +14,7 @@ from PIL import Image
 from ..bundle import ModelBundle
 from ..errors import InputError
 from .generation import Schedule, decode_latents, sample_latents, to_uint8
-from .understanding import decode_tokens
+from .understanding import answers_from_stream, decode_tokens
 
 Numerics = Literal["fp32", "bf16"]
 
@@ -91,10 +91,4 @@ class ReferencePipeline:
         )
 
     def chat(self, images: list[Image.Image], questions: list[str], **kwargs) -> list[str]:
-        rows: list[list[int]] = [[] for _ in questions]
-        eos = self.processor.tokenizer.eos_id
-        for token in self.chat_stream(images, questions, **kwargs):
-            for row, t in zip(rows, token.tolist()):
-                if not row or row[-1] != eos:
-                    row.append(t)
-        return [self.processor.tokenizer.decode(r) for r in rows]
+        return answers_from_stream(self.chat_stream(images, questions, **kwargs), len(questions), self.processor.tokenizer)

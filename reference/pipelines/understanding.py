@@ -7,6 +7,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..modules.janusflow import JanusFlowModel
+from ..processor import JanusTokenizer
 from .layout import understanding_positions
 
 
@@ -60,3 +61,15 @@ def decode_tokens(
         hidden, past, _ = model.llm(model.embed_tokens(token[:, None]).to(inputs_embeds.dtype), mask, next_pos, past)
         next_pos = next_pos + 1
         logits = model.logits(hidden[:, -1])
+
+
+def answers_from_stream(stream: Iterator[torch.Tensor], rows: int, tokenizer: JanusTokenizer) -> list[str]:
+    """Collect each row's tokens up to its first EOS and decode them."""
+    ids: list[list[int]] = [[] for _ in range(rows)]
+    done = [False] * rows
+    for token in stream:
+        for i, t in enumerate(token.tolist()):
+            done[i] = done[i] or t == tokenizer.eos_id
+            if not done[i]:
+                ids[i].append(t)
+    return [tokenizer.decode(row) for row in ids]

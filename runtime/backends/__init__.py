@@ -1,0 +1,1 @@
+"""Engine backends: torch (reference modules), onnxruntime, tensorrt."""

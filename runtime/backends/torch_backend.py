@@ -1,0 +1,37 @@
+"""The `torch` backend: the reference graph modules behind the engine interface."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from jfexport.reference.bundle import ModelBundle
+from jfexport.reference.graphs import GRAPH_NAMES, build_graph
+
+
+class TorchEngine:
+    def __init__(self, name: str, module: nn.Module, dtype: torch.dtype, device: torch.device):
+        self.name = name
+        self.module = module
+        self.dtype = dtype
+        self.device = device
+
+    def run(self, feeds: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        args = []
+        for name in self.module.input_names:
+            x = feeds[name].to(self.device)
+            args.append(x.to(self.dtype) if x.is_floating_point() else x)
+        with torch.inference_mode():
+            results = self.module(*args)
+        return dict(zip(self.module.output_names, results))
+
+
+def torch_engines(bundle: ModelBundle, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> dict[str, TorchEngine]:
+    device = torch.device(device)
+    model = bundle.model.to(device=device, dtype=dtype)
+    names = [g for g in GRAPH_NAMES if g != "vae_decoder" or bundle.vae is not None]
+    if bundle.vae is not None and (bundle.vae.dtype != dtype or bundle.vae.device != device):
+        bundle.vae.to(device=device, dtype=dtype)
+    return {g: TorchEngine(g, build_graph(g, model, bundle.vae), dtype, device) for g in names}

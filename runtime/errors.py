@@ -1,0 +1,23 @@
+"""Runtime errors that name the graph and output at fault."""
+
+from __future__ import annotations
+
+import torch
+
+from jfexport.reference.errors import JanusFlowError
+
+
+class RuntimeFailure(JanusFlowError):
+    pass
+
+
+class NonFiniteOutput(RuntimeFailure):
+    pass
+
+
+def check_finite(graph: str, output: str, tensor: torch.Tensor, step: int | None = None) -> None:
+    """Raise if a graph produced NaN/Inf: a silent NaN would otherwise surface as a black image."""
+    if not torch.isfinite(tensor).all():
+        where = f" at step {step}" if step is not None else ""
+        bad = (~torch.isfinite(tensor)).sum().item()
+        raise NonFiniteOutput(f"{graph}: output {output!r} has {bad} NaN/Inf values{where}")

@@ -1,0 +1,88 @@
+"""`JanusFlowRuntime`: the serving API over a set of engines (any backend).
+
+Thread safety: one runtime may be shared by several threads. Requests are serialised by a lock,
+because engines own preallocated buffers (TensorRT bindings, CUDA graphs) that two requests must
+not write at once; batch several prompts into one call to use the hardware in parallel.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Iterator, Mapping
+
+import torch
+from PIL import Image
+
+from jfexport.reference.errors import InputError
+from jfexport.reference.pipelines.generation import to_uint8
+from jfexport.reference.pipelines.reference_pipeline import initial_noise
+from jfexport.reference.pipelines.understanding import answers_from_stream
+from jfexport.reference.processor import JanusProcessor
+
+from .decoder import decode
+from .engine import Engine
+from .errors import check_finite
+from .sampler import sample
+
+
+class JanusFlowRuntime:
+    def __init__(self, engines: Mapping[str, Engine], processor: JanusProcessor, latent_shape: tuple[int, int, int], grid: int,
+                 max_prompt_len: int | None = None):
+        self.engines = engines
+        self.processor = processor
+        self.latent_shape = latent_shape  # (C, h, w) of one latent
+        self.grid = grid
+        self.max_prompt_len = max_prompt_len
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_bundle(cls, bundle, backend: str = "torch", dtype: torch.dtype = torch.float32, device: str = "cpu") -> "JanusFlowRuntime":
+        """Engines straight from a loaded model (the `torch` backend)."""
+        if backend != "torch":
+            raise InputError(f"from_bundle builds the torch backend only; use from_engines(DIR) for {backend!r}")
+        from .backends.torch_backend import torch_engines
+
+        size = bundle.latent_size
+        return cls(torch_engines(bundle, dtype, device), bundle.processor,
+                   (bundle.latent_channels, size, size), bundle.config.image_grid(size),
+                   bundle.config.language.max_position_embeddings)
+
+    def _check_prompt_len(self, length: int, what: str) -> None:
+        if self.max_prompt_len is not None and length > self.max_prompt_len:
+            raise InputError(f"{what} is {length} tokens, the engines were built for at most {self.max_prompt_len}")
+
+    def generate_latents(self, prompts: list[str], n: int = 1, steps: int = 30, cfg: float = 2.0, seed: int = 0,
+                         on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        if n < 1:
+            raise InputError(f"n must be >= 1, got {n}")
+        batch = self.processor.generation_tokens([p for p in prompts for _ in range(n)])
+        self._check_prompt_len(batch.input_ids.shape[1] - 1 + 1 + self.grid**2, "prompt + image sequence")
+        z0 = initial_noise((len(prompts) * n, *self.latent_shape), seed, torch.float32)
+        with self._lock:
+            return sample(self.engines, batch.input_ids, batch.attention_mask, z0, steps, cfg,
+                          self.processor.tokenizer.pad_id, self.grid, on_step)
+
+    def decode_images(self, latents: torch.Tensor) -> list[Image.Image]:
+        with self._lock:
+            images = self.engines["vae_decoder"].run({"latents": latents})["images"]
+        check_finite("vae_decoder", "images", images)
+        return [Image.fromarray(x.cpu().numpy()) for x in to_uint8(images)]
+
+    def generate(self, prompts: list[str], **kwargs) -> list[Image.Image]:
+        """`n` images per prompt, in prompt order; deterministic for a fixed seed and backend."""
+        return self.decode_images(self.generate_latents(prompts, **kwargs))
+
+    def chat_stream(self, images: list[Image.Image], questions: list[str], max_new_tokens: int = 512,
+                    temperature: float = 0.0, top_p: float = 0.95, seed: int = 0) -> Iterator[torch.Tensor]:
+        """Yield the next token [B] of every (image, question) row; the lock is held while streaming."""
+        batch = self.processor.understanding_batch(questions, images)
+        self._check_prompt_len(batch.input_ids.shape[1] + max_new_tokens, "question + answer")
+        gen = torch.Generator("cpu").manual_seed(seed)
+        with self._lock:
+            yield from decode(self.engines, batch.input_ids, batch.attention_mask, batch.pixel_values,
+                              batch.images_seq_mask, batch.images_emb_mask, max_new_tokens,
+                              self.processor.tokenizer.eos_id, temperature, top_p, gen)
+
+    def chat(self, images: list[Image.Image], questions: list[str], **kwargs) -> list[str]:
+        return answers_from_stream(self.chat_stream(images, questions, **kwargs), len(questions), self.processor.tokenizer)
+
