@@ -28,3 +28,16 @@ def test_bad_inputs_fail_with_a_message(tmp_path):
     assert res.returncode != 0 and "x.png" in res.stderr and "not a readable image" in res.stderr
     res = run_cli("chat", "--image", str(tmp_path / "missing.png"), "what?")
     assert res.returncode != 0 and "missing.png" in res.stderr
+
+
+def test_bench_writes_json_with_every_stage(tmp_path):
+    import json
+
+    out = tmp_path / "bench.json"
+    res = run_cli("bench", "--steps", "2", "--runs", "1", "--warmup", "0", "--max-new-tokens", "3", "--json", str(out))
+    assert res.returncode == 0, res.stderr
+    data = json.loads(out.read_text())
+    stages = data["generation"]["stages_per_call"]
+    assert {"embed_tokens", "llm_prefill", "gen_encoder", "llm_decode", "gen_decoder", "vae_decoder"} <= set(stages)
+    assert stages["gen_encoder"]["runs"] == 2 and data["generation"]["speedup_vs_reference"] > 0
+    assert data["understanding"]["time_to_first_token"]["median_ms"] > 0 and data["peak_rss_mib"] > 0

@@ -1,0 +1,51 @@
+"""`jfexport bench`: stage latencies, end-to-end times and the reference comparison, as JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from .options import load_model, model_options
+
+
+@click.command("bench")
+@model_options
+@click.option("--backend", type=click.Choice(["torch"]), default="torch", show_default=True)
+@click.option("--steps", default=30, show_default=True)
+@click.option("--cfg", default=2.0, show_default=True)
+@click.option("--batch", default=1, show_default=True, help="Images per generation call.")
+@click.option("--warmup", default=1, show_default=True)
+@click.option("--runs", default=5, show_default=True)
+@click.option("--max-new-tokens", default=32, show_default=True)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the results here.")
+def bench_cmd(checkpoint, vae, preset, backend, steps, cfg, batch, warmup, runs, max_new_tokens, json_path):
+    """Benchmark the runtime against the reference eager pipeline."""
+    from PIL import Image
+
+    from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
+    from jfexport.runtime.bench import bench_pipelines
+    from jfexport.runtime.pipelines import JanusFlowRuntime
+
+    if runs < 1 or warmup < 0:
+        raise click.BadParameter("need runs >= 1 and warmup >= 0")
+    bundle = load_model(checkpoint, vae, preset)
+    click.echo(f"benchmarking {bundle.source} ({backend}): {warmup} warmup + {runs} runs", err=True)
+    runtime = JanusFlowRuntime.from_bundle(bundle, backend)
+    reference = ReferencePipeline(bundle)
+    image = Image.new("RGB", (bundle.image_size, bundle.image_size), (200, 30, 30))
+    result = bench_pipelines(runtime, reference, "a red circle at the top left", steps, cfg, batch, warmup, runs,
+                             max_new_tokens, "What colour is the shape?", image)
+    result = {"model": bundle.source, "backend": backend, "command": " ".join(["jfexport", *sys.argv[1:]]), **result}
+    text = json.dumps(result, indent=2)
+    click.echo(text)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=json_path.parent, prefix=f".{json_path.name}.")
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+        os.replace(tmp, json_path)
