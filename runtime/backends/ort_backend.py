@@ -1,0 +1,86 @@
+"""The `onnxruntime` backend: one InferenceSession per graph.
+
+CPU: tensors cross as zero-copy numpy views. CUDA (onnxruntime-gpu): IO binding on torch device
+buffers, with outputs written into caller-provided buffers where given (the KV cache's
+`present` views), so nothing is copied between host and device per call.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from ..errors import RuntimeFailure
+
+_ORT_TO_TORCH = {
+    "tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(bfloat16)": torch.bfloat16,
+    "tensor(int64)": torch.int64, "tensor(int32)": torch.int32, "tensor(bool)": torch.bool,
+}
+
+
+def available_providers(device: str) -> list[str]:
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise RuntimeFailure("onnxruntime has no CUDA provider here: install the `gpu` extra (onnxruntime-gpu)")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OrtEngine:
+    def __init__(self, name: str, path: str | Path, device: str = "cpu", threads: int | None = None):
+        self.name = name
+        self.device = torch.device(device)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=available_providers(self.device.type))
+        except Exception as e:  # onnxruntime raises its own exception types for bad files
+            raise RuntimeFailure(f"{name}: cannot load {path} ({e})") from None
+        self.input_dtypes = {i.name: _ORT_TO_TORCH[i.type] for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def _inputs(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        missing = [n for n in self.input_dtypes if n not in feeds]
+        if missing:
+            raise RuntimeFailure(f"{self.name}: missing input(s) {missing}")
+        return {n: feeds[n].to(device=self.device, dtype=dt).contiguous() for n, dt in self.input_dtypes.items()}
+
+    def run(self, feeds: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        inputs = self._inputs(feeds)
+        if self.device.type == "cpu":
+            results = self.session.run(self.output_names, {n: t.numpy() for n, t in inputs.items()})
+            return {n: torch.from_numpy(np.ascontiguousarray(r)) for n, r in zip(self.output_names, results)}
+        return self._run_bound(inputs, outputs or {})
+
+    def _run_bound(self, inputs: dict[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        binding = self.session.io_binding()
+        index = self.device.index or 0
+        for name, t in inputs.items():
+            binding.bind_input(name, "cuda", index, _np_dtype(t.dtype), tuple(t.shape), t.data_ptr())
+        for name in self.output_names:
+            buf = outputs.get(name)
+            if buf is not None and buf.is_contiguous():
+                binding.bind_output(name, "cuda", index, _np_dtype(buf.dtype), tuple(buf.shape), buf.data_ptr())
+            else:
+                binding.bind_output(name, "cuda", index)
+        self.session.run_with_iobinding(binding)
+        produced = dict(zip(self.output_names, binding.get_outputs()))
+        result: dict[str, torch.Tensor] = {}
+        for name in self.output_names:
+            buf = outputs.get(name)
+            if buf is not None and buf.is_contiguous():
+                result[name] = buf
+            else:
+                result[name] = torch.from_dlpack(produced[name])  # OrtValue implements __dlpack__
+        return result
+
+
+def _np_dtype(dtype: torch.dtype):
+    return {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32,
+            torch.bool: np.bool_}[dtype]
