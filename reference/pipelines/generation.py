@@ -2,7 +2,8 @@
 
 Two LLM schedules compute the same function: `cached` runs the prompt once and reuses its K/V
 for every step (the step tokens are never appended), `recompute` re-runs the whole sequence each
-step exactly as the official demo ends up doing (its cache is dropped, JANUSFLOW.md 4.5).
+step through transformers' own LlamaModel forward, exactly as the official demo ends up doing (its
+cache is dropped, JANUSFLOW.md 4.5) — which also cross-checks our explicit-input Llama forward.
 """
 
 from __future__ import annotations
@@ -69,8 +70,9 @@ def sample_latents(
         if schedule == "cached":
             hidden, _, _ = model.llm(step_embeds, mask, positions[:, prompt_len:], past)
         else:
-            hidden, _, _ = model.llm(torch.cat([prompt_embeds, step_embeds], dim=1), mask, positions)
-            hidden = hidden[:, prompt_len:]
+            hidden = model.language_model.model(
+                inputs_embeds=torch.cat([prompt_embeds, step_embeds], dim=1), attention_mask=mask, position_ids=positions
+            ).last_hidden_state[:, prompt_len:]
         obs(f"step{k}.last_hidden", hidden)
         v_raw = model.gen_decode(hidden[:, 1:], skip, t_emb)
         obs(f"step{k}.v_raw", v_raw)
