@@ -34,3 +34,19 @@ def test_prefill_then_decode_equals_full_forward(tiny_bundle):
         tail, present, _ = model.llm(embeds[:, 4:], mask, pos[:, 4:], past)
     assert (full[:, 4:] - tail).abs().max().item() < 1e-5
     assert present[0][0].shape[2] == 7
+
+
+def test_fused_attention_equals_the_explicit_softmax(tiny_bundle):
+    model = tiny_bundle.model
+    torch.manual_seed(3)
+    embeds = torch.randn(2, 6, model.config.language.hidden_size)
+    mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])
+    pos = understanding_positions(mask)
+    with torch.no_grad():
+        math, _, _ = model.llm(embeds, mask, pos)
+        model.attention = "sdpa"
+        try:
+            fused, _, _ = model.llm(embeds, mask, pos)
+        finally:
+            model.attention = "math"
+    assert (math[mask.bool()] - fused[mask.bool()]).abs().max().item() < 1e-5

@@ -56,3 +56,21 @@ def test_kv_cache_ping_pong_without_copies_when_written_in_place():
     past = cache.past()
     assert cache.length == 3 and past["past.0.key"].data_ptr() == pointers["present.0.key"]
     assert past["past.0.key"][0, 0, 2].eq(7).all() and past["past.1.value"][0, 0, 0].eq(1).all()
+
+
+def test_fast_sampler_matches_the_reference(tiny_bundle):
+    from jfexport.reference.pipelines.reference_pipeline import initial_noise
+    from jfexport.runtime.torch_fast import FastSampler
+
+    ref = ReferencePipeline(tiny_bundle).generate_latents(PROMPTS, steps=3, seed=4)
+    batch = tiny_bundle.processor.generation_tokens(PROMPTS)
+    size = tiny_bundle.latent_size
+    z0 = initial_noise((2, 4, size, size), 4, torch.float32)
+    model = tiny_bundle.model
+    model.attention = "sdpa"
+    try:
+        fast = FastSampler(model, tiny_bundle.config.image_grid(size)).sample(
+            batch.input_ids, batch.attention_mask, z0, 3, 2.0, tiny_bundle.processor.tokenizer.pad_id)
+    finally:
+        model.attention = "math"
+    assert (ref - fast).abs().max().item() < 1e-5

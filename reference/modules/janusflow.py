@@ -27,6 +27,8 @@ class JanusFlowModel(nn.Module):
         self.vision_gen_dec_model = ShallowUViTDecoder(config.gen_dec)
         self.vision_gen_dec_aligner_norm = RMSNorm(d, eps=lang.rms_norm_eps)
         self.vision_gen_dec_aligner = nn.Linear(d, config.gen_dec.in_channels)
+        # "math" (explicit fp32 softmax, what graphs export) or "sdpa" (fused kernels, GPU serving).
+        self.attention = "math"
 
     # --- understanding -------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -59,9 +61,11 @@ class JanusFlowModel(nn.Module):
     def gen_encode(self, latents: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """latents [B,4,h,w], t [B] -> (z_embeds [B,N,D] aligned tokens, t_emb [B,D], skip [B,C,g,g])."""
         x_emb, t_emb = self.vision_gen_enc_model(latents, timesteps)
-        # Row-major flattening of the g x g grid: token = g*row + col.
-        tokens = x_emb.flatten(2).transpose(1, 2)
-        return self.vision_gen_enc_aligner(tokens), t_emb, x_emb
+        return self.align_latent_tokens(x_emb), t_emb, x_emb
+
+    def align_latent_tokens(self, x_emb: torch.Tensor) -> torch.Tensor:
+        """Encoder features [B,C,g,g] -> LLM-space tokens [B,g*g,D] (row-major: token = g*row + col)."""
+        return self.vision_gen_enc_aligner(x_emb.flatten(2).transpose(1, 2))
 
     def gen_decode(self, hidden_states: torch.Tensor, skip: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
         """LLM output at the image positions [B,N,D] (after the final norm) -> velocity [B,4,h,w]."""
@@ -81,7 +85,8 @@ class JanusFlowModel(nn.Module):
         output_hidden_layer: int | None = None,
     ) -> tuple[torch.Tensor, list[KV], torch.Tensor | None]:
         return llama_forward(
-            self.language_model, inputs_embeds, attention_mask, position_ids, self.config.language.rope_theta, past, output_hidden_layer
+            self.language_model, inputs_embeds, attention_mask, position_ids, self.config.language.rope_theta, past,
+            output_hidden_layer, self.attention,
         )
 
     def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:

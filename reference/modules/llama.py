@@ -71,13 +71,15 @@ def llama_forward(
     rope_theta: float,
     past: list[KV] | None = None,
     output_hidden_layer: int | None = None,
+    attention: str = "math",
 ) -> tuple[torch.Tensor, list[KV], torch.Tensor | None]:
     """Run the decoder stack.
 
     inputs_embeds [B,T,D]; attention_mask [B,P+T] (1 = visible); position_ids [B,T]; past: per layer
     (key, value) [B,Hkv,P,Dh] after RoPE. Returns (hidden states after the final norm [B,T,D],
     present K/V [B,Hkv,P+T,Dh] per layer, and the residual stream after block
-    `output_hidden_layer` if asked — REPA reads it during training).
+    `output_hidden_layer` if asked — REPA reads it during training). `attention="math"` spells
+    the softmax out in fp32 (what graphs export); "sdpa" uses PyTorch's fused kernels (GPU path).
     """
     cfg = model.config
     body = model.model
@@ -105,9 +107,12 @@ def llama_forward(
         if kv_heads != heads:
             k = k.repeat_interleave(heads // kv_heads, dim=1)
             v = v.repeat_interleave(heads // kv_heads, dim=1)
-        scores = torch.matmul(q, k.transpose(2, 3)) * head_dim**-0.5 + bias
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
-        out = torch.matmul(probs, v).transpose(1, 2).reshape(bsz, num_new, heads * head_dim)
+        if attention == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        else:
+            scores = torch.matmul(q, k.transpose(2, 3)) * head_dim**-0.5 + bias
+            out = torch.matmul(F.softmax(scores, dim=-1, dtype=torch.float32).to(dtype), v)
+        out = out.transpose(1, 2).reshape(bsz, num_new, heads * head_dim)
         h = h + attn.o_proj(out)
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         if output_hidden_layer is not None and i + 1 == output_hidden_layer:

@@ -100,12 +100,16 @@ class ShallowUViTEncoder(nn.Module):
         # The sinusoid is computed in fp32 by diffusers (arguments reach ~1e3 rad), then cast.
         return self.time_embed(self.time_proj(timesteps.flatten()).to(dtype))
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t_emb = self.time_embedding(timesteps, x.dtype)
+    def features(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        """The latent path for a given time embedding (which depends on the step only)."""
         x_emb = self.in_conv(x)
         if self.mid_block is not None:
             x_emb = self.mid_block(x_emb, t_emb)
-        return x_emb, t_emb
+        return x_emb
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t_emb = self.time_embedding(timesteps, x.dtype)
+        return self.features(x, t_emb), t_emb
 
 
 class ShallowUViTDecoder(nn.Module):
