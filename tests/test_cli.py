@@ -41,3 +41,15 @@ def test_bench_writes_json_with_every_stage(tmp_path):
     assert {"embed_tokens", "llm_prefill", "gen_encoder", "llm_decode", "gen_decoder", "vae_decoder"} <= set(stages)
     assert stages["gen_encoder"]["runs"] == 2 and data["generation"]["speedup_vs_reference"] > 0
     assert data["understanding"]["time_to_first_token"]["median_ms"] > 0 and data["peak_rss_mib"] > 0
+
+
+def test_bench_torch_runs_on_cpu_at_a_small_preset(tmp_path):
+    import json
+
+    out = tmp_path / "paths.json"
+    res = run_cli("bench-torch", "--steps", "2", "--runs", "1", "--warmup", "0", "--batches", "1",
+                  "--max-new-tokens", "2", "--json", str(out))
+    assert res.returncode == 0, res.stderr
+    row = json.loads(out.read_text())["generation"]["batch_1"]
+    assert row["a_official_eager_recompute"]["floor_ms"] > 0 and row["b_eager_prompt_kv"]["median_ms"] > 0
+    assert row["c_cuda_graph_step"] is None  # no CUDA device here

@@ -1,0 +1,48 @@
+"""`jfexport bench-torch`: the PyTorch generation paths (official eager, prompt K/V, CUDA graphs)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .options import load_model, model_options
+
+
+@click.command("bench-torch")
+@model_options
+@click.option("--device", default=None, help="cuda or cpu (default: cuda when available).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default=None, help="Default: bf16 on GPU, fp32 on CPU.")
+@click.option("--batches", default="1,4", show_default=True, help="Comma-separated images per call.")
+@click.option("--steps", default=30, show_default=True)
+@click.option("--cfg", default=2.0, show_default=True)
+@click.option("--warmup", default=1, show_default=True)
+@click.option("--runs", default=3, show_default=True)
+@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+def bench_torch_cmd(checkpoint, vae, preset, device, dtype, batches, steps, cfg, warmup, runs, max_new_tokens, json_path):
+    """Time (a) the official eager loop, (b) prompt-K/V reuse, (c) CUDA-graph steps, with physical floors."""
+    import torch
+
+    from jfexport.runtime.bench_paths import bench_torch_paths
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise click.BadParameter("no CUDA device is visible", param_hint="--device")
+    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype or ("bf16" if device.startswith("cuda") else "fp32")]
+    try:
+        batch_list = [int(b) for b in batches.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"not a list of integers: {batches!r}", param_hint="--batches") from None
+    bundle = load_model(checkpoint, vae, preset)
+    click.echo(f"bench-torch: {bundle.source} on {device} ({torch_dtype})", err=True)
+    result = bench_torch_paths(bundle, device, torch_dtype, batch_list, steps, cfg, warmup, runs, max_new_tokens,
+                               "a red circle at the top left")
+    result = {"model": bundle.source, "command": " ".join(["jfexport", *sys.argv[1:]]), **result}
+    text = json.dumps(result, indent=2)
+    click.echo(text)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(text + "\n")

@@ -1,0 +1,133 @@
+"""Benchmark of the PyTorch generation paths on one device (issue: the fast GPU path).
+
+(a) the official procedure: eager, full recompute of the sequence every step (transformers'
+    LlamaModel, as the demo does); (b) our eager path with the prompt K/V computed once and
+    precomputed time embeddings; (c) the same with the Euler step replayed as a CUDA graph.
+Each is printed next to its physical floor: FLOPs / measured matmul rate and bytes / measured
+memory bandwidth, from the analytic cost model.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from jfexport.reference.bundle import ModelBundle
+from jfexport.reference.pipelines.generation import sample_latents
+from jfexport.reference.pipelines.reference_pipeline import initial_noise
+
+from .bench import machine_info, summarize
+from .cost_model import Cost, floor_ms, generation_cost, llm_cost, vision_cost
+from .pipelines import JanusFlowRuntime
+from .torch_fast import FastSampler
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn: Callable[[], object], device: torch.device, warmup: int, runs: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    out = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def measure_peaks(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
+    """(matmul FLOP/s, copy bytes/s) measured on this device: the denominators of the floors."""
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    mm = statistics.median(_time(lambda: a @ b, device, 2, 5))
+    size = (1 << 30) if device.type == "cuda" else (1 << 26)
+    src = torch.empty(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    cp = statistics.median(_time(lambda: dst.copy_(src), device, 2, 5))
+    return 2 * n**3 / mm, 2 * size / cp  # a copy reads and writes every byte
+
+
+def _report(times: list[float], cost: Cost, peaks: tuple[float, float]) -> dict[str, object]:
+    return {**summarize(times), "floor_ms": floor_ms(cost, *peaks), "tflops": cost.flops / 1e12, "gbytes": cost.bytes / 1e9}
+
+
+def _sum(costs: dict[str, Cost]) -> Cost:
+    return sum(costs.values(), Cost(0, 0))
+
+
+@torch.inference_mode()
+def bench_torch_paths(bundle: ModelBundle, device: str, dtype: torch.dtype, batches: list[int], steps: int, cfg: float,
+                      warmup: int, runs: int, max_new_tokens: int, prompt: str) -> dict[str, object]:
+    dev = torch.device(device)
+    model = bundle.model.to(device=dev, dtype=dtype)
+    proc = bundle.processor
+    size = bundle.latent_size
+    grid = bundle.config.image_grid(size)
+    elem = torch.finfo(dtype).bits // 8
+    peaks = measure_peaks(dev, dtype)
+    results: dict[str, object] = {
+        "device": machine_info(), "dtype": str(dtype).replace("torch.", ""), "steps": steps, "cfg": cfg,
+        "latent": size, "image_tokens": grid * grid,
+        "measured_peaks": {"matmul_tflops": peaks[0] / 1e12, "copy_gbytes_per_s": peaks[1] / 1e9},
+        "generation": {},
+    }
+    for batch in batches:
+        tokens = proc.generation_tokens([prompt] * batch)
+        ids, mask = tokens.input_ids.to(dev), tokens.attention_mask.to(dev)
+        z0 = initial_noise((batch, bundle.latent_channels, size, size), 0, dtype).to(dev)
+        prompt_len = ids.shape[1] - 1
+        row: dict[str, object] = {"prompt_tokens": prompt_len}
+        model.attention = "sdpa"
+        official = generation_cost(bundle.config, batch, prompt_len, steps, size, elem, recompute=True)
+        row["a_official_eager_recompute"] = _report(
+            _time(lambda: sample_latents(model, ids, mask, z0, steps, cfg, proc.tokenizer.pad_id, schedule="recompute"),
+                  dev, warmup, runs), _sum(official), peaks)
+        cached = generation_cost(bundle.config, batch, prompt_len, steps, size, elem, recompute=False)
+        eager = FastSampler(model, grid, cuda_graphs=False)
+        row["b_eager_prompt_kv"] = _report(
+            _time(lambda: eager.sample(ids, mask, z0, steps, cfg, proc.tokenizer.pad_id), dev, warmup, runs), _sum(cached), peaks)
+        if dev.type == "cuda":
+            graphed = FastSampler(model, grid, cuda_graphs=True)
+            row["c_cuda_graph_step"] = _report(
+                _time(lambda: graphed.sample(ids, mask, z0, steps, cfg, proc.tokenizer.pad_id), dev, warmup, runs),
+                _sum(cached), peaks)
+        else:
+            row["c_cuda_graph_step"] = None  # CUDA graphs need a CUDA device
+        results["generation"][f"batch_{batch}"] = row
+
+    runtime = JanusFlowRuntime.from_bundle(bundle, dtype=dtype, device=device)
+    image = Image.new("RGB", (bundle.image_size, bundle.image_size), (200, 30, 30))
+    ttft, rates = [], []
+    for i in range(warmup + runs):
+        start = time.perf_counter()
+        stream = runtime.chat_stream([image], ["Describe the image."], max_new_tokens=max_new_tokens)
+        next(stream)
+        _sync(dev)
+        first = time.perf_counter()
+        n = sum(1 for _ in stream)
+        _sync(dev)
+        if i >= warmup:
+            ttft.append(first - start)
+            if n:
+                rates.append(n / (time.perf_counter() - first))
+    seq = int(proc.understanding_batch(["Describe the image."], [image]).input_ids.shape[1])
+    prefill = vision_cost(bundle.config, 1, elem) + llm_cost(bundle.config, 1, seq, 0, elem, with_logits=True)
+    per_token = llm_cost(bundle.config, 1, 1, seq + max_new_tokens // 2, elem, with_logits=True)
+    model.attention = "math"
+    results["understanding_batch_1"] = {
+        "prompt_tokens": seq,
+        "time_to_first_token": {**summarize(ttft), "floor_ms": floor_ms(prefill, *peaks)},
+        "decode_tokens_per_s": statistics.median(rates) if rates else None,
+        "decode_ceiling_tokens_per_s": 1e3 / floor_ms(per_token, *peaks),
+    }
+    return results
