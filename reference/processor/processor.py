@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..errors import InputError
+from .errors import ProcessorInputError
 from .image import preprocess_image
 from .templates import SYSTEM_PROMPT, generation_prompt, understanding_prompt
 from .tokenizer import JanusTokenizer, Tags, load_tokenizer, read_json
@@ -17,16 +17,16 @@ from .tokenizer import JanusTokenizer, Tags, load_tokenizer, read_json
 @dataclass
 class UnderstandingBatch:
     input_ids: torch.Tensor  # [B,T] int64, left-padded with pad_id
-    attention_mask: torch.Tensor  # [B,T] int64
-    images_seq_mask: torch.Tensor  # [B,T] bool: BOI + placeholder positions
+    attention_mask: torch.Tensor  # [B,T] int64, 0 on pads
+    images_seq_mask: torch.Tensor  # [B,T] bool: BOI + the N placeholder positions
     images_emb_mask: torch.Tensor  # [B,1,1+N] bool
     pixel_values: torch.Tensor  # [B,1,3,S,S] float32, normalised
 
 
 @dataclass
 class GenerationBatch:
-    input_ids: torch.Tensor  # [B,L] int64: BOS, prompt, image tag (the tag is what sampling drops)
-    attention_mask: torch.Tensor  # [B,L] int64, left padding
+    input_ids: torch.Tensor  # [B,L] int64: BOS, prompt, image tag; left-padded with pad_id
+    attention_mask: torch.Tensor  # [B,L] int64, 0 on pads
 
 
 def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,16 +48,22 @@ class JanusProcessor:
         mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
         std: tuple[float, float, float] = (0.5, 0.5, 0.5),
         min_size: int = 14,
+        normalize: bool = True,
         system_prompt: str = SYSTEM_PROMPT,
     ):
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.num_image_tokens = num_image_tokens
-        self.mean, self.std, self.min_size = tuple(mean), tuple(std), min_size
+        self.mean, self.std, self.min_size, self.normalize = tuple(mean), tuple(std), min_size, normalize
         self.system_prompt = system_prompt
 
     @classmethod
     def from_folder(cls, folder: str | Path, image_size: int, num_image_tokens: int) -> "JanusProcessor":
+        """Processor of a checkpoint folder; absent config files or keys take the code defaults.
+
+        A `background_color` key in preprocessor_config.json is ignored, as the official
+        VLMImageProcessor ignores it: the background is always derived from `image_mean`.
+        """
         folder = Path(folder)
         tokenizer = load_tokenizer(folder, read_json(folder / "processor_config.json"))
         pre = read_json(folder / "preprocessor_config.json")
@@ -66,6 +72,7 @@ class JanusProcessor:
             mean=tuple(pre.get("image_mean", (0.5, 0.5, 0.5))),
             std=tuple(pre.get("image_std", (0.5, 0.5, 0.5))),
             min_size=int(pre.get("min_size", 14)),
+            normalize=bool(pre.get("do_normalize", True)),
         )
 
     @property
@@ -73,39 +80,53 @@ class JanusProcessor:
         return self.tokenizer.tags
 
     def understanding_ids(self, question: str) -> list[int]:
-        """Template, tokenise, then expand the placeholder into BOI + N image ids + EOI."""
+        """Template, tokenise, then replace the placeholder by BOI + N image ids + EOI."""
         tok = self.tokenizer
         ids = tok.encode(understanding_prompt(question, self.system_prompt, self.tags.image))
-        if ids.count(tok.image_id) != 1:
-            raise InputError(f"the question must not contain the image tag {self.tags.image!r}")
+        if (found := ids.count(tok.image_id)) != 1:
+            raise ProcessorInputError(
+                f"the prompt must hold the image tag {self.tags.image!r} once, as one token; found {found}"
+                " (a question must not contain it)"
+            )
         at = ids.index(tok.image_id)
         block = [tok.image_start_id] + [tok.image_id] * self.num_image_tokens + [tok.image_end_id]
         return ids[:at] + block + ids[at + 1:]
 
     def understanding_batch(self, questions: list[str], images: list[Image.Image]) -> UnderstandingBatch:
+        """One image per question; rows left-padded to the longest, as the official batchify."""
         if len(questions) != len(images) or not questions:
-            raise InputError(f"need one image per question, got {len(images)} images for {len(questions)} questions")
+            raise ProcessorInputError(f"need one image per question, got {len(images)} images for {len(questions)} questions")
         tok = self.tokenizer
         ids, mask = _left_pad([self.understanding_ids(q) for q in questions], tok.pad_id)
         pixels = torch.stack([
-            preprocess_image(img, self.image_size, self.mean, self.std, self.min_size) for img in images
+            preprocess_image(img, self.image_size, self.mean, self.std, self.min_size, self.normalize) for img in images
         ])[:, None]
         return UnderstandingBatch(
             input_ids=ids,
             attention_mask=mask,
+            # Pads are excluded as in the official batchify, which masks only each row's own tokens.
             images_seq_mask=((ids == tok.image_id) | (ids == tok.image_start_id)) & mask.bool(),
             images_emb_mask=torch.ones(len(questions), 1, self.num_image_tokens + 1, dtype=torch.bool),
             pixel_values=pixels,
         )
 
     def generation_ids(self, prompt: str) -> list[int]:
+        """[BOS, prompt tokens..., image_start tag], as the official demo tokenises the prompt."""
         ids = self.tokenizer.encode(generation_prompt(prompt) + self.tags.image_start)
+        # Dropping the last token removes the tag only if it is exactly one token.
         if ids[-1] != self.tokenizer.image_start_id:
-            raise InputError(f"the image tag {self.tags.image_start!r} does not encode to one final token")
+            raise ProcessorInputError(f"the image tag {self.tags.image_start!r} does not encode to one final token")
         return ids
 
     def generation_tokens(self, prompts: list[str]) -> GenerationBatch:
+        """Conditional token rows of text-to-image generation, left-padded to the longest prompt.
+
+        The official procedure appends the begin-of-image tag and then drops it again: the last
+        column here is that tag, and the sampler keeps only `input_ids[:, :-1]` (the time token
+        takes the tag's position). The official demo runs one prompt at a time; left padding with a
+        0 attention mask lets prompts of different lengths share a batch.
+        """
         if not prompts:
-            raise InputError("no prompt given")
+            raise ProcessorInputError("no prompt given")
         ids, mask = _left_pad([self.generation_ids(p) for p in prompts], self.tokenizer.pad_id)
         return GenerationBatch(ids, mask)

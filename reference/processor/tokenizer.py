@@ -1,8 +1,8 @@
 """The JanusFlow tokenizer, mutated exactly as the official VLChatProcessor mutates it.
 
 Tags missing from the vocabulary are appended as additional special tokens in the official
-order (image, generation, begin-of-image, end-of-image), so ids match the official processor's;
-the pad id is `<｜▁pad▁｜>` when the vocabulary has it, else EOS (JANUSFLOW.md 1.5).
+order (image, generation, begin-of-image, end-of-image), so the new ids match the official
+processor's; the pad id is `<｜▁pad▁｜>` when the vocabulary has it, else EOS (JANUSFLOW.md 1.5).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
 
-from ..errors import CheckpointError
+from .errors import TokenizerFilesError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class JanusTokenizer:
         self.hf = hf
         self.tags = tags
         for tag in (tags.image, tags.image_gen, tags.image_start, tags.image_end):
-            if hf.convert_tokens_to_ids(tag) in (None, hf.unk_token_id) or tag not in hf.get_vocab():
+            if tag not in hf.get_vocab():
                 hf.add_special_tokens({"additional_special_tokens": [tag]})
                 log.info("added tag %s to the tokenizer", tag)
         vocab = hf.get_vocab()
@@ -60,7 +60,11 @@ class JanusTokenizer:
         return len(self.hf)
 
     def encode(self, text: str) -> list[int]:
-        """Token ids with BOS prepended (the DeepSeek tokenizers add it)."""
+        """Token ids starting with BOS.
+
+        DeepSeek tokenizers prepend BOS in their post-processor; one that does not gets it here,
+        because both procedures rely on row position 0 being BOS (the CFG rows keep only it).
+        """
         ids = self.hf.encode(text)
         if not ids or ids[0] != self.bos_id:
             ids = [self.bos_id] + ids
@@ -71,21 +75,28 @@ class JanusTokenizer:
 
 
 def read_json(path: Path) -> dict:
+    """The JSON object in `path`, or {} when the file is absent (the code defaults then apply)."""
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TokenizerFilesError(f"{path}: not valid JSON ({e})") from None
 
 
 def load_tokenizer(folder: str | Path, processor_config: dict | None = None) -> JanusTokenizer:
+    """Tokenizer of a checkpoint folder; `processor_config` defaults to its processor_config.json."""
     folder = Path(folder)
     if not (folder / "tokenizer.json").is_file():
-        raise CheckpointError(f"{folder}: no tokenizer.json (the tokenizer files of the checkpoint)")
-    hf = PreTrainedTokenizerFast.from_pretrained(str(folder))
+        raise TokenizerFilesError(f"{folder}: no tokenizer.json (the tokenizer file of the checkpoint)")
+    try:
+        hf = PreTrainedTokenizerFast.from_pretrained(str(folder))
+    except Exception as e:  # the Rust tokenizers library raises a bare Exception on malformed files
+        raise TokenizerFilesError(f"{folder / 'tokenizer.json'}: cannot load the tokenizer ({e})") from None
     if hf.bos_token_id is None or hf.eos_token_id is None:
-        raise CheckpointError(f"{folder}: tokenizer defines no BOS/EOS token (special_tokens_map.json)")
+        raise TokenizerFilesError(
+            f"{folder}: the tokenizer defines no BOS/EOS token (expected in special_tokens_map.json or tokenizer_config.json)"
+        )
     if processor_config is None:
         processor_config = read_json(folder / "processor_config.json")
     return JanusTokenizer(hf, Tags.from_processor_config(processor_config))
