@@ -8,6 +8,7 @@ import click
 
 from jfexport.commands.bench_cmd import bench_cmd
 from jfexport.commands.bench_torch_cmd import bench_torch_cmd
+from jfexport.commands.export_cmd import export_cmd
 from jfexport.commands.reference_cmds import chat_cmd, generate_cmd, verify_reference_cmd
 from jfexport.reference.errors import JanusFlowError
 
@@ -20,7 +21,7 @@ def cli(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
-for _command in (generate_cmd, chat_cmd, verify_reference_cmd, bench_cmd, bench_torch_cmd):
+for _command in (generate_cmd, chat_cmd, verify_reference_cmd, bench_cmd, bench_torch_cmd, export_cmd):
     cli.add_command(_command)
 
 

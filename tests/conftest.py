@@ -57,3 +57,14 @@ def tiny_bundle():
     from jfexport.reference.bundle import load_preset
 
     return load_preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """The tiny preset exported once per session, fp32 + typed fp16 (the exporter consumes its bundle)."""
+    from jfexport.export.exporter import export_all
+    from jfexport.reference.bundle import load_preset
+
+    out = tmp_path_factory.mktemp("engines-tiny")
+    manifest = export_all(load_preset("tiny"), out, precisions=("fp32", "fp16"))
+    return out, manifest

@@ -111,7 +111,9 @@ def llama_forward(
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         else:
             scores = torch.matmul(q, k.transpose(2, 3)) * head_dim**-0.5 + bias
-            out = torch.matmul(F.softmax(scores, dim=-1, dtype=torch.float32).to(dtype), v)
+            # Upcast before the softmax (not softmax(dtype=...)): exported, that form becomes an
+            # fp16 Softmax followed by a Cast, losing the fp32 island.
+            out = torch.matmul(F.softmax(scores.float(), dim=-1).to(dtype), v)
         out = out.transpose(1, 2).reshape(bsz, num_new, heads * head_dim)
         h = h + attn.o_proj(out)
         h = h + layer.mlp(layer.post_attention_layernorm(h))

@@ -1,0 +1,137 @@
+"""`jfexport export`: every graph to ONNX, fp32 always and typed fp16 on request, each validated
+in ONNX Runtime and checked against the TensorRT operator matrix before it is kept."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from jfexport.reference.bundle import ModelBundle
+from jfexport.reference.errors import JanusFlowError
+from jfexport.reference.graphs import GRAPH_NAMES, build_graph
+
+from .graph_spec import GraphSpec
+from .manifest import FORMAT, sha256_file, versions, write_manifest
+from .onnx_export import export_graph
+from .precision import to_fp16_, use_explicit_softmax
+from .specs import Limits, graph_specs
+from .trt_ops import check_file
+from .validate import Case, compare, reference_cases, validation_dims
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str], None]
+
+
+class ExportError(JanusFlowError):
+    pass
+
+
+def select_graphs(names: list[str] | None, specs: dict[str, GraphSpec]) -> list[str]:
+    if not names:
+        return list(specs)
+    unknown = [n for n in names if n not in GRAPH_NAMES]
+    if unknown:
+        raise ExportError(f"unknown graph(s) {unknown} (known: {', '.join(GRAPH_NAMES)})")
+    missing = [n for n in names if n not in specs]
+    if missing:
+        raise ExportError(f"graph(s) {missing} need a VAE (pass --vae DIR)")
+    return names
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def prepare_output(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out, prefix=".probe.")
+        probe.close()
+    except OSError as e:
+        raise ExportError(f"{out}: output folder is not writable ({e.strerror})") from None
+
+
+def export_all(
+    bundle: ModelBundle,
+    out: Path,
+    graphs: list[str] | None = None,
+    precisions: tuple[str, ...] = ("fp32",),
+    limits: Limits = Limits(),
+    progress: Progress = lambda msg: None,
+) -> dict:
+    """Export, validate and check `graphs`; returns the manifest (also written to `out`).
+
+    The bundle's model is converted to fp16 in place when fp16 is asked for: export consumes it.
+    """
+    out = Path(out)
+    prepare_output(out)
+    specs = graph_specs(bundle, limits)
+    names = select_graphs(graphs, specs)
+    use_explicit_softmax(bundle.model)
+    bundle.model.float()
+    entries: dict[str, dict] = {n: {"spec": specs[n].to_json(), "files": {}} for n in names}
+    cases: dict[str, list[Case]] = {}
+    staging = Path(tempfile.mkdtemp(prefix=".staging.", dir=out))
+    try:
+        for precision in ("fp32", *[p for p in precisions if p != "fp32"]):
+            if precision == "fp16":
+                to_fp16_(bundle.model)
+            for name in names:
+                spec = specs[name]
+                if precision not in spec.precisions:
+                    progress(f"{name}: stays fp32 in an {precision} build (fp16 overflows the SDXL VAE)")
+                    continue
+                module = build_graph(name, bundle.model, bundle.vae)
+                if name not in cases:
+                    cases[name] = reference_cases(module, spec, validation_dims(spec))
+                start = time.perf_counter()
+                progress(f"{name} [{precision}]: exporting")
+                path = export_graph(module, spec, precision, staging)
+                seconds = time.perf_counter() - start
+                parity = compare(path, spec, precision, cases[name])
+                findings = check_file(path)
+                progress(f"{name} [{precision}]: {seconds:.1f}s, max abs {parity.max_abs:.2e}, rel {parity.max_rel:.2e}"
+                         f" ({parity.worst_output or '-'}), TensorRT ops {'ok' if not findings else 'FAIL'}")
+                if not parity.ok:
+                    raise ExportError(f"{name} [{precision}]: ONNX Runtime output {parity.worst_output!r} differs from "
+                                      f"PyTorch (max abs {parity.max_abs:.3e}, rel {parity.max_rel:.3e}); nothing kept")
+                if findings:
+                    raise ExportError(f"{name} [{precision}]: TensorRT cannot parse: " + "; ".join(map(str, findings[:5])))
+                files = sorted(staging.iterdir())
+                for f in files:
+                    f.replace(out / f.name)
+                entries[name]["files"][precision] = {
+                    "file": path.name,
+                    "sha256": sha256_file(out / path.name),
+                    "external_data": [f.name for f in files if f.name != path.name],
+                    "parity": parity.to_json(),
+                    "export_seconds": round(seconds, 2),
+                    "peak_rss_gib": round(_peak_rss_gib(), 2),
+                }
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    manifest = {
+        "format": FORMAT,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "model": {
+            "source": bundle.source,
+            "fingerprint": bundle.fingerprint,
+            "config": bundle.config.to_dict(),
+            "image_size": bundle.image_size,
+            "latent_size": bundle.latent_size,
+            "latent_channels": bundle.latent_channels,
+            "grid": bundle.config.image_grid(bundle.latent_size),
+        },
+        "limits": {"max_batch": limits.max_batch, "max_seq": limits.max_seq},
+        "precisions": list(dict.fromkeys(("fp32", *precisions))),
+        "graphs": entries,
+    }
+    write_manifest(out, manifest)
+    return manifest

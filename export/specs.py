@@ -1,0 +1,86 @@
+"""The seven graph specs of a model (DESIGN.md "The graph set"), every size from its config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jfexport.reference.bundle import ModelBundle
+from jfexport.reference.graphs import GRAPH_NAMES
+
+from .graph_spec import Dim, GraphSpec, TensorSpec
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Build-time ranges: the largest request the engines will accept."""
+
+    max_batch: int = 16  # rows, i.e. 8 images under CFG
+    max_seq: int = 4096  # prompt + generated tokens (capped by the model's max_position_embeddings)
+
+
+def graph_specs(bundle: ModelBundle, limits: Limits = Limits()) -> dict[str, GraphSpec]:
+    cfg = bundle.config
+    lang, und = cfg.language, cfg.vision_und
+    d, v, layers = lang.hidden_size, lang.vocab_size, lang.num_hidden_layers
+    kv_heads, head_dim = lang.num_key_value_heads, lang.head_dim
+    latent, channels = bundle.latent_size, bundle.latent_channels
+    grid = cfg.image_grid(latent)
+    n_img = grid * grid
+    width = cfg.gen_enc.channels
+    max_seq = min(limits.max_seq, lang.max_position_embeddings)
+    # Samples are >= 2 and pairwise distinct so that no dim is specialised at export.
+    B = Dim("B", 1, 2, limits.max_batch, 3)
+    S = Dim("S", 1, min(128, max_seq), max_seq, 11)
+    T = Dim("T", 1, 1 + n_img, 1 + n_img, 5)
+    P = Dim("P", 0, min(128, max_seq - 1), max_seq - 1, 7)
+    f32, i64 = "float32", "int64"
+
+    def kv(prefix: str, length: str) -> list[TensorSpec]:
+        return [TensorSpec(f"{prefix}.{i}.{part}", f32, ("B", kv_heads, length, head_dim))
+                for i in range(layers) for part in ("key", "value")]
+
+    llm_extra = {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "hidden": d, "vocab": v}
+    specs = {
+        "vision_encoder": GraphSpec(
+            "vision_encoder",
+            [TensorSpec("pixel_values", f32, ("B", 3, und.image_size, und.image_size))],
+            [TensorSpec("image_embeds", f32, ("B", 1 + und.num_patches, d))],
+            {"B": B}, extra={"image_size": und.image_size, "image_tokens": und.num_patches}),
+        "embed_tokens": GraphSpec(
+            "embed_tokens", [TensorSpec("input_ids", i64, ("B", "S"))], [TensorSpec("inputs_embeds", f32, ("B", "S", d))],
+            {"B": B, "S": S}, extra={"vocab": v}),
+        "llm_prefill": GraphSpec(
+            "llm_prefill",
+            [TensorSpec("inputs_embeds", f32, ("B", "S", d)), TensorSpec("attention_mask", i64, ("B", "S")),
+             TensorSpec("position_ids", i64, ("B", "S"))],
+            [TensorSpec("hidden_states", f32, ("B", "S", d)), TensorSpec("logits", f32, ("B", v)), *kv("present", "S")],
+            {"B": B, "S": S}, extra=llm_extra),
+        "llm_decode": GraphSpec(
+            "llm_decode",
+            [TensorSpec("inputs_embeds", f32, ("B", "T", d)), TensorSpec("attention_mask", i64, ("B", "P + T")),
+             TensorSpec("position_ids", i64, ("B", "T")), *kv("past", "P")],
+            [TensorSpec("hidden_states", f32, ("B", "T", d)), TensorSpec("logits", f32, ("B", v)), *kv("present", "P + T")],
+            {"B": B, "T": T, "P": P}, extra=llm_extra),
+        "gen_encoder": GraphSpec(
+            "gen_encoder",
+            [TensorSpec("latents", f32, ("B", channels, latent, latent)), TensorSpec("timesteps", f32, ("B",), keep_dtype=True)],
+            [TensorSpec("z_embeds", f32, ("B", n_img, d)), TensorSpec("t_embeds", f32, ("B", d)),
+             TensorSpec("skip", f32, ("B", width, grid, grid))],
+            {"B": B}, extra={"latent": latent, "grid": grid}),
+        "gen_decoder": GraphSpec(
+            "gen_decoder",
+            [TensorSpec("hidden_states", f32, ("B", n_img, d)), TensorSpec("skip", f32, ("B", width, grid, grid)),
+             TensorSpec("t_embeds", f32, ("B", d))],
+            [TensorSpec("velocity", f32, ("B", channels, latent, latent))],
+            {"B": B}),
+    }
+    if bundle.vae is not None:
+        out = latent * 2 ** (len(bundle.vae.config.block_out_channels) - 1)
+        specs["vae_decoder"] = GraphSpec(
+            "vae_decoder",
+            [TensorSpec("latents", f32, (("B", channels, latent, latent)))],
+            [TensorSpec("images", f32, ("B", 3, out, out))],
+            # The SDXL VAE overflows in fp16 (JANUSFLOW.md 6): it is never typed fp16.
+            {"B": B}, precisions=("fp32",), extra={"scaling_factor": float(bundle.vae.config.scaling_factor)})
+    assert set(specs) <= set(GRAPH_NAMES)
+    return specs
