@@ -3,6 +3,7 @@ in ONNX Runtime and checked against the TensorRT operator matrix before it is ke
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import resource
 import shutil
@@ -14,7 +15,7 @@ from typing import Callable
 
 from jfexport.reference.bundle import ModelBundle
 from jfexport.reference.errors import JanusFlowError
-from jfexport.reference.graphs import GRAPH_NAMES, build_graph
+from jfexport.reference.graphs import GRAPH_NAMES, build_graph, graph_weights
 
 from .graph_spec import GraphSpec
 from .manifest import FORMAT, sha256_file, versions, write_manifest
@@ -57,25 +58,39 @@ def prepare_output(out: Path) -> None:
         raise ExportError(f"{out}: output folder is not writable ({e.strerror})") from None
 
 
-def export_all(
+def weights_sha256(name: str, bundle: ModelBundle) -> str:
+    """Identity of a graph's weights: a rebuild re-exports only graphs whose weights changed."""
+    h = hashlib.sha256()
+    if name == "vae_decoder":
+        h.update(repr(float(bundle.vae.config.scaling_factor)).encode())
+    for name, tensor in sorted(graph_weights(name, bundle.model, bundle.vae).items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def export_graphs(
     bundle: ModelBundle,
     out: Path,
-    graphs: list[str] | None = None,
+    names: list[str],
     precisions: tuple[str, ...] = ("fp32",),
     limits: Limits = Limits(),
     progress: Progress = lambda msg: None,
-) -> dict:
-    """Export, validate and check `graphs`; returns the manifest (also written to `out`).
+) -> dict[str, dict]:
+    """Export, validate and check `names`; returns their manifest entries.
 
     The bundle's model is converted to fp16 in place when fp16 is asked for: export consumes it.
     """
     out = Path(out)
     prepare_output(out)
     specs = graph_specs(bundle, limits)
-    names = select_graphs(graphs, specs)
     use_explicit_softmax(bundle.model)
     bundle.model.float()
-    entries: dict[str, dict] = {n: {"spec": specs[n].to_json(), "files": {}} for n in names}
+    entries: dict[str, dict] = {
+        n: {"spec": specs[n].to_json(), "weights_sha256": weights_sha256(n, bundle),
+            "files": {}}
+        for n in names
+    }
     cases: dict[str, list[Case]] = {}
     staging = Path(tempfile.mkdtemp(prefix=".staging.", dir=out))
     try:
@@ -116,7 +131,11 @@ def export_all(
                 }
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    manifest = {
+    return entries
+
+
+def manifest_for(bundle: ModelBundle, limits: Limits, precisions: tuple[str, ...], graphs: dict[str, dict]) -> dict:
+    return {
         "format": FORMAT,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
@@ -131,7 +150,15 @@ def export_all(
         },
         "limits": {"max_batch": limits.max_batch, "max_seq": limits.max_seq},
         "precisions": list(dict.fromkeys(("fp32", *precisions))),
-        "graphs": entries,
+        "graphs": graphs,
     }
-    write_manifest(out, manifest)
+
+
+def export_all(bundle: ModelBundle, out: Path, graphs: list[str] | None = None, precisions: tuple[str, ...] = ("fp32",),
+               limits: Limits = Limits(), progress: Progress = lambda msg: None) -> dict:
+    """`jfexport export`: every selected graph, then the manifest; returns the manifest."""
+    names = select_graphs(graphs, graph_specs(bundle, limits))
+    entries = export_graphs(bundle, out, names, precisions, limits, progress)
+    manifest = manifest_for(bundle, limits, precisions, entries)
+    write_manifest(Path(out), manifest)
     return manifest

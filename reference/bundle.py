@@ -38,6 +38,7 @@ class ModelBundle:
     processor: JanusProcessor | None
     source: str  # folder path or "preset:NAME"
     fingerprint: str  # identifies the weights (checkpoint file hashes or preset name + seed)
+    processor_folder: Path | None = None  # where tokenizer/processor files were read from
 
     @property
     def config(self) -> JanusFlowConfig:
@@ -93,7 +94,8 @@ def load_folder(folder: str | Path, vae: str | Path | None = None, dtype: torch.
     vae_dir = Path(vae) if vae is not None else folder / "vae"
     vae_model = load_vae(vae_dir) if (vae is not None or vae_dir.is_dir()) else None
     files = [folder / CONFIG_NAME, *weight_files(folder)]
-    return ModelBundle(model, vae_model, _processor(folder, model.config), str(folder), _file_fingerprint(files))
+    processor = _processor(folder, model.config)
+    return ModelBundle(model, vae_model, processor, str(folder), _file_fingerprint(files), folder if processor else None)
 
 
 def load_preset(name: str, seed: int = PRESET_SEED, dtype: torch.dtype = torch.float32) -> ModelBundle:
@@ -109,7 +111,7 @@ def load_preset(name: str, seed: int = PRESET_SEED, dtype: torch.dtype = torch.f
     init_random(vae, seed + 1)
     und = config.vision_und
     processor = JanusProcessor.from_folder(TINY_ASSETS, image_size=und.image_size, num_image_tokens=und.num_patches)
-    return ModelBundle(model.to(dtype).eval(), vae.eval(), processor, f"preset:{name}", f"preset:{name}:seed{seed}")
+    return ModelBundle(model.to(dtype).eval(), vae.eval(), processor, f"preset:{name}", f"preset:{name}:seed{seed}", TINY_ASSETS)
 
 
 def load_bundle(

@@ -14,6 +14,23 @@ from .modules.janusflow import JanusFlowModel
 
 GRAPH_NAMES = ("vision_encoder", "embed_tokens", "llm_prefill", "llm_decode", "gen_encoder", "gen_decoder", "vae_decoder")
 
+# State-dict prefixes (of JanusFlowModel, or of the VAE for vae_decoder) of the weights each graph
+# computes with: a rebuild compares their hashes to re-export only graphs whose weights changed.
+GRAPH_WEIGHTS: dict[str, tuple[str, ...]] = {
+    "vision_encoder": ("vision_und_enc_model.", "vision_und_enc_aligner.", "beg_of_und_embed"),
+    "embed_tokens": ("language_model.model.embed_tokens.",),
+    "llm_prefill": ("language_model.model.layers.", "language_model.model.norm.", "language_model.lm_head."),
+    "llm_decode": ("language_model.model.layers.", "language_model.model.norm.", "language_model.lm_head."),
+    "gen_encoder": ("vision_gen_enc_model.", "vision_gen_enc_aligner."),
+    "gen_decoder": ("vision_gen_dec_model.", "vision_gen_dec_aligner_norm.", "vision_gen_dec_aligner."),
+    "vae_decoder": ("decoder.", "post_quant_conv."),
+}
+
+
+def graph_weights(name: str, model: JanusFlowModel, vae=None) -> dict[str, torch.Tensor]:
+    source = vae if name == "vae_decoder" else model
+    return {k: v for k, v in source.state_dict().items() if k.startswith(GRAPH_WEIGHTS[name])}
+
 
 class VisionEncoderGraph(nn.Module):
     """pixel_values [B,3,H,W] -> image_embeds [B,1+N,D]."""

@@ -3,7 +3,7 @@ with a preallocated K/V cache (greedy or temperature/top-p) until EOS or the tok
 
 from __future__ import annotations
 
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 
@@ -38,6 +38,7 @@ def decode(
     temperature: float = 0.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    on_logits: Callable[[torch.Tensor], None] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token [B] of every row; finished rows keep receiving EOS."""
     batch = input_ids.shape[0]
@@ -56,6 +57,8 @@ def decode(
     for _ in range(max_new_tokens):
         logits = out["logits"].float()
         check_finite("llm", "logits", logits)
+        if on_logits is not None:
+            on_logits(logits)
         token = sample_next(logits, temperature, top_p, generator)
         token = torch.where(finished, torch.full_like(token, eos_id), token)
         finished |= token == eos_id

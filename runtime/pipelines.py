@@ -27,13 +27,36 @@ from .sampler import sample
 
 class JanusFlowRuntime:
     def __init__(self, engines: Mapping[str, Engine], processor: JanusProcessor, latent_shape: tuple[int, int, int], grid: int,
-                 max_prompt_len: int | None = None):
+                 max_prompt_len: int | None = None, max_rows: int | None = None, backend: str = "torch"):
         self.engines = engines
         self.processor = processor
         self.latent_shape = latent_shape  # (C, h, w) of one latent
         self.grid = grid
         self.max_prompt_len = max_prompt_len
+        self.max_rows = max_rows  # batch rows the engines accept (CFG doubles generation rows)
+        self.backend = backend
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_engines(cls, folder, backend: str = "auto", precision: str | None = None,
+                     device: str | None = None) -> "JanusFlowRuntime":
+        """A build folder (`jfexport build`): its manifest, graphs and tokenizer."""
+        from pathlib import Path
+
+        from .engines_folder import TOKENIZER_DIR, EnginesError, load_engines
+
+        engines, manifest, chosen = load_engines(folder, backend, precision, device)
+        model = manifest["model"]
+        und = model["config"]["vision_und_enc_config"]["params"]
+        tokenizer_dir = Path(folder) / TOKENIZER_DIR
+        if not (tokenizer_dir / "tokenizer.json").is_file():
+            raise EnginesError(f"{tokenizer_dir}: no tokenizer files in the build folder (rebuild the engines)")
+        n_tokens = manifest["graphs"]["vision_encoder"]["spec"]["extra"]["image_tokens"]
+        processor = JanusProcessor.from_folder(tokenizer_dir, image_size=int(und.get("image_size", model["image_size"])),
+                                               num_image_tokens=n_tokens)
+        latent = model["latent_size"]
+        return cls(engines, processor, (model["latent_channels"], latent, latent), model["grid"],
+                   manifest["limits"]["max_seq"], manifest["limits"]["max_batch"], chosen)
 
     @classmethod
     def from_bundle(cls, bundle, backend: str = "torch", dtype: torch.dtype = torch.float32, device: str = "cpu") -> "JanusFlowRuntime":
@@ -47,6 +70,10 @@ class JanusFlowRuntime:
                    (bundle.latent_channels, size, size), bundle.config.image_grid(size),
                    bundle.config.language.max_position_embeddings)
 
+    def _check_rows(self, rows: int, what: str) -> None:
+        if self.max_rows is not None and rows > self.max_rows:
+            raise InputError(f"{what} needs {rows} batch rows, the engines were built for at most {self.max_rows}")
+
     def _check_prompt_len(self, length: int, what: str) -> None:
         if self.max_prompt_len is not None and length > self.max_prompt_len:
             raise InputError(f"{what} is {length} tokens, the engines were built for at most {self.max_prompt_len}")
@@ -56,6 +83,7 @@ class JanusFlowRuntime:
         if n < 1:
             raise InputError(f"n must be >= 1, got {n}")
         batch = self.processor.generation_tokens([p for p in prompts for _ in range(n)])
+        self._check_rows(2 * batch.input_ids.shape[0], f"{len(prompts)} prompt(s) x {n} image(s) with CFG")
         self._check_prompt_len(batch.input_ids.shape[1] - 1 + 1 + self.grid**2, "prompt + image sequence")
         z0 = initial_noise((len(prompts) * n, *self.latent_shape), seed, torch.float32)
         with self._lock:
@@ -73,15 +101,17 @@ class JanusFlowRuntime:
         return self.decode_images(self.generate_latents(prompts, **kwargs))
 
     def chat_stream(self, images: list[Image.Image], questions: list[str], max_new_tokens: int = 512,
-                    temperature: float = 0.0, top_p: float = 0.95, seed: int = 0) -> Iterator[torch.Tensor]:
+                    temperature: float = 0.0, top_p: float = 0.95, seed: int = 0,
+                    on_logits: Callable[[torch.Tensor], None] | None = None) -> Iterator[torch.Tensor]:
         """Yield the next token [B] of every (image, question) row; the lock is held while streaming."""
         batch = self.processor.understanding_batch(questions, images)
+        self._check_rows(batch.input_ids.shape[0], f"{len(questions)} question(s)")
         self._check_prompt_len(batch.input_ids.shape[1] + max_new_tokens, "question + answer")
         gen = torch.Generator("cpu").manual_seed(seed)
         with self._lock:
             yield from decode(self.engines, batch.input_ids, batch.attention_mask, batch.pixel_values,
                               batch.images_seq_mask, batch.images_emb_mask, max_new_tokens,
-                              self.processor.tokenizer.eos_id, temperature, top_p, gen)
+                              self.processor.tokenizer.eos_id, temperature, top_p, gen, on_logits)
 
     def chat(self, images: list[Image.Image], questions: list[str], **kwargs) -> list[str]:
         return answers_from_stream(self.chat_stream(images, questions, **kwargs), len(questions), self.processor.tokenizer)

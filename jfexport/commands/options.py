@@ -1,10 +1,12 @@
-"""Options shared by several commands."""
+"""Options shared by several commands, and how they resolve to a model or a runtime."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import click
+
+DEFAULT_ENGINES = Path("engines/default")
 
 
 def model_options(f):
@@ -17,7 +19,40 @@ def model_options(f):
     return f
 
 
+def runtime_options(f):
+    f = click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto",
+                     show_default=True,
+                     help="auto: the engines folder if it holds a build, else the torch reference.")(f)
+    f = click.option("--engines", type=click.Path(path_type=Path), default=None,
+                     help=f"Build folder of `jfexport build` (default: {DEFAULT_ENGINES}).")(f)
+    f = click.option("--precision", type=click.Choice(["fp32", "fp16"]), default=None,
+                     help="Engine precision (default: fp16 on a GPU when built, else fp32).")(f)
+    return model_options(f)
+
+
 def load_model(checkpoint, vae, preset):
     from jfexport.reference.bundle import load_bundle
 
     return load_bundle(checkpoint=checkpoint, vae=vae, preset=preset)
+
+
+def open_pipeline(engines, backend, precision, checkpoint, vae, preset, numerics: str = "fp32"):
+    """The PyTorch reference (torch backend, or a model given directly) or a runtime over a build."""
+    from jfexport.reference.errors import InputError
+
+    direct_model = checkpoint is not None or preset is not None
+    folder = engines or DEFAULT_ENGINES
+    has_build = (folder / "manifest.json").is_file()
+    if backend == "torch" or (backend == "auto" and (direct_model or (engines is None and not has_build))):
+        from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
+
+        if backend == "auto" and not direct_model:
+            click.echo(f"no build in {folder} (run `jfexport build`): using the torch backend", err=True)
+        return ReferencePipeline(load_model(checkpoint, vae, preset), numerics)
+    if direct_model:
+        raise InputError(f"--backend {backend} runs built engines: build them with `jfexport build`, then pass --engines")
+    if numerics != "fp32":
+        raise InputError("--numerics bf16 applies to the torch backend only")
+    from jfexport.runtime.pipelines import JanusFlowRuntime
+
+    return JanusFlowRuntime.from_engines(folder, backend, precision)

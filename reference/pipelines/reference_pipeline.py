@@ -76,6 +76,7 @@ class ReferencePipeline:
         temperature: float = 0.0,
         top_p: float = 0.95,
         seed: int = 0,
+        on_logits: Callable[[torch.Tensor], None] | None = None,
     ) -> Iterator[torch.Tensor]:
         """Yield the next token id of every (image, question) row until all rows end."""
         if len(images) != len(questions):
@@ -87,7 +88,7 @@ class ReferencePipeline:
         gen = torch.Generator("cpu").manual_seed(seed)
         yield from decode_tokens(
             self.model, embeds, batch.attention_mask, max_new_tokens, self.processor.tokenizer.eos_id,
-            temperature, top_p, gen,
+            temperature, top_p, gen, on_logits,
         )
 
     def chat(self, images: list[Image.Image], questions: list[str], **kwargs) -> list[str]:

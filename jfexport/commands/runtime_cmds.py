@@ -1,0 +1,124 @@
+"""Commands that run a model: build, generate, chat, verify."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .options import DEFAULT_ENGINES, load_model, model_options, open_pipeline, runtime_options
+
+
+@click.command("build")
+@model_options
+@click.option("--fp16", is_flag=True, help="Also build typed fp16 graphs (the VAE stays fp32).")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_ENGINES, show_default=True)
+@click.option("--max-batch", default=16, show_default=True, help="Largest batch (rows; CFG doubles images).")
+@click.option("--max-seq", default=4096, show_default=True, help="Longest sequence (prompt + generated tokens).")
+def build_cmd(checkpoint, vae, preset, fp16, backend, out, max_batch, max_seq):
+    """Export, check and compile the engines; reuses what is up to date."""
+    from jfexport.export.build import build
+    from jfexport.export.specs import Limits
+
+    bundle = load_model(checkpoint, vae, preset)
+    manifest = build(bundle, out, fp16=fp16, backend=backend, limits=Limits(max_batch, max_seq),
+                     progress=lambda msg: click.echo(msg, err=True))
+    rebuilt = manifest["rebuilt"]
+    click.echo(f"built {out} ({manifest['backend']['name']}): "
+               + (f"rebuilt {', '.join(rebuilt)}" if rebuilt else "everything up to date"))
+
+
+@click.command("generate")
+@click.argument("prompts", nargs=-1, required=True)
+@runtime_options
+@click.option("-n", "--num-images", default=1, show_default=True, help="Images per prompt.")
+@click.option("--steps", default=30, show_default=True)
+@click.option("--cfg", default=2.0, show_default=True, help="Classifier-free guidance weight.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--numerics", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="torch backend: bf16 reproduces the official demo's rounding (bf16 model, t and dt).")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("out"), show_default=True)
+def generate_cmd(prompts, engines, backend, precision, checkpoint, vae, preset, num_images, steps, cfg, seed, numerics, out):
+    """Text-to-image: write PNG files for PROMPTS."""
+    pipe = open_pipeline(engines, backend, precision, checkpoint, vae, preset, numerics)
+    with click.progressbar(length=steps, label="sampling", file=sys.stderr) as bar:
+        images = pipe.generate(list(prompts), n=num_images, steps=steps, cfg=cfg, seed=seed,
+                               on_step=lambda done, total: bar.update(1))
+    out.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        path = out / f"image_{i}.png"
+        tmp = path.with_suffix(".png.tmp")
+        image.save(tmp, format="PNG")
+        tmp.replace(path)
+        click.echo(str(path))
+
+
+@click.command("chat")
+@click.argument("question")
+@runtime_options
+@click.option("--image", "image_path", type=click.Path(path_type=Path), required=True)
+@click.option("--max-new-tokens", default=512, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", default=0.95, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def chat_cmd(question, engines, backend, precision, checkpoint, vae, preset, image_path, max_new_tokens, temperature,
+             top_p, seed):
+    """Answer QUESTION about an image, streaming the answer."""
+    from jfexport.reference.processor import load_image
+
+    image = load_image(image_path)
+    pipe = open_pipeline(engines, backend, precision, checkpoint, vae, preset)
+    tokenizer = pipe.processor.tokenizer
+    ids: list[int] = []
+    printed = ""
+    for token in pipe.chat_stream([image], [question], max_new_tokens=max_new_tokens, temperature=temperature,
+                                  top_p=top_p, seed=seed):
+        t = int(token[0])
+        if t == tokenizer.eos_id:
+            break
+        ids.append(t)
+        # Decode the whole answer each time: a byte-level token may be half a character, so hold
+        # back a trailing replacement character until the next token completes it.
+        text = tokenizer.decode(ids).rstrip("\ufffd")
+        click.echo(text[len(printed):], nl=False)
+        printed = text
+    click.echo()
+
+
+@click.command("verify")
+@click.option("--engines", type=click.Path(path_type=Path), default=DEFAULT_ENGINES, show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default=None)
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Reference model (default: the one the manifest records).")
+@click.option("--vae", type=click.Path(path_type=Path), default=None)
+@click.option("--steps", default=30, show_default=True)
+def verify_cmd(engines, backend, precision, checkpoint, vae, steps):
+    """End-to-end parity of built engines with the PyTorch reference."""
+    from jfexport.reference.bundle import load_bundle
+    from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
+    from jfexport.runtime.engines_folder import EnginesError, read_build_manifest
+    from jfexport.runtime.pipelines import JanusFlowRuntime
+    from jfexport.runtime.verify import format_checks, verify
+
+    runtime = JanusFlowRuntime.from_engines(engines, backend, precision)
+    manifest = read_build_manifest(engines)
+    source = manifest["model"]["source"]
+    if checkpoint is None and not source.startswith("preset:") and not Path(source).is_dir():
+        raise EnginesError(f"the reference model {source} recorded in the manifest is gone; pass --checkpoint")
+    if checkpoint is not None:
+        bundle = load_bundle(checkpoint=checkpoint, vae=vae)
+    elif source.startswith("preset:"):
+        bundle = load_bundle(preset=source.split(":", 1)[1])
+    else:
+        bundle = load_bundle(checkpoint=source, vae=vae)
+    if bundle.fingerprint != manifest["model"]["fingerprint"]:
+        raise EnginesError(f"{engines} was built from other weights than {bundle.source}: rebuild, or pass the right --checkpoint")
+    checks = verify(runtime, ReferencePipeline(bundle), precision or "fp32", steps=steps)
+    click.echo(format_checks(checks))
+    failed = [c.name for c in checks if not c.ok]
+    if failed:
+        raise click.ClickException(f"verification failed: {', '.join(failed)}")
+    click.echo(f"{engines}: engines match the reference")
