@@ -7,6 +7,7 @@ files are copied in, so a build folder is all a runtime needs.
 
 from __future__ import annotations
 
+import gc
 import shutil
 from pathlib import Path
 
@@ -66,12 +67,15 @@ def build(bundle: ModelBundle, out: Path, fp16: bool = False, backend: str = "au
         progress("vae_decoder: built fp32 (the SDXL VAE overflows in fp16)")
     if stale:
         entries.update(export_graphs(bundle, out, stale, precisions, limits, progress))
+    _copy_processor_files(bundle, out)
+    manifest = manifest_for(bundle, limits, precisions, {n: entries[n] for n in specs})
     if choice.backend == "tensorrt":
         from .tensorrt_build import build_engines
 
-        build_engines(out, entries, progress)
-    _copy_processor_files(bundle, out)
-    manifest = manifest_for(bundle, limits, precisions, {n: entries[n] for n in specs})
+        # The PyTorch model is not needed any more: give its memory to the TensorRT builder.
+        bundle.model = bundle.vae = None
+        gc.collect()
+        build_engines(out, manifest["graphs"], progress)
     manifest["backend"] = {"name": choice.backend, "reason": choice.reason}
     manifest["rebuilt"] = stale
     write_manifest(out, manifest)

@@ -69,7 +69,7 @@ def load_engines(folder: str | Path, backend: str = "auto", precision: str | Non
         if chosen == "tensorrt":
             from .backends.trt_backend import TrtEngine
 
-            engines[name] = TrtEngine.from_manifest_entry(name, folder, info)
+            engines[name] = TrtEngine.from_manifest_entry(name, folder, entry)
         else:
             from .backends.ort_backend import OrtEngine
 

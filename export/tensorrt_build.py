@@ -1,0 +1,60 @@
+"""Compile the typed ONNX graphs of a build folder into TensorRT engines (polygraphy's builder).
+
+Thin by design: everything decidable without TensorRT (profiles, names, staleness) lives in
+`trt_plan` and is tested on CPU. Networks are strongly typed: precision comes from the ONNX
+graphs (fp16 with fp32 islands, the VAE fp32), never from builder flags, which TensorRT 11 drops.
+Engines are built one at a time; the timing cache is shared across graphs and rebuilds.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from pathlib import Path
+from typing import Callable
+
+from jfexport.runtime.trt_plan import engine_file_name, engine_is_current, gpu_compute_capability, optimization_profiles
+
+from .manifest import sha256_file
+
+TIMING_CACHE = "timing.cache"
+OPTIMIZATION_LEVEL = 3  # TensorRT's default: level 5 multiplies build time for a few percent
+
+
+def build_engines(out: Path, entries: dict[str, dict], progress: Callable[[str], None],
+                  workspace_bytes: int | None = None) -> None:
+    """Add an `engine` record to each graph's best typed file entry, rebuilding only stale ones."""
+    import tensorrt as trt
+    from polygraphy.backend.trt import CreateConfig, Profile, engine_from_network, network_from_onnx_path, save_engine
+
+    version, capability = trt.__version__, gpu_compute_capability()
+    cache = out / TIMING_CACHE
+    for name, entry in entries.items():
+        precision = "fp16" if "fp16" in entry["files"] else "fp32"
+        info = entry["files"][precision]
+        onnx_sha = info["sha256"]
+        if engine_is_current(info, onnx_sha, version, capability) and (out / info["engine"]["file"]).is_file():
+            progress(f"{name}: TensorRT engine up to date")
+            continue
+        profiles = []
+        for ranges in optimization_profiles(name, entry["spec"]):
+            profile = Profile()
+            for tensor, (mn, opt, mx) in ranges.items():
+                profile.add(tensor, min=mn, opt=opt, max=mx)
+            profiles.append(profile)
+        progress(f"{name} [{precision}]: building TensorRT engine ({len(profiles)} profile(s))")
+        network = network_from_onnx_path(str(out / info["file"]), strongly_typed=True)
+        limits = {trt.MemoryPoolType.WORKSPACE: workspace_bytes} if workspace_bytes else None
+        config = CreateConfig(profiles=profiles, builder_optimization_level=OPTIMIZATION_LEVEL,
+                              memory_pool_limits=limits, load_timing_cache=str(cache) if cache.is_file() else None)
+        engine = engine_from_network(network, config, save_timing_cache=str(cache))
+        file_name = engine_file_name(name, precision, version, capability)
+        tmp = out / f".{file_name}.tmp"
+        save_engine(engine, path=str(tmp))
+        os.replace(tmp, out / file_name)
+        info["engine"] = {
+            "file": file_name, "sha256": sha256_file(out / file_name), "tensorrt": version,
+            "compute_capability": capability, "onnx_sha256": onnx_sha, "profiles": len(profiles),
+        }
+        del engine, network
+        gc.collect()
