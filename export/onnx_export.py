@@ -4,7 +4,9 @@ their final names by the caller once validation has passed."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import logging
 import warnings
 from pathlib import Path
@@ -69,7 +71,10 @@ def export_graph(module: nn.Module, spec: GraphSpec, precision: str, staging: Pa
     args, dynamic_shapes = _export_args(module, typed, feeds)
     params = sum(p.numel() * p.element_size() for p in module.parameters())
     path = staging / graph_file(spec.name, precision)
-    with warnings.catch_warnings(), torch.no_grad():
+    # The exporter prints its own step banners and warns about torchvision ops we never use;
+    # `jfexport` reports progress per graph instead.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module, args, dynamo=True, input_names=[t.name for t in typed.inputs],
