@@ -101,7 +101,7 @@ def load_folder(folder: str | Path, vae: str | Path | None = None, dtype: torch.
 def load_preset(name: str, seed: int = PRESET_SEED, dtype: torch.dtype = torch.float32) -> ModelBundle:
     """Preset config with deterministic random weights; the tiny tokenizer serves every preset."""
     tokenizer: JanusTokenizer = load_tokenizer(TINY_ASSETS)
-    vocab = len(tokenizer) if name == "tiny" else None
+    vocab = len(tokenizer) if name in ("tiny", "small") else None
     config = JanusFlowConfig.from_dict(preset_config(name, vocab))
     if len(tokenizer) > config.language.vocab_size:
         raise CheckpointError(f"preset {name}: tokenizer has {len(tokenizer)} ids, vocab is {config.language.vocab_size}")

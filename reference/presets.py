@@ -1,4 +1,5 @@
-"""Named model configurations: `tiny` for tests and `janusflow-1.3b` (the released sizes) for benchmarks.
+"""Named model configurations: `tiny` for tests, `small` for CPU benchmarks and `janusflow-1.3b`
+(the released sizes) for full-size exports and GPU benchmarks.
 
 The full-size dictionaries are the released config (JANUSFLOW.md 1.1); the only place in the
 project where the real dimensions are written down.
@@ -83,17 +84,41 @@ _TINY_VAE: dict[str, Any] = {
     "sample_size": 64, "scaling_factor": 1.0, "force_upcast": False,
 }
 
-PRESETS = ("tiny", "janusflow-1.3b")
+def _small(vocab_size: int) -> dict[str, Any]:
+    """Mid-size: large enough that benchmarks show where time goes, small enough for a CPU."""
+    cfg = copy.deepcopy(_JANUSFLOW_1_3B)
+    cfg["language_config"].update(
+        hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+        vocab_size=vocab_size, max_position_embeddings=2048,
+    )
+    cfg["vision_und_enc_config"]["params"] = {
+        "image_size": 256, "model_name": "siglip_custom", "select_feature": "same", "select_layer": -1,
+        "patch_size": 16, "width": 384, "layers": 6, "heads": 6, "mlp_ratio": 4,
+    }
+    cfg["vision_gen_enc_config"]["params"].update(block_out_channels=[256], hidden_size=512, layers_in_middle=2)
+    cfg["vision_gen_dec_config"]["params"].update(block_out_channels=[256], hidden_size=512, in_channels=256, layers_in_middle=2)
+    return cfg
+
+
+# An 8x VAE like SDXL's, narrower: 256-px images give 32x32 latents and 16x16 = 256 image tokens.
+_SMALL_VAE: dict[str, Any] = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+    "block_out_channels": [32, 64, 128, 128], "layers_per_block": 1, "norm_num_groups": 32, "act_fn": "silu",
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "sample_size": 256, "scaling_factor": 0.13025, "force_upcast": False,
+}
+
+PRESETS = ("tiny", "small", "janusflow-1.3b")
 
 
 def preset_config(name: str, vocab_size: int | None = None) -> dict[str, Any]:
     """Official-format config dict of a preset. `tiny` takes its vocab size from its tokenizer."""
     if name == "janusflow-1.3b":
         return copy.deepcopy(_JANUSFLOW_1_3B)
-    if name == "tiny":
+    if name in ("tiny", "small"):
         if vocab_size is None:
-            raise ValueError("the tiny preset needs the vocab size of its tokenizer")
-        return _tiny(vocab_size)
+            raise ValueError(f"the {name} preset needs the vocab size of its tokenizer")
+        return _tiny(vocab_size) if name == "tiny" else _small(vocab_size)
     raise ConfigError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
 
 
@@ -102,4 +127,6 @@ def preset_vae_config(name: str) -> dict[str, Any]:
         return copy.deepcopy(_SDXL_VAE)
     if name == "tiny":
         return copy.deepcopy(_TINY_VAE)
+    if name == "small":
+        return copy.deepcopy(_SMALL_VAE)
     raise ConfigError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")

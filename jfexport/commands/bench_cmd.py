@@ -10,12 +10,14 @@ from pathlib import Path
 
 import click
 
-from .options import load_model, model_options
+from .options import load_model, model_options, reference_bundle_for_build
 
 
 @click.command("bench")
 @model_options
-@click.option("--backend", type=click.Choice(["torch"]), default="torch", show_default=True)
+@click.option("--engines", type=click.Path(path_type=Path), default=None,
+              help="Benchmark this build (its backend); default: the torch backend on the model options.")
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
 @click.option("--steps", default=30, show_default=True)
 @click.option("--cfg", default=2.0, show_default=True)
 @click.option("--batch", default=1, show_default=True, help="Images per generation call.")
@@ -23,7 +25,7 @@ from .options import load_model, model_options
 @click.option("--runs", default=5, show_default=True)
 @click.option("--max-new-tokens", default=32, show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the results here.")
-def bench_cmd(checkpoint, vae, preset, backend, steps, cfg, batch, warmup, runs, max_new_tokens, json_path):
+def bench_cmd(checkpoint, vae, preset, engines, backend, steps, cfg, batch, warmup, runs, max_new_tokens, json_path):
     """Benchmark the runtime against the reference eager pipeline."""
     from PIL import Image
 
@@ -33,9 +35,14 @@ def bench_cmd(checkpoint, vae, preset, backend, steps, cfg, batch, warmup, runs,
 
     if runs < 1 or warmup < 0:
         raise click.BadParameter("need runs >= 1 and warmup >= 0")
-    bundle = load_model(checkpoint, vae, preset)
+    if engines is not None:
+        runtime = JanusFlowRuntime.from_engines(engines, backend)
+        bundle = reference_bundle_for_build(engines, checkpoint, vae)
+    else:
+        bundle = load_model(checkpoint, vae, preset)
+        runtime = JanusFlowRuntime.from_bundle(bundle, "torch")
+    backend = runtime.backend
     click.echo(f"benchmarking {bundle.source} ({backend}): {warmup} warmup + {runs} runs", err=True)
-    runtime = JanusFlowRuntime.from_bundle(bundle, backend)
     reference = ReferencePipeline(bundle)
     image = Image.new("RGB", (bundle.image_size, bundle.image_size), (200, 30, 30))
     result = bench_pipelines(runtime, reference, "a red circle at the top left", steps, cfg, batch, warmup, runs,

@@ -10,7 +10,7 @@ DEFAULT_ENGINES = Path("engines/default")
 
 
 def model_options(f):
-    f = click.option("--preset", default=None, help="Named model with random weights (tiny, janusflow-1.3b).")(f)
+    f = click.option("--preset", default=None, help="Named model with random weights (tiny, small, janusflow-1.3b).")(f)
     f = click.option("--vae", type=click.Path(path_type=Path), default=None, help="diffusers AutoencoderKL folder.")(f)
     f = click.option(
         "--checkpoint", type=click.Path(path_type=Path), default=None,
@@ -56,3 +56,23 @@ def open_pipeline(engines, backend, precision, checkpoint, vae, preset, numerics
     from jfexport.runtime.pipelines import JanusFlowRuntime
 
     return JanusFlowRuntime.from_engines(folder, backend, precision)
+
+
+def reference_bundle_for_build(engines: Path, checkpoint=None, vae=None):
+    """The model a build was made from (as its manifest records), checked by weights fingerprint."""
+    from jfexport.reference.bundle import load_bundle
+    from jfexport.runtime.engines_folder import EnginesError, read_build_manifest
+
+    manifest = read_build_manifest(engines)
+    source = manifest["model"]["source"]
+    if checkpoint is not None:
+        bundle = load_bundle(checkpoint=checkpoint, vae=vae)
+    elif source.startswith("preset:"):
+        bundle = load_bundle(preset=source.split(":", 1)[1])
+    elif Path(source).is_dir():
+        bundle = load_bundle(checkpoint=source, vae=vae)
+    else:
+        raise EnginesError(f"the reference model {source} recorded in the manifest is gone; pass --checkpoint")
+    if bundle.fingerprint != manifest["model"]["fingerprint"]:
+        raise EnginesError(f"{engines} was built from other weights than {bundle.source}: rebuild, or pass the right --checkpoint")
+    return bundle

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .options import DEFAULT_ENGINES, load_model, model_options, open_pipeline, runtime_options
+from .options import DEFAULT_ENGINES, load_model, model_options, open_pipeline, reference_bundle_for_build, runtime_options
 
 
 @click.command("build")
@@ -97,25 +97,12 @@ def chat_cmd(question, engines, backend, precision, checkpoint, vae, preset, ima
 @click.option("--steps", default=30, show_default=True)
 def verify_cmd(engines, backend, precision, checkpoint, vae, steps):
     """End-to-end parity of built engines with the PyTorch reference."""
-    from jfexport.reference.bundle import load_bundle
     from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
-    from jfexport.runtime.engines_folder import EnginesError, read_build_manifest
     from jfexport.runtime.pipelines import JanusFlowRuntime
     from jfexport.runtime.verify import format_checks, verify
 
     runtime = JanusFlowRuntime.from_engines(engines, backend, precision)
-    manifest = read_build_manifest(engines)
-    source = manifest["model"]["source"]
-    if checkpoint is None and not source.startswith("preset:") and not Path(source).is_dir():
-        raise EnginesError(f"the reference model {source} recorded in the manifest is gone; pass --checkpoint")
-    if checkpoint is not None:
-        bundle = load_bundle(checkpoint=checkpoint, vae=vae)
-    elif source.startswith("preset:"):
-        bundle = load_bundle(preset=source.split(":", 1)[1])
-    else:
-        bundle = load_bundle(checkpoint=source, vae=vae)
-    if bundle.fingerprint != manifest["model"]["fingerprint"]:
-        raise EnginesError(f"{engines} was built from other weights than {bundle.source}: rebuild, or pass the right --checkpoint")
+    bundle = reference_bundle_for_build(engines, checkpoint, vae)
     checks = verify(runtime, ReferencePipeline(bundle), precision or "fp32", steps=steps)
     click.echo(format_checks(checks))
     failed = [c.name for c in checks if not c.ok]
