@@ -44,9 +44,17 @@ def sample_inputs(spec: GraphSpec, values: dict[str, int], seed: int = 0) -> dic
     return feeds
 
 
-def valid_rows(spec: GraphSpec, feeds: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """[B,T] bool of the query positions whose outputs are meaningful (not left padding)."""
+def meaningful(name: str, output: torch.Tensor, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The elements of an LLM output that carry meaning: left-padded positions are dropped.
+
+    A padded query row attends to nothing, so its hidden state (and the K/V computed from it in
+    later layers) is arbitrary and differs between precisions; no valid row ever reads it.
+    """
     if "attention_mask" not in feeds:
-        return None
-    new = feeds["inputs_embeds"].shape[1]
-    return feeds["attention_mask"][:, -new:].bool()
+        return output
+    mask = feeds["attention_mask"].bool()
+    if name == "hidden_states":
+        return output[mask[:, -output.shape[1]:]]
+    if name.startswith("present."):
+        return output.transpose(1, 2)[mask]
+    return output

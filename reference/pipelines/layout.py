@@ -24,18 +24,25 @@ def offset_positions(pad: torch.Tensor, length: int) -> torch.Tensor:
     return pos.clamp_min(0)
 
 
-def cfg_prompt_rows(cond_ids: torch.Tensor, cond_mask: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cond + uncond rows for classifier-free guidance, with the last prompt token dropped.
-
-    Returns (ids [2B,L-1], mask [2B,L-1], left-pad counts [2B]). The uncond row of a prompt is its
-    BOS followed by pad ids that are all masked out (official: `tokens[B:, 1:] = pad_id`).
-    """
+def uncond_rows(cond_ids: torch.Tensor, cond_mask: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unconditional version of each prompt row: its BOS, then pad ids that are all masked out
+    (official: `tokens[B:, 1:] = pad_id`). Training's dropped prompts use exactly this."""
     pad = left_pad_counts(cond_mask)
     rows = torch.arange(cond_ids.shape[0], device=cond_ids.device)
     uncond_ids = torch.full_like(cond_ids, pad_id)
     uncond_ids[rows, pad] = cond_ids[rows, pad]
     uncond_mask = torch.zeros_like(cond_mask)
     uncond_mask[rows, pad] = 1
+    return uncond_ids, uncond_mask
+
+
+def cfg_prompt_rows(cond_ids: torch.Tensor, cond_mask: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cond + uncond rows for classifier-free guidance, with the last prompt token dropped.
+
+    Returns (ids [2B,L-1], mask [2B,L-1], left-pad counts [2B]).
+    """
+    pad = left_pad_counts(cond_mask)
+    uncond_ids, uncond_mask = uncond_rows(cond_ids, cond_mask, pad_id)
     ids = torch.cat([cond_ids, uncond_ids])[:, :-1]
     mask = torch.cat([cond_mask, uncond_mask])[:, :-1]
     return ids, mask, torch.cat([pad, pad])

@@ -1,0 +1,66 @@
+"""Training configuration, read from a JSON file (`jfexport train CONFIG.json`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from ..errors import ConfigError
+from .stages import STAGES
+
+
+@dataclass
+class TrainConfig:
+    out: str  # run folder: checkpoint/, train_state.pt, log.jsonl
+    stage: int = 1
+    steps: int = 100
+    batch_size: int = 8
+    lr: float | None = None  # default: the stage's (paper Table 1)
+    warmup: int | None = None
+    ratio: tuple[int, int, int] | None = None  # understanding : generation : text
+    init: dict = field(default_factory=lambda: {"preset": "tiny"})  # {"preset": NAME} or {"checkpoint": DIR}
+    vae: str | None = None  # diffusers folder; default: the init model's
+    image_size: int | None = None  # toy images; default: the model's
+    repa_layer: int | None = 1  # LLM block whose output REPA aligns (6 for the 1.3B); None disables REPA
+    repa_weight: float = 1.0
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    prompt_drop: float = 0.1
+    ema_decay: float = 0.99
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ConfigError(f"stage must be 1, 2 or 3, got {self.stage}")
+        defaults = STAGES[self.stage]
+        self.lr = defaults.lr if self.lr is None else self.lr
+        self.warmup = defaults.warmup if self.warmup is None else self.warmup
+        self.ratio = tuple(defaults.ratio if self.ratio is None else self.ratio)
+        if len(self.ratio) != 3 or sum(self.ratio) <= 0 or min(self.ratio) < 0:
+            raise ConfigError(f"ratio needs three non-negative weights (und, gen, text), got {self.ratio}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ConfigError("steps and batch_size must be >= 1")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "TrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: training config not found")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"{path}: unknown key(s) {unknown}")
+        if "out" not in raw:
+            raise ConfigError(f"{path}: needs an 'out' folder")
+        return cls(**raw)
+
+    def to_json(self) -> dict:
+        return asdict(self)
