@@ -128,3 +128,15 @@ def test_export_cli_writes_a_subset(tmp_path):
     assert res.returncode == 0, res.stderr
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert set(manifest["graphs"]) == {"embed_tokens", "gen_encoder"}
+
+
+def test_padded_positions_are_left_out_of_llm_comparisons():
+    from jfexport.export.samples import meaningful
+
+    mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    feeds = {"attention_mask": mask, "inputs_embeds": torch.zeros(2, 3, 4)}
+    present = torch.arange(2 * 2 * 3 * 1).float().view(2, 2, 3, 1)
+    kept = meaningful("present.0.key", present, feeds)
+    assert kept.shape == (5, 2, 1)  # 3 + 2 unpadded positions, both heads
+    assert meaningful("hidden_states", torch.zeros(2, 1, 4), feeds).shape == (2, 4)  # decode: last position only
+    assert meaningful("logits", torch.zeros(2, 7), feeds).shape == (2, 7)
