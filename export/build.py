@@ -15,7 +15,7 @@ from jfexport.reference.bundle import ModelBundle
 from jfexport.runtime.backend_choice import BackendChoice, choose_backend
 
 from .exporter import Progress, export_graphs, manifest_for, prepare_output, weights_sha256
-from .manifest import ManifestError, read_manifest, sha256_file, versions, write_manifest
+from .manifest import EnginesError, read_build_manifest, sha256_file, versions, write_manifest
 from .specs import Limits, graph_specs
 
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "processor_config.json",
@@ -34,8 +34,8 @@ def _reusable(entry: dict | None, out: Path, weights: str, wanted: tuple[str, ..
 
 def previous_manifest(out: Path) -> dict | None:
     try:
-        return read_manifest(out)
-    except ManifestError:
+        return read_build_manifest(out)
+    except EnginesError:
         return None
 
 
@@ -43,7 +43,7 @@ def build(bundle: ModelBundle, out: Path, fp16: bool = False, backend: str = "au
           progress: Progress = lambda msg: None) -> dict:
     choice: BackendChoice = choose_backend(backend)
     if choice.backend == "torch":
-        raise ManifestError("`build` prepares engines for onnxruntime or tensorrt; the torch backend needs no build")
+        raise EnginesError("`build` prepares engines for onnxruntime or tensorrt; the torch backend needs no build")
     progress(f"backend: {choice.backend} ({choice.reason})")
     out = Path(out)
     prepare_output(out)

@@ -14,14 +14,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from jfexport.reference.errors import JanusFlowError
+# The runtime owns the manifest's name, format tag and reader: it must open builds without the exporter.
+from jfexport.runtime.engines_folder import FORMAT, MANIFEST, EnginesError, read_build_manifest
 
-MANIFEST = "manifest.json"
-FORMAT = "jfexport-manifest/1"
-
-
-class ManifestError(JanusFlowError):
-    pass
+__all__ = ["FORMAT", "MANIFEST", "EnginesError", "read_build_manifest", "sha256_file", "versions", "write_manifest"]
 
 
 def sha256_file(path: Path) -> str:
@@ -48,16 +44,3 @@ def write_manifest(folder: Path, data: dict[str, Any]) -> None:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(tmp, folder / MANIFEST)
-
-
-def read_manifest(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        raise ManifestError(f"{folder}: no {MANIFEST} (not a jfexport build folder; run `jfexport build` first)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ManifestError(f"{path}: not valid JSON ({e})") from None
-    if data.get("format") != FORMAT:
-        raise ManifestError(f"{path}: format {data.get('format')!r}, this jfexport reads {FORMAT!r}; rebuild the engines")
-    return data
