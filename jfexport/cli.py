@@ -8,6 +8,7 @@ import click
 
 from jfexport.commands.bench_cmd import bench_cmd
 from jfexport.commands.bench_torch_cmd import bench_torch_cmd
+from jfexport.commands.eval_cmd import eval_cmd
 from jfexport.commands.export_cmd import export_cmd
 from jfexport.commands.reference_cmds import verify_reference_cmd
 from jfexport.commands.runtime_cmds import build_cmd, chat_cmd, generate_cmd, verify_cmd
@@ -23,7 +24,7 @@ def cli(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
-for _command in (build_cmd, generate_cmd, chat_cmd, verify_cmd, bench_cmd, bench_torch_cmd, export_cmd, verify_reference_cmd, train_cmd):
+for _command in (build_cmd, generate_cmd, chat_cmd, verify_cmd, bench_cmd, bench_torch_cmd, export_cmd, verify_reference_cmd, train_cmd, eval_cmd):
     cli.add_command(_command)
 
 

@@ -1,0 +1,29 @@
+"""`jfexport eval`: mini-GenEval and understanding accuracy on held-out toy scenes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .options import open_pipeline, runtime_options
+
+
+@click.command("eval")
+@runtime_options
+@click.option("--images-per-prompt", default=4, show_default=True)
+@click.option("--steps", default=30, show_default=True)
+@click.option("--cfg", default=2.0, show_default=True)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+def eval_cmd(engines, backend, precision, checkpoint, vae, preset, images_per_prompt, steps, cfg, json_path):
+    """Score generation (colour, shape, position, count) and understanding on held-out scenes."""
+    from jfexport.reference.eval.evaluate import evaluate
+
+    pipe = open_pipeline(engines, backend, precision, checkpoint, vae, preset)
+    result = evaluate(pipe, pipe.processor.image_size, images_per_prompt=images_per_prompt, steps=steps, cfg=cfg)
+    text = json.dumps(result.to_json(), indent=2)
+    click.echo(text)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(text + "\n")
