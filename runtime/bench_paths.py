@@ -31,16 +31,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _time(fn: Callable[[], object], device: torch.device, warmup: int, runs: int) -> list[float]:
+def _time(fn: Callable[[], object], device: torch.device, warmup: int, runs: int, keep: list | None = None) -> list[float]:
+    """Wall times of `runs` calls after `warmup`; the last result is appended to `keep`."""
     for _ in range(warmup):
         fn()
     _sync(device)
     out = []
+    result = None
     for _ in range(runs):
         start = time.perf_counter()
-        fn()
+        result = fn()
         _sync(device)
         out.append(time.perf_counter() - start)
+    if keep is not None:
+        keep.append(result)
     return out
 
 
@@ -57,8 +61,13 @@ def measure_peaks(device: torch.device, dtype: torch.dtype) -> tuple[float, floa
     return 2 * n**3 / mm, 2 * size / cp  # a copy reads and writes every byte
 
 
-def _report(times: list[float], cost: Cost, peaks: tuple[float, float]) -> dict[str, object]:
-    return {**summarize(times), "floor_ms": floor_ms(cost, *peaks), "tflops": cost.flops / 1e12, "gbytes": cost.bytes / 1e9}
+def _report(times: list[float], cost: Cost, peaks: tuple[float, float], latents: list[torch.Tensor]) -> dict[str, object]:
+    # A fast path is only worth its time if it computes the same latents as the official one
+    # (up to the rounding of the chosen dtype): report the distance to path (a).
+    agreement = {"max_abs_vs_official": float((latents[-1].float() - latents[0].float()).abs().max()),
+                 "latent_scale": float(latents[0].float().abs().max())}
+    return {**summarize(times), "floor_ms": floor_ms(cost, *peaks), "tflops": cost.flops / 1e12, "gbytes": cost.bytes / 1e9,
+            **agreement}
 
 
 def _sum(costs: dict[str, Cost]) -> Cost:
@@ -88,26 +97,28 @@ def bench_torch_paths(bundle: ModelBundle, device: str, dtype: torch.dtype, batc
         prompt_len = ids.shape[1] - 1
         row: dict[str, object] = {"prompt_tokens": prompt_len}
         model.attention = "sdpa"
+        latents: list[torch.Tensor] = []
         official = generation_cost(bundle.config, batch, prompt_len, steps, size, elem, recompute=True)
         row["a_official_eager_recompute"] = _report(
             _time(lambda: sample_latents(model, ids, mask, z0, steps, cfg, proc.tokenizer.pad_id, schedule="recompute"),
-                  dev, warmup, runs), _sum(official), peaks)
+                  dev, warmup, runs, latents), _sum(official), peaks, latents)
         cached = generation_cost(bundle.config, batch, prompt_len, steps, size, elem, recompute=False)
         eager = FastSampler(model, grid, cuda_graphs=False)
         row["b_eager_prompt_kv"] = _report(
-            _time(lambda: eager.sample(ids, mask, z0, steps, cfg, proc.tokenizer.pad_id), dev, warmup, runs), _sum(cached), peaks)
+            _time(lambda: eager.sample(ids, mask, z0, steps, cfg, proc.tokenizer.pad_id), dev, warmup, runs, latents),
+            _sum(cached), peaks, latents)
         if dev.type == "cuda":
             graphed = FastSampler(model, grid, cuda_graphs=True)
             row["c_cuda_graph_step"] = _report(
-                _time(lambda: graphed.sample(ids, mask, z0, steps, cfg, proc.tokenizer.pad_id), dev, warmup, runs),
-                _sum(cached), peaks)
+                _time(lambda: graphed.sample(ids, mask, z0, steps, cfg, proc.tokenizer.pad_id), dev, warmup, runs, latents),
+                _sum(cached), peaks, latents)
         else:
             row["c_cuda_graph_step"] = None  # CUDA graphs need a CUDA device
         results["generation"][f"batch_{batch}"] = row
 
     runtime = JanusFlowRuntime.from_bundle(bundle, dtype=dtype, device=device)
     image = Image.new("RGB", (bundle.image_size, bundle.image_size), (200, 30, 30))
-    ttft, rates = [], []
+    ttft, rates, counts = [], [], []
     for i in range(warmup + runs):
         start = time.perf_counter()
         stream = runtime.chat_stream([image], ["Describe the image."], max_new_tokens=max_new_tokens)
@@ -118,6 +129,7 @@ def bench_torch_paths(bundle: ModelBundle, device: str, dtype: torch.dtype, batc
         _sync(dev)
         if i >= warmup:
             ttft.append(first - start)
+            counts.append(n + 1)
             if n:
                 rates.append(n / (time.perf_counter() - first))
     seq = int(proc.understanding_batch(["Describe the image."], [image]).input_ids.shape[1])
@@ -127,6 +139,8 @@ def bench_torch_paths(bundle: ModelBundle, device: str, dtype: torch.dtype, batc
     results["understanding_batch_1"] = {
         "prompt_tokens": seq,
         "time_to_first_token": {**summarize(ttft), "floor_ms": floor_ms(prefill, *peaks)},
+        # Random weights may hit EOS early: the count says how many tokens the rate is over.
+        "tokens_per_answer": statistics.median(counts),
         "decode_tokens_per_s": statistics.median(rates) if rates else None,
         "decode_ceiling_tokens_per_s": 1e3 / floor_ms(per_token, *peaks),
     }

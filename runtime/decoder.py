@@ -44,8 +44,9 @@ def decode(
     batch = input_ids.shape[0]
     image_embeds = engines["vision_encoder"].run({"pixel_values": pixel_values.flatten(0, 1)})["image_embeds"]
     text_embeds = engines["embed_tokens"].run({"input_ids": input_ids})["inputs_embeds"]
-    embeds = splice_image_embeds(text_embeds, image_embeds, images_seq_mask, images_emb_mask)
-    mask = attention_mask.long()
+    device = text_embeds.device  # where the engines put their outputs: the loop's bookkeeping follows them
+    embeds = splice_image_embeds(text_embeds, image_embeds, images_seq_mask.to(device), images_emb_mask.to(device))
+    mask = attention_mask.long().to(device)
     positions = understanding_positions(mask)
     out = engines["llm_prefill"].run({"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions})
     first = out["present.0.key"]
@@ -53,7 +54,7 @@ def decode(
     cache = KVCache(layers, batch, first.shape[1], first.shape[3], mask.shape[1] + max_new_tokens, first.dtype, first.device)
     cache.commit(out)
     next_pos = positions[:, -1:] + 1
-    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
         logits = out["logits"].float()
         check_finite("llm", "logits", logits)

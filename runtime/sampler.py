@@ -41,9 +41,12 @@ def sample(
         {"inputs_embeds": embeds, "attention_mask": prompt_mask, "position_ids": positions[:, :prompt_len]}
     )
     past = {k.replace("present.", "past.", 1): v for k, v in prefill.items() if k.startswith("present.")}
-    step_mask, step_positions = mask, positions[:, prompt_len:].contiguous()
+    # The loop runs where the engines put their outputs (CPU for ONNX Runtime, the GPU otherwise).
+    device = embeds.device
+    step_mask, step_positions = mask.to(device), positions[:, prompt_len:].contiguous().to(device)
     t_table, dt = euler_schedule(steps, torch.float32)
-    z = z0.float()
+    t_table = t_table.to(device)
+    z = z0.float().to(device)
     for k in range(steps):
         enc = engines["gen_encoder"].run({"latents": z, "timesteps": t_table[k].repeat(batch)})
         t_emb = enc["t_embeds"].repeat(2, 1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 from PIL import Image
 
@@ -74,3 +75,44 @@ def test_fast_sampler_matches_the_reference(tiny_bundle):
     finally:
         model.attention = "math"
     assert (ref - fast).abs().max().item() < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_step_matches_eager_and_is_reused():
+    from jfexport.reference.bundle import load_preset
+    from jfexport.reference.pipelines.reference_pipeline import initial_noise
+    from jfexport.runtime.torch_fast import FastSampler
+
+    bundle = load_preset("tiny")
+    model = bundle.model.to("cuda")
+    model.attention = "sdpa"
+    batch = bundle.processor.generation_tokens(PROMPTS)
+    size = bundle.latent_size
+    grid = bundle.config.image_grid(size)
+    eager, graphed = FastSampler(model, grid), FastSampler(model, grid, cuda_graphs=True)
+    pad = bundle.processor.tokenizer.pad_id
+    for seed in (1, 2):  # the second request replays the graph captured by the first
+        z0 = initial_noise((2, 4, size, size), seed, torch.float32).cuda()
+        want = eager.sample(batch.input_ids, batch.attention_mask, z0, 4, 2.0, pad)
+        got = graphed.sample(batch.input_ids, batch.attention_mask, z0, 4, 2.0, pad)
+        assert (want - got).abs().max().item() < 1e-4
+    assert len(graphed._captured) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_runtime_on_cuda_matches_cpu():
+    from jfexport.reference.bundle import load_preset
+
+    cpu = JanusFlowRuntime.from_bundle(load_preset("tiny"))
+    gpu = JanusFlowRuntime.from_bundle(load_preset("tiny"), device="cuda")
+    want = cpu.generate_latents(PROMPTS, steps=3, seed=2)
+    got = gpu.generate_latents(PROMPTS, steps=3, seed=2)
+    assert got.device.type == "cuda" and (want - got.cpu()).abs().max().item() < 1e-4
+    assert len(gpu.decode_images(got)) == len(PROMPTS)
+    image = Image.new("RGB", (64, 64), (0, 120, 255))
+    questions = ["What colour is it?", "Where is it?"]
+    assert gpu.chat([image, image], questions, max_new_tokens=8) == cpu.chat([image, image], questions, max_new_tokens=8)
+    sampled = [gpu.chat([image], questions[:1], max_new_tokens=8, temperature=0.8, seed=5) for _ in range(2)]
+    assert sampled[0] == sampled[1]

@@ -56,6 +56,7 @@ def sample_latents(
     elif schedule != "recompute":
         raise ValueError(f"unknown schedule {schedule!r}")
     t_table, dt = euler_schedule(steps, dtype)
+    t_table = t_table.to(z0.device)
     z = z0
     for k in range(steps):
         t = t_table[k].repeat(2 * batch)

@@ -20,7 +20,9 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     # Keep the smallest prefix whose mass reaches top_p (the top token always survives).
     drop = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p
     sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-    choice = torch.multinomial(sorted_probs, 1, generator=generator)
+    # Draw on the generator's device so a seed gives the same tokens whatever device the logits are on.
+    draw_on = generator.device if generator is not None else sorted_probs.device
+    choice = torch.multinomial(sorted_probs.to(draw_on), 1, generator=generator).to(order.device)
     return order.gather(-1, choice).squeeze(-1)
 
 
