@@ -3,6 +3,8 @@
 (a) the official procedure: eager, full recompute of the sequence every step (transformers'
     LlamaModel, as the demo does); (b) our eager path with the prompt K/V computed once and
     precomputed time embeddings; (c) the same with the Euler step replayed as a CUDA graph.
+Understanding (batch 1) is timed over the engine interface (the graph contract: present = past +
+new per step) and over the static-K/V decoder, eager and as a CUDA graph.
 Each is printed next to its physical floor: FLOPs / measured matmul rate and bytes / measured
 memory bandwidth, from the analytic cost model.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from PIL import Image
@@ -23,7 +25,7 @@ from jfexport.reference.pipelines.reference_pipeline import initial_noise
 from .bench import machine_info, summarize
 from .cost_model import Cost, floor_ms, generation_cost, llm_cost, vision_cost
 from .pipelines import JanusFlowRuntime
-from .torch_fast import FastSampler
+from .torch_fast import FastDecoder, FastSampler
 
 
 def _sync(device: torch.device) -> None:
@@ -116,12 +118,44 @@ def bench_torch_paths(bundle: ModelBundle, device: str, dtype: torch.dtype, batc
             row["c_cuda_graph_step"] = None  # CUDA graphs need a CUDA device
         results["generation"][f"batch_{batch}"] = row
 
-    runtime = JanusFlowRuntime.from_bundle(bundle, dtype=dtype, device=device)
     image = Image.new("RGB", (bundle.image_size, bundle.image_size), (200, 30, 30))
+    question = "Describe the image."
+    runtime = JanusFlowRuntime.from_bundle(bundle, dtype=dtype, device=device, fast=False)
+    eos = proc.tokenizer.eos_id
+
+    def static_kv(decoder: FastDecoder) -> Callable[[], Iterator[torch.Tensor]]:
+        def stream() -> Iterator[torch.Tensor]:
+            batch = proc.understanding_batch([question], [image])
+            embeds = model.prepare_inputs_embeds(batch.input_ids.to(dev), batch.pixel_values.to(dev, dtype),
+                                                 batch.images_seq_mask.to(dev), batch.images_emb_mask.to(dev))
+            return decoder.decode(embeds, batch.attention_mask.to(dev), max_new_tokens, eos)
+        return stream
+
+    paths = {"engine_interface": lambda: runtime.chat_stream([image], [question], max_new_tokens=max_new_tokens),
+             "static_kv_eager": static_kv(FastDecoder(model))}
+    if dev.type == "cuda":
+        paths["static_kv_cuda_graph"] = static_kv(FastDecoder(model, cuda_graphs=True))
+    seq = int(proc.understanding_batch([question], [image]).input_ids.shape[1])
+    prefill = vision_cost(bundle.config, 1, elem) + llm_cost(bundle.config, 1, seq, 0, elem, with_logits=True)
+    per_token = llm_cost(bundle.config, 1, 1, seq + max_new_tokens // 2, elem, with_logits=True)
+    understanding: dict[str, object] = {
+        "prompt_tokens": seq, "time_to_first_token_floor_ms": floor_ms(prefill, *peaks),
+        "decode_ceiling_tokens_per_s": 1e3 / floor_ms(per_token, *peaks),
+    }
+    for name, open_stream in paths.items():
+        understanding[name] = _time_stream(open_stream, dev, warmup, runs)
+    model.attention = "math"
+    results["understanding_batch_1"] = understanding
+    return results
+
+
+def _time_stream(open_stream: Callable[[], Iterator[torch.Tensor]], dev: torch.device, warmup: int,
+                 runs: int) -> dict[str, object]:
+    """Time to first token and decode rate of a token stream (greedy, batch 1)."""
     ttft, rates, counts = [], [], []
     for i in range(warmup + runs):
         start = time.perf_counter()
-        stream = runtime.chat_stream([image], ["Describe the image."], max_new_tokens=max_new_tokens)
+        stream = open_stream()
         next(stream)
         _sync(dev)
         first = time.perf_counter()
@@ -132,16 +166,7 @@ def bench_torch_paths(bundle: ModelBundle, device: str, dtype: torch.dtype, batc
             counts.append(n + 1)
             if n:
                 rates.append(n / (time.perf_counter() - first))
-    seq = int(proc.understanding_batch(["Describe the image."], [image]).input_ids.shape[1])
-    prefill = vision_cost(bundle.config, 1, elem) + llm_cost(bundle.config, 1, seq, 0, elem, with_logits=True)
-    per_token = llm_cost(bundle.config, 1, 1, seq + max_new_tokens // 2, elem, with_logits=True)
-    model.attention = "math"
-    results["understanding_batch_1"] = {
-        "prompt_tokens": seq,
-        "time_to_first_token": {**summarize(ttft), "floor_ms": floor_ms(prefill, *peaks)},
-        # Random weights may hit EOS early: the count says how many tokens the rate is over.
-        "tokens_per_answer": statistics.median(counts),
-        "decode_tokens_per_s": statistics.median(rates) if rates else None,
-        "decode_ceiling_tokens_per_s": 1e3 / floor_ms(per_token, *peaks),
-    }
-    return results
+    return {"time_to_first_token": summarize(ttft),
+            # Random weights may hit EOS early: the count says how many tokens the rate is over.
+            "tokens_per_answer": statistics.median(counts),
+            "decode_tokens_per_s": statistics.median(rates) if rates else None}

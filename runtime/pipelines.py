@@ -1,5 +1,8 @@
 """`JanusFlowRuntime`: the serving API over a set of engines (any backend).
 
+On CUDA, `from_bundle` runs the fast PyTorch paths (`torch_fast`: prompt K/V once, static K/V
+decoding, CUDA-graph steps) instead of going graph by graph through the engine interface.
+
 Thread safety: one runtime may be shared by several threads. Requests are serialised by a lock,
 because engines own preallocated buffers (TensorRT bindings, CUDA graphs) that two requests must
 not write at once; batch several prompts into one call to use the hardware in parallel.
@@ -23,6 +26,7 @@ from .decoder import decode
 from .engine import Engine
 from .errors import check_finite
 from .sampler import sample
+from .torch_fast import FastPaths
 
 
 class JanusFlowRuntime:
@@ -35,6 +39,7 @@ class JanusFlowRuntime:
         self.max_prompt_len = max_prompt_len
         self.max_rows = max_rows  # batch rows the engines accept (CFG doubles generation rows)
         self.backend = backend
+        self.fast: FastPaths | None = None  # set by from_bundle on CUDA
         self._lock = threading.Lock()
 
     @classmethod
@@ -59,16 +64,22 @@ class JanusFlowRuntime:
                    manifest["limits"]["max_seq"], manifest["limits"]["max_batch"], chosen)
 
     @classmethod
-    def from_bundle(cls, bundle, backend: str = "torch", dtype: torch.dtype = torch.float32, device: str = "cpu") -> "JanusFlowRuntime":
-        """Engines straight from a loaded model (the `torch` backend)."""
+    def from_bundle(cls, bundle, backend: str = "torch", dtype: torch.dtype = torch.float32, device: str = "cpu",
+                    fast: bool | None = None) -> "JanusFlowRuntime":
+        """Engines straight from a loaded model (the `torch` backend); `fast` defaults to on for CUDA."""
         if backend != "torch":
             raise InputError(f"from_bundle builds the torch backend only; use from_engines(DIR) for {backend!r}")
         from .backends.torch_backend import torch_engines
 
         size = bundle.latent_size
-        return cls(torch_engines(bundle, dtype, device), bundle.processor,
-                   (bundle.latent_channels, size, size), bundle.config.image_grid(size),
-                   bundle.config.language.max_position_embeddings)
+        grid = bundle.config.image_grid(size)
+        runtime = cls(torch_engines(bundle, dtype, device), bundle.processor, (bundle.latent_channels, size, size), grid,
+                      bundle.config.language.max_position_embeddings)
+        on_cuda = torch.device(device).type == "cuda"
+        if on_cuda if fast is None else fast:
+            bundle.model.attention = "sdpa"
+            runtime.fast = FastPaths(bundle.model, grid, cuda_graphs=on_cuda)
+        return runtime
 
     def _check_rows(self, rows: int, what: str) -> None:
         if self.max_rows is not None and rows > self.max_rows:
@@ -86,9 +97,14 @@ class JanusFlowRuntime:
         self._check_rows(2 * batch.input_ids.shape[0], f"{len(prompts)} prompt(s) x {n} image(s) with CFG")
         self._check_prompt_len(batch.input_ids.shape[1] - 1 + 1 + self.grid**2, "prompt + image sequence")
         z0 = initial_noise((len(prompts) * n, *self.latent_shape), seed, torch.float32)
+        pad_id = self.processor.tokenizer.pad_id
         with self._lock:
-            return sample(self.engines, batch.input_ids, batch.attention_mask, z0, steps, cfg,
-                          self.processor.tokenizer.pad_id, self.grid, on_step)
+            if self.fast is None:
+                return sample(self.engines, batch.input_ids, batch.attention_mask, z0, steps, cfg, pad_id, self.grid, on_step)
+            z = self.fast.sampler.sample(batch.input_ids, batch.attention_mask, z0.to(self.fast.device), steps, cfg,
+                                         pad_id, on_step)
+        check_finite("generation", "latents", z)
+        return z
 
     def decode_images(self, latents: torch.Tensor) -> list[Image.Image]:
         with self._lock:
@@ -108,7 +124,13 @@ class JanusFlowRuntime:
         self._check_rows(batch.input_ids.shape[0], f"{len(questions)} question(s)")
         self._check_prompt_len(batch.input_ids.shape[1] + max_new_tokens, "question + answer")
         gen = torch.Generator("cpu").manual_seed(seed)
+        eos = self.processor.tokenizer.eos_id
         with self._lock:
+            if self.fast is not None:
+                embeds = self.fast.embeds(batch)
+                yield from self.fast.decoder.decode(embeds, batch.attention_mask, max_new_tokens, eos, temperature, top_p,
+                                                    gen, on_logits)
+                return
             yield from decode(self.engines, batch.input_ids, batch.attention_mask, batch.pixel_values,
                               batch.images_seq_mask, batch.images_emb_mask, max_new_tokens,
                               self.processor.tokenizer.eos_id, temperature, top_p, gen, on_logits)

@@ -1,22 +1,26 @@
-"""The fast PyTorch path for GPUs: bf16, fused attention, prompt K/V computed once, per-step
-constants precomputed, and one Euler step captured as a CUDA graph and replayed (captured once per prompt-length
-bucket, then reused by every request of that shape).
+"""The fast PyTorch paths for GPUs: bf16, fused attention, prompt K/V computed once, per-step
+constants precomputed, static K/V buffers for decoding, and steps captured as CUDA graphs.
 
-What depends only on the step index is hoisted out of the loop: the time embeddings of all
-steps are computed in one batched call. The step itself reads and writes static buffers (z and
-the step's time embedding), which is what CUDA-graph capture requires; replaying the graph
-removes the per-kernel launch overhead that dominates small-batch steps.
+Generation: what depends only on the step index is hoisted out of the loop (the time embeddings
+of all steps come from one batched call); the Euler step reads and writes static buffers, which
+CUDA-graph capture requires, and is captured once per prompt-length bucket, then replayed by
+every request of that shape. Understanding: `FastDecoder` (below). Replaying a graph removes the
+per-kernel launch overhead that dominates small batches.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from jfexport.reference.modules.janusflow import JanusFlowModel
-from jfexport.reference.pipelines.layout import cfg_prompt_rows, offset_positions
+from jfexport.reference.pipelines.layout import cfg_prompt_rows, offset_positions, understanding_positions
 from jfexport.reference.pipelines.timesteps import euler_schedule
+from jfexport.reference.pipelines.understanding import sample_next
+
+from .backends.torch_backend import exact_fp32
+from .errors import check_finite
 
 
 class _StepState:
@@ -46,9 +50,13 @@ class FastSampler:
         # replay the same graph after copying their prompt K/V and noise into its buffers.
         self._captured: dict[tuple, _StepState] = {}
 
-    @torch.inference_mode()
     def sample(self, cond_ids: torch.Tensor, cond_mask: torch.Tensor, z0: torch.Tensor, steps: int, cfg_weight: float,
                pad_id: int, on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        with torch.inference_mode(), exact_fp32(next(self.model.parameters()).dtype):
+            return self._sample(cond_ids, cond_mask, z0, steps, cfg_weight, pad_id, on_step)
+
+    def _sample(self, cond_ids: torch.Tensor, cond_mask: torch.Tensor, z0: torch.Tensor, steps: int, cfg_weight: float,
+                pad_id: int, on_step: Callable[[int, int], None] | None) -> torch.Tensor:
         model, device = self.model, z0.device
         dtype = next(model.parameters()).dtype
         batch = z0.shape[0]
@@ -108,3 +116,140 @@ class FastSampler:
             step()
         z.copy_(saved)
         return graph
+
+
+# Static K/V lengths are rounded up to this so that requests of similar length share a graph.
+DECODE_BUCKET = 256
+
+
+class _DecodeState:
+    def __init__(self, cache: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, token: torch.Tensor,
+                 position: torch.Tensor, slot: torch.Tensor, logits: torch.Tensor):
+        self.cache, self.mask, self.token, self.position, self.slot, self.logits = cache, mask, token, position, slot, logits
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+
+class FastDecoder:
+    """One-token decoding for understanding over static K/V buffers, optionally as a CUDA graph.
+
+    The prompt K/V are copied once into buffers [B,Hkv,L,Dh] (L = prompt + answer budget, rounded
+    up to a bucket); each step writes its K/V in place at the next slot and attends over the whole
+    buffer with the unfilled slots masked. Shapes never change, so on CUDA the step (embedding,
+    decoder stack, logits) is captured once per (batch, L) and replayed: per token the host
+    launches one graph and the GPU streams the weights once.
+    """
+
+    def __init__(self, model: JanusFlowModel, cuda_graphs: bool = False):
+        self.model = model
+        self.cuda_graphs = cuda_graphs
+        self._states: dict[tuple[int, int], _DecodeState] = {}
+
+    def _state(self, batch: int, length: int, past: list[tuple[torch.Tensor, torch.Tensor]], vocab: int) -> _DecodeState:
+        key = (batch, length)
+        state = self._states.get(key)
+        if state is None:
+            k0 = past[0][0]
+            shape = (batch, k0.shape[1], length, k0.shape[3])
+            cache = [(k0.new_zeros(shape), k0.new_zeros(shape)) for _ in past]
+            dev = k0.device
+            state = _DecodeState(cache, torch.zeros(batch, length, dtype=torch.long, device=dev),
+                                 torch.zeros(batch, dtype=torch.long, device=dev),
+                                 torch.zeros(batch, 1, dtype=torch.long, device=dev),
+                                 torch.zeros(1, dtype=torch.long, device=dev),
+                                 torch.zeros(batch, vocab, dtype=torch.float32, device=dev))
+            if self.cuda_graphs and dev.type == "cuda":
+                self._states[key] = state
+        return state
+
+    def _step(self, state: _DecodeState) -> None:
+        model = self.model
+        embeds = model.embed_tokens(state.token[:, None])
+        hidden, _, _ = model.llm(embeds, state.mask, state.position, state.cache, write_slots=state.slot)
+        state.logits.copy_(model.logits(hidden[:, -1]).float())
+
+    def _capture(self, state: _DecodeState) -> None:
+        # Warm-up and capture write K/V at the current slot, which the first real step overwrites.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step(state)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step(state)
+        state.graph = graph
+
+    def decode(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, eos_id: int,
+               temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
+               on_logits: Callable[[torch.Tensor], None] | None = None) -> Iterator[torch.Tensor]:
+        """Yield the next token [B] of every row, as `decode_tokens` does (finished rows get EOS)."""
+        # A generator: the contexts are entered on each resumption, not once for the whole stream.
+        stream = self._decode(inputs_embeds, attention_mask, max_new_tokens, eos_id, temperature, top_p, generator, on_logits)
+        while True:
+            with torch.inference_mode(), exact_fp32(inputs_embeds.dtype):
+                token = next(stream, None)
+            if token is None:
+                return
+            yield token
+
+    def _decode(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, eos_id: int,
+                temperature: float, top_p: float, generator: torch.Generator | None,
+                on_logits: Callable[[torch.Tensor], None] | None) -> Iterator[torch.Tensor]:
+        model = self.model
+        batch, prompt_len = attention_mask.shape
+        mask = attention_mask.long().to(inputs_embeds.device)
+        positions = understanding_positions(mask)
+        hidden, past, _ = model.llm(inputs_embeds, mask, positions)
+        logits = model.logits(hidden[:, -1]).float()
+        length = -(-(prompt_len + max_new_tokens) // DECODE_BUCKET) * DECODE_BUCKET
+        state = self._state(batch, length, past, logits.shape[-1])
+        state.mask.zero_()
+        state.mask[:, :prompt_len] = mask
+        for (k, v), (pk, pv) in zip(state.cache, past):
+            k[:, :, :prompt_len] = pk
+            v[:, :, :prompt_len] = pv
+        state.position.copy_(positions[:, -1:] + 1)
+        state.slot.fill_(prompt_len)
+        finished = torch.zeros(batch, dtype=torch.bool, device=mask.device)
+        for i in range(max_new_tokens):
+            check_finite("llm", "logits", logits)
+            if on_logits is not None:
+                on_logits(logits)
+            token = sample_next(logits, temperature, top_p, generator)
+            token = torch.where(finished, torch.full_like(token, eos_id), token)
+            finished |= token == eos_id
+            yield token
+            if bool(finished.all()) or i + 1 == max_new_tokens:
+                return
+            state.token.copy_(token)
+            state.mask.index_fill_(1, state.slot, 1)
+            if self.cuda_graphs and mask.device.type == "cuda":
+                if state.graph is None:
+                    self._capture(state)
+                state.graph.replay()
+            else:
+                self._step(state)
+            logits = state.logits.clone()  # the next replay overwrites the buffer
+            state.position.add_(1)
+            state.slot.add_(1)
+
+
+class FastPaths:
+    """The fast generation and understanding paths of one model, as `JanusFlowRuntime` uses them."""
+
+    def __init__(self, model: JanusFlowModel, grid: int, cuda_graphs: bool):
+        self.model = model
+        self.sampler = FastSampler(model, grid, cuda_graphs)
+        self.decoder = FastDecoder(model, cuda_graphs)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def embeds(self, batch) -> torch.Tensor:
+        """inputs_embeds of a processor understanding batch, image embeddings spliced in."""
+        dev, dtype = self.device, next(self.model.parameters()).dtype
+        with torch.inference_mode(), exact_fp32(dtype):
+            return self.model.prepare_inputs_embeds(batch.input_ids.to(dev), batch.pixel_values.to(dev, dtype),
+                                                    batch.images_seq_mask.to(dev), batch.images_emb_mask.to(dev))

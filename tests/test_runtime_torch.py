@@ -77,6 +77,61 @@ def test_fast_sampler_matches_the_reference(tiny_bundle):
     assert (ref - fast).abs().max().item() < 1e-5
 
 
+def _understanding_inputs(bundle, device="cpu"):
+    image = Image.new("RGB", (64, 64), (0, 120, 255))
+    batch = bundle.processor.understanding_batch(["What colour is it?", "Where?"], [image, image])
+    with torch.no_grad():
+        embeds = bundle.model.prepare_inputs_embeds(batch.input_ids.to(device), batch.pixel_values.to(device),
+                                                    batch.images_seq_mask.to(device), batch.images_emb_mask.to(device))
+    return embeds, batch.attention_mask.to(device)
+
+
+def test_static_kv_decoder_matches_the_reference(tiny_bundle):
+    from jfexport.reference.pipelines.understanding import decode_tokens
+    from jfexport.runtime.torch_fast import FastDecoder
+
+    model = tiny_bundle.model
+    embeds, mask = _understanding_inputs(tiny_bundle)
+    eos = tiny_bundle.processor.tokenizer.eos_id
+    want_logits, got_logits = [], []
+    with torch.no_grad():
+        want = list(decode_tokens(model, embeds, mask, 12, eos, on_logits=want_logits.append))
+    got = list(FastDecoder(model).decode(embeds, mask, 12, eos, on_logits=got_logits.append))
+    assert torch.equal(torch.stack(want), torch.stack(got))
+    assert max((a - b).abs().max().item() for a, b in zip(want_logits, got_logits)) < 1e-5
+
+
+def test_fast_paths_runtime_matches_the_engine_path():
+    from jfexport.reference.bundle import load_preset
+
+    engines = JanusFlowRuntime.from_bundle(load_preset("tiny"))
+    fast = JanusFlowRuntime.from_bundle(load_preset("tiny"), fast=True)
+    assert engines.fast is None and fast.fast is not None
+    want = engines.generate_latents(PROMPTS, n=2, steps=3, seed=3)
+    assert (want - fast.generate_latents(PROMPTS, n=2, steps=3, seed=3)).abs().max().item() < 1e-5
+    images = [Image.new("RGB", (64, 64), (0, 120, 255)), Image.new("RGB", (40, 64), (255, 0, 0))]
+    questions = ["What colour is it?", "Where is the shape in this picture?"]
+    for kwargs in ({}, {"temperature": 0.9, "seed": 4}):
+        assert fast.chat(images, questions, max_new_tokens=8, **kwargs) == engines.chat(images, questions, max_new_tokens=8, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_static_kv_decoder_cuda_graph_matches_eager():
+    from jfexport.reference.bundle import load_preset
+    from jfexport.runtime.torch_fast import FastDecoder
+
+    bundle = load_preset("tiny")
+    bundle.model.to("cuda")
+    embeds, mask = _understanding_inputs(bundle, "cuda")
+    eos = bundle.processor.tokenizer.eos_id
+    eager = torch.stack(list(FastDecoder(bundle.model).decode(embeds, mask, 12, eos)))
+    graphed = FastDecoder(bundle.model, cuda_graphs=True)
+    for _ in range(2):  # the second request replays the graph captured by the first
+        assert torch.equal(torch.stack(list(graphed.decode(embeds, mask, 12, eos))), eager)
+    assert len(graphed._states) == 1
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_step_matches_eager_and_is_reused():

@@ -84,3 +84,23 @@ def test_bad_training_configs(tmp_path):
     path.write_text(json.dumps({"out": "x", "learning_rate": 1}))
     with pytest.raises(ConfigError, match="learning_rate"):
         TrainConfig.from_file(path)
+
+
+def test_default_recipe_chains_vae_and_stages_and_resumes(tmp_path):
+    from jfexport.reference.training.recipe import Recipe, StagePlan, train_default
+
+    recipe = Recipe(vae_steps=2, stages=(StagePlan(1, 2, 1e-3, 1, (1, 1, 0)), StagePlan(3, 2, 1e-3, 1, (1, 1, 1))),
+                    batch_size=2)
+    final = train_default(tmp_path / "default", recipe=recipe, log=lambda m: None)
+    bundle = load_bundle(checkpoint=final)
+    assert bundle.vae is not None and bundle.processor is not None
+    stage1 = load_bundle(checkpoint=tmp_path / "default" / "stage1" / "checkpoint").model.state_dict()
+    trained = bundle.model.state_dict()
+    # Stage 3 starts from stage 1's checkpoint and trains everything, the LLM included.
+    key = "language_model.model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(trained[key], stage1[key])
+    vae_weights = (tmp_path / "default" / "vae" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    messages: list[str] = []
+    train_default(tmp_path / "default", recipe=recipe, log=messages.append)
+    assert not any(m.startswith("VAE") for m in messages)  # a finished VAE is not retrained
+    assert (tmp_path / "default" / "vae" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == vae_weights

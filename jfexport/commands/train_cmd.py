@@ -1,4 +1,4 @@
-"""`jfexport train CONFIG.json`: train (or resume) JanusFlow on the synthetic shapes data."""
+"""`jfexport train CONFIG.json` (one stage) and `jfexport train-default OUT` (the default model's recipe)."""
 
 from __future__ import annotations
 
@@ -17,3 +17,14 @@ def train_cmd(config):
     cfg = TrainConfig.from_file(config)
     last = train(cfg, log=lambda msg: click.echo(msg, err=True))
     click.echo(f"checkpoint (EMA weights, official layout): {Path(cfg.out) / 'checkpoint'}; last losses {last}")
+
+
+@click.command("train-default")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--seed", default=0, show_default=True)
+def train_default_cmd(out, seed):
+    """Train the bundled default model from scratch: tiny VAE, then stages 1 and 3 (resumable)."""
+    from jfexport.reference.training.recipe import train_default
+
+    final = train_default(out, seed, log=lambda msg: click.echo(msg, err=True))
+    click.echo(f"default model (official layout, with vae/ and tokenizer): {final}")

@@ -49,14 +49,18 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
-def attention_bias(attention_mask: torch.Tensor, num_new: int, dtype: torch.dtype) -> torch.Tensor:
+def attention_bias(attention_mask: torch.Tensor, num_new: int, dtype: torch.dtype,
+                   query_slots: torch.Tensor | None = None) -> torch.Tensor:
     """Additive [B,1,T,P+T] bias: causal over absolute positions plus the 2-D key padding mask.
 
-    A finite minimum (not -inf) keeps fully padded query rows finite under left padding.
+    The T queries sit at the end of the key sequence, or at `query_slots` [T] when the keys are a
+    static buffer. A finite minimum (not -inf) keeps fully padded query rows finite under left padding.
     """
     total = attention_mask.shape[1]
-    past = total - num_new
-    q_pos = torch.arange(num_new, device=attention_mask.device)[:, None] + past
+    if query_slots is None:
+        q_pos = torch.arange(num_new, device=attention_mask.device)[:, None] + (total - num_new)
+    else:
+        q_pos = query_slots[:, None]
     k_pos = torch.arange(total, device=attention_mask.device)[None, :]
     visible = (k_pos <= q_pos)[None] & attention_mask[:, None, :].bool()
     neg = torch.finfo(dtype).min
@@ -72,6 +76,7 @@ def llama_forward(
     past: list[KV] | None = None,
     output_hidden_layer: int | None = None,
     attention: str = "math",
+    write_slots: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[KV], torch.Tensor | None]:
     """Run the decoder stack.
 
@@ -80,6 +85,10 @@ def llama_forward(
     present K/V [B,Hkv,P+T,Dh] per layer, and the residual stream after block
     `output_hidden_layer` if asked — REPA reads it during training). `attention="math"` spells
     the softmax out in fp32 (what graphs export); "sdpa" uses PyTorch's fused kernels (GPU path).
+
+    With `write_slots` [T], `past` holds static buffers [B,Hkv,L,Dh] spanning the whole
+    attention_mask [B,L]: the new K/V are written into them in place at those slots and attention
+    reads the full buffers (unfilled slots masked), so shapes never change between decode steps.
     """
     cfg = model.config
     body = model.model
@@ -88,7 +97,7 @@ def llama_forward(
     head_dim = cfg.hidden_size // heads
     dtype = inputs_embeds.dtype
     cos, sin = rope_tables(position_ids, head_dim, rope_theta, dtype)
-    bias = attention_bias(attention_mask, num_new, dtype)
+    bias = attention_bias(attention_mask, num_new, dtype, write_slots)
     h = inputs_embeds
     present: list[KV] = []
     captured = None
@@ -100,7 +109,10 @@ def llama_forward(
         v = attn.v_proj(x).view(bsz, num_new, kv_heads, head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        if past is not None:
+        if write_slots is not None:
+            k = past[i][0].index_copy_(2, write_slots, k)
+            v = past[i][1].index_copy_(2, write_slots, v)
+        elif past is not None:
             k = torch.cat([past[i][0], k], dim=2)
             v = torch.cat([past[i][1], v], dim=2)
         present.append((k, v))

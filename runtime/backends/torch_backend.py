@@ -11,6 +11,14 @@ from jfexport.reference.bundle import ModelBundle
 from jfexport.reference.graphs import GRAPH_NAMES, build_graph
 
 
+def exact_fp32(dtype: torch.dtype):
+    """A context in which fp32 work stays fp32: cuDNN would otherwise run convolutions in TF32
+    (PyTorch's default), ~1e-3 relative off the reference. Other cuDNN settings are kept."""
+    cudnn = torch.backends.cudnn
+    return cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                       allow_tf32=dtype != torch.float32)
+
+
 class TorchEngine:
     def __init__(self, name: str, module: nn.Module, dtype: torch.dtype, device: torch.device):
         self.name = name
@@ -23,12 +31,7 @@ class TorchEngine:
         for name in self.module.input_names:
             x = feeds[name].to(self.device)
             args.append(x.to(self.dtype) if x.is_floating_point() else x)
-        # An fp32 engine computes in fp32: cuDNN would otherwise run its convolutions in TF32
-        # (PyTorch's default), ~1e-3 relative off the reference.
-        cudnn = torch.backends.cudnn
-        tf32 = cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
-                           allow_tf32=self.dtype != torch.float32)
-        with torch.inference_mode(), tf32:
+        with torch.inference_mode(), exact_fp32(self.dtype):
             results = self.module(*args)
         return dict(zip(self.module.output_names, results))
 
