@@ -43,4 +43,5 @@ def write_manifest(folder: Path, data: dict[str, Any]) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; a manifest is read by whoever serves the engines
     os.replace(tmp, folder / MANIFEST)

@@ -10,7 +10,7 @@ import resource
 import statistics
 import time
 from collections import defaultdict
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 from PIL import Image
@@ -66,6 +66,38 @@ def timed_runs(fn: Callable[[], object], warmup: int, runs: int, timer: StageTim
     return out
 
 
+def time_token_stream(open_stream: Callable[[], Iterator[torch.Tensor]], warmup: int, runs: int,
+                      timer: StageTimer | None = None) -> dict[str, object]:
+    """Time to first token and decode rate of a token stream (the GPU, if any, is synchronised)."""
+    ttft: list[float] = []
+    rates: list[float] = []
+    counts: list[int] = []
+    for i in range(warmup + runs):
+        if i == warmup and timer is not None:
+            timer.clear()
+        start = time.perf_counter()
+        stream = open_stream()
+        next(stream)
+        _sync()
+        first = time.perf_counter()
+        n = sum(1 for _ in stream)
+        _sync()
+        if i >= warmup:
+            ttft.append(first - start)
+            counts.append(n + 1)
+            if n:
+                rates.append(n / (time.perf_counter() - first))
+    return {"time_to_first_token": summarize(ttft),
+            # Random weights may hit EOS early: the count says how many tokens the rate is over.
+            "tokens_per_answer": statistics.median(counts),
+            "decode_tokens_per_s": statistics.median(rates) if rates else None}
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def peak_rss_mib() -> float:
     """Peak resident memory of this process (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -93,28 +125,12 @@ def bench_pipelines(runtime, reference, prompt: str, steps: int, cfg: float, bat
     stages = {name: summarize(times) for name, times in timer.times.items() if name != "vision_encoder"}
     timer.clear()
 
-    ttft: list[float] = []
-    rates: list[float] = []
+    def stream(pipeline) -> Iterator[torch.Tensor]:
+        return pipeline.chat_stream([image], [question], max_new_tokens=max_new_tokens)
 
-    def understand() -> None:
-        start = time.perf_counter()
-        stream = runtime.chat_stream([image], [question], max_new_tokens=max_new_tokens)
-        next(stream)
-        first = time.perf_counter()
-        n = sum(1 for _ in stream)
-        end = time.perf_counter()
-        ttft.append(first - start)
-        if n:
-            rates.append(n / (end - first))
-
-    for _ in range(warmup):
-        understand()
-    timer.clear()
-    ttft.clear()
-    rates.clear()
-    for _ in range(runs):
-        understand()
+    understanding = time_token_stream(lambda: stream(runtime), warmup, runs, timer)
     und_stages = {name: summarize(times) for name, times in timer.times.items()}
+    ref_understanding = time_token_stream(lambda: stream(reference), warmup, runs)
 
     ref_total = timed_runs(lambda: reference.generate(prompts, steps=steps, cfg=cfg), warmup, runs)
     runtime_ms = summarize(gen_total)["median_ms"]
@@ -129,9 +145,14 @@ def bench_pipelines(runtime, reference, prompt: str, steps: int, cfg: float, bat
         },
         "understanding": {
             "max_new_tokens": max_new_tokens,
-            "time_to_first_token": summarize(ttft),
-            "decode_tokens_per_s": statistics.median(rates) if rates else None,
+            **understanding,
             "stages_per_call": und_stages,
+            "reference_eager": ref_understanding,
+            "time_to_first_token_speedup_vs_reference":
+                ref_understanding["time_to_first_token"]["median_ms"] / understanding["time_to_first_token"]["median_ms"],
+            "decode_speedup_vs_reference": (understanding["decode_tokens_per_s"] / ref_understanding["decode_tokens_per_s"]
+                                            if understanding["decode_tokens_per_s"] and ref_understanding["decode_tokens_per_s"]
+                                            else None),
         },
         "peak_rss_mib": peak_rss_mib(),
         "machine": machine_info(),

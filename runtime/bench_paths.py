@@ -22,7 +22,7 @@ from jfexport.reference.bundle import ModelBundle
 from jfexport.reference.pipelines.generation import sample_latents
 from jfexport.reference.pipelines.reference_pipeline import initial_noise
 
-from .bench import machine_info, summarize
+from .bench import machine_info, summarize, time_token_stream
 from .cost_model import Cost, floor_ms, generation_cost, llm_cost, vision_cost
 from .pipelines import JanusFlowRuntime
 from .torch_fast import FastDecoder, FastSampler
@@ -143,30 +143,7 @@ def bench_torch_paths(bundle: ModelBundle, device: str, dtype: torch.dtype, batc
         "decode_ceiling_tokens_per_s": 1e3 / floor_ms(per_token, *peaks),
     }
     for name, open_stream in paths.items():
-        understanding[name] = _time_stream(open_stream, dev, warmup, runs)
+        understanding[name] = time_token_stream(open_stream, warmup, runs)
     model.attention = "math"
     results["understanding_batch_1"] = understanding
     return results
-
-
-def _time_stream(open_stream: Callable[[], Iterator[torch.Tensor]], dev: torch.device, warmup: int,
-                 runs: int) -> dict[str, object]:
-    """Time to first token and decode rate of a token stream (greedy, batch 1)."""
-    ttft, rates, counts = [], [], []
-    for i in range(warmup + runs):
-        start = time.perf_counter()
-        stream = open_stream()
-        next(stream)
-        _sync(dev)
-        first = time.perf_counter()
-        n = sum(1 for _ in stream)
-        _sync(dev)
-        if i >= warmup:
-            ttft.append(first - start)
-            counts.append(n + 1)
-            if n:
-                rates.append(n / (time.perf_counter() - first))
-    return {"time_to_first_token": summarize(ttft),
-            # Random weights may hit EOS early: the count says how many tokens the rate is over.
-            "tokens_per_answer": statistics.median(counts),
-            "decode_tokens_per_s": statistics.median(rates) if rates else None}

@@ -38,6 +38,10 @@ class OrtEngine:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
+        # ORT's idle worker threads spin after each run, stealing the cores from the torch work
+        # between engine calls (measured on 2 cores: the image-embedding splice took 13 ms instead of
+        # 0.05, time to first token 15.5 ms instead of 2.9). Back-to-back engine calls pay a small wake-up.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=available_providers(self.device.type))
         except Exception as e:  # onnxruntime raises its own exception types for bad files
