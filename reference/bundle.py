@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).parent / "assets"
 TINY_ASSETS = ASSETS / "tiny"
-DEFAULT_MODEL = "tiny"  # the bundled default until a trained default model ships
+# The bundled default model: a tiny JanusFlow trained on the toy shapes data by
+# `jfexport train-default` (docs/training.md), with its VAE and tokenizer.
+DEFAULT_MODEL_DIR = ASSETS / "default"
 PRESET_SEED = 0
 
 
@@ -66,7 +68,8 @@ def load_vae(folder: str | Path) -> AutoencoderKL:
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder}: not a diffusers AutoencoderKL folder (no config.json)")
     try:
-        return AutoencoderKL.from_pretrained(str(folder)).eval()
+        # low_cpu_mem_usage needs accelerate (not a dependency); asking for it off avoids the nag.
+        return AutoencoderKL.from_pretrained(str(folder), low_cpu_mem_usage=False).eval()
     except (OSError, ValueError, EnvironmentError) as e:
         raise CheckpointError(f"{folder}: cannot load the VAE ({e})") from None
 
@@ -124,7 +127,12 @@ def load_bundle(
         raise CheckpointError("give either a checkpoint folder or a preset, not both")
     if checkpoint is not None:
         return load_folder(checkpoint, vae, dtype)
-    bundle = load_preset(preset or DEFAULT_MODEL, dtype=dtype)
+    if preset is None:
+        if not (DEFAULT_MODEL_DIR / CONFIG_NAME).is_file():
+            raise CheckpointError(f"the bundled default model is missing from {DEFAULT_MODEL_DIR}: reinstall jfexport, "
+                                  "or pass --checkpoint DIR or --preset NAME")
+        return load_folder(DEFAULT_MODEL_DIR, vae, dtype)
+    bundle = load_preset(preset, dtype=dtype)
     if vae is not None:
         bundle.vae = load_vae(vae)
     return bundle

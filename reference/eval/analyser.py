@@ -44,10 +44,16 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
 
 
 def _shape(pixels: np.ndarray) -> str:
-    """Fill ratio of the bounding box: square ~1, circle ~pi/4, triangle ~1/2."""
+    """An upright triangle's mass sits 1/6 of its height below its box centre; circles and
+    squares are centred. Then the fill ratio of the box: square ~1, circle ~pi/4. Both survive
+    the rounded corners of a blurry decode, which a fill ratio alone (triangle ~1/2) does not."""
     (y0, x0), (y1, x1) = pixels.min(0), pixels.max(0)
-    fill = len(pixels) / ((y1 - y0 + 1) * (x1 - x0 + 1))
-    return "square" if fill > 0.88 else "circle" if fill > 0.64 else "triangle"
+    height = y1 - y0 + 1
+    drop = (pixels[:, 0].mean() - (y0 + y1) / 2) / height
+    if drop > 0.08:
+        return "triangle"
+    fill = len(pixels) / (height * (x1 - x0 + 1))
+    return "square" if fill > 0.88 else "circle"
 
 
 def analyse(image: Image.Image) -> list[Detection]:

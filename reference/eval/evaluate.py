@@ -11,6 +11,9 @@ from ..training.toy_data import QUESTIONS, render, split_scenes
 from .analyser import analyse
 
 
+CHAT_CHUNK = 8
+
+
 @dataclass
 class EvalResult:
     generation_attribute_accuracy: float  # share of (image, attribute) pairs right: colour, shape, position, count
@@ -46,7 +49,9 @@ def evaluate(pipeline, image_size: int, seed: int = 0, images_per_prompt: int = 
             images.append(render(scene, image_size, rng))
             questions.append(question)
             answers.append(scene.answer(attribute))
-    replies = pipeline.chat(images, questions, max_new_tokens=8)
+    # Built engines cap the batch rows: ask in chunks any build accepts.
+    replies = [reply for i in range(0, len(questions), CHAT_CHUNK)
+               for reply in pipeline.chat(images[i:i + CHAT_CHUNK], questions[i:i + CHAT_CHUNK], max_new_tokens=8)]
     correct = sum(reply.strip().lower() == answer for reply, answer in zip(replies, answers))
     n_images = len(held_out) * images_per_prompt
     return EvalResult(right / total, all_right / n_images, correct / len(answers), n_images, len(answers))

@@ -30,10 +30,12 @@ class StagePlan:
 
 @dataclass(frozen=True)
 class Recipe:
-    vae_steps: int = 1500
+    vae_steps: int = 900
+    vae_batch: int = 8
+    vae_lr: float = 2e-3
     stages: tuple[StagePlan, ...] = (
         StagePlan(1, 300, 2e-3, 50, (40, 60, 0)),
-        StagePlan(3, 4000, 1e-3, 100, (30, 60, 10)),
+        StagePlan(3, 8000, 1e-3, 200, (30, 60, 10)),
     )
     batch_size: int = 16
     repa_layer: int | None = 1
@@ -48,7 +50,11 @@ def train_default(out: str | Path, seed: int = 0, recipe: Recipe = Recipe(), log
     vae_dir = out / "vae"
     if not (vae_dir / "config.json").is_file():
         log(f"VAE: {recipe.vae_steps} steps")
-        train_vae(vae_dir, 64, recipe.vae_steps, seed=seed, log=log)
+        partial = out / "vae.tmp"  # an interrupted VAE run must not look finished
+        shutil.rmtree(partial, ignore_errors=True)
+        train_vae(partial, 64, recipe.vae_steps, seed=seed, batch=recipe.vae_batch, lr=recipe.vae_lr, log=log)
+        shutil.rmtree(vae_dir, ignore_errors=True)
+        partial.rename(vae_dir)
     init: dict = {"preset": "tiny"}
     for plan in recipe.stages:
         run = out / f"stage{plan.stage}"
