@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from PIL import Image
 
 from jfexport.reference.bundle import load_vae
@@ -67,3 +69,22 @@ def test_eval_cli_runs_on_the_torch_backend():
     res = run_cli("eval", "--backend", "torch", "--images-per-prompt", "1", "--steps", "2")
     assert res.returncode == 0, res.stderr
     assert "generation_attribute_accuracy" in res.stdout
+
+
+def test_bundled_default_model_meets_its_targets():
+    from jfexport.reference.bundle import DEFAULT_MODEL_DIR, load_bundle
+    from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
+
+    bundle = load_bundle()
+    assert bundle.source == str(DEFAULT_MODEL_DIR)
+    result = evaluate(ReferencePipeline(bundle), bundle.image_size)
+    assert result.generation_attribute_accuracy >= 0.8 and result.understanding_accuracy >= 0.9, result
+
+
+def test_a_missing_bundled_model_is_named(monkeypatch, tmp_path):
+    from jfexport.reference import bundle as bundle_module
+    from jfexport.reference.errors import CheckpointError
+
+    monkeypatch.setattr(bundle_module, "DEFAULT_MODEL_DIR", tmp_path / "default")
+    with pytest.raises(CheckpointError, match="bundled default model is missing"):
+        bundle_module.load_bundle()
