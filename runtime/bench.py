@@ -78,10 +78,10 @@ def time_token_stream(open_stream: Callable[[], Iterator[torch.Tensor]], warmup:
         start = time.perf_counter()
         stream = open_stream()
         next(stream)
-        _sync()
+        sync_gpu()
         first = time.perf_counter()
         n = sum(1 for _ in stream)
-        _sync()
+        sync_gpu()
         if i >= warmup:
             ttft.append(first - start)
             counts.append(n + 1)
@@ -93,7 +93,8 @@ def time_token_stream(open_stream: Callable[[], Iterator[torch.Tensor]], warmup:
             "decode_tokens_per_s": statistics.median(rates) if rates else None}
 
 
-def _sync() -> None:
+def sync_gpu() -> None:
+    """Wait for queued GPU work, so wall-clock timings include it."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
 

@@ -22,28 +22,23 @@ from jfexport.reference.bundle import ModelBundle
 from jfexport.reference.pipelines.generation import sample_latents
 from jfexport.reference.pipelines.reference_pipeline import initial_noise
 
-from .bench import machine_info, summarize, time_token_stream
+from .bench import machine_info, summarize, sync_gpu, time_token_stream
 from .cost_model import Cost, floor_ms, generation_cost, llm_cost, vision_cost
 from .pipelines import JanusFlowRuntime
-from .torch_fast import FastDecoder, FastSampler
+from .torch_fast import FastDecoder, FastSampler, understanding_embeds
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _time(fn: Callable[[], object], device: torch.device, warmup: int, runs: int, keep: list | None = None) -> list[float]:
+def _time(fn: Callable[[], object], warmup: int, runs: int, keep: list | None = None) -> list[float]:
     """Wall times of `runs` calls after `warmup`; the last result is appended to `keep`."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    sync_gpu()
     out = []
     result = None
     for _ in range(runs):
         start = time.perf_counter()
         result = fn()
-        _sync(device)
+        sync_gpu()
         out.append(time.perf_counter() - start)
     if keep is not None:
         keep.append(result)
@@ -55,11 +50,11 @@ def measure_peaks(device: torch.device, dtype: torch.dtype) -> tuple[float, floa
     n = 4096 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    mm = statistics.median(_time(lambda: a @ b, device, 2, 5))
+    mm = statistics.median(_time(lambda: a @ b, 2, 5))
     size = (1 << 30) if device.type == "cuda" else (1 << 26)
     src = torch.empty(size, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    cp = statistics.median(_time(lambda: dst.copy_(src), device, 2, 5))
+    cp = statistics.median(_time(lambda: dst.copy_(src), 2, 5))
     return 2 * n**3 / mm, 2 * size / cp  # a copy reads and writes every byte
 
 
@@ -103,16 +98,16 @@ def bench_torch_paths(bundle: ModelBundle, device: str, dtype: torch.dtype, batc
         official = generation_cost(bundle.config, batch, prompt_len, steps, size, elem, recompute=True)
         row["a_official_eager_recompute"] = _report(
             _time(lambda: sample_latents(model, ids, mask, z0, steps, cfg, proc.tokenizer.pad_id, schedule="recompute"),
-                  dev, warmup, runs, latents), _sum(official), peaks, latents)
+                  warmup, runs, latents), _sum(official), peaks, latents)
         cached = generation_cost(bundle.config, batch, prompt_len, steps, size, elem, recompute=False)
         eager = FastSampler(model, grid, cuda_graphs=False)
         row["b_eager_prompt_kv"] = _report(
-            _time(lambda: eager.sample(ids, mask, z0, steps, cfg, proc.tokenizer.pad_id), dev, warmup, runs, latents),
+            _time(lambda: eager.sample(ids, mask, z0, steps, cfg, proc.tokenizer.pad_id), warmup, runs, latents),
             _sum(cached), peaks, latents)
         if dev.type == "cuda":
             graphed = FastSampler(model, grid, cuda_graphs=True)
             row["c_cuda_graph_step"] = _report(
-                _time(lambda: graphed.sample(ids, mask, z0, steps, cfg, proc.tokenizer.pad_id), dev, warmup, runs, latents),
+                _time(lambda: graphed.sample(ids, mask, z0, steps, cfg, proc.tokenizer.pad_id), warmup, runs, latents),
                 _sum(cached), peaks, latents)
         else:
             row["c_cuda_graph_step"] = None  # CUDA graphs need a CUDA device
@@ -126,9 +121,7 @@ def bench_torch_paths(bundle: ModelBundle, device: str, dtype: torch.dtype, batc
     def static_kv(decoder: FastDecoder) -> Callable[[], Iterator[torch.Tensor]]:
         def stream() -> Iterator[torch.Tensor]:
             batch = proc.understanding_batch([question], [image])
-            embeds = model.prepare_inputs_embeds(batch.input_ids.to(dev), batch.pixel_values.to(dev, dtype),
-                                                 batch.images_seq_mask.to(dev), batch.images_emb_mask.to(dev))
-            return decoder.decode(embeds, batch.attention_mask.to(dev), max_new_tokens, eos)
+            return decoder.decode(understanding_embeds(model, batch), batch.attention_mask, max_new_tokens, eos)
         return stream
 
     paths = {"engine_interface": lambda: runtime.chat_stream([image], [question], max_new_tokens=max_new_tokens),

@@ -8,7 +8,7 @@ from typing import Callable, Iterator, Mapping
 import torch
 
 from jfexport.reference.pipelines.layout import understanding_positions
-from jfexport.reference.pipelines.understanding import sample_next
+from jfexport.reference.pipelines.understanding import choose_next
 
 from .engine import Engine
 from .errors import check_finite
@@ -58,11 +58,7 @@ def decode(
     for _ in range(max_new_tokens):
         logits = out["logits"].float()
         check_finite("llm", "logits", logits)
-        if on_logits is not None:
-            on_logits(logits)
-        token = sample_next(logits, temperature, top_p, generator)
-        token = torch.where(finished, torch.full_like(token, eos_id), token)
-        finished |= token == eos_id
+        token = choose_next(logits, finished, eos_id, temperature, top_p, generator, on_logits)
         yield token
         if bool(finished.all()):
             return

@@ -133,7 +133,7 @@ class JanusFlowRuntime:
                 return
             yield from decode(self.engines, batch.input_ids, batch.attention_mask, batch.pixel_values,
                               batch.images_seq_mask, batch.images_emb_mask, max_new_tokens,
-                              self.processor.tokenizer.eos_id, temperature, top_p, gen, on_logits)
+                              eos, temperature, top_p, gen, on_logits)
 
     def chat(self, images: list[Image.Image], questions: list[str], **kwargs) -> list[str]:
         return answers_from_stream(self.chat_stream(images, questions, **kwargs), len(questions), self.processor.tokenizer)

@@ -17,10 +17,26 @@ import torch
 from jfexport.reference.modules.janusflow import JanusFlowModel
 from jfexport.reference.pipelines.layout import cfg_prompt_rows, offset_positions, understanding_positions
 from jfexport.reference.pipelines.timesteps import euler_schedule
-from jfexport.reference.pipelines.understanding import sample_next
+from jfexport.reference.pipelines.understanding import choose_next
 
 from .backends.torch_backend import exact_fp32
 from .errors import check_finite
+
+
+def capture_graph(step: Callable[[], None]) -> torch.cuda.CUDAGraph:
+    """`step` captured as a CUDA graph over the static buffers it reads and writes. It runs twice
+    first on a side stream (kernel selection, allocator warm-up), as capture requires; callers
+    undo or overwrite what those runs wrote."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
 
 
 class _StepState:
@@ -102,18 +118,10 @@ class FastSampler:
 
     @staticmethod
     def _capture(step: Callable[[], None], z: torch.Tensor, t_emb: torch.Tensor, t_first: torch.Tensor) -> torch.cuda.CUDAGraph:
-        """Capture `step` on static buffers; warm-up runs are undone so the capture has no side effect."""
+        """Capture `step`; the warm-up runs' Euler updates are undone so the capture has no side effect."""
         saved = z.clone()
         t_emb.copy_(t_first.expand_as(t_emb))
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm up kernels and the allocator outside the capture
-                step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
+        graph = capture_graph(step)
         z.copy_(saved)
         return graph
 
@@ -167,19 +175,6 @@ class FastDecoder:
         hidden, _, _ = model.llm(embeds, state.mask, state.position, state.cache, write_slots=state.slot)
         state.logits.copy_(model.logits(hidden[:, -1]).float())
 
-    def _capture(self, state: _DecodeState) -> None:
-        # Warm-up and capture write K/V at the current slot, which the first real step overwrites.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._step(state)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._step(state)
-        state.graph = graph
-
     def decode(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, eos_id: int,
                temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
                on_logits: Callable[[torch.Tensor], None] | None = None) -> Iterator[torch.Tensor]:
@@ -214,11 +209,7 @@ class FastDecoder:
         finished = torch.zeros(batch, dtype=torch.bool, device=mask.device)
         for i in range(max_new_tokens):
             check_finite("llm", "logits", logits)
-            if on_logits is not None:
-                on_logits(logits)
-            token = sample_next(logits, temperature, top_p, generator)
-            token = torch.where(finished, torch.full_like(token, eos_id), token)
-            finished |= token == eos_id
+            token = choose_next(logits, finished, eos_id, temperature, top_p, generator, on_logits)
             yield token
             if bool(finished.all()) or i + 1 == max_new_tokens:
                 return
@@ -226,7 +217,8 @@ class FastDecoder:
             state.mask.index_fill_(1, state.slot, 1)
             if self.cuda_graphs and mask.device.type == "cuda":
                 if state.graph is None:
-                    self._capture(state)
+                    # The warm-up runs write K/V at the current slot, as the replay does next.
+                    state.graph = capture_graph(lambda: self._step(state))
                 state.graph.replay()
             else:
                 self._step(state)
@@ -248,8 +240,13 @@ class FastPaths:
         return next(self.model.parameters()).device
 
     def embeds(self, batch) -> torch.Tensor:
-        """inputs_embeds of a processor understanding batch, image embeddings spliced in."""
-        dev, dtype = self.device, next(self.model.parameters()).dtype
-        with torch.inference_mode(), exact_fp32(dtype):
-            return self.model.prepare_inputs_embeds(batch.input_ids.to(dev), batch.pixel_values.to(dev, dtype),
-                                                    batch.images_seq_mask.to(dev), batch.images_emb_mask.to(dev))
+        return understanding_embeds(self.model, batch)
+
+
+def understanding_embeds(model: JanusFlowModel, batch) -> torch.Tensor:
+    """inputs_embeds of a processor understanding batch on the model's device, image embeddings spliced in."""
+    param = next(model.parameters())
+    dev, dtype = param.device, param.dtype
+    with torch.inference_mode(), exact_fp32(dtype):
+        return model.prepare_inputs_embeds(batch.input_ids.to(dev), batch.pixel_values.to(dev, dtype),
+                                           batch.images_seq_mask.to(dev), batch.images_emb_mask.to(dev))

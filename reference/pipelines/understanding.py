@@ -26,6 +26,17 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     return order.gather(-1, choice).squeeze(-1)
 
 
+def choose_next(logits: torch.Tensor, finished: torch.Tensor, eos_id: int, temperature: float, top_p: float,
+                generator: torch.Generator | None, on_logits: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """The next token [B] of every row; rows already finished get EOS, and `finished` is updated in place."""
+    if on_logits is not None:
+        on_logits(logits)
+    token = sample_next(logits, temperature, top_p, generator)
+    token = torch.where(finished, torch.full_like(token, eos_id), token)
+    finished |= token == eos_id
+    return token
+
+
 @torch.no_grad()
 def decode_tokens(
     model: JanusFlowModel,
@@ -51,11 +62,7 @@ def decode_tokens(
     finished = torch.zeros(batch, dtype=torch.bool, device=inputs_embeds.device)
     logits = model.logits(hidden[:, -1])
     for _ in range(max_new_tokens):
-        if on_logits is not None:
-            on_logits(logits)
-        token = sample_next(logits, temperature, top_p, generator)
-        token = torch.where(finished, torch.full_like(token, eos_id), token)
-        finished |= token == eos_id
+        token = choose_next(logits, finished, eos_id, temperature, top_p, generator, on_logits)
         yield token
         if bool(finished.all()):
             return
