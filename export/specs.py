@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from jfexport.reference.bundle import ModelBundle
-from jfexport.reference.graphs import GRAPH_NAMES
+from jfexport.reference.graph_contract import GRAPH_NAMES, kv_names
 
 from .graph_spec import Dim, GraphSpec, TensorSpec
 
@@ -36,8 +36,7 @@ def graph_specs(bundle: ModelBundle, limits: Limits = Limits()) -> dict[str, Gra
     f32, i64 = "float32", "int64"
 
     def kv(prefix: str, length: str) -> list[TensorSpec]:
-        return [TensorSpec(f"{prefix}.{i}.{part}", f32, ("B", kv_heads, length, head_dim))
-                for i in range(layers) for part in ("key", "value")]
+        return [TensorSpec(name, f32, ("B", kv_heads, length, head_dim)) for name in kv_names(prefix, layers)]
 
     llm_extra = {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "hidden": d, "vocab": v}
     specs = {

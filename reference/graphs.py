@@ -10,9 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .graph_contract import GRAPH_NAMES, LLM_INPUTS, LLM_OUTPUTS, kv_names
 from .modules.janusflow import JanusFlowModel
-
-GRAPH_NAMES = ("vision_encoder", "embed_tokens", "llm_prefill", "llm_decode", "gen_encoder", "gen_decoder", "vae_decoder")
 
 # State-dict prefixes (of JanusFlowModel, or of the VAE for vae_decoder) of the weights each graph
 # computes with: a rebuild compares their hashes to re-export only graphs whose weights changed.
@@ -91,11 +90,8 @@ class LLMGraph(nn.Module):
         self.model = model
         self.with_past = with_past
         layers = model.config.language.num_hidden_layers
-        kv = [f"{{}}.{i}.{part}" for i in range(layers) for part in ("key", "value")]
-        self.input_names = ("inputs_embeds", "attention_mask", "position_ids") + (
-            tuple(n.format("past") for n in kv) if with_past else ()
-        )
-        self.output_names = ("hidden_states", "logits") + tuple(n.format("present") for n in kv)
+        self.input_names = LLM_INPUTS + (kv_names("past", layers) if with_past else ())
+        self.output_names = LLM_OUTPUTS + kv_names("present", layers)
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, *past_flat: torch.Tensor):
         past = list(zip(past_flat[0::2], past_flat[1::2])) if self.with_past else None

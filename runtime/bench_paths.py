@@ -20,7 +20,7 @@ from PIL import Image
 
 from jfexport.reference.bundle import ModelBundle
 from jfexport.reference.pipelines.generation import sample_latents
-from jfexport.reference.pipelines.reference_pipeline import initial_noise
+from jfexport.reference.pipelines.images import initial_noise
 
 from .bench import machine_info, summarize, sync_gpu, time_token_stream
 from .cost_model import Cost, floor_ms, generation_cost, llm_cost, vision_cost

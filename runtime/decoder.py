@@ -8,7 +8,7 @@ from typing import Callable, Iterator, Mapping
 import torch
 
 from jfexport.reference.pipelines.layout import understanding_positions
-from jfexport.reference.pipelines.understanding import choose_next
+from jfexport.reference.schedulers import choose_next
 
 from .engine import Engine
 from .errors import check_finite

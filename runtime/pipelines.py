@@ -17,9 +17,8 @@ import torch
 from PIL import Image
 
 from jfexport.reference.errors import InputError
-from jfexport.reference.pipelines.generation import to_uint8
-from jfexport.reference.pipelines.reference_pipeline import initial_noise
-from jfexport.reference.pipelines.understanding import answers_from_stream
+from jfexport.reference.pipelines.images import initial_noise, to_uint8
+from jfexport.reference.schedulers import answers_from_stream, row_generators
 from jfexport.reference.processor import JanusProcessor
 
 from .decoder import decode
@@ -123,7 +122,7 @@ class JanusFlowRuntime:
         batch = self.processor.understanding_batch(questions, images)
         self._check_rows(batch.input_ids.shape[0], f"{len(questions)} question(s)")
         self._check_prompt_len(batch.input_ids.shape[1] + max_new_tokens, "question + answer")
-        gen = torch.Generator("cpu").manual_seed(seed)
+        gen = row_generators(seed, batch.input_ids.shape[0])
         eos = self.processor.tokenizer.eos_id
         with self._lock:
             if self.fast is not None:

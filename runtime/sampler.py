@@ -13,7 +13,7 @@ from typing import Callable, Mapping
 import torch
 
 from jfexport.reference.pipelines.layout import cfg_prompt_rows, offset_positions
-from jfexport.reference.pipelines.timesteps import euler_schedule
+from jfexport.reference.schedulers import euler_schedule
 
 from .engine import Engine
 from .errors import check_finite

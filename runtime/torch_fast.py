@@ -16,8 +16,8 @@ import torch
 
 from jfexport.reference.modules.janusflow import JanusFlowModel
 from jfexport.reference.pipelines.layout import cfg_prompt_rows, offset_positions, understanding_positions
-from jfexport.reference.pipelines.timesteps import euler_schedule
-from jfexport.reference.pipelines.understanding import choose_next
+from jfexport.reference.schedulers import euler_schedule
+from jfexport.reference.schedulers import choose_next
 
 from .backends.torch_backend import exact_fp32
 from .errors import check_finite

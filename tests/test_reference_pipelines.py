@@ -6,7 +6,7 @@ import torch
 
 from jfexport.reference.pipelines.generation import sample_latents
 from jfexport.reference.pipelines.layout import cfg_prompt_rows, offset_positions
-from jfexport.reference.pipelines.timesteps import euler_schedule
+from jfexport.reference.schedulers import euler_schedule
 from jfexport.reference.pipelines.understanding import decode_tokens
 
 PAD = 2

@@ -60,7 +60,7 @@ def test_kv_cache_ping_pong_without_copies_when_written_in_place():
 
 
 def test_fast_sampler_matches_the_reference(tiny_bundle):
-    from jfexport.reference.pipelines.reference_pipeline import initial_noise
+    from jfexport.reference.pipelines.images import initial_noise
     from jfexport.runtime.torch_fast import FastSampler
 
     ref = ReferencePipeline(tiny_bundle).generate_latents(PROMPTS, steps=3, seed=4)
@@ -136,7 +136,7 @@ def test_static_kv_decoder_cuda_graph_matches_eager():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_step_matches_eager_and_is_reused():
     from jfexport.reference.bundle import load_preset
-    from jfexport.reference.pipelines.reference_pipeline import initial_noise
+    from jfexport.reference.pipelines.images import initial_noise
     from jfexport.runtime.torch_fast import FastSampler
 
     bundle = load_preset("tiny")

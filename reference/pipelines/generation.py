@@ -13,8 +13,8 @@ from typing import Callable, Literal
 import torch
 
 from ..modules.janusflow import JanusFlowModel
+from ..schedulers import FlowEulerCFGScheduler
 from .layout import cfg_prompt_rows, offset_positions
-from .timesteps import euler_schedule
 
 Observer = Callable[[str, torch.Tensor], None]
 Schedule = Literal["cached", "recompute"]
@@ -55,8 +55,8 @@ def sample_latents(
         _, past, _ = model.llm(prompt_embeds, prompt_mask, positions[:, :prompt_len])
     elif schedule != "recompute":
         raise ValueError(f"unknown schedule {schedule!r}")
-    t_table, dt = euler_schedule(steps, dtype)
-    t_table = t_table.to(z0.device)
+    scheduler = FlowEulerCFGScheduler(steps, cfg_weight, dtype)
+    t_table = scheduler.timesteps.to(z0.device)
     z = z0
     for k in range(steps):
         t = t_table[k].repeat(2 * batch)
@@ -77,8 +77,7 @@ def sample_latents(
         obs(f"step{k}.last_hidden", hidden)
         v_raw = model.gen_decode(hidden[:, 1:], skip, t_emb)
         obs(f"step{k}.v_raw", v_raw)
-        v = cfg_weight * v_raw[:batch] - (cfg_weight - 1.0) * v_raw[batch:]
-        z = z + dt * v
+        z, v = scheduler.step(z, v_raw[:batch], v_raw[batch:])
         obs(f"step{k}.v", v)
         obs(f"step{k}.z", z)
         if on_step is not None:
@@ -90,9 +89,3 @@ def sample_latents(
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """VAE decode of raw latents (divided by the scaling factor here) -> images in [-1, 1]."""
     return vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[B,3,H,W] in [-1,1] -> [B,H,W,3] uint8, truncating like the official demo (JANUSFLOW.md 4.7)."""
-    x = (images.float().clamp(-1, 1) + 1) / 2 * 255
-    return x.permute(0, 2, 3, 1).to(torch.uint8)

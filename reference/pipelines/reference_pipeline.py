@@ -13,16 +13,12 @@ from PIL import Image
 
 from ..bundle import ModelBundle
 from ..errors import InputError
-from .generation import Schedule, decode_latents, sample_latents, to_uint8
-from .understanding import answers_from_stream, decode_tokens
+from ..schedulers import answers_from_stream, row_generators
+from .generation import Schedule, decode_latents, sample_latents
+from .images import initial_noise, to_uint8
+from .understanding import decode_tokens
 
 Numerics = Literal["fp32", "bf16"]
-
-
-def initial_noise(shape: tuple[int, ...], seed: int, dtype: torch.dtype) -> torch.Tensor:
-    """Noise drawn like the official demo: CPU generator, directly in the sampling dtype."""
-    gen = torch.Generator("cpu").manual_seed(seed)
-    return torch.randn(shape, generator=gen, dtype=dtype)
 
 
 class ReferencePipeline:
@@ -85,10 +81,9 @@ class ReferencePipeline:
         embeds = self.model.prepare_inputs_embeds(
             batch.input_ids, batch.pixel_values.to(self.dtype), batch.images_seq_mask, batch.images_emb_mask
         )
-        gen = torch.Generator("cpu").manual_seed(seed)
         yield from decode_tokens(
             self.model, embeds, batch.attention_mask, max_new_tokens, self.processor.tokenizer.eos_id,
-            temperature, top_p, gen, on_logits,
+            temperature, top_p, row_generators(seed, len(questions)), on_logits,
         )
 
     def chat(self, images: list[Image.Image], questions: list[str], **kwargs) -> list[str]:

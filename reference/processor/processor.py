@@ -29,7 +29,7 @@ class GenerationBatch:
     attention_mask: torch.Tensor  # [B,L] int64, 0 on pads
 
 
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -96,17 +96,25 @@ class JanusProcessor:
         """One image per question; rows left-padded to the longest, as the official batchify."""
         if len(questions) != len(images) or not questions:
             raise ProcessorInputError(f"need one image per question, got {len(images)} images for {len(questions)} questions")
+        return self.understanding_rows([self.understanding_ids(q) for q in questions],
+                                       [self.pixel_values(img) for img in images])
+
+    def pixel_values(self, image: Image.Image) -> torch.Tensor:
+        """[3,S,S] normalised pixels of one image."""
+        return preprocess_image(image, self.image_size, self.mean, self.std, self.min_size, self.normalize)
+
+    def understanding_rows(self, rows: list[list[int]], pixels: list[torch.Tensor]) -> UnderstandingBatch:
+        """Rows of `understanding_ids` and their `pixel_values`, left-padded into one batch (the
+        serving scheduler prepares rows when requests arrive and batches them when they are admitted)."""
         tok = self.tokenizer
-        ids, mask = _left_pad([self.understanding_ids(q) for q in questions], tok.pad_id)
-        pixels = torch.stack([
-            preprocess_image(img, self.image_size, self.mean, self.std, self.min_size, self.normalize) for img in images
-        ])[:, None]
+        ids, mask = left_pad(rows, tok.pad_id)
+        pixels = torch.stack(pixels)[:, None]
         return UnderstandingBatch(
             input_ids=ids,
             attention_mask=mask,
             # Pads are excluded as in the official batchify, which masks only each row's own tokens.
             images_seq_mask=((ids == tok.image_id) | (ids == tok.image_start_id)) & mask.bool(),
-            images_emb_mask=torch.ones(len(questions), 1, self.num_image_tokens + 1, dtype=torch.bool),
+            images_emb_mask=torch.ones(len(rows), 1, self.num_image_tokens + 1, dtype=torch.bool),
             pixel_values=pixels,
         )
 
@@ -128,5 +136,5 @@ class JanusProcessor:
         """
         if not prompts:
             raise ProcessorInputError("no prompt given")
-        ids, mask = _left_pad([self.generation_ids(p) for p in prompts], self.tokenizer.pad_id)
+        ids, mask = left_pad([self.generation_ids(p) for p in prompts], self.tokenizer.pad_id)
         return GenerationBatch(ids, mask)

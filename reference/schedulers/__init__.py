@@ -1,0 +1,15 @@
+"""The two sampling algorithms of JanusFlow, each in one place, free of model code.
+
+`flow_euler`: the rectified-flow Euler loop with classifier-free guidance (text-to-image).
+`decoding`: next-token choice and the stopping rule (understanding).
+The reference pipelines, the runtime's scheduler and the fast GPU paths all step through these,
+and serving imports them without importing any model (they need only torch).
+"""
+
+from .decoding import StopRule, answers_from_stream, choose_next, decode_loop, row_generators, sample_next
+from .flow_euler import FlowEulerCFGScheduler, cfg_velocity, euler_schedule, euler_step
+
+__all__ = [
+    "FlowEulerCFGScheduler", "StopRule", "answers_from_stream", "cfg_velocity", "choose_next", "decode_loop",
+    "euler_schedule", "euler_step", "row_generators", "sample_next",
+]
