@@ -10,6 +10,8 @@ import torch
 from .errors import RuntimeFailure
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+# What a build folder is compiled for and run by: torch runs the reference model, not a build.
+ENGINE_BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
 TENSORRT_INSTALL = (
     "TensorRT is not installed. Install it on a machine with an NVIDIA GPU from NVIDIA's package index "
