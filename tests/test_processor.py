@@ -133,9 +133,11 @@ def test_understanding_batch_layout(processor):
     assert (batch.attention_mask[1] == 0).sum() > 0 and batch.attention_mask[0].all()
 
 
-def test_question_holding_the_image_tag_is_refused(processor):
+def test_question_holding_the_image_tag_is_refused_in_official_mode():
+    # The default (safe) mode reads the tag as plain text: tests/test_input_safety.py.
+    official = JanusProcessor.from_folder(TINY_ASSETS, image_size=S, num_image_tokens=N, official_special_text=True)
     with pytest.raises(ValueError, match="image tag"):
-        processor.understanding_batch(["<image_placeholder> again?"], [Image.new("RGB", (8, 8))])
+        official.understanding_batch(["<image_placeholder> again?"], [Image.new("RGB", (8, 8))])
 
 
 def test_generation_tokens_end_with_the_tag_and_pad_left(processor):

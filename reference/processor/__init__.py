@@ -1,13 +1,15 @@
 """Tokenizer, prompt templates and image preprocessing of the official JanusFlow processor."""
 
-from .errors import ProcessorInputError, TokenizerFilesError
-from .image import load_image, preprocess_image
+from .errors import ProcessorInputError, RequestError, TokenizerFilesError
+from .image import MAX_PIXELS, load_image, preprocess_image
 from .processor import GenerationBatch, JanusProcessor, UnderstandingBatch
+from .request_checks import check_generation, check_sampling, check_seed, check_text
 from .templates import SYSTEM_PROMPT, generation_prompt, understanding_prompt
 from .tokenizer import JanusTokenizer, Tags, load_tokenizer
 
 __all__ = [
-    "GenerationBatch", "JanusProcessor", "JanusTokenizer", "ProcessorInputError", "SYSTEM_PROMPT", "Tags",
-    "TokenizerFilesError", "UnderstandingBatch", "generation_prompt", "load_image", "load_tokenizer",
-    "preprocess_image", "understanding_prompt",
+    "GenerationBatch", "JanusProcessor", "JanusTokenizer", "MAX_PIXELS", "ProcessorInputError", "RequestError",
+    "SYSTEM_PROMPT", "Tags", "TokenizerFilesError", "UnderstandingBatch", "check_generation", "check_sampling",
+    "check_seed", "check_text", "generation_prompt", "load_image", "load_tokenizer", "preprocess_image",
+    "understanding_prompt",
 ]

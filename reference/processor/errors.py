@@ -10,5 +10,9 @@ class ProcessorInputError(InputError, ValueError):
     """A prompt, question or image the processor cannot use."""
 
 
+class RequestError(InputError, ValueError):
+    """A request parameter (seed, temperature, steps, ...) outside its accepted range; the message names it."""
+
+
 class TokenizerFilesError(CheckpointError, ValueError):
     """Tokenizer or processor files missing from a checkpoint folder, or unreadable."""

@@ -1,7 +1,14 @@
-"""Understanding-image preprocessing of the official VLMImageProcessor (JANUSFLOW.md 3.2)."""
+"""Understanding-image preprocessing of the official VLMImageProcessor (JANUSFLOW.md 3.2).
+
+Images are size-checked from their header before any pixel is decoded (`Image.open` is lazy), so
+a small file declaring a huge canvas costs nothing; and high-bit-depth grayscale is scaled to
+8 bits rather than clipped as PIL's `convert("RGB")` clips it.
+"""
 
 from __future__ import annotations
 
+import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,16 +17,69 @@ from PIL import Image
 
 from .errors import ProcessorInputError
 
+# 16.8 MP: a 4096 x 4096 photo decodes to 50 MB of RGB; PIL's own bomb limit (89 MP, error only
+# past 179 MP) lets a 17 kB PNG cost gigabytes. Understanding resizes to 384 px anyway.
+MAX_PIXELS = 4096 * 4096
 
-def load_image(path: str | Path) -> Image.Image:
+# What PIL raises for a file it cannot decode: UnidentifiedImageError is an OSError; broken
+# chunks give SyntaxError, struct.error or EOFError; bad tiles and impossible modes ValueError.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError,
+                  Image.DecompressionBombWarning)
+
+
+def check_image_size(image: Image.Image, max_pixels: int = MAX_PIXELS, name: str = "image") -> None:
+    w, h = image.size
+    if w < 1 or h < 1:
+        raise ProcessorInputError(f"{name}: empty image ({w}x{h})")
+    if w * h > max_pixels:
+        raise ProcessorInputError(f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} pixels")
+
+
+def _gray_to_8bit(image: Image.Image) -> Image.Image:
+    """Grayscale with more than 8 bits per pixel -> mode L, scaled by the data's bit depth.
+
+    "I;16*" is 16-bit by its mode. "I" (32-bit) is how decoders hand over 16-bit data too, so it is
+    read as 16-bit when its values fit, else as 32-bit. "F" in [0, 1] is the float convention;
+    larger floats are read like "I" after PIL's own 8-bit convention (values up to 255).
+    """
+    x = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0).clip(min=0)
+    top = float(x.max(initial=0.0))
+    if image.mode.startswith("I;16"):
+        full = 65535.0
+    elif image.mode == "F" and top <= 1.0:
+        full = 1.0
+    elif image.mode == "F" and top <= 255.0:
+        full = 255.0
+    else:
+        full = 65535.0 if top <= 65535 else 2.0**31 - 1
+    return Image.fromarray(np.rint(x.clip(max=full) * (255.0 / full)).astype(np.uint8), mode="L")
+
+
+def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
+    """RGB version of `image`, decoding it if it is still lazy; undecodable pixels are an input error."""
+    try:
+        if image.mode.startswith("I") or image.mode == "F":
+            image = _gray_to_8bit(image)
+        return image.convert("RGB")
+    except _DECODE_ERRORS as e:
+        raise ProcessorInputError(f"{name}: not a readable image ({type(e).__name__}: {e})") from None
+
+
+def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """The RGB image in `path`; refused before decoding when its header declares over `max_pixels`."""
     path = Path(path)
     if not path.is_file():
         raise ProcessorInputError(f"{path}: image file not found")
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
-        raise ProcessorInputError(f"{path}: not a readable image ({e})") from None
+    with warnings.catch_warnings():
+        # PIL only warns between its two bomb limits; a service must not decode such a file at all.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(path)
+        except _DECODE_ERRORS as e:
+            raise ProcessorInputError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+        with img:
+            check_image_size(img, max_pixels, str(path))
+            return to_rgb(img, str(path))
 
 
 def _expand_to_square(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
@@ -48,7 +108,8 @@ def preprocess_image(
     """
     # Official callers convert at load time; repeating it here keeps RGBA/L inputs from reaching
     # expand2square, which keeps the mode and would paste the wrong background.
-    image = image.convert("RGB")
+    if image.mode != "RGB":
+        image = to_rgb(image)
     w, h = image.size
     longest = max(w, h)
     size = (max(int(w / longest * image_size), min_size), max(int(h / longest * image_size), min_size))

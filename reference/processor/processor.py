@@ -1,4 +1,14 @@
-"""Batches for the two tasks, laid out as the official VLChatProcessor lays them out."""
+"""Batches for the two tasks, laid out as the official VLChatProcessor lays them out.
+
+Hostile text: by default the user's prompt or question is tokenized as plain text, so a
+special-token or tag string in it (`<image_placeholder>`, `<begin_of_image>`,
+`<｜end▁of▁sentence｜>`, the pad token, any added token) is read by the model as the characters
+it consists of, never as the token: a question cannot end the user turn, forge an assistant
+turn or add an image slot. The template's own tags are unaffected. `official_special_text=True`
+restores the official behaviour (such strings become special ids), for parity tests against the
+official processor; a question whose image tags would then break the image layout is refused
+with a ProcessorInputError instead of failing later in the model.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +19,9 @@ import torch
 from PIL import Image
 
 from .errors import ProcessorInputError
-from .image import preprocess_image
-from .templates import SYSTEM_PROMPT, generation_prompt, understanding_prompt
+from .image import MAX_PIXELS, check_image_size, preprocess_image, to_rgb
+from .request_checks import check_text
+from .templates import SYSTEM_PROMPT, Parts, generation_parts, understanding_parts
 from .tokenizer import JanusTokenizer, Tags, load_tokenizer, read_json
 
 
@@ -50,15 +61,26 @@ class JanusProcessor:
         min_size: int = 14,
         normalize: bool = True,
         system_prompt: str = SYSTEM_PROMPT,
+        official_special_text: bool = False,
+        max_pixels: int = MAX_PIXELS,
     ):
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.num_image_tokens = num_image_tokens
         self.mean, self.std, self.min_size, self.normalize = tuple(mean), tuple(std), min_size, normalize
         self.system_prompt = system_prompt
+        self.official_special_text = official_special_text
+        self.max_pixels = max_pixels
 
     @classmethod
-    def from_folder(cls, folder: str | Path, image_size: int, num_image_tokens: int) -> "JanusProcessor":
+    def from_folder(
+        cls,
+        folder: str | Path,
+        image_size: int,
+        num_image_tokens: int,
+        official_special_text: bool = False,
+        max_pixels: int = MAX_PIXELS,
+    ) -> "JanusProcessor":
         """Processor of a checkpoint folder; absent config files or keys take the code defaults.
 
         A `background_color` key in preprocessor_config.json is ignored, as the official
@@ -73,21 +95,33 @@ class JanusProcessor:
             std=tuple(pre.get("image_std", (0.5, 0.5, 0.5))),
             min_size=int(pre.get("min_size", 14)),
             normalize=bool(pre.get("do_normalize", True)),
+            official_special_text=official_special_text,
+            max_pixels=max_pixels,
         )
 
     @property
     def tags(self) -> Tags:
         return self.tokenizer.tags
 
+    def _encode(self, name: str, parts: Parts) -> list[int]:
+        try:
+            return self.tokenizer.encode_parts(parts, plain_user_text=not self.official_special_text)
+        except ProcessorInputError as e:
+            raise ProcessorInputError(f"{name}: {e}") from None
+
     def understanding_ids(self, question: str) -> list[int]:
         """Template, tokenise, then replace the placeholder by BOI + N image ids + EOI."""
         tok = self.tokenizer
-        ids = tok.encode(understanding_prompt(question, self.system_prompt, self.tags.image))
+        question = check_text("question", question)
+        ids = self._encode("question", understanding_parts(question, self.system_prompt, self.tags.image))
         if (found := ids.count(tok.image_id)) != 1:
             raise ProcessorInputError(
-                f"the prompt must hold the image tag {self.tags.image!r} once, as one token; found {found}"
+                f"question: the prompt must hold the image tag {self.tags.image!r} once, as one token; found {found}"
                 " (a question must not contain it)"
             )
+        # The begin-of-image slot receives the image embedding: a second one breaks the layout.
+        if tok.image_start_id in ids:
+            raise ProcessorInputError(f"question: must not contain the begin-of-image tag {self.tags.image_start!r}")
         at = ids.index(tok.image_id)
         block = [tok.image_start_id] + [tok.image_id] * self.num_image_tokens + [tok.image_end_id]
         return ids[:at] + block + ids[at + 1:]
@@ -120,10 +154,10 @@ class JanusProcessor:
 
     def generation_ids(self, prompt: str) -> list[int]:
         """[BOS, prompt tokens..., image_start tag], as the official demo tokenises the prompt."""
-        ids = self.tokenizer.encode(generation_prompt(prompt) + self.tags.image_start)
+        ids = self._encode("prompt", generation_parts(check_text("prompt", prompt), self.tags.image_start))
         # Dropping the last token removes the tag only if it is exactly one token.
         if ids[-1] != self.tokenizer.image_start_id:
-            raise ProcessorInputError(f"the image tag {self.tags.image_start!r} does not encode to one final token")
+            raise ProcessorInputError(f"prompt: the image tag {self.tags.image_start!r} does not encode to one final token")
         return ids
 
     def generation_tokens(self, prompts: list[str]) -> GenerationBatch:

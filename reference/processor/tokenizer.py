@@ -3,18 +3,24 @@
 Tags missing from the vocabulary are appended as additional special tokens in the official
 order (image, generation, begin-of-image, end-of-image), so the new ids match the official
 processor's; the pad id is `<｜▁pad▁｜>` when the vocabulary has it, else EOS (JANUSFLOW.md 1.5).
+
+User text can be encoded as plain text (`encode_parts`): the official tokenizer turns every
+added-token string, wherever it appears, into its special id, so a question holding
+`<｜end▁of▁sentence｜>` or `<begin_of_image>` would end a turn or break the image layout.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
 
-from .errors import TokenizerFilesError
+from .errors import ProcessorInputError, TokenizerFilesError
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +61,12 @@ class JanusTokenizer:
         self.image_start_id = vocab[tags.image_start]
         self.image_end_id = vocab[tags.image_end]
         self.image_gen_id = vocab[tags.image_gen]
+        added = hf.added_tokens_decoder
+        self.added_ids = frozenset(added)
+        # Longest first: Python's alternation takes the first alternative that matches, and the
+        # tokenizer's added-token matcher takes the longest match at the leftmost position.
+        contents = sorted({t.content for t in added.values() if t.content}, key=len, reverse=True)
+        self._added_pattern = re.compile("|".join(map(re.escape, contents))) if contents else None
 
     def __len__(self) -> int:
         return len(self.hf)
@@ -68,6 +80,42 @@ class JanusTokenizer:
         ids = self.hf.encode(text)
         if not ids or ids[0] != self.bos_id:
             ids = [self.bos_id] + ids
+        return ids
+
+    def encode_parts(self, parts: Sequence[tuple[str, bool]], plain_user_text: bool = True) -> list[int]:
+        """Token ids (starting with BOS) of the concatenated parts; `(text, True)` parts are user text.
+
+        With `plain_user_text`, every added-token string (special tokens and tags) that overlaps
+        user text is encoded as ordinary text, through the tokenizer's normaliser, pre-tokeniser
+        and model only. The rest is encoded exactly as `encode` would, so ids of text without such
+        strings are the official ones. Without it, the official behaviour: such strings become
+        their special ids.
+        """
+        text = "".join(t for t, _ in parts)
+        if not plain_user_text or self._added_pattern is None:
+            return self.encode(text)
+        user, at = [], 0
+        for piece, is_user in parts:
+            if is_user:
+                user.append((at, at + len(piece)))
+            at += len(piece)
+        ids, done = [self.bos_id], 0
+        for m in self._added_pattern.finditer(text):
+            if not any(m.start() < end and start < m.end() for start, end in user):
+                continue  # a tag of the template itself
+            ids += self.hf.encode(text[done:m.start()], add_special_tokens=False) + self._plain_ids(m.group())
+            done = m.end()
+        return ids + self.hf.encode(text[done:], add_special_tokens=False)
+
+    def _plain_ids(self, text: str) -> list[int]:
+        backend = self.hf.backend_tokenizer
+        if backend.normalizer is not None:
+            text = backend.normalizer.normalize_str(text)
+        pieces = backend.pre_tokenizer.pre_tokenize_str(text) if backend.pre_tokenizer is not None else [(text, None)]
+        ids = [token.id for piece, _ in pieces for token in backend.model.tokenize(piece)]
+        # A vocabulary may also hold the special string as an ordinary entry (word-level models do).
+        if self.added_ids.intersection(ids):
+            raise ProcessorInputError(f"the text {text!r} encodes to a special token even as plain text; remove it")
         return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
