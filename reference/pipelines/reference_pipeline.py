@@ -13,6 +13,7 @@ from PIL import Image
 
 from ..bundle import ModelBundle
 from ..errors import InputError
+from ..processor.request_checks import check_generation, check_sampling
 from ..schedulers import answers_from_stream, row_generators
 from .generation import Schedule, decode_latents, sample_latents
 from .images import initial_noise, to_uint8
@@ -46,8 +47,7 @@ class ReferencePipeline:
         schedule: Schedule = "cached",
         on_step: Callable[[int, int], None] | None = None,
     ) -> torch.Tensor:
-        if n < 1:
-            raise InputError(f"n must be >= 1, got {n}")
+        check_generation(n, steps, cfg, seed)
         if not prompts:
             raise InputError("no prompt given")
         batch = self.processor.generation_tokens([p for p in prompts for _ in range(n)])
@@ -75,6 +75,7 @@ class ReferencePipeline:
         on_logits: Callable[[torch.Tensor], None] | None = None,
     ) -> Iterator[torch.Tensor]:
         """Yield the next token id of every (image, question) row until all rows end."""
+        check_sampling(temperature, top_p, seed, max_new_tokens)
         if len(images) != len(questions):
             raise InputError(f"{len(images)} images for {len(questions)} questions")
         batch = self.processor.understanding_batch(questions, images)
