@@ -1,77 +1,91 @@
-"""Open a build folder: read its manifest, check it fits this machine, create one engine per graph.
+"""Open a build folder: read and validate its manifest, check the files it serves, create one engine per graph.
 
-The runtime never imports the exporter: the manifest and the graph files are the contract.
+The runtime never imports the exporter: the manifest and the graph files are the contract. Nothing
+is opened before the manifest has passed its schema (`manifest_schema`) and every path it names is
+confined to the folder; nothing is served before its file matches the manifest (`folder_files`).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
-from jfexport.reference.errors import JanusFlowError
-
 from .backend_choice import choose_backend
+from .folder_files import TOKENIZER_DIR, FileCheck, check_files, confine_tokenizer, served_files
+from .manifest_schema import FORMAT, MANIFEST, EnginesError, read_build_manifest, validate_manifest
 
-MANIFEST = "manifest.json"
-FORMAT = "jfexport-manifest/1"
-TOKENIZER_DIR = "tokenizer"
+__all__ = ["FORMAT", "GENERATION_GRAPHS", "MANIFEST", "TOKENIZER_DIR", "UNDERSTANDING_GRAPHS", "EngineSet",
+           "EnginesError", "load_engines", "pick_precision", "read_build_manifest"]
+
+# What each pipeline runs: a text-to-image service need not open the vision encoder, a chat one not the VAE.
+GENERATION_GRAPHS = ("embed_tokens", "llm_prefill", "llm_decode", "gen_encoder", "gen_decoder", "vae_decoder")
+UNDERSTANDING_GRAPHS = ("vision_encoder", "embed_tokens", "llm_prefill", "llm_decode")
 
 
-class EnginesError(JanusFlowError):
-    pass
+class EngineSet(dict):
+    """Engines by graph name, and how they were opened: `verify` holds them to the bounds of `precision`."""
 
-
-def read_build_manifest(folder: str | Path) -> dict:
-    folder = Path(folder)
-    path = folder / MANIFEST
-    if not folder.is_dir():
-        raise EnginesError(f"{folder}: engines folder does not exist (run `jfexport build --out {folder}`)")
-    if not path.is_file():
-        raise EnginesError(f"{folder}: no {MANIFEST}; not a finished build (run `jfexport build --out {folder}`)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise EnginesError(f"{path}: not valid JSON ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise EnginesError(f"{path}: format {manifest.get('format')!r}, this runtime reads {FORMAT!r}: rebuild the engines")
-    return manifest
+    def __init__(self, engines: dict, precision: str, device: str, files: list[FileCheck]):
+        super().__init__(engines)
+        self.precision = precision  # the build precision chosen (a graph without a typed file serves fp32)
+        self.device = device  # where the engines run (cpu when onnxruntime has no CUDA provider)
+        self.files = files  # how each served file was checked
 
 
 def pick_precision(manifest: dict, requested: str | None, device: str) -> str:
     available = manifest.get("precisions", ["fp32"])
     if requested is None:
         # ONNX Runtime's CPU kernels run fp16 graphs through casts: fp16 only pays off on a GPU.
-        requested = "fp16" if device == "cuda" and "fp16" in available else "fp32"
+        requested = "fp16" if torch.device(device).type == "cuda" and "fp16" in available else "fp32"
     if requested not in available:
         raise EnginesError(f"the engines were built for {available}, not {requested} (rebuild with --fp16)")
     return requested
 
 
-def load_engines(folder: str | Path, backend: str = "auto", precision: str | None = None,
-                 device: str | None = None) -> tuple[dict, dict, str]:
-    """(engines by graph name, manifest, backend name) for a build folder."""
+def _select_graphs(manifest: dict, graphs: Iterable[str] | None, folder: Path) -> list[str]:
+    if graphs is None:
+        return list(manifest["graphs"])
+    names = list(dict.fromkeys([graphs] if isinstance(graphs, str) else graphs))
+    missing = [n for n in names if n not in manifest["graphs"]]
+    if missing:
+        raise EnginesError(f"{folder / MANIFEST}: no graph(s) {missing} in this build (it has "
+                           f"{', '.join(manifest['graphs'])}): rebuild with them")
+    return names
+
+
+def load_engines(folder: str | Path, backend: str = "auto", precision: str | None = None, device: str | None = None,
+                 graphs: Iterable[str] | None = None, verify_files: bool = False) -> tuple[EngineSet, dict, str]:
+    """(engines by graph name, manifest, backend name) for a build folder.
+
+    `graphs` opens (and checks the files of) only those graphs, e.g. GENERATION_GRAPHS; all by default.
+    `verify_files` hashes every served file even where a verified stamp says it is unchanged.
+    """
     folder = Path(folder)
     manifest = read_build_manifest(folder)
+    validate_manifest(manifest, folder / MANIFEST)
+    names = _select_graphs(manifest, graphs, folder)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     chosen = choose_backend(backend).backend if backend != "auto" else manifest.get("backend", {}).get("name", "onnxruntime")
     if chosen == "tensorrt":
         choose_backend("tensorrt")  # raises with install instructions when TensorRT or the GPU is missing
+    else:
+        from .backends.ort_backend import ort_device
+
+        device = ort_device(device)  # before the precision: fp16 is chosen only where it runs on a GPU
     precision = pick_precision(manifest, precision, device)
+    listed = {name: served_files(manifest, name, precision, chosen) for name in names}
+    confine_tokenizer(folder)
+    checks = check_files(folder, [f for files in listed.values() for f in files], full=verify_files)
     engines = {}
-    for name, entry in manifest["graphs"].items():
-        files = entry["files"]
-        info = files.get(precision) or files["fp32"]
-        path = folder / info["file"]
-        if not path.is_file():
-            raise EnginesError(f"{path}: listed in the manifest but missing (rebuild the engines)")
+    for name in names:
         if chosen == "tensorrt":
             from .backends.trt_backend import TrtEngine
 
-            engines[name] = TrtEngine.from_manifest_entry(name, folder, entry)
+            engines[name] = TrtEngine.from_manifest_entry(name, folder, manifest["graphs"][name])
         else:
             from .backends.ort_backend import OrtEngine
 
-            engines[name] = OrtEngine(name, path, device=device)
-    return engines, manifest, chosen
+            engines[name] = OrtEngine(name, folder / listed[name][0].name, device=device)
+    return EngineSet(engines, precision, device, checks), manifest, chosen

@@ -2,11 +2,14 @@
 
 CPU: tensors cross as zero-copy numpy views. CUDA (onnxruntime-gpu): IO binding on torch device
 buffers, with outputs written into caller-provided buffers where given (the KV cache's
-`present` views), so nothing is copied between host and device per call.
+`present` views), so nothing is copied between host and device per call. A GPU machine whose
+onnxruntime has no CUDA provider (the plain `onnxruntime` wheel) runs the engines on the CPU and
+says so once, rather than refusing to serve.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Mapping
 
@@ -16,24 +19,28 @@ import torch
 
 from ..errors import RuntimeFailure
 
+log = logging.getLogger(__name__)
+
 _ORT_TO_TORCH = {
     "tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(bfloat16)": torch.bfloat16,
     "tensor(int64)": torch.int64, "tensor(int32)": torch.int32, "tensor(bool)": torch.bool,
 }
 
 
-def available_providers(device: str) -> list[str]:
-    if device == "cuda":
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise RuntimeFailure("onnxruntime has no CUDA provider here: install the `gpu` extra (onnxruntime-gpu)")
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
+def ort_device(device: str) -> str:
+    """The device ONNX Runtime can run on for `device`: "cpu" (with a warning) where CUDA was asked for and
+    this onnxruntime has no CUDA provider."""
+    if torch.device(device).type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        log.warning("onnxruntime %s has no CUDA provider here: running the engines on the CPU "
+                    "(install the `gpu` extra, onnxruntime-gpu, to run them on the GPU)", ort.__version__)
+        return "cpu"
+    return device
 
 
 class OrtEngine:
     def __init__(self, name: str, path: str | Path, device: str = "cpu", threads: int | None = None):
         self.name = name
-        self.device = torch.device(device)
+        self.device = torch.device(ort_device(device))
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -43,7 +50,7 @@ class OrtEngine:
         # 0.05, time to first token 15.5 ms instead of 2.9). Back-to-back engine calls pay a small wake-up.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=available_providers(self.device.type))
+            self.session = ort.InferenceSession(str(path), options, providers=_providers(self.device.type))
         except Exception as e:  # onnxruntime raises its own exception types for bad files
             raise RuntimeFailure(f"{name}: cannot load {path} ({e})") from None
         self.input_dtypes = {i.name: _ORT_TO_TORCH[i.type] for i in self.session.get_inputs()}
@@ -83,6 +90,10 @@ class OrtEngine:
             else:
                 result[name] = torch.from_dlpack(produced[name])  # OrtValue implements __dlpack__
         return result
+
+
+def _providers(device_type: str) -> list[str]:
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if device_type == "cuda" else ["CPUExecutionProvider"]
 
 
 def _np_dtype(dtype: torch.dtype):
