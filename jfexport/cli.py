@@ -29,9 +29,14 @@ for _command in (build_cmd, generate_cmd, chat_cmd, verify_cmd, bench_cmd, bench
     cli.add_command(_command)
 
 
-def main() -> None:
+def main(group: click.Group = cli, args: list[str] | None = None) -> None:
+    """Run `group` as a user's command: user errors become a message and exit code 2.
+
+    Only JanusFlowError and click's own errors are user errors. Anything else (ValueError,
+    OSError, ...) is a bug in jfexport and propagates with its traceback.
+    """
     try:
-        code = cli.main(standalone_mode=False)
+        code = group.main(args, standalone_mode=False)
         if isinstance(code, int) and code:
             sys.exit(code)
     except click.exceptions.Abort:
@@ -41,9 +46,6 @@ def main() -> None:
         e.show()
         sys.exit(e.exit_code)
     except JanusFlowError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
-    except (FileNotFoundError, ValueError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
 

@@ -10,20 +10,23 @@ from pathlib import Path
 
 import click
 
-from .options import load_model, model_options, reference_bundle_for_build
+from jfexport.runtime.backend_choice import BACKENDS
+
+from .options import backend_option, load_model, model_options, reference_bundle_for_build
 
 
 @click.command("bench")
 @model_options
 @click.option("--engines", type=click.Path(path_type=Path), default=None,
               help="Benchmark this build (its backend); default: the torch backend on the model options.")
-@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
-@click.option("--steps", default=30, show_default=True)
-@click.option("--cfg", default=2.0, show_default=True)
-@click.option("--batch", default=1, show_default=True, help="Images per generation call.")
-@click.option("--warmup", default=1, show_default=True)
-@click.option("--runs", default=5, show_default=True)
-@click.option("--max-new-tokens", default=32, show_default=True)
+@backend_option(BACKENDS, "Backend to run --engines with (auto: the one it was built for).")
+@click.option("--steps", type=click.IntRange(min=1), default=30, show_default=True, help="Euler steps per image.")
+@click.option("--cfg", default=2.0, show_default=True, help="Classifier-free guidance weight.")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Images per generation call.")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed calls before the runs.")
+@click.option("--runs", type=click.IntRange(min=1), default=5, show_default=True, help="Timed calls per measurement.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Longest answer of the understanding benchmark.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the results here.")
 def bench_cmd(checkpoint, vae, preset, engines, backend, steps, cfg, batch, warmup, runs, max_new_tokens, json_path):
     """Benchmark the runtime against the reference eager pipeline."""
@@ -33,8 +36,6 @@ def bench_cmd(checkpoint, vae, preset, engines, backend, steps, cfg, batch, warm
     from jfexport.runtime.bench import bench_pipelines
     from jfexport.runtime.pipelines import JanusFlowRuntime
 
-    if runs < 1 or warmup < 0:
-        raise click.BadParameter("need runs >= 1 and warmup >= 0")
     if engines is not None:
         runtime = JanusFlowRuntime.from_engines(engines, backend)
         bundle = reference_bundle_for_build(engines, checkpoint, vae)

@@ -16,12 +16,13 @@ from .options import load_model, model_options
 @click.option("--device", default=None, help="cuda or cpu (default: cuda when available).")
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default=None, help="Default: bf16 on GPU, fp32 on CPU.")
 @click.option("--batches", default="1,4", show_default=True, help="Comma-separated images per call.")
-@click.option("--steps", default=30, show_default=True)
-@click.option("--cfg", default=2.0, show_default=True)
-@click.option("--warmup", default=1, show_default=True)
-@click.option("--runs", default=3, show_default=True)
-@click.option("--max-new-tokens", default=64, show_default=True)
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+@click.option("--steps", type=click.IntRange(min=1), default=30, show_default=True, help="Euler steps per image.")
+@click.option("--cfg", default=2.0, show_default=True, help="Classifier-free guidance weight.")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed calls before the runs.")
+@click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True, help="Timed calls per measurement.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Tokens decoded by the understanding benchmark.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the results here.")
 def bench_torch_cmd(checkpoint, vae, preset, device, dtype, batches, steps, cfg, warmup, runs, max_new_tokens, json_path):
     """Time (a) the official eager loop, (b) prompt-K/V reuse, (c) CUDA-graph steps, with physical floors."""
     import torch

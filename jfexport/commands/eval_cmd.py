@@ -12,10 +12,11 @@ from .options import open_pipeline, runtime_options
 
 @click.command("eval")
 @runtime_options
-@click.option("--images-per-prompt", default=4, show_default=True)
-@click.option("--steps", default=30, show_default=True)
-@click.option("--cfg", default=2.0, show_default=True)
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+@click.option("--images-per-prompt", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Images generated per held-out caption.")
+@click.option("--steps", type=click.IntRange(min=1), default=30, show_default=True, help="Euler steps per image.")
+@click.option("--cfg", default=2.0, show_default=True, help="Classifier-free guidance weight.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the scores here.")
 def eval_cmd(engines, backend, precision, checkpoint, vae, preset, images_per_prompt, steps, cfg, json_path):
     """Score generation (colour, shape, position, count) and understanding on held-out scenes."""
     from jfexport.reference.eval.evaluate import evaluate

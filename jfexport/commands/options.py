@@ -3,14 +3,29 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import click
 
+from jfexport.reference.presets import PRESETS
+from jfexport.runtime.backend_choice import BACKENDS, ENGINE_BACKENDS
+
 DEFAULT_ENGINES = Path("engines/default")
+# What a build holds and what `--precision` picks from it (fp32 graphs are always built).
+ENGINE_PRECISIONS = ("fp32", "fp16")
+
+
+def backend_option(choices: tuple[str, ...], help: str) -> Callable:
+    return click.option("--backend", type=click.Choice(choices), default="auto", show_default=True, help=help)
+
+
+def precision_option(f):
+    return click.option("--precision", type=click.Choice(ENGINE_PRECISIONS), default=None,
+                        help="Engine precision to load from the build (default: fp16 on a GPU when built, else fp32).")(f)
 
 
 def model_options(f):
-    f = click.option("--preset", default=None, help="Named model with random weights (tiny, small, janusflow-1.3b).")(f)
+    f = click.option("--preset", type=click.Choice(PRESETS), default=None, help="Named model with random weights.")(f)
     f = click.option("--vae", type=click.Path(path_type=Path), default=None, help="diffusers AutoencoderKL folder.")(f)
     f = click.option(
         "--checkpoint", type=click.Path(path_type=Path), default=None,
@@ -20,13 +35,10 @@ def model_options(f):
 
 
 def runtime_options(f):
-    f = click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto",
-                     show_default=True,
-                     help="auto: the engines folder if it holds a build, else the torch reference.")(f)
+    f = backend_option(BACKENDS, "auto: the engines folder if it holds a build, else the torch reference.")(f)
     f = click.option("--engines", type=click.Path(path_type=Path), default=None,
                      help=f"Build folder of `jfexport build` (default: {DEFAULT_ENGINES}).")(f)
-    f = click.option("--precision", type=click.Choice(["fp32", "fp16"]), default=None,
-                     help="Engine precision (default: fp16 on a GPU when built, else fp32).")(f)
+    f = precision_option(f)
     return model_options(f)
 
 

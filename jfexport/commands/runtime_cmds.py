@@ -7,16 +7,21 @@ from pathlib import Path
 
 import click
 
-from .options import DEFAULT_ENGINES, load_model, model_options, open_pipeline, reference_bundle_for_build, runtime_options
+from jfexport.export.specs import Limits
+from jfexport.runtime.backend_choice import ENGINE_BACKENDS
+
+from .image_output import plan_image_paths, write_png
+from .options import (DEFAULT_ENGINES, backend_option, load_model, model_options, open_pipeline, precision_option,
+                      reference_bundle_for_build, runtime_options)
 
 
 @click.command("build")
 @model_options
 @click.option("--fp16", is_flag=True, help="Also build typed fp16 graphs (the VAE stays fp32).")
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_ENGINES, show_default=True)
-@click.option("--max-batch", default=16, show_default=True, help="Largest batch (rows; CFG doubles images).")
-@click.option("--max-seq", default=4096, show_default=True, help="Longest sequence (prompt + generated tokens).")
+@backend_option(ENGINE_BACKENDS, "Engines to compile for (auto: TensorRT when it and a GPU are present, else ONNX Runtime).")
+@click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_ENGINES, show_default=True, help="Build folder.")
+@click.option("--max-batch", default=Limits().max_batch, show_default=True, help="Largest batch (rows; CFG doubles images).")
+@click.option("--max-seq", default=Limits().max_seq, show_default=True, help="Longest sequence (prompt + generated tokens).")
 def build_cmd(checkpoint, vae, preset, fp16, backend, out, max_batch, max_seq):
     """Export, check and compile the engines; reuses what is up to date."""
     from jfexport.export.build import build
@@ -33,36 +38,38 @@ def build_cmd(checkpoint, vae, preset, fp16, backend, out, max_batch, max_seq):
 @click.command("generate")
 @click.argument("prompts", nargs=-1, required=True)
 @runtime_options
-@click.option("-n", "--num-images", default=1, show_default=True, help="Images per prompt.")
-@click.option("--steps", default=30, show_default=True)
+@click.option("-n", "--num-images", type=click.IntRange(min=1), default=1, show_default=True, help="Images per prompt.")
+@click.option("--steps", type=click.IntRange(min=1), default=30, show_default=True, help="Euler steps of the flow.")
 @click.option("--cfg", default=2.0, show_default=True, help="Classifier-free guidance weight.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the initial noise.")
 @click.option("--numerics", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="torch backend: bf16 reproduces the official demo's rounding (bf16 model, t and dt).")
-@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("out"), show_default=True)
-def generate_cmd(prompts, engines, backend, precision, checkpoint, vae, preset, num_images, steps, cfg, seed, numerics, out):
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("out"), show_default=True,
+              help="Folder for image_<i>.png; new images are numbered after those already there.")
+@click.option("--overwrite", is_flag=True, help="Number from image_0.png, replacing existing images.")
+def generate_cmd(prompts, engines, backend, precision, checkpoint, vae, preset, num_images, steps, cfg, seed, numerics, out,
+                 overwrite):
     """Text-to-image: write PNG files for PROMPTS."""
+    paths = plan_image_paths(out, len(prompts) * num_images, overwrite)
     pipe = open_pipeline(engines, backend, precision, checkpoint, vae, preset, numerics)
     with click.progressbar(length=steps, label="sampling", file=sys.stderr) as bar:
         images = pipe.generate(list(prompts), n=num_images, steps=steps, cfg=cfg, seed=seed,
                                on_step=lambda done, total: bar.update(1))
-    out.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(images):
-        path = out / f"image_{i}.png"
-        tmp = path.with_suffix(".png.tmp")
-        image.save(tmp, format="PNG")
-        tmp.replace(path)
+    for image, path in zip(images, paths, strict=True):
+        write_png(image, path, overwrite)
         click.echo(str(path))
 
 
 @click.command("chat")
 @click.argument("question")
 @runtime_options
-@click.option("--image", "image_path", type=click.Path(path_type=Path), required=True)
-@click.option("--max-new-tokens", default=512, show_default=True)
-@click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-p", default=0.95, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--image", "image_path", type=click.Path(path_type=Path), required=True, help="The image to ask about.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Longest answer, in tokens.")
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
+              help="Nucleus sampling mass (with --temperature > 0).")
+@click.option("--seed", default=0, show_default=True, help="Sampling seed (with --temperature > 0).")
 def chat_cmd(question, engines, backend, precision, checkpoint, vae, preset, image_path, max_new_tokens, temperature,
              top_p, seed):
     """Answer QUESTION about an image, streaming the answer."""
@@ -88,22 +95,26 @@ def chat_cmd(question, engines, backend, precision, checkpoint, vae, preset, ima
 
 
 @click.command("verify")
-@click.option("--engines", type=click.Path(path_type=Path), default=DEFAULT_ENGINES, show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default=None)
+@click.option("--engines", type=click.Path(path_type=Path), default=DEFAULT_ENGINES, show_default=True,
+              help="Build folder to verify.")
+@backend_option(ENGINE_BACKENDS, "Backend to run the build with (auto: the one it was built for).")
+@precision_option
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Reference model (default: the one the manifest records).")
-@click.option("--vae", type=click.Path(path_type=Path), default=None)
-@click.option("--steps", default=30, show_default=True)
+@click.option("--vae", type=click.Path(path_type=Path), default=None, help="diffusers AutoencoderKL folder of the reference.")
+@click.option("--steps", type=click.IntRange(min=1), default=30, show_default=True, help="Euler steps of the end-to-end check.")
 def verify_cmd(engines, backend, precision, checkpoint, vae, steps):
     """End-to-end parity of built engines with the PyTorch reference."""
     from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
     from jfexport.runtime.pipelines import JanusFlowRuntime
+    from jfexport.runtime.engines_folder import check_build
     from jfexport.runtime.verify import format_checks, verify
 
-    runtime = JanusFlowRuntime.from_engines(engines, backend, precision)
+    # verify is the command that re-establishes trust: every file is hashed, whatever the stamps say.
+    checked = check_build(engines, backend, precision, verify_files=True)
+    runtime = JanusFlowRuntime.from_engines(engines, backend, checked.precision, checked.device)
     bundle = reference_bundle_for_build(engines, checkpoint, vae)
-    checks = verify(runtime, ReferencePipeline(bundle), precision or "fp32", steps=steps)
+    checks = verify(runtime, ReferencePipeline(bundle), steps=steps)
     click.echo(format_checks(checks))
     failed = [c.name for c in checks if not c.ok]
     if failed:

@@ -21,7 +21,7 @@ def train_cmd(config):
 
 @click.command("train-default")
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the weights init, data and noise.")
 def train_default_cmd(out, seed):
     """Train the bundled default model from scratch: tiny VAE, then stages 1 and 3 (resumable)."""
     from jfexport.reference.training.recipe import train_default
