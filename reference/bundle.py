@@ -69,7 +69,8 @@ def load_vae(folder: str | Path) -> AutoencoderKL:
         raise CheckpointError(f"{folder}: not a diffusers AutoencoderKL folder (no config.json)")
     try:
         # low_cpu_mem_usage needs accelerate (not a dependency); asking for it off avoids the nag.
-        return AutoencoderKL.from_pretrained(str(folder), low_cpu_mem_usage=False).eval()
+        # use_safetensors: a folder with only diffusion_pytorch_model.bin (a pickle) is refused, not unpickled.
+        return AutoencoderKL.from_pretrained(str(folder), low_cpu_mem_usage=False, use_safetensors=True).eval()
     except (OSError, ValueError, EnvironmentError) as e:
         raise CheckpointError(f"{folder}: cannot load the VAE ({e})") from None
 

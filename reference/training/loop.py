@@ -1,6 +1,7 @@
 """The training loop: mixed understanding / generation / text batches at the stage's ratio,
 AdamW(0.9, 0.95) without weight decay, gradient clipping, warmup then constant LR, EMA, JSONL
-logs, and resumable checkpoints whose weights (the EMA ones) are in the official layout."""
+logs, and resumable checkpoints whose weights (the EMA ones) are in the official layout.
+The resume state is safetensors + JSON (state_io), never a pickle."""
 
 from __future__ import annotations
 
@@ -15,15 +16,19 @@ import torch
 
 from ..bundle import ModelBundle, load_bundle
 from ..checkpoint import save_checkpoint
+from ..errors import CheckpointError
 from .config import TrainConfig
 from .ema import EMA
 from .losses import RepaHead
 from .objectives import generation_loss, text_loss, understanding_loss
 from .stages import apply_stage
+from .state_io import load_state, save_state
 from .toy_data import QUESTIONS, Scene, render, split_scenes
 
 KINDS = ("understanding", "generation", "text")
-STATE = "train_state.pt"
+STATE = "train_state.safetensors"
+# Written by earlier versions with torch.save; never unpickled (that can run code), only reported.
+PICKLED_STATE = "train_state.pt"
 CHECKPOINT = "checkpoint"
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "processor_config.json",
                    "preprocessor_config.json")
@@ -83,6 +88,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, flo
     """Run (or resume) a training; returns the last logged losses."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    if (out / PICKLED_STATE).is_file() and not (out / STATE).is_file():
+        raise CheckpointError(
+            f"{out / PICKLED_STATE}: a pickled training state (older jfexport); it is not loaded because unpickling "
+            f"can run code. Delete it to start this run afresh"
+        )
     torch.manual_seed(cfg.seed)
     bundle = _load_init(cfg)
     model, vae, processor = bundle.model.float().train(), bundle.vae.float().eval(), bundle.processor
@@ -99,17 +109,20 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, flo
     step = 0
     state_path = out / STATE
     if state_path.is_file():
-        state = torch.load(state_path, weights_only=False)
-        model.load_state_dict(state["model"])
-        if repa is not None and state.get("repa") is not None:
-            repa.load_state_dict(state["repa"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        ema.load_state_dict(state["ema"])
-        gen.set_state(state["generator"])
-        kind_rng.setstate(state["kind_rng"])
-        data.rng.setstate(state["data_rng"])
-        step = state["step"]
+        state = load_state(state_path)
+        try:
+            model.load_state_dict(state["model"])
+            if repa is not None and state.get("repa") is not None:
+                repa.load_state_dict(state["repa"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            ema.load_state_dict(state["ema"])
+            gen.set_state(state["generator"])
+            kind_rng.setstate(state["kind_rng"])
+            data.rng.setstate(state["data_rng"])
+            step = int(state["step"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise CheckpointError(f"{state_path}: does not fit this run ({type(e).__name__}: {e})") from None
         log(f"resumed {out} at step {step}")
     (out / "config.json").write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
     last: dict[str, float] = {}
@@ -142,10 +155,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, flo
                     + f" ({time.perf_counter() - start:.0f}s)")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 _save(bundle, ema, out)
-                tmp = state_path.with_suffix(".tmp")
-                torch.save({"model": model.state_dict(), "repa": repa.state_dict() if repa else None,
-                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "ema": ema.state_dict(), "generator": gen.get_state(), "kind_rng": kind_rng.getstate(),
-                            "data_rng": data.rng.getstate(), "step": step}, tmp)
-                tmp.replace(state_path)
+                save_state(state_path, {
+                    "model": model.state_dict(), "repa": repa.state_dict() if repa else None,
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "ema": ema.state_dict(),
+                    "generator": gen.get_state(), "kind_rng": kind_rng.getstate(), "data_rng": data.rng.getstate(),
+                    "step": step,
+                })
     return last
