@@ -7,6 +7,7 @@ confined to the folder; nothing is served before its file matches the manifest (
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -16,8 +17,8 @@ from .backend_choice import choose_backend
 from .folder_files import TOKENIZER_DIR, FileCheck, check_files, confine_tokenizer, served_files
 from .manifest_schema import FORMAT, MANIFEST, EnginesError, read_build_manifest, validate_manifest
 
-__all__ = ["FORMAT", "GENERATION_GRAPHS", "MANIFEST", "TOKENIZER_DIR", "UNDERSTANDING_GRAPHS", "EngineSet",
-           "EnginesError", "load_engines", "pick_precision", "read_build_manifest"]
+__all__ = ["FORMAT", "GENERATION_GRAPHS", "MANIFEST", "TOKENIZER_DIR", "UNDERSTANDING_GRAPHS", "CheckedBuild",
+           "EngineSet", "EnginesError", "check_build", "load_engines", "pick_precision", "read_build_manifest"]
 
 # What each pipeline runs: a text-to-image service need not open the vision encoder, a chat one not the VAE.
 GENERATION_GRAPHS = ("embed_tokens", "llm_prefill", "llm_decode", "gen_encoder", "gen_decoder", "vae_decoder")
@@ -27,11 +28,11 @@ UNDERSTANDING_GRAPHS = ("vision_encoder", "embed_tokens", "llm_prefill", "llm_de
 class EngineSet(dict):
     """Engines by graph name, and how they were opened: `verify` holds them to the bounds of `precision`."""
 
-    def __init__(self, engines: dict, precision: str, device: str, files: list[FileCheck]):
+    def __init__(self, engines: dict, precision: str, device: str, files: dict[str, list[FileCheck]]):
         super().__init__(engines)
         self.precision = precision  # the build precision chosen (a graph without a typed file serves fp32)
         self.device = device  # where the engines run (cpu when onnxruntime has no CUDA provider)
-        self.files = files  # how each served file was checked
+        self.files = files  # per graph, how each of its served files was checked
 
 
 def pick_precision(manifest: dict, requested: str | None, device: str) -> str:
@@ -55,13 +56,22 @@ def _select_graphs(manifest: dict, graphs: Iterable[str] | None, folder: Path) -
     return names
 
 
-def load_engines(folder: str | Path, backend: str = "auto", precision: str | None = None, device: str | None = None,
-                 graphs: Iterable[str] | None = None, verify_files: bool = False) -> tuple[EngineSet, dict, str]:
-    """(engines by graph name, manifest, backend name) for a build folder.
+@dataclass(frozen=True)
+class CheckedBuild:
+    """What `check_build` established: everything needed to open the engines, nothing opened yet."""
 
-    `graphs` opens (and checks the files of) only those graphs, e.g. GENERATION_GRAPHS; all by default.
-    `verify_files` hashes every served file even where a verified stamp says it is unchanged.
-    """
+    folder: Path
+    manifest: dict
+    backend: str
+    device: str
+    precision: str
+    files: dict[str, list[FileCheck]]  # per graph to open, how each of its served files was checked
+
+
+def check_build(folder: str | Path, backend: str = "auto", precision: str | None = None, device: str | None = None,
+                graphs: Iterable[str] | None = None, verify_files: bool = False) -> CheckedBuild:
+    """Validate the manifest, confine its paths and check the files `graphs` are served from (all graphs by
+    default); `verify_files` hashes every file even where a verified stamp says it is unchanged."""
     folder = Path(folder)
     manifest = read_build_manifest(folder)
     validate_manifest(manifest, folder / MANIFEST)
@@ -77,15 +87,27 @@ def load_engines(folder: str | Path, backend: str = "auto", precision: str | Non
     precision = pick_precision(manifest, precision, device)
     listed = {name: served_files(manifest, name, precision, chosen) for name in names}
     confine_tokenizer(folder)
-    checks = check_files(folder, [f for files in listed.values() for f in files], full=verify_files)
+    checks = iter(check_files(folder, [f for files in listed.values() for f in files], full=verify_files))
+    return CheckedBuild(folder, manifest, chosen, device, precision,
+                        {name: [next(checks) for _ in files] for name, files in listed.items()})
+
+
+def load_engines(folder: str | Path, backend: str = "auto", precision: str | None = None, device: str | None = None,
+                 graphs: Iterable[str] | None = None, verify_files: bool = False) -> tuple[EngineSet, dict, str]:
+    """(engines by graph name, manifest, backend name) for a build folder, after `check_build`.
+
+    `graphs` opens only those graphs, e.g. GENERATION_GRAPHS; all by default. The EngineSet says the
+    precision and device chosen.
+    """
+    build = check_build(folder, backend, precision, device, graphs, verify_files)
     engines = {}
-    for name in names:
-        if chosen == "tensorrt":
+    for name, files in build.files.items():
+        if build.backend == "tensorrt":
             from .backends.trt_backend import TrtEngine
 
-            engines[name] = TrtEngine.from_manifest_entry(name, folder, manifest["graphs"][name])
+            engines[name] = TrtEngine.from_manifest_entry(name, build.folder, build.manifest["graphs"][name])
         else:
             from .backends.ort_backend import OrtEngine
 
-            engines[name] = OrtEngine(name, folder / listed[name][0].name, device=device)
-    return EngineSet(engines, precision, device, checks), manifest, chosen
+            engines[name] = OrtEngine(name, build.folder / files[0].file.name, device=build.device)
+    return EngineSet(engines, build.precision, build.device, build.files), build.manifest, build.backend

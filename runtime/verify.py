@@ -3,6 +3,9 @@
 Generation: the same prompts and noise through the full CFG Euler loop, compared on the final
 latent (max abs error) and on the decoded images (PSNR). Understanding: greedy answers must be
 token-identical, with the logit error of every step reported.
+
+The bounds are those of the precision the runtime actually loaded (`EngineSet.precision`, chosen by
+`load_engines`/`pick_precision`, e.g. fp16 on a GPU when the build has it), never a caller's guess.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from PIL import Image
 from jfexport.reference.pipelines.generation import decode_latents
 from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
 
+from .engines_folder import EnginesError
 from .pipelines import JanusFlowRuntime
 
 PROMPTS = ["a red circle at the top left", "two blue squares"]
@@ -39,9 +43,20 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)
 
 
-def verify(runtime: JanusFlowRuntime, reference: ReferencePipeline, precision: str, steps: int = 30,
+def loaded_precision(runtime: JanusFlowRuntime) -> str:
+    """The build precision `runtime`'s engines were opened at (they come from `load_engines`)."""
+    precision = getattr(runtime.engines, "precision", None)
+    if precision not in LATENT_ATOL:
+        raise EnginesError("verify checks engines opened from a build folder (JanusFlowRuntime.from_engines); "
+                           f"these engines do not say their precision ({precision!r})")
+    return precision
+
+
+def verify(runtime: JanusFlowRuntime, reference: ReferencePipeline, steps: int = 30,
            cfg: float = 2.0, seed: int = 0, new_tokens: int = 16) -> list[Check]:
-    checks: list[Check] = []
+    """The checks, first the precision whose bounds apply (the one the engines were loaded at)."""
+    precision = loaded_precision(runtime)
+    checks: list[Check] = [Check("precision (as loaded)", precision, "sets bounds", True)]
     z_rt = runtime.generate_latents(PROMPTS, steps=steps, cfg=cfg, seed=seed)
     z_ref = reference.generate_latents(PROMPTS, steps=steps, cfg=cfg, seed=seed)
     err = (z_rt - z_ref).abs().max().item()
