@@ -12,6 +12,7 @@ from jfexport.commands.eval_cmd import eval_cmd
 from jfexport.commands.export_cmd import export_cmd
 from jfexport.commands.reference_cmds import verify_reference_cmd
 from jfexport.commands.runtime_cmds import build_cmd, chat_cmd, generate_cmd, verify_cmd
+from jfexport.commands.serve_cmd import serve_cmd
 from jfexport.commands.train_cmd import train_cmd, train_default_cmd
 from jfexport.reference.errors import JanusFlowError
 
@@ -25,7 +26,7 @@ def cli(verbose: bool) -> None:
 
 
 for _command in (build_cmd, generate_cmd, chat_cmd, verify_cmd, bench_cmd, bench_torch_cmd, export_cmd, verify_reference_cmd, train_cmd,
-                 train_default_cmd, eval_cmd):
+                 train_default_cmd, eval_cmd, serve_cmd):
     cli.add_command(_command)
 
 

@@ -1,0 +1,54 @@
+"""`jfexport serve`: the OpenAI-compatible HTTP server (or its Ray Serve application)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from .options import DEFAULT_ENGINES, precision_option
+
+
+@click.command("serve")
+@click.option("--engines", type=click.Path(path_type=Path), default=None,
+              help=f"Build folder of `jfexport build` (default: {DEFAULT_ENGINES}, built first if missing).")
+@precision_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 to listen on all).")
+@click.option("--port", default=8000, show_default=True, help="TCP port to listen on.")
+@click.option("--api-key", envvar="JFEXPORT_API_KEY", default=None,
+              help="Require `Authorization: Bearer KEY` on /v1 (default: $JFEXPORT_API_KEY; none = open).")
+@click.option("--model-name", default="janusflow", show_default=True, help="The model id the API reports and accepts.")
+@click.option("--max-queue", default=64, show_default=True, help="Requests the scheduler admits; past it, 429.")
+@click.option("--request-timeout", default=120.0, show_default=True, help="Seconds per request, queueing included; 504 past it.")
+@click.option("--grace", default=30.0, show_default=True, help="SIGTERM: seconds in-flight requests get to finish.")
+@click.option("--max-body-mb", default=8.0, show_default=True, help="Largest request body; 413 past it.")
+@click.option("--max-image-mb", default=4.0, show_default=True, help="Largest encoded image in a request; 413 past it.")
+@click.option("--ray", "use_ray", is_flag=True, help="Run the Ray Serve application on a local Ray instance instead.")
+@click.option("--replicas", default=1, show_default=True, help="--ray: replicas, each holding one runtime.")
+def serve_cmd(engines, precision, host, port, api_key, model_name, max_queue, request_timeout, grace,
+              max_body_mb, max_image_mb, use_ray, replicas):
+    """Serve the engines over the OpenAI API: chat completions with an image, image generations.
+
+    The engines run on the backend the build was made for (TensorRT or ONNX Runtime).
+    """
+    if engines is None:
+        engines = DEFAULT_ENGINES
+        if not (engines / "manifest.json").is_file():
+            click.echo(f"no build in {engines}: building the bundled default model first", err=True)
+            # In a child process: the server process imports no model code.
+            subprocess.run([sys.executable, "-m", "jfexport.cli", "build", "--out", str(engines)], check=True)
+    if use_ray:
+        from jfexport.runtime.serving.ray_local import serve_on_ray
+
+        args = {"engines": str(engines.resolve()), "precision": precision, "replicas": replicas,
+                "max_queue": max_queue, "api_key": api_key, "model": model_name, "request_timeout": request_timeout}
+        sys.exit(serve_on_ray(args, host, port))
+    from jfexport.runtime.serving.server import serve
+    from jfexport.runtime.serving.service import Limits
+
+    limits = Limits(max_body_bytes=int(max_body_mb * 2**20), max_image_bytes=int(max_image_mb * 2**20),
+                    request_timeout=request_timeout)
+    sys.exit(serve(engines, host, port, precision=precision, api_key=api_key, model_id=model_name,
+                   limits=limits, max_queue=max_queue, grace=grace))

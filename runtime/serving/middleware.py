@@ -1,0 +1,101 @@
+"""The ASGI layer around the routes: request ids, body size limit, in-flight count, access log.
+
+Pure ASGI (not Starlette's BaseHTTPMiddleware) so that streamed answers pass through unbuffered
+and a client's disconnect still reaches the route.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+
+from .errors import APIError
+from .service import Service
+
+access_log = logging.getLogger("jfexport.access")
+
+# Routes that run the model: counted in flight (the SIGTERM drain waits for them) and logged.
+MODEL_ROUTES = {"/v1/chat/completions": "chat", "/v1/images/generations": "image"}
+
+
+class ServingMiddleware:
+    def __init__(self, app, service: Service):
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state.update(request_id=request_id, kind=MODEL_ROUTES.get(scope["path"], "other"), rows=0)
+        extra_headers = [(b"x-request-id", request_id.encode("latin-1")),
+                         (b"x-jfexport-replica", self.service.replica_id.encode("latin-1"))]
+        start = time.perf_counter()
+        status = [0]
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), *extra_headers]}
+            await send(message)
+
+        if scope["method"] == "POST":
+            receive = await self._buffered_body(receive, headers, send_with_headers)
+            if receive is None:
+                return self._log(scope, state, 413, start)
+        model_route = scope["path"] in MODEL_ROUTES
+        if model_route:
+            self.service.request_started()
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            if model_route:
+                self.service.request_finished(state["kind"], status[0] or 499, time.perf_counter() - start)
+            self._log(scope, state, status[0] or 499, start)
+
+    async def _buffered_body(self, receive, headers, send):
+        """Read the whole body up to the limit (413 past it), then replay it to the route."""
+        limit = self.service.limits.max_body_bytes
+        declared = headers.get(b"content-length")
+        chunks, size, more = [], 0, True
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            more = False
+            size = int(declared)
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return _replay(message, receive)
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False) and size <= limit
+        if size > limit:
+            error = APIError(413, f"the request body is larger than {limit} bytes", param="body", code="body_too_large")
+            self.service.metrics.errors.labels(error.code).inc()
+            body = json.dumps(error.body()).encode()
+            await send({"type": "http.response.start", "status": 413,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                    (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": body})
+            return None
+        return _replay({"type": "http.request", "body": b"".join(chunks), "more_body": False}, receive)
+
+    def _log(self, scope, state, status: int, start: float) -> None:
+        access_log.info("request_id=%s %s %s status=%d kind=%s rows=%d latency_ms=%.1f", state["request_id"],
+                        scope["method"], scope["path"], status, state["kind"], state.get("rows", 0),
+                        (time.perf_counter() - start) * 1e3)
+
+
+def _replay(first_message, receive):
+    """A receive that returns the buffered body once, then the client's later messages (disconnect)."""
+    pending = [first_message]
+
+    async def replayed():
+        if pending:
+            return pending.pop()
+        return await receive()
+
+    return replayed

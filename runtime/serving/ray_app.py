@@ -1,0 +1,83 @@
+"""The Ray Serve application: replicas that each hold one runtime, behind Ray's HTTP proxy.
+
+    serve run jfexport.runtime.serving.ray_app:build_app engines=engines/default replicas=2
+
+or in a `serve deploy` config file:
+
+    applications:
+      - name: janusflow
+        route_prefix: /
+        import_path: jfexport.runtime.serving.ray_app:build_app
+        args: {engines: /models/janusflow-engines, num_gpus: 1}
+        deployments:
+          - name: JanusFlow
+            autoscaling_config: {min_replicas: 1, max_replicas: 8, target_ongoing_requests: 16}
+
+Each replica serves the same OpenAI routes as `jfexport serve`; Ray's proxy spreads requests
+over the replicas and replaces one that dies or fails its health check.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ray import serve
+
+from .app import build_app as build_asgi_app
+from .loading import load_runtime
+from .service import Limits
+
+DEPLOYMENT = "JanusFlow"
+
+
+@serve.deployment(name=DEPLOYMENT, health_check_period_s=5, health_check_timeout_s=30, graceful_shutdown_timeout_s=30,
+                  max_ongoing_requests=64)
+@serve.ingress()
+class JanusFlowDeployment:
+    def __init__(self, engines: str, backend: str = "auto", precision: str | None = None, max_queue: int = 64,
+                 api_key: str | None = None, model_id: str = "janusflow", request_timeout: float = 120.0):
+        self.runtime = load_runtime(engines, backend, precision, max_queue)
+        replica = serve.get_replica_context().replica_id.unique_id
+        self.app = build_asgi_app(self.runtime, api_key=api_key, model_id=model_id,
+                                  limits=Limits(request_timeout=request_timeout), replica_id=f"{replica}:{os.getpid()}")
+
+    def __serve_build_asgi_app__(self):
+        return self.app
+
+    def check_health(self) -> None:
+        """Ray restarts a replica whose scheduler no longer answers."""
+        self.runtime.stats()
+
+    def __del__(self):
+        self.runtime.close()
+
+
+def _gpus(value: Any) -> float:
+    if value not in (None, "auto"):
+        return float(value)
+    import torch
+
+    return 1.0 if torch.cuda.is_available() else 0.0
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The app builder of `serve run` / `serve deploy`.
+
+    args: engines (folder, required), replicas (default 1; a config file's autoscaling_config
+    replaces it), num_gpus ("auto": 1 per replica when this machine has a CUDA GPU), num_cpus
+    (per replica, default 1), backend, precision, max_queue, api_key (default: the
+    JFEXPORT_API_KEY environment variable), model (the model id, default "janusflow"),
+    request_timeout (seconds).
+    """
+    if not args.get("engines"):
+        raise ValueError("the Ray Serve app needs engines=DIR (a `jfexport build` folder)")
+    actor_options: dict[str, Any] = {"num_cpus": float(args.get("num_cpus", 1))}
+    if gpus := _gpus(args.get("num_gpus")):
+        actor_options["num_gpus"] = gpus
+    deployment = JanusFlowDeployment.options(num_replicas=int(args.get("replicas", 1)), ray_actor_options=actor_options)
+    return deployment.bind(
+        str(args["engines"]), args.get("backend", "auto"), args.get("precision"), int(args.get("max_queue", 64)),
+        args.get("api_key", os.environ.get("JFEXPORT_API_KEY")), args.get("model", "janusflow"),
+        float(args.get("request_timeout", 120.0)),
+    )

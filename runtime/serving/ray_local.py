@@ -1,0 +1,32 @@
+"""`jfexport serve --ray`: a local Ray instance running the Serve application until a signal."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+log = logging.getLogger("jfexport.serve")
+
+
+def serve_on_ray(args: dict, host: str, port: int) -> int:
+    import ray
+    from ray import serve
+
+    from .ray_app import build_app
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    ray.init(include_dashboard=False)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build_app(args), name="janusflow", route_prefix="/")
+        log.warning("Ray Serve: %s replica(s) on http://%s:%d", args.get("replicas", 1), host, port)
+        while not stop.wait(0.5):  # a timed wait lets the signal handler run promptly
+            pass
+        log.warning("stopping Ray Serve (replicas finish in-flight requests first)")
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+    return 0

@@ -1,0 +1,69 @@
+"""What the routes share: the runtime (once loaded and verified), limits, drain state, metrics."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+from .errors import APIError
+from .metrics import ServingMetrics
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 8 << 20
+    max_image_bytes: int = 4 << 20  # of the encoded image in a data: URL
+    max_image_pixels: int = 4096 * 4096
+    request_timeout: float | None = 120.0  # seconds a request may take, queueing included
+    default_max_tokens: int = 256
+
+
+class Service:
+    def __init__(self, model_id: str, limits: Limits, replica_id: str | None = None):
+        self.model_id = model_id
+        self.limits = limits
+        self.replica_id = replica_id or f"{socket.gethostname()}:{os.getpid()}"
+        self.created = int(time.time())
+        self.runtime = None
+        self.draining = False
+        self.in_flight = 0  # touched on the event loop only
+        self.metrics = ServingMetrics(lambda: self.runtime.stats() if self.runtime is not None else None)
+
+    def attach(self, runtime) -> None:
+        """Serve `runtime` from now on; call once its engines are loaded and verified."""
+        runtime.add_batch_observer(self.metrics.observe_batch)
+        self.runtime = runtime
+
+    @property
+    def ready(self) -> bool:
+        return self.runtime is not None and not self.draining
+
+    def admit(self):
+        """The runtime for a new request, or 503 while loading or draining."""
+        if self.draining:
+            raise APIError(503, "the server is shutting down and admits no new requests", "server_error",
+                           code="draining", retry_after=1)
+        if self.runtime is None:
+            raise APIError(503, "the engines are still loading", "server_error", code="loading", retry_after=2)
+        return self.runtime
+
+    def check_model(self, model: str | None) -> None:
+        if model not in (None, "", self.model_id):
+            raise APIError(404, f"The model {model!r} does not exist; this server serves {self.model_id!r}",
+                           param="model", code="model_not_found")
+
+    def count_error(self, error: APIError) -> None:
+        self.metrics.errors.labels(error.code or error.type).inc()
+
+    def request_started(self) -> None:
+        self.in_flight += 1
+        self.metrics.in_flight.inc()
+
+    def request_finished(self, kind: str, status: int, seconds: float) -> None:
+        self.in_flight -= 1
+        self.metrics.in_flight.dec()
+        self.metrics.requests.labels(kind, str(status)).inc()
+        if status == 200:
+            self.metrics.latency.labels(kind).observe(seconds)
