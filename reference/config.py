@@ -185,6 +185,7 @@ class VisionUndConfig:
 
     @property
     def grid(self) -> int:
+        # Rounded down, like the strided patch conv: officially so400m/14 runs at 384 px (27 x 27, 6 px unused).
         return self.image_size // self.patch_size
 
     @property
@@ -225,8 +226,6 @@ class VisionUndConfig:
         )
         if cfg.num_blocks < 1:
             raise ConfigError(f"{w}.select_layer: {cfg.select_layer} keeps {cfg.num_blocks} of {depth} blocks")
-        if cfg.image_size % cfg.patch_size:
-            raise ConfigError(f"{w}.image_size: {cfg.image_size} not a multiple of patch {cfg.patch_size}")
         if cfg.width % cfg.heads:
             raise ConfigError(f"{where}.heads: {cfg.heads} does not divide width {cfg.width}")
         if cfg.mlp_dim < 1:

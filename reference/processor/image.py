@@ -8,7 +8,6 @@ a small file declaring a huge canvas costs nothing; and high-bit-depth grayscale
 from __future__ import annotations
 
 import struct
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,17 +21,25 @@ from .errors import ProcessorInputError
 MAX_PIXELS = 4096 * 4096
 
 # What PIL raises for a file it cannot decode: UnidentifiedImageError is an OSError; broken
-# chunks give SyntaxError, struct.error or EOFError; bad tiles and impossible modes ValueError.
+# chunks give SyntaxError, struct.error or EOFError; bad tiles and impossible modes ValueError;
+# over twice its pixel limit DecompressionBombError (and the warning, where warnings are errors).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError,
                   Image.DecompressionBombWarning)
 
 
 def check_image_size(image: Image.Image, max_pixels: int = MAX_PIXELS, name: str = "image") -> None:
+    """Refuse images over `max_pixels` or PIL's decompression-bomb limit, whichever is lower.
+
+    PIL only warns between its limit and twice it; this refuses there too, by an explicit check
+    rather than a warnings filter, which would be process-wide and so not thread-safe.
+    """
     w, h = image.size
     if w < 1 or h < 1:
         raise ProcessorInputError(f"{name}: empty image ({w}x{h})")
-    if w * h > max_pixels:
-        raise ProcessorInputError(f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} pixels")
+    bomb = Image.MAX_IMAGE_PIXELS
+    limit, why = (max_pixels, "") if bomb is None or max_pixels <= bomb else (bomb, " (PIL's decompression-bomb limit)")
+    if w * h > limit:
+        raise ProcessorInputError(f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of {limit} pixels{why}")
 
 
 def _gray_to_8bit(image: Image.Image) -> Image.Image:
@@ -70,16 +77,13 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise ProcessorInputError(f"{path}: image file not found")
-    with warnings.catch_warnings():
-        # PIL only warns between its two bomb limits; a service must not decode such a file at all.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(path)
-        except _DECODE_ERRORS as e:
-            raise ProcessorInputError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
-        with img:
-            check_image_size(img, max_pixels, str(path))
-            return to_rgb(img, str(path))
+    try:
+        img = Image.open(path)
+    except _DECODE_ERRORS as e:
+        raise ProcessorInputError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+    with img:
+        check_image_size(img, max_pixels, str(path))
+        return to_rgb(img, str(path))
 
 
 def _expand_to_square(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:

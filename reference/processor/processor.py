@@ -131,11 +131,15 @@ class JanusProcessor:
         if len(questions) != len(images) or not questions:
             raise ProcessorInputError(f"need one image per question, got {len(images)} images for {len(questions)} questions")
         return self.understanding_rows([self.understanding_ids(q) for q in questions],
-                                       [self.pixel_values(img) for img in images])
+                                       [self.pixel_values(img, f"images[{i}]") for i, img in enumerate(images)])
 
-    def pixel_values(self, image: Image.Image) -> torch.Tensor:
-        """[3,S,S] normalised pixels of one image."""
-        return preprocess_image(image, self.image_size, self.mean, self.std, self.min_size, self.normalize)
+    def pixel_values(self, image: Image.Image, name: str = "image") -> torch.Tensor:
+        """[3,S,S] normalised pixels of one image; its size is checked before a lazy image is decoded."""
+        if not isinstance(image, Image.Image):
+            raise ProcessorInputError(f"{name}: expected a PIL image, got {type(image).__name__}")
+        check_image_size(image, self.max_pixels, name)
+        rgb = to_rgb(image, name)
+        return preprocess_image(rgb, self.image_size, self.mean, self.std, self.min_size, self.normalize)
 
     def understanding_rows(self, rows: list[list[int]], pixels: list[torch.Tensor]) -> UnderstandingBatch:
         """Rows of `understanding_ids` and their `pixel_values`, left-padded into one batch (the
