@@ -2,25 +2,43 @@
 
 A graph is reused when its weights hash, the tool versions, the build limits and its files'
 hashes all match the previous manifest; anything else is rebuilt. The tokenizer and processor
-files are copied in, so a build folder is all a runtime needs.
+files are copied in, so a build folder is all a runtime needs. How a build writes its folder
+(staging, lock, the manifest as commit point) is `build_folder`'s job.
 """
 
 from __future__ import annotations
 
+import copy
 import gc
-import shutil
 from pathlib import Path
 
 from jfexport.reference.bundle import ModelBundle
+from jfexport.reference.errors import JanusFlowError
 from jfexport.runtime.backend_choice import BackendChoice, choose_backend
 
-from .exporter import Progress, export_graphs, manifest_for, prepare_output, weights_sha256
-from .manifest import EnginesError, read_build_manifest, sha256_file, versions, write_manifest
+from .build_folder import BuildFolder, named_os_error, open_build_folder
+from .exporter import Progress, export_graphs, manifest_for, weights_sha256
+from .manifest import EnginesError, read_build_manifest, sha256_file, versions
 from .specs import Limits, graph_specs
 
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "processor_config.json",
                    "preprocessor_config.json")
-TOKENIZER_DIR = "tokenizer"
+DEFAULT_MAX_SEQ = 4096
+
+
+class BuildLimitsError(JanusFlowError):
+    pass
+
+
+def build_limits(bundle: ModelBundle, max_batch: int = 16, max_seq: int | None = None) -> Limits:
+    """The build's limits: `max_seq` defaults to the model's positions (at most 4096) and may not exceed them."""
+    positions = bundle.config.language.max_position_embeddings
+    if max_seq is None:
+        return Limits(max_batch, min(DEFAULT_MAX_SEQ, positions))
+    if max_seq > positions:
+        raise BuildLimitsError(f"--max-seq {max_seq} exceeds the model's max_position_embeddings {positions} "
+                               f"({bundle.source}): build with --max-seq {positions} or less")
+    return Limits(max_batch, max_seq)
 
 
 def _reusable(entry: dict | None, out: Path, weights: str, wanted: tuple[str, ...], spec_json: dict) -> bool:
@@ -39,17 +57,28 @@ def previous_manifest(out: Path) -> dict | None:
         return None
 
 
-def build(bundle: ModelBundle, out: Path, fp16: bool = False, backend: str = "auto", limits: Limits = Limits(),
+def build(bundle: ModelBundle, out: Path, fp16: bool = False, backend: str = "auto", limits: Limits | None = None,
           progress: Progress = lambda msg: None) -> dict:
+    """Build `out` all-or-nothing; `limits` defaults to `build_limits(bundle)`."""
     choice: BackendChoice = choose_backend(backend)
     if choice.backend == "torch":
         raise EnginesError("`build` prepares engines for onnxruntime or tensorrt; the torch backend needs no build")
+    limits = build_limits(bundle) if limits is None else build_limits(bundle, limits.max_batch, limits.max_seq)
     progress(f"backend: {choice.backend} ({choice.reason})")
     out = Path(out)
-    prepare_output(out)
+    try:
+        with open_build_folder(out, previous_manifest, progress) as session:
+            return _build_in(session, bundle, fp16, choice, limits, progress)
+    except OSError as e:
+        raise named_os_error(out, e) from None
+
+
+def _build_in(session: BuildFolder, bundle: ModelBundle, fp16: bool, choice: BackendChoice, limits: Limits,
+              progress: Progress) -> dict:
+    out = session.folder
     precisions = ("fp32", "fp16") if fp16 else ("fp32",)
     specs = graph_specs(bundle, limits)
-    prev = previous_manifest(out)
+    prev = session.previous
     same_tools = prev is not None and prev.get("versions") == versions() and prev.get("limits") == {
         "max_batch": limits.max_batch, "max_seq": limits.max_seq}
     entries: dict[str, dict] = {}
@@ -59,49 +88,39 @@ def build(bundle: ModelBundle, out: Path, fp16: bool = False, backend: str = "au
         old = prev["graphs"].get(name) if same_tools else None
         wanted = tuple(p for p in precisions if p in spec.precisions)
         if _reusable(old, out, weights, wanted, spec.to_json()):
-            entries[name] = old
+            entries[name] = copy.deepcopy(old)  # the TensorRT step edits entries; the previous manifest must not change
             progress(f"{name}: up to date")
         else:
             stale.append(name)
     if "fp16" in precisions and "vae_decoder" in specs:
         progress("vae_decoder: built fp32 (the SDXL VAE overflows in fp16)")
     if stale:
-        entries.update(export_graphs(bundle, out, stale, precisions, limits, progress))
-    _copy_processor_files(bundle, out)
+        entries.update(export_graphs(bundle, session.staging, stale, precisions, limits, progress))
+        for name in stale:
+            for info in entries[name]["files"].values():
+                prefix = session.place([info["file"], *info["external_data"]])
+                info["file"] = prefix + info["file"]
+                info["external_data"] = [prefix + f for f in info["external_data"]]
     manifest = manifest_for(bundle, limits, precisions, {n: entries[n] for n in specs})
+    manifest["tokenizer"] = session.stage_tokenizer(_processor_files(bundle))
     if choice.backend == "tensorrt":
         from .tensorrt_build import build_engines
 
         # The PyTorch model is not needed any more: give its memory to the TensorRT builder.
         bundle.model = bundle.vae = None
         gc.collect()
-        build_engines(out, manifest["graphs"], progress)
+        for name in build_engines(out, manifest["graphs"], progress, session.staging):
+            entry = manifest["graphs"][name]["files"]
+            engine = (entry.get("fp16") or entry["fp32"])["engine"]
+            engine["file"] = session.place([engine["file"]]) + engine["file"]
     manifest["backend"] = {"name": choice.backend, "reason": choice.reason}
     manifest["rebuilt"] = stale
-    write_manifest(out, manifest)
-    _remove_orphans(out, manifest)
+    session.commit(manifest)
     return manifest
 
 
-def _copy_processor_files(bundle: ModelBundle, out: Path) -> None:
+def _processor_files(bundle: ModelBundle) -> dict[str, Path]:
     if bundle.processor_folder is None:
-        return
-    target = out / TOKENIZER_DIR
-    target.mkdir(exist_ok=True)
-    for name in PROCESSOR_FILES:
-        src = bundle.processor_folder / name
-        if src.is_file():
-            shutil.copy2(src, target / name)
-
-
-def _remove_orphans(out: Path, manifest: dict) -> None:
-    """Delete graph files no manifest entry names (left by an earlier build of other graphs)."""
-    keep: set[str] = set()
-    for entry in manifest["graphs"].values():
-        for info in entry["files"].values():
-            keep.add(info["file"])
-            keep.update(info.get("external_data", []))
-            keep.update(info.get("engine", {}).get("files", []))
-    for path in out.iterdir():
-        if path.is_file() and path.suffix in (".onnx", ".data", ".engine", ".plan") and path.name not in keep:
-            path.unlink()
+        return {}
+    return {name: bundle.processor_folder / name for name in PROCESSOR_FILES
+            if (bundle.processor_folder / name).is_file()}

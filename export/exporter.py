@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import resource
 import shutil
 import tempfile
@@ -17,8 +18,9 @@ from jfexport.reference.bundle import ModelBundle
 from jfexport.reference.errors import JanusFlowError
 from jfexport.reference.graphs import GRAPH_NAMES, build_graph, graph_weights
 
+from .build_folder import BuildFolderError, named_os_error, open_build_folder
 from .graph_spec import GraphSpec
-from .manifest import FORMAT, sha256_file, versions, write_manifest
+from .manifest import FORMAT, MANIFEST, EnginesError, read_build_manifest, sha256_file, versions, write_manifest
 from .onnx_export import export_graph
 from .precision import to_fp16_, use_explicit_softmax
 from .specs import Limits, graph_specs
@@ -49,15 +51,6 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def prepare_output(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=out, prefix=".probe.")
-        probe.close()
-    except OSError as e:
-        raise ExportError(f"{out}: output folder is not writable ({e.strerror})") from None
-
-
 def weights_sha256(name: str, bundle: ModelBundle) -> str:
     """Identity of a graph's weights: a rebuild re-exports only graphs whose weights changed."""
     h = hashlib.sha256()
@@ -77,12 +70,12 @@ def export_graphs(
     limits: Limits = Limits(),
     progress: Progress = lambda msg: None,
 ) -> dict[str, dict]:
-    """Export, validate and check `names`; returns their manifest entries.
+    """Export, validate and check `names` into the existing folder `out` (a build's staging folder);
+    returns their manifest entries, file names relative to `out`.
 
     The bundle's model is converted to fp16 in place when fp16 is asked for: export consumes it.
     """
     out = Path(out)
-    prepare_output(out)
     specs = graph_specs(bundle, limits)
     use_explicit_softmax(bundle.model)
     bundle.model.float()
@@ -156,9 +149,35 @@ def manifest_for(bundle: ModelBundle, limits: Limits, precisions: tuple[str, ...
 
 def export_all(bundle: ModelBundle, out: Path, graphs: list[str] | None = None, precisions: tuple[str, ...] = ("fp32",),
                limits: Limits = Limits(), progress: Progress = lambda msg: None) -> dict:
-    """`jfexport export`: every selected graph, then the manifest; returns the manifest."""
+    """`jfexport export`: every selected graph, then the manifest; returns the manifest.
+
+    An export folder is a workbench: its graphs keep their plain names and are replaced by the
+    next export. A build folder is refused (its manifest would be replaced by one without the
+    backend, tokenizer and other graphs); export writes nowhere until every graph has passed.
+    """
     names = select_graphs(graphs, graph_specs(bundle, limits))
-    entries = export_graphs(bundle, out, names, precisions, limits, progress)
-    manifest = manifest_for(bundle, limits, precisions, entries)
-    write_manifest(Path(out), manifest)
+    out = Path(out)
+    try:
+        with open_build_folder(out, _export_folder_manifest, progress) as session:
+            entries = export_graphs(bundle, session.staging, names, precisions, limits, progress)
+            for entry in entries.values():
+                for info in entry["files"].values():
+                    for name in (info["file"], *info["external_data"]):
+                        os.replace(session.staging / name, out / name)
+            manifest = manifest_for(bundle, limits, precisions, entries)
+            write_manifest(out, manifest)
+    except OSError as e:
+        raise named_os_error(out, e) from None
+    return manifest
+
+
+def _export_folder_manifest(out: Path) -> dict | None:
+    """The manifest of a previous export into `out`; a build's manifest refuses the export."""
+    try:
+        manifest = read_build_manifest(out)
+    except EnginesError:
+        return None
+    if "backend" in manifest:
+        raise BuildFolderError(f"{out}: holds a `jfexport build` ({out / MANIFEST}); `jfexport export` would replace its "
+                               "manifest and break it: export into another folder, or rebuild with `jfexport build`")
     return manifest

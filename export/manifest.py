@@ -39,9 +39,22 @@ def versions() -> dict[str, str]:
 
 
 def write_manifest(folder: Path, data: dict[str, Any]) -> None:
+    """Replace `folder`'s manifest atomically and durably: readers see the old one or the new one, whole."""
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".manifest.", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; a manifest is read by whoever serves the engines
-    os.replace(tmp, folder / MANIFEST)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a manifest is read by whoever serves the engines
+        os.replace(tmp, folder / MANIFEST)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    # Without this fsync a power cut could bring back the old directory entry after the new files' removal.
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -9,7 +9,6 @@ Engines are built one at a time; the timing cache is shared across graphs and re
 from __future__ import annotations
 
 import gc
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -21,14 +20,18 @@ TIMING_CACHE = "timing.cache"
 OPTIMIZATION_LEVEL = 3  # TensorRT's default: level 5 multiplies build time for a few percent
 
 
-def build_engines(out: Path, entries: dict[str, dict], progress: Callable[[str], None],
-                  workspace_bytes: int | None = None) -> None:
-    """Add an `engine` record to each graph's best typed file entry, rebuilding only stale ones."""
+def build_engines(out: Path, entries: dict[str, dict], progress: Callable[[str], None], scratch: Path,
+                  workspace_bytes: int | None = None) -> list[str]:
+    """Add an `engine` record to each graph's best typed file entry, rebuilding only stale ones.
+
+    New engines are written into `scratch` (the build's staging folder; their `file` is relative to
+    it) so that the live build's engines stay untouched; returns the graphs whose engine is new."""
     import tensorrt as trt
     from polygraphy.backend.trt import CreateConfig, Profile, engine_from_network, network_from_onnx_path, save_engine
 
     version, capability = trt.__version__, gpu_compute_capability()
     cache = out / TIMING_CACHE
+    built = []
     for name, entry in entries.items():
         precision = "fp16" if "fp16" in entry["files"] else "fp32"
         info = entry["files"][precision]
@@ -49,12 +52,12 @@ def build_engines(out: Path, entries: dict[str, dict], progress: Callable[[str],
                               memory_pool_limits=limits, load_timing_cache=str(cache) if cache.is_file() else None)
         engine = engine_from_network(network, config, save_timing_cache=str(cache))
         file_name = engine_file_name(name, precision, version, capability)
-        tmp = out / f".{file_name}.tmp"
-        save_engine(engine, path=str(tmp))
-        os.replace(tmp, out / file_name)
+        save_engine(engine, path=str(scratch / file_name))
+        built.append(name)
         info["engine"] = {
-            "file": file_name, "sha256": sha256_file(out / file_name), "tensorrt": version,
+            "file": file_name, "sha256": sha256_file(scratch / file_name), "tensorrt": version,
             "compute_capability": capability, "onnx_sha256": onnx_sha, "profiles": len(profiles),
         }
         del engine, network
         gc.collect()
+    return built
