@@ -119,7 +119,8 @@ def bench_pipelines(runtime, reference, prompt: str, steps: int, cfg: float, bat
                     max_new_tokens: int, question: str, image: Image.Image) -> dict[str, object]:
     """Measure `runtime` (a JanusFlowRuntime) stage by stage and `reference` end to end."""
     timer = StageTimer()
-    runtime.engines = timer.wrap(runtime.engines)
+    # In place: the scheduler holds this mapping and must run the timed proxies.
+    runtime.engines.update(timer.wrap(runtime.engines))
     prompts = [prompt] * batch
 
     gen_total = timed_runs(lambda: runtime.generate(prompts, steps=steps, cfg=cfg), warmup, runs, timer)

@@ -115,7 +115,7 @@ def bench_torch_paths(bundle: ModelBundle, device: str, dtype: torch.dtype, batc
 
     image = Image.new("RGB", (bundle.image_size, bundle.image_size), (200, 30, 30))
     question = "Describe the image."
-    runtime = JanusFlowRuntime.from_bundle(bundle, dtype=dtype, device=device, fast=False)
+    runtime = JanusFlowRuntime.from_bundle(bundle, dtype=dtype, device=device)
     eos = proc.tokenizer.eos_id
 
     def static_kv(decoder: FastDecoder) -> Callable[[], Iterator[torch.Tensor]]:

@@ -21,3 +21,23 @@ def check_finite(graph: str, output: str, tensor: torch.Tensor, step: int | None
         where = f" at step {step}" if step is not None else ""
         bad = (~torch.isfinite(tensor)).sum().item()
         raise NonFiniteOutput(f"{graph}: output {output!r} has {bad} NaN/Inf values{where}")
+
+
+class Overloaded(RuntimeFailure):
+    """The scheduler's queue is full: retry later (a service answers 429/503 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RequestTimeout(RuntimeFailure):
+    pass
+
+
+class RequestCancelled(RuntimeFailure):
+    pass
+
+
+class SchedulerStopped(RuntimeFailure):
+    """The scheduler was closed, or died: no request is served any more."""

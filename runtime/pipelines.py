@@ -1,139 +1,224 @@
 """`JanusFlowRuntime`: the serving API over a set of engines (any backend).
 
-On CUDA, `from_bundle` runs the fast PyTorch paths (`torch_fast`: prompt K/V once, static K/V
-decoding, CUDA-graph steps) instead of going graph by graph through the engine interface.
-
-Thread safety: one runtime may be shared by several threads. Requests are serialised by a lock,
-because engines own preallocated buffers (TensorRT bindings, CUDA graphs) that two requests must
-not write at once; batch several prompts into one call to use the hardware in parallel.
+Concurrency: one runtime is shared by any number of threads. A scheduler (`runtime.scheduler`)
+owns the engines on one worker thread and batches all in-flight requests into each engine call:
+images join and leave between Euler steps, questions between tokens. Callers submit and wait;
+requests are validated and tokenised on the caller's thread, and progress callbacks and streams
+run there too, so a callback may call the runtime again. The queue of requests not yet admitted
+is bounded (`max_queue`): past it, `Overloaded` is raised at once.
 """
 
 from __future__ import annotations
 
-import threading
+from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
 import torch
 from PIL import Image
 
 from jfexport.reference.errors import InputError
-from jfexport.reference.pipelines.images import initial_noise, to_uint8
-from jfexport.reference.schedulers import answers_from_stream, row_generators
+from jfexport.reference.graph_contract import GENERATION_GRAPHS, UNDERSTANDING_GRAPHS
+from jfexport.reference.pipelines.images import initial_noise
 from jfexport.reference.processor import JanusProcessor
+from jfexport.reference.schedulers import StopRule, answers_from_stream, row_generators
 
-from .decoder import decode
 from .engine import Engine
-from .errors import check_finite
-from .sampler import sample
-from .torch_fast import FastPaths
+from .scheduler import ChatHandle, GenerationHandle, Scheduler
+from .scheduler.requests import CallJob, ChatJob, ChatRow, GenerationJob, stream_rows
+
+# Longest sequence when the engines declare none (the torch backend): K/V slots are this long.
+DEFAULT_MAX_LEN = 4096
+DEFAULT_MAX_ROWS = 16
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """uint8 [N,H,W,3] -> PIL images."""
+    return [Image.fromarray(x.numpy()) for x in images]
 
 
 class JanusFlowRuntime:
-    def __init__(self, engines: Mapping[str, Engine], processor: JanusProcessor, latent_shape: tuple[int, int, int], grid: int,
-                 max_prompt_len: int | None = None, max_rows: int | None = None, backend: str = "torch"):
+    def __init__(self, engines: Mapping[str, Engine], processor: JanusProcessor, latent_shape: tuple[int, int, int],
+                 grid: int, image_size: int, max_len: int = DEFAULT_MAX_LEN, max_rows: int = DEFAULT_MAX_ROWS,
+                 backend: str = "torch", max_queue: int = 64, kv_budget_bytes: int = 4 << 30):
         self.engines = engines
         self.processor = processor
         self.latent_shape = latent_shape  # (C, h, w) of one latent
         self.grid = grid
-        self.max_prompt_len = max_prompt_len
+        self.image_size = image_size
+        self.max_len = max_len  # longest sequence (prompt + generated tokens) the engines accept
         self.max_rows = max_rows  # batch rows the engines accept (CFG doubles generation rows)
         self.backend = backend
-        self.fast: FastPaths | None = None  # set by from_bundle on CUDA
-        self._lock = threading.Lock()
+        self.scheduler = Scheduler(engines, processor, grid, max_rows, max_len, max_queue, kv_budget_bytes)
 
     @classmethod
-    def from_engines(cls, folder, backend: str = "auto", precision: str | None = None,
-                     device: str | None = None) -> "JanusFlowRuntime":
-        """A build folder (`jfexport build`): its manifest, graphs and tokenizer."""
-        from pathlib import Path
-
+    def from_engines(cls, folder, backend: str = "auto", precision: str | None = None, device: str | None = None,
+                     max_queue: int = 64, kv_budget_bytes: int = 4 << 30,
+                     tasks: tuple[str, ...] = ("generate", "chat")) -> "JanusFlowRuntime":
+        """A build folder (`jfexport build`): its manifest, graphs and tokenizer. `tasks` limits the
+        graphs opened: chat needs no VAE, generation no vision encoder."""
         from .engines_folder import TOKENIZER_DIR, EnginesError, load_engines
 
-        engines, manifest, chosen = load_engines(folder, backend, precision, device)
+        wanted = {g for task in tasks for g in {"generate": GENERATION_GRAPHS, "chat": UNDERSTANDING_GRAPHS}[task]}
+        engines, manifest, chosen = load_engines(folder, backend, precision, device, graphs=wanted)
         model = manifest["model"]
         und = model["config"]["vision_und_enc_config"]["params"]
         tokenizer_dir = Path(folder) / TOKENIZER_DIR
         if not (tokenizer_dir / "tokenizer.json").is_file():
             raise EnginesError(f"{tokenizer_dir}: no tokenizer files in the build folder (rebuild the engines)")
-        n_tokens = manifest["graphs"]["vision_encoder"]["spec"]["extra"]["image_tokens"]
+        graphs = manifest["graphs"]
+        n_tokens = graphs["vision_encoder"]["spec"]["extra"]["image_tokens"]
         processor = JanusProcessor.from_folder(tokenizer_dir, image_size=int(und.get("image_size", model["image_size"])),
                                                num_image_tokens=n_tokens)
         latent = model["latent_size"]
-        return cls(engines, processor, (model["latent_channels"], latent, latent), model["grid"],
-                   manifest["limits"]["max_seq"], manifest["limits"]["max_batch"], chosen)
+        limits = manifest["limits"]
+        return cls(engines, processor, (model["latent_channels"], latent, latent), model["grid"], model["image_size"],
+                   limits["max_seq"], limits["max_batch"], chosen, max_queue, kv_budget_bytes)
 
     @classmethod
     def from_bundle(cls, bundle, backend: str = "torch", dtype: torch.dtype = torch.float32, device: str = "cpu",
-                    fast: bool | None = None) -> "JanusFlowRuntime":
-        """Engines straight from a loaded model (the `torch` backend); `fast` defaults to on for CUDA."""
+                    max_queue: int = 64, kv_budget_bytes: int = 4 << 30) -> "JanusFlowRuntime":
+        """Engines straight from a loaded model (the `torch` backend)."""
         if backend != "torch":
             raise InputError(f"from_bundle builds the torch backend only; use from_engines(DIR) for {backend!r}")
         from .backends.torch_backend import torch_engines
 
         size = bundle.latent_size
         grid = bundle.config.image_grid(size)
-        runtime = cls(torch_engines(bundle, dtype, device), bundle.processor, (bundle.latent_channels, size, size), grid,
-                      bundle.config.language.max_position_embeddings)
-        on_cuda = torch.device(device).type == "cuda"
-        if on_cuda if fast is None else fast:
-            bundle.model.attention = "sdpa"
-            runtime.fast = FastPaths(bundle.model, grid, cuda_graphs=on_cuda)
-        return runtime
+        max_len = min(bundle.config.language.max_position_embeddings, DEFAULT_MAX_LEN)
+        return cls(torch_engines(bundle, dtype, device), bundle.processor, (bundle.latent_channels, size, size), grid,
+                   bundle.image_size, max_len, DEFAULT_MAX_ROWS, "torch", max_queue, kv_budget_bytes)
 
-    def _check_rows(self, rows: int, what: str) -> None:
-        if self.max_rows is not None and rows > self.max_rows:
-            raise InputError(f"{what} needs {rows} batch rows, the engines were built for at most {self.max_rows}")
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
 
-    def _check_prompt_len(self, length: int, what: str) -> None:
-        if self.max_prompt_len is not None and length > self.max_prompt_len:
-            raise InputError(f"{what} is {length} tokens, the engines were built for at most {self.max_prompt_len}")
+    # -- checks on the caller's thread ----------------------------------------------------------
+
+    def _need(self, graphs: tuple[str, ...], task: str) -> None:
+        missing = [g for g in graphs if g not in self.engines]
+        if missing:
+            raise InputError(f"{task} needs the graph(s) {', '.join(missing)}, which this runtime did not open")
+
+    def _check_rows(self, rows: int, limit: int, what: str) -> None:
+        if rows > limit:
+            raise InputError(f"{what} needs {rows} batch rows, the engines were built for at most {limit}")
+
+    def _check_len(self, length: int, what: str) -> None:
+        if length > self.max_len:
+            raise InputError(f"{what} is {length} tokens, the engines were built for at most {self.max_len}")
+
+    # -- text-to-image -------------------------------------------------------------------------
+
+    def _generation_job(self, prompts: list[str], n: int, steps: int, cfg: float, seed: int, decode: bool,
+                        timeout: float | None) -> GenerationJob:
+        self._need(GENERATION_GRAPHS if decode else GENERATION_GRAPHS[:-1], "text-to-image")
+        if not isinstance(n, int) or n < 1:
+            raise InputError(f"n must be an integer >= 1, got {n!r}")
+        if not isinstance(steps, int) or steps < 1:
+            raise InputError(f"steps must be an integer >= 1, got {steps!r}")
+        if not prompts:
+            raise InputError("no prompt given")
+        ids = [self.processor.generation_ids(p) for p in prompts]
+        images = len(prompts) * n
+        self._check_rows(2 * images, 2 * self.scheduler.generation.max_images,
+                         f"{len(prompts)} prompt(s) x {n} image(s) with CFG")
+        self._check_len(max(map(len, ids)) - 1 + 1 + self.grid**2, "prompt + image sequence")
+        z0 = initial_noise((images, *self.latent_shape), seed, torch.float32)
+        return GenerationJob(ids, n, z0, steps, float(cfg), decode, timeout, self.scheduler.alive)
+
+    def submit_generate(self, prompt: str, n: int = 1, steps: int = 30, cfg: float = 2.0, seed: int = 0,
+                        timeout: float | None = None) -> GenerationHandle:
+        """Queue one prompt's `n` images; the handle's `result()` waits for them."""
+        job = self._generation_job([prompt], n, steps, cfg, seed, True, timeout)
+        self.scheduler.submit(job)
+        return GenerationHandle(job, to_pil)
 
     def generate_latents(self, prompts: list[str], n: int = 1, steps: int = 30, cfg: float = 2.0, seed: int = 0,
-                         on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        if n < 1:
-            raise InputError(f"n must be >= 1, got {n}")
-        batch = self.processor.generation_tokens([p for p in prompts for _ in range(n)])
-        self._check_rows(2 * batch.input_ids.shape[0], f"{len(prompts)} prompt(s) x {n} image(s) with CFG")
-        self._check_prompt_len(batch.input_ids.shape[1] - 1 + 1 + self.grid**2, "prompt + image sequence")
-        z0 = initial_noise((len(prompts) * n, *self.latent_shape), seed, torch.float32)
-        pad_id = self.processor.tokenizer.pad_id
-        with self._lock:
-            if self.fast is None:
-                return sample(self.engines, batch.input_ids, batch.attention_mask, z0, steps, cfg, pad_id, self.grid, on_step)
-            z = self.fast.sampler.sample(batch.input_ids, batch.attention_mask, z0.to(self.fast.device), steps, cfg,
-                                         pad_id, on_step)
-        check_finite("generation", "latents", z)
-        return z
+                         on_step: Callable[[int, int], None] | None = None, timeout: float | None = None) -> torch.Tensor:
+        job = self._generation_job(prompts, n, steps, cfg, seed, False, timeout)
+        self.scheduler.submit(job)
+        return GenerationHandle(job, to_pil).latents(on_step=on_step)
+
+    def generate(self, prompts: list[str], n: int = 1, steps: int = 30, cfg: float = 2.0, seed: int = 0,
+                 on_step: Callable[[int, int], None] | None = None, timeout: float | None = None) -> list[Image.Image]:
+        """`n` images per prompt, in prompt order; the same for a fixed seed whatever runs beside it."""
+        job = self._generation_job(prompts, n, steps, cfg, seed, True, timeout)
+        self.scheduler.submit(job)
+        return GenerationHandle(job, to_pil).result(on_step=on_step)
 
     def decode_images(self, latents: torch.Tensor) -> list[Image.Image]:
-        with self._lock:
-            images = self.engines["vae_decoder"].run({"latents": latents})["images"]
-        check_finite("vae_decoder", "images", images)
-        return [Image.fromarray(x.cpu().numpy()) for x in to_uint8(images)]
+        """VAE decode of finished latents (on the scheduler's thread, between iterations)."""
+        from jfexport.reference.pipelines.images import to_uint8
 
-    def generate(self, prompts: list[str], **kwargs) -> list[Image.Image]:
-        """`n` images per prompt, in prompt order; deterministic for a fixed seed and backend."""
-        return self.decode_images(self.generate_latents(prompts, **kwargs))
+        from .errors import check_finite
+
+        self._need(("vae_decoder",), "decoding latents")
+
+        def run() -> torch.Tensor:
+            images = self.engines["vae_decoder"].run({"latents": latents})["images"]
+            check_finite("vae_decoder", "images", images)
+            return to_uint8(images).cpu()
+
+        job = CallJob(self.scheduler.alive)
+        self.scheduler.call(run, job)
+        return to_pil(job.result())
+
+    # -- understanding -------------------------------------------------------------------------
+
+    def _chat_job(self, images: list[Image.Image], questions: list[str], max_new_tokens: int, temperature: float,
+                  top_p: float, seed: int, keep_logits: bool, timeout: float | None) -> ChatJob:
+        self._need(UNDERSTANDING_GRAPHS, "understanding")
+        if len(images) != len(questions) or not questions:
+            raise InputError(f"need one image per question, got {len(images)} images for {len(questions)} questions")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if not temperature >= 0:
+            raise InputError(f"temperature must be >= 0, got {temperature!r}")
+        if not 0 < top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
+        self._check_rows(len(questions), self.max_rows, f"{len(questions)} question(s)")
+        ids = [self.processor.understanding_ids(q) for q in questions]
+        self._check_len(max(map(len, ids)) + max_new_tokens, "question + answer")
+        gens = row_generators(seed, len(questions))
+        rows = [ChatRow(i, self.processor.pixel_values(img), g) for i, img, g in zip(ids, images, gens)]
+        return ChatJob(rows, StopRule(self.tokenizer.eos_id, max_new_tokens), float(temperature), float(top_p),
+                       keep_logits, timeout, self.scheduler.alive)
+
+    def submit_chat(self, image: Image.Image, question: str, max_new_tokens: int = 512, temperature: float = 0.0,
+                    top_p: float = 0.95, seed: int = 0, timeout: float | None = None) -> ChatHandle:
+        """Queue one question; iterate the handle for token ids as they are decoded."""
+        job = self._chat_job([image], [question], max_new_tokens, temperature, top_p, seed, False, timeout)
+        self.scheduler.submit(job)
+        return ChatHandle(job, self.tokenizer, len(job.chat_rows[0].ids))
 
     def chat_stream(self, images: list[Image.Image], questions: list[str], max_new_tokens: int = 512,
                     temperature: float = 0.0, top_p: float = 0.95, seed: int = 0,
-                    on_logits: Callable[[torch.Tensor], None] | None = None) -> Iterator[torch.Tensor]:
-        """Yield the next token [B] of every (image, question) row; the lock is held while streaming."""
-        batch = self.processor.understanding_batch(questions, images)
-        self._check_rows(batch.input_ids.shape[0], f"{len(questions)} question(s)")
-        self._check_prompt_len(batch.input_ids.shape[1] + max_new_tokens, "question + answer")
-        gen = row_generators(seed, batch.input_ids.shape[0])
-        eos = self.processor.tokenizer.eos_id
-        with self._lock:
-            if self.fast is not None:
-                embeds = self.fast.embeds(batch)
-                yield from self.fast.decoder.decode(embeds, batch.attention_mask, max_new_tokens, eos, temperature, top_p,
-                                                    gen, on_logits)
-                return
-            yield from decode(self.engines, batch.input_ids, batch.attention_mask, batch.pixel_values,
-                              batch.images_seq_mask, batch.images_emb_mask, max_new_tokens,
-                              eos, temperature, top_p, gen, on_logits)
+                    on_logits: Callable[[torch.Tensor], None] | None = None,
+                    timeout: float | None = None) -> Iterator[torch.Tensor]:
+        """Yield the next token [B] of every (image, question) row; rows that ended get EOS.
+
+        Row i samples with seed + i. `on_logits([B,V])` runs here, before each yield (rows that
+        have ended are NaN). Closing or dropping the iterator cancels the request.
+        """
+        job = self._chat_job(images, questions, max_new_tokens, temperature, top_p, seed, on_logits is not None, timeout)
+        self.scheduler.submit(job)
+        for tokens, logits in stream_rows(job):
+            if on_logits is not None:
+                on_logits(logits)
+            yield tokens
 
     def chat(self, images: list[Image.Image], questions: list[str], **kwargs) -> list[str]:
-        return answers_from_stream(self.chat_stream(images, questions, **kwargs), len(questions), self.processor.tokenizer)
+        return answers_from_stream(self.chat_stream(images, questions, **kwargs), len(questions), self.tokenizer)
 
+    # -- service hooks -------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        return self.scheduler.stats()
+
+    def add_batch_observer(self, fn: Callable[[str, int], None]) -> None:
+        """`fn(kind, rows)` after every batched engine step: "prefill", "chat", "generation", "vae"."""
+        self.scheduler.add_observer(fn)
+
+    def close(self) -> None:
+        """Stop the scheduler; requests still waiting or running fail with SchedulerStopped."""
+        self.scheduler.close()

@@ -5,22 +5,50 @@ Generation: what depends only on the step index is hoisted out of the loop (the 
 of all steps come from one batched call); the Euler step reads and writes static buffers, which
 CUDA-graph capture requires, and is captured once per prompt-length bucket, then replayed by
 every request of that shape. Understanding: `FastDecoder` (below). Replaying a graph removes the
-per-kernel launch overhead that dominates small batches.
+per-kernel launch overhead that dominates small batches. Captures are kept in small LRU caches
+keyed by bucketed shapes, so memory stays bounded whatever prompt lengths arrive.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections import OrderedDict
+from typing import Callable, Generic, Iterator, TypeVar
 
 import torch
 
 from jfexport.reference.modules.janusflow import JanusFlowModel
 from jfexport.reference.pipelines.layout import cfg_prompt_rows, offset_positions, understanding_positions
-from jfexport.reference.schedulers import euler_schedule
-from jfexport.reference.schedulers import choose_next
+from jfexport.reference.schedulers import FlowEulerCFGScheduler, StopRule, cfg_velocity, decode_loop, euler_step
 
 from .backends.torch_backend import exact_fp32
 from .errors import check_finite
+from .trt_plan import prompt_bucket
+
+K = TypeVar("K")
+V = TypeVar("V")
+# Captured graphs kept per path: each holds its static buffers (the prompt K/V among them).
+MAX_CAPTURES = 8
+
+
+class LRU(Generic[K, V]):
+    def __init__(self, size: int = MAX_CAPTURES):
+        self.size = size
+        self._items: OrderedDict[K, V] = OrderedDict()
+
+    def get(self, key: K) -> V | None:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key: K, value: V) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 def capture_graph(step: Callable[[], None]) -> torch.cuda.CUDAGraph:
@@ -43,12 +71,15 @@ class _StepState:
     """The static buffers one Euler step reads and writes, and (once captured) its CUDA graph."""
 
     def __init__(self, z: torch.Tensor, t_emb: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                 past: list[tuple[torch.Tensor, torch.Tensor]]):
+                 past: list[tuple[torch.Tensor, torch.Tensor]], cfg: torch.Tensor, dt: torch.Tensor):
         self.z, self.t_emb, self.mask, self.positions, self.past = z, t_emb, mask, positions, past
+        self.cfg, self.dt = cfg, dt
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def load(self, z: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-             past: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+             past: list[tuple[torch.Tensor, torch.Tensor]], cfg: torch.Tensor, dt: torch.Tensor) -> None:
+        self.cfg.copy_(cfg)
+        self.dt.copy_(dt)
         self.z.copy_(z)
         self.mask.copy_(mask)
         self.positions.copy_(positions)
@@ -62,9 +93,9 @@ class FastSampler:
         self.model = model
         self.grid = grid
         self.cuda_graphs = cuda_graphs
-        # One captured step per (batch, prompt length, cfg, dt): requests of a prompt-length bucket
-        # replay the same graph after copying their prompt K/V and noise into its buffers.
-        self._captured: dict[tuple, _StepState] = {}
+        # One captured step per (batch, prompt-length bucket): requests of a bucket replay the same
+        # graph after copying their prompt K/V, noise, cfg and dt into its buffers.
+        self._captured: LRU[tuple[int, int], _StepState] = LRU()
 
     def sample(self, cond_ids: torch.Tensor, cond_mask: torch.Tensor, z0: torch.Tensor, steps: int, cfg_weight: float,
                pad_id: int, on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
@@ -76,25 +107,33 @@ class FastSampler:
         model, device = self.model, z0.device
         dtype = next(model.parameters()).dtype
         batch = z0.shape[0]
-        ids, prompt_mask, pad = cfg_prompt_rows(cond_ids.to(device), cond_mask.to(device), pad_id)
+        graphed = self.cuda_graphs and device.type == "cuda"
+        cond_ids, cond_mask = cond_ids.to(device), cond_mask.to(device)
+        if graphed:
+            # Left-pad (masked) to the bucket: similar prompt lengths then share one captured graph.
+            width = prompt_bucket(cond_ids.shape[1] - 1, 1 << 30) + 1
+            extra = width - cond_ids.shape[1]
+            cond_ids = torch.nn.functional.pad(cond_ids, (extra, 0), value=pad_id)
+            cond_mask = torch.nn.functional.pad(cond_mask, (extra, 0), value=0)
+        ids, prompt_mask, pad = cfg_prompt_rows(cond_ids, cond_mask, pad_id)
         prompt_len = ids.shape[1]
         tail = 1 + self.grid**2
         mask = torch.cat([prompt_mask, prompt_mask.new_ones(2 * batch, tail)], dim=1)
         positions = offset_positions(pad, prompt_len + tail)
         _, past, _ = model.llm(model.embed_tokens(ids), prompt_mask, positions[:, :prompt_len])
         step_positions = positions[:, prompt_len:].contiguous()
-        t_table, dt = euler_schedule(steps, torch.float32)
-        t_embs = model.vision_gen_enc_model.time_embedding(t_table.to(device), dtype)  # [steps, D]
-        dt = float(dt)
+        schedule = FlowEulerCFGScheduler(steps, cfg_weight, torch.float32)
+        t_embs = model.vision_gen_enc_model.time_embedding(schedule.timesteps.to(device), dtype)  # [steps, D]
+        cfg = torch.full((batch, 1, 1, 1), cfg_weight, dtype=torch.float32, device=device)
+        dt = schedule.dt.to(device)
 
-        graphed = self.cuda_graphs and device.type == "cuda"
-        key = (batch, prompt_len, cfg_weight, dt)
+        key = (batch, prompt_len)
         state = self._captured.get(key) if graphed else None
         if state is None:
             state = _StepState(z0.float().clone(), torch.empty(batch, t_embs.shape[1], dtype=dtype, device=device), mask,
-                               step_positions, [(k.clone(), v.clone()) for k, v in past])
+                               step_positions, [(k.clone(), v.clone()) for k, v in past], cfg, dt.clone())
         else:
-            state.load(z0.float(), mask, step_positions, past)
+            state.load(z0.float(), mask, step_positions, past, cfg, dt)
         z, t_emb = state.z, state.t_emb
 
         def step() -> None:
@@ -103,11 +142,11 @@ class FastSampler:
             step_embeds = torch.cat([t2[:, None, :], model.align_latent_tokens(x_emb).repeat(2, 1, 1)], dim=1)
             hidden, _, _ = model.llm(step_embeds, state.mask, state.positions, state.past)
             v_raw = model.gen_decode(hidden[:, 1:], x_emb.repeat(2, 1, 1, 1), t2).float()
-            z.add_(dt * (cfg_weight * v_raw[:batch] - (cfg_weight - 1.0) * v_raw[batch:]))
+            z.copy_(euler_step(z, cfg_velocity(v_raw[:batch], v_raw[batch:], state.cfg), state.dt))
 
         if graphed and state.graph is None:
             state.graph = self._capture(step, z, t_emb, t_embs[0])
-            self._captured[key] = state
+            self._captured.put(key, state)
         run = state.graph.replay if state.graph is not None else step
         for k in range(steps):
             t_emb.copy_(t_embs[k].expand_as(t_emb))
@@ -150,7 +189,7 @@ class FastDecoder:
     def __init__(self, model: JanusFlowModel, cuda_graphs: bool = False):
         self.model = model
         self.cuda_graphs = cuda_graphs
-        self._states: dict[tuple[int, int], _DecodeState] = {}
+        self._states: LRU[tuple[int, int], _DecodeState] = LRU()
 
     def _state(self, batch: int, length: int, past: list[tuple[torch.Tensor, torch.Tensor]], vocab: int) -> _DecodeState:
         key = (batch, length)
@@ -166,7 +205,7 @@ class FastDecoder:
                                  torch.zeros(1, dtype=torch.long, device=dev),
                                  torch.zeros(batch, vocab, dtype=torch.float32, device=dev))
             if self.cuda_graphs and dev.type == "cuda":
-                self._states[key] = state
+                self._states.put(key, state)
         return state
 
     def _step(self, state: _DecodeState) -> None:
@@ -176,11 +215,11 @@ class FastDecoder:
         state.logits.copy_(model.logits(hidden[:, -1]).float())
 
     def decode(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, eos_id: int,
-               temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
+               temperature: float = 0.0, top_p: float = 1.0, generators: list[torch.Generator] | None = None,
                on_logits: Callable[[torch.Tensor], None] | None = None) -> Iterator[torch.Tensor]:
         """Yield the next token [B] of every row, as `decode_tokens` does (finished rows get EOS)."""
         # A generator: the contexts are entered on each resumption, not once for the whole stream.
-        stream = self._decode(inputs_embeds, attention_mask, max_new_tokens, eos_id, temperature, top_p, generator, on_logits)
+        stream = self._decode(inputs_embeds, attention_mask, max_new_tokens, eos_id, temperature, top_p, generators, on_logits)
         while True:
             with torch.inference_mode(), exact_fp32(inputs_embeds.dtype):
                 token = next(stream, None)
@@ -189,7 +228,7 @@ class FastDecoder:
             yield token
 
     def _decode(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, eos_id: int,
-                temperature: float, top_p: float, generator: torch.Generator | None,
+                temperature: float, top_p: float, generators: list[torch.Generator] | None,
                 on_logits: Callable[[torch.Tensor], None] | None) -> Iterator[torch.Tensor]:
         model = self.model
         batch, prompt_len = attention_mask.shape
@@ -206,25 +245,26 @@ class FastDecoder:
             v[:, :, :prompt_len] = pv
         state.position.copy_(positions[:, -1:] + 1)
         state.slot.fill_(prompt_len)
-        finished = torch.zeros(batch, dtype=torch.bool, device=mask.device)
-        for i in range(max_new_tokens):
-            check_finite("llm", "logits", logits)
-            token = choose_next(logits, finished, eos_id, temperature, top_p, generator, on_logits)
-            yield token
-            if bool(finished.all()) or i + 1 == max_new_tokens:
-                return
+        graphed = self.cuda_graphs and mask.device.type == "cuda"
+
+        def step(token: torch.Tensor) -> torch.Tensor:
             state.token.copy_(token)
             state.mask.index_fill_(1, state.slot, 1)
-            if self.cuda_graphs and mask.device.type == "cuda":
+            if graphed:
                 if state.graph is None:
                     # The warm-up runs write K/V at the current slot, as the replay does next.
                     state.graph = capture_graph(lambda: self._step(state))
                 state.graph.replay()
             else:
                 self._step(state)
-            logits = state.logits.clone()  # the next replay overwrites the buffer
             state.position.add_(1)
             state.slot.add_(1)
+            logits = state.logits.clone()  # the next replay overwrites the buffer
+            check_finite("llm", "logits", logits)
+            return logits
+
+        check_finite("llm", "logits", logits)
+        yield from decode_loop(logits, step, StopRule(eos_id, max_new_tokens), temperature, top_p, generators, on_logits)
 
 
 class FastPaths:

@@ -1,0 +1,239 @@
+"""The serving scheduler: one worker thread owns the engines and forms every engine call from all
+active requests (continuous batching, DESIGN.md "Serving").
+
+Each iteration, in this order:
+1. requests cancelled or past their deadline leave (queued or running), freeing their rows;
+2. chat: queued questions that fit the free K/V slots are prefilled together and get their first
+   token; then every active row decodes one token;
+3. generation: queued prompts whose images fit are prefilled together; then every active image
+   takes one Euler step; finished latents are decoded by the VAE (one batched call).
+So the engines alternate between one chat token and one Euler step: a question that arrives
+while images are generated waits at most for the step in flight before it is prefilled, and
+images advance while answers stream. Admission is first come, first served within each kind; a
+request that does not fit waits, and so do those behind it (no starvation of large requests).
+
+Failures stay with their request: a batched call that raises is retried request by request, and
+a NaN is attributed to its row. Anything that escapes the loop stops the scheduler and fails
+every waiting and running request with SchedulerStopped instead of leaving callers hanging.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from typing import Callable, Mapping
+
+from jfexport.reference.errors import InputError
+
+from ..engine import Engine
+from ..errors import Overloaded, RequestCancelled, RequestTimeout, SchedulerStopped
+from .chat_batch import ChatSlots
+from .generation_batch import GenerationRows
+from .requests import CallJob, ChatJob, GenerationJob, Job
+
+log = logging.getLogger(__name__)
+
+Observer = Callable[[str, int], None]
+Failure = tuple[Job, BaseException]
+
+
+class Scheduler:
+    def __init__(self, engines: Mapping[str, Engine], processor, grid: int, max_rows: int, max_len: int,
+                 max_queue: int = 64, kv_budget_bytes: int = 4 << 30):
+        self.max_queue = max_queue
+        self._observers: list[Observer] = []
+        self.generation = GenerationRows(engines, processor.tokenizer.pad_id, grid, max(1, max_rows // 2), self._observe)
+        self.chat = ChatSlots(engines, processor, max_rows, max_len, kv_budget_bytes, self._observe)
+        self._cond = threading.Condition()
+        self._queue: collections.deque[Job] = collections.deque()
+        self._calls: collections.deque[tuple[Callable[[], object], Job]] = collections.deque()
+        self._closed = False
+        self._death: BaseException | None = None
+        self._iteration_s = 0.01  # running mean of one iteration: the Retry-After estimate
+        self._thread = threading.Thread(target=self._run, name="jfexport-scheduler", daemon=True)
+        self._thread.start()
+
+    # -- caller side -------------------------------------------------------------------------
+
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self._death is None
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._closed or not self.alive():
+                raise SchedulerStopped("the scheduler is stopped" + (f" ({self._death!r})" if self._death else ""))
+            if len(self._queue) >= self.max_queue:
+                # Roughly the time for the queue ahead to be admitted, at one request per iteration.
+                raise Overloaded(f"{len(self._queue)} requests are queued (the limit): retry later",
+                                 retry_after=max(1.0, round(len(self._queue) * self._iteration_s, 1)))
+            self._queue.append(job)
+            self._cond.notify_all()
+
+    def call(self, fn: Callable[[], object], job: CallJob) -> None:
+        """Run `fn` on the worker between iterations (engine work outside the two request kinds)."""
+        with self._cond:
+            if self._closed or not self.alive():
+                raise SchedulerStopped("the scheduler is stopped")
+            self._calls.append((fn, job))
+            self._cond.notify_all()
+
+    def add_observer(self, fn: Observer) -> None:
+        """`fn(kind, rows)` after every batched engine step, on the worker thread: keep it short."""
+        self._observers.append(fn)
+
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            return {"queue_depth": len(self._queue), "max_queue": self.max_queue,
+                    "active_generation_rows": self.generation.active_rows, "active_chat_rows": self.chat.active_rows}
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    # -- worker side -------------------------------------------------------------------------
+
+    def _observe(self, kind: str, rows: int) -> None:
+        for fn in self._observers:
+            try:
+                fn(kind, rows)
+            except Exception:  # an observer's bug must not fail the requests of the batch
+                log.exception("batch observer failed")
+
+    def _busy(self) -> bool:
+        g = self.generation
+        return bool(self._queue or self._calls or g.rows or g.to_decode or self.chat.rows)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._closed and not self._busy():
+                        self._cond.wait()
+                    if self._closed:
+                        return
+                started = time.monotonic()
+                self._iteration()
+                self._iteration_s = 0.9 * self._iteration_s + 0.1 * (time.monotonic() - started)
+        except BaseException as e:  # noqa: BLE001 - reported to every waiter below
+            self._death = e
+            log.exception("the scheduler stopped on an unexpected error")
+        finally:
+            self._fail_all(SchedulerStopped("the scheduler stopped" + (f" on {self._death!r}" if self._death else "")))
+
+    def _fail_all(self, error: SchedulerStopped) -> None:
+        with self._cond:
+            waiting = list(self._queue) + [job for _, job in self._calls]
+            self._queue.clear()
+            self._calls.clear()
+        for job in waiting + list(self.generation.jobs()) + list(self.chat.jobs()):
+            job.fail(error)
+
+    def _iteration(self) -> None:
+        self._run_calls()
+        self._expire()
+        self._chat()
+        self._generation()
+
+    def _run_calls(self) -> None:
+        with self._cond:
+            calls = list(self._calls)
+            self._calls.clear()
+        for fn, job in calls:
+            try:
+                job.set_value(fn())
+            except Exception as e:  # noqa: BLE001 - the error is the call's result
+                job.fail(e)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        with self._cond:
+            gone = [j for j in self._queue if j.cancelled or j.expired(now)]
+            for job in gone:
+                self._queue.remove(job)
+        running = [j for j in self.generation.jobs() | self.chat.jobs() if j.cancelled or j.expired(now)]
+        for job in gone + running:
+            self._drop(job, self._ended(job, now))
+
+    @staticmethod
+    def _ended(job: Job, now: float) -> BaseException:
+        if job.expired(now) and not job.cancelled:
+            return RequestTimeout(f"{job.kind} request timed out after {job.deadline - job.created:.3g} s")
+        return RequestCancelled(f"{job.kind} request cancelled")
+
+    def _drop(self, job: Job, error: BaseException) -> None:
+        if isinstance(job, GenerationJob):
+            self.generation.drop(job)
+        else:
+            self.chat.drop(job)
+        job.fail(error)
+
+    def _admit(self, kind: type, fits: Callable[[Job], bool]) -> list[Job]:
+        with self._cond:
+            admitted: list[Job] = []
+            for job in list(self._queue):
+                if not isinstance(job, kind):
+                    continue
+                if not fits(job, admitted):
+                    break
+                admitted.append(job)
+                self._queue.remove(job)
+            return admitted
+
+    def _settle(self, failures: list[Failure]) -> None:
+        for job, error in failures:
+            log.info("%s request failed: %s", job.kind, error)
+            self._drop(job, error)
+
+    def _isolated(self, phase: Callable[[list], list[Failure]], jobs: list[Job]) -> None:
+        """Run a batched phase; if it raises, run it again job by job so the culprit fails alone."""
+        try:
+            self._settle(phase(jobs))
+        except Exception as e:
+            if len(jobs) == 1:
+                self._settle([(jobs[0], e)])
+                return
+            for job in jobs:
+                try:
+                    self._settle(phase([job]))
+                except Exception as e:  # noqa: BLE001 - the error is the request's result
+                    self._settle([(job, e)])
+
+    def _chat(self) -> None:
+        chat = self.chat
+        admitted = self._admit(ChatJob, lambda job, taken: chat.active_rows + sum(j.rows for j in taken) + job.rows
+                               <= chat.slots)
+        if not admitted and not chat.rows:
+            self._refuse_oversized()
+        for job in [j for j in admitted if j.rule.max_new_tokens == 0]:
+            job.complete()
+        admitted = [j for j in admitted if j.rule.max_new_tokens > 0]
+        if admitted:
+            self._isolated(chat.prefill, admitted)
+        if chat.rows:
+            self._settle(chat.step())
+
+    def _refuse_oversized(self) -> None:
+        """A question batch wider than the K/V slots (known once the store is sized) can never start."""
+        with self._cond:
+            head = next((j for j in self._queue if isinstance(j, ChatJob)), None)
+            if head is None or head.rows <= self.chat.slots:
+                return
+            self._queue.remove(head)
+        head.fail(InputError(f"{head.rows} questions in one call, the K/V cache holds {self.chat.slots} rows"
+                             " (raise kv_budget_bytes or ask fewer at once)"))
+
+    def _generation(self) -> None:
+        gen = self.generation
+        admitted = self._admit(GenerationJob, lambda job, taken: gen.active_rows + sum(j.rows for j in taken) + job.rows
+                               <= gen.max_images)
+        if admitted:
+            self._isolated(gen.prefill, admitted)
+        if gen.rows:
+            self._settle(gen.step())
+        if gen.to_decode:
+            self._isolated(gen.decode, gen.decode_batch())
