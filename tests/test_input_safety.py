@@ -237,6 +237,7 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL warns at open; we refuse
 def test_a_huge_canvas_is_refused_from_its_header(bomb, safe):
     assert bomb.stat().st_size < 200_000
     before, start = _peak_mb(), time.perf_counter()
@@ -249,6 +250,7 @@ def test_a_huge_canvas_is_refused_from_its_header(bomb, safe):
     assert _peak_mb() - before < 100
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL warns at open; we refuse
 def test_pil_bomb_limit_still_applies_above_a_raised_limit(bomb, tmp_path):
     # PIL only warns for 144 MP (its error starts at 179 MP): refused all the same, before decoding.
     before = _peak_mb()

@@ -99,10 +99,13 @@ class JanusTokenizer:
             if is_user:
                 user.append((at, at + len(piece)))
             at += len(piece)
+        # Matches of the template's own tags stay special; those touching user text do not.
+        hostile = [m for m in self._added_pattern.finditer(text)
+                   if any(m.start() < end and start < m.end() for start, end in user)]
+        if not hostile:
+            return self.encode(text)
         ids, done = [self.bos_id], 0
-        for m in self._added_pattern.finditer(text):
-            if not any(m.start() < end and start < m.end() for start, end in user):
-                continue  # a tag of the template itself
+        for m in hostile:
             ids += self.hf.encode(text[done:m.start()], add_special_tokens=False) + self._plain_ids(m.group())
             done = m.end()
         return ids + self.hf.encode(text[done:], add_special_tokens=False)
