@@ -219,3 +219,14 @@ def test_new_images_are_numbered_after_existing_ones_or_overwrite(tmp_path):
     assert (tmp_path / "image_0.png").read_bytes() == (tmp_path / "image_8.png").read_bytes() != first["image_0.png"]
     assert (tmp_path / "image_1.png").read_bytes() == first["image_1.png"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"image_{i}.png" for i in (0, 1, 2, 3, 7, 8)]  # no temporaries
+
+
+@pytest.mark.parametrize("command", ["bench", "bench-torch", "eval"])
+def test_json_that_cannot_be_written_fails_before_measuring(tmp_path, command):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    target = blocker / "results.json"
+    start = time.monotonic()
+    res = run_cli(command, "--steps", MANY_STEPS, "--json", str(target), timeout=FAST_S)
+    assert time.monotonic() - start < FAST_S
+    assert res.returncode == 2 and res.stderr.startswith("error: --json ") and str(target) in res.stderr, res.stderr

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import click
@@ -13,6 +11,7 @@ import click
 from jfexport.runtime.backend_choice import BACKENDS
 
 from .options import backend_option, load_model, model_options, reference_bundle_for_build
+from .output_files import check_json_target, write_json
 
 
 @click.command("bench")
@@ -36,6 +35,7 @@ def bench_cmd(checkpoint, vae, preset, engines, backend, steps, cfg, batch, warm
     from jfexport.runtime.bench import bench_pipelines
     from jfexport.runtime.pipelines import JanusFlowRuntime
 
+    check_json_target(json_path)
     if engines is not None:
         runtime = JanusFlowRuntime.from_engines(engines, backend)
         bundle = reference_bundle_for_build(engines, checkpoint, vae)
@@ -52,8 +52,4 @@ def bench_cmd(checkpoint, vae, preset, engines, backend, steps, cfg, batch, warm
     text = json.dumps(result, indent=2)
     click.echo(text)
     if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=json_path.parent, prefix=f".{json_path.name}.")
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, json_path)
+        write_json(json_path, text)

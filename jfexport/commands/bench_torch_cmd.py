@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from .options import load_model, model_options
+from .output_files import check_json_target, write_json
 
 
 @click.command("bench-torch")
@@ -37,6 +38,9 @@ def bench_torch_cmd(checkpoint, vae, preset, device, dtype, batches, steps, cfg,
         batch_list = [int(b) for b in batches.split(",")]
     except ValueError:
         raise click.BadParameter(f"not a list of integers: {batches!r}", param_hint="--batches") from None
+    if min(batch_list) < 1:
+        raise click.BadParameter(f"batch sizes must be >= 1: {batches!r}", param_hint="--batches")
+    check_json_target(json_path)
     bundle = load_model(checkpoint, vae, preset)
     click.echo(f"bench-torch: {bundle.source} on {device} ({torch_dtype})", err=True)
     result = bench_torch_paths(bundle, device, torch_dtype, batch_list, steps, cfg, warmup, runs, max_new_tokens,
@@ -45,5 +49,4 @@ def bench_torch_cmd(checkpoint, vae, preset, device, dtype, batches, steps, cfg,
     text = json.dumps(result, indent=2)
     click.echo(text)
     if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(text + "\n")
+        write_json(json_path, text)

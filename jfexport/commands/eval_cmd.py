@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from .options import open_pipeline, runtime_options
+from .output_files import check_json_target, write_json
 
 
 @click.command("eval")
@@ -21,10 +22,10 @@ def eval_cmd(engines, backend, precision, checkpoint, vae, preset, images_per_pr
     """Score generation (colour, shape, position, count) and understanding on held-out scenes."""
     from jfexport.reference.eval.evaluate import evaluate
 
+    check_json_target(json_path)
     pipe = open_pipeline(engines, backend, precision, checkpoint, vae, preset)
     result = evaluate(pipe, pipe.processor.image_size, images_per_prompt=images_per_prompt, steps=steps, cfg=cfg)
     text = json.dumps(result.to_json(), indent=2)
     click.echo(text)
     if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(text + "\n")
+        write_json(json_path, text)

@@ -1,0 +1,64 @@
+"""Files the CLI writes: the destination is checked before the work, the file written atomically after."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+from jfexport.reference.errors import JanusFlowError
+
+
+class OutputError(JanusFlowError):
+    """An output option names a place the command cannot write."""
+
+
+def ensure_writable_folder(folder: Path, option: str) -> None:
+    """Create `folder` if needed and prove a file can be created in it; `option` names the culprit."""
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{option}: {folder} exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        # Creating a file is the only test that holds for root, whom permission bits do not stop
+        # (a read-only mount or an immutable folder does); os.access would answer for the bits.
+        probe = folder / f".jfexport-probe.{os.getpid()}"
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        probe.unlink()
+    except OSError as e:
+        raise OutputError(f"{option}: cannot write in {folder} ({e.strerror})") from None
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], None], replace: bool) -> None:
+    """Write under a temporary name, then move into place, so no half-written file carries `path`.
+
+    Without `replace` an existing `path` is never touched: a hard link fails where a rename
+    would replace a file that appeared while the command worked.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        # 0o666 minus the umask, as any other file the user creates (mkstemp would force 0o600).
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
+            write(f)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    except FileExistsError:
+        raise OutputError(f"{path}: appeared meanwhile; not overwritten") from None
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write ({e.strerror})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_json_target(path: Path | None) -> None:
+    """Fail before a long measurement, not after it, when `--json` cannot be written."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise OutputError(f"--json {path}: is a folder")
+    ensure_writable_folder(path.parent, f"--json {path}")
+
+
+def write_json(path: Path, text: str) -> None:
+    write_atomically(path, lambda f: f.write(text.encode() + b"\n"), replace=True)
