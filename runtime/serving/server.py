@@ -66,7 +66,9 @@ def serve(engines: Path, host: str = "127.0.0.1", port: int = 8000, *, backend: 
           precision: str | None = None, api_key: str | None = None, model_id: str = "janusflow",
           limits: Limits = Limits(), max_queue: int = 64, grace: float = 30.0) -> int:
     """Serve until a signal; the exit code (0 after a drain, 1 when the engines failed to load)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("jfexport.access", "jfexport.serve"):  # the access log is INFO whatever the CLI's -v
+        logging.getLogger(name).setLevel(logging.INFO)
     app = build_app(None, api_key=api_key, model_id=model_id, limits=limits)
     service: Service = app.state.service
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="off",

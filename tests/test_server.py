@@ -1,0 +1,355 @@
+"""`jfexport serve`: the real server on 127.0.0.1, talked to with the `openai` client and httpx.
+
+One server per module (the last test drains it with SIGTERM). Its limits are tight so that the
+overload, timeout and drain paths are reachable with the tiny default model: a queue of one
+waiting request and an 8 s request timeout.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import signal
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from .serve_helpers import (QUESTION, ServerProcess, build_engines, chat_messages, data_url, free_port, metric,
+                            shape_image)
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+API_KEY = "test-key-123"
+TIMEOUT_S = 8
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+# Greedy answers of the default model to QUESTION about this image run to any token limit:
+# what the stop, length and disconnect tests need.
+BABBLE_IMAGE = Image.new("RGB", (64, 64), (200, 30, 30))
+LONG = 800  # tokens: within the default model's 1024 positions with the prompt
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    return build_engines(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def server(engines, tmp_path_factory):
+    port = free_port()
+    proc = ServerProcess(["serve", "--engines", str(engines), "--port", str(port), "--max-queue", "1",
+                          "--request-timeout", str(TIMEOUT_S), "--grace", "20", "--max-body-mb", "2",
+                          "--max-image-mb", "1"], tmp_path_factory.mktemp("server") / "server.log",
+                         env={"JFEXPORT_API_KEY": API_KEY})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        proc.wait_ready(url)
+        yield url, proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server[0], headers=AUTH, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def runtime(engines):
+    """The same engines in-process: what the server must answer."""
+    from jfexport.runtime.pipelines import JanusFlowRuntime
+
+    rt = JanusFlowRuntime.from_engines(engines)
+    yield rt
+    rt.close()
+
+
+def metrics(http) -> str:
+    return http.get("/metrics").text
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.02) -> float:
+    """Seconds until `predicate()` held; fails after `timeout`."""
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < timeout, f"{what}: not within {timeout} s"
+        time.sleep(interval)
+    return time.monotonic() - start
+
+
+# --- probes, models, auth -------------------------------------------------------------------
+
+
+def test_health_ready_and_models(server, http):
+    url, _ = server
+    assert httpx.get(f"{url}/health").json() == {"status": "ok"}  # probes need no key
+    assert httpx.get(f"{url}/ready").json()["status"] == "ready"
+    models = http.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["janusflow"] and models["object"] == "list"
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}])
+def test_v1_routes_need_the_bearer_token(server, headers):
+    url, _ = server
+    for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/images/generations")):
+        r = httpx.request(method, f"{url}{path}", headers=headers, json={"prompt": "x"})
+        assert r.status_code == 401, (path, r.text)
+        assert r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_openai_client_with_a_wrong_key_is_refused(server):
+    bad = openai.OpenAI(base_url=f"{server[0]}/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+# --- chat --------------------------------------------------------------------------------------
+
+
+def test_chat_answers_as_the_runtime_does(client, runtime):
+    image = shape_image()
+    r = client.chat.completions.create(model="janusflow", messages=chat_messages(data_url(image)), max_tokens=24)
+    expected = runtime.chat([image], [QUESTION], max_new_tokens=24)[0]
+    choice = r.choices[0]
+    assert choice.message.content == expected and expected.strip()
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    expected_ids = runtime.submit_chat(image, QUESTION, max_new_tokens=24)
+    assert r.usage.completion_tokens == len(list(expected_ids))
+    assert r.usage.prompt_tokens == expected_ids.prompt_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_streamed_chat_is_the_whole_answer_in_chunks(client):
+    messages = chat_messages(data_url(BABBLE_IMAGE))
+    whole = client.chat.completions.create(model="janusflow", messages=messages, max_tokens=24)
+    chunks = list(client.chat.completions.create(model="janusflow", messages=messages, max_tokens=24, stream=True,
+                                                 stream_options={"include_usage": True}))
+    deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert "".join(deltas) == whole.choices[0].message.content
+    assert len([d for d in deltas if d]) > 1  # streamed, not sent in one piece
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == whole.choices[0].finish_reason and set(finishes[:-1]) == {None}
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
+
+
+def test_stream_is_server_sent_events_ending_with_done(http):
+    body = {"messages": chat_messages(data_url(shape_image())), "max_tokens": 8, "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+
+
+def test_max_tokens_and_stop_sequences(client):
+    messages = chat_messages(data_url(BABBLE_IMAGE))
+    full = client.chat.completions.create(model="janusflow", messages=messages, max_tokens=40)
+    assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 40
+    text = full.choices[0].message.content
+    stop = text.split()[2]  # a word from inside the answer
+    cut = client.chat.completions.create(model="janusflow", messages=messages, max_tokens=40, stop=[stop, "@@"])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].message.content == text[:text.index(stop)]
+    streamed = client.chat.completions.create(model="janusflow", messages=messages, max_tokens=40, stop=stop, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == text[:text.index(stop)]
+
+
+def test_sampling_is_seeded(client):
+    messages = chat_messages(data_url(BABBLE_IMAGE))
+
+    def answer(seed):
+        return client.chat.completions.create(model="janusflow", messages=messages, max_tokens=30, temperature=1.0,
+                                              seed=seed).choices[0].message.content
+
+    assert answer(3) == answer(3)
+    assert len({answer(s) for s in (1, 2, 3)}) > 1
+
+
+# --- images ------------------------------------------------------------------------------------
+
+
+def _png(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def test_image_generation_follows_the_extension_fields(client, runtime):
+    r = client.images.generate(model="janusflow", prompt="a red circle at the top left", n=2, size="64x64",
+                               response_format="b64_json", extra_body={"steps": 6, "cfg_scale": 3.0, "seed": 7})
+    images = [_png(d.b64_json) for d in r.data]
+    assert [im.size for im in images] == [(64, 64)] * 2 and images[0].format == "PNG"
+    expected = runtime.generate(["a red circle at the top left"], n=2, steps=6, cfg=3.0, seed=7)
+    assert [im.convert("RGB").tobytes() for im in images] == [im.tobytes() for im in expected]
+    other = client.images.generate(model="janusflow", prompt="a red circle at the top left", n=1,
+                                   extra_body={"steps": 6, "cfg_scale": 3.0, "seed": 8})
+    assert _png(other.data[0].b64_json).convert("RGB").tobytes() != expected[0].tobytes()
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+def _chat_body(**fields):
+    return {"messages": chat_messages(data_url(shape_image())), **fields}
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", _chat_body(temprature=0.5), "temprature"),
+    ("/v1/chat/completions", _chat_body(temperature=5), "temperature"),
+    ("/v1/chat/completions", _chat_body(max_tokens=0), "max_tokens"),
+    ("/v1/chat/completions", _chat_body(n=2), "n"),
+    ("/v1/chat/completions", {"messages": chat_messages("https://example.com/cat.png")},
+     "messages[0].content[0].image_url.url"),
+    ("/v1/chat/completions", {"messages": chat_messages("data:image/png;base64,!!!")},
+     "messages[0].content[0].image_url.url"),
+    ("/v1/chat/completions", {"messages": chat_messages("data:image/png;base64," + base64.b64encode(b"no png").decode())},
+     "messages[0].content[0].image_url.url"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "no image"}]}, "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "system", "content": "be brief"}, *chat_messages("x")]},
+     "messages[0]"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "messages[0].content[0]"),
+    ("/v1/images/generations", {"prompt": "a red circle", "size": "256x256"}, "size"),
+    ("/v1/images/generations", {"prompt": "a red circle", "response_format": "url"}, "response_format"),
+    ("/v1/images/generations", {"prompt": "a red circle", "n": 0}, "n"),
+    ("/v1/images/generations", {"prompt": "a red circle", "steps": 0}, "steps"),
+    ("/v1/images/generations", {"prompt": ""}, "prompt"),
+    ("/v1/images/generations", {"prompt": "a red circle", "cfg": 3}, "cfg"),
+])
+def test_bad_input_is_400_naming_the_field(http, path, body, param):
+    r = http.post(path, json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and param in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_wrong_size_names_the_supported_size(http):
+    r = http.post("/v1/images/generations", json={"prompt": "a red circle", "size": "512x512"})
+    assert r.status_code == 400 and "64x64" in r.json()["error"]["message"]
+
+
+def test_invalid_json_and_unknown_model(http):
+    r = http.post("/v1/images/generations", content=b"{nope", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "body"
+    r = http.post("/v1/images/generations", json={"prompt": "a red circle", "model": "dall-e-3"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_oversized_body_and_images_are_413(http):
+    r = http.post("/v1/images/generations", content=b"{" + b" " * (3 << 20) + b"}", headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    big = "data:image/png;base64," + "A" * (1500 << 10)  # 1.1 MiB decoded, past --max-image-mb 1
+    r = http.post("/v1/chat/completions", json={"messages": chat_messages(big)})
+    assert r.status_code == 413 and r.json()["error"]["param"] == "messages[0].content[0].image_url.url"
+    huge = Image.new("RGB", (5000, 4000), (0, 0, 0))  # a few KB of PNG, 20 M pixels
+    r = http.post("/v1/chat/completions", json={"messages": chat_messages(data_url(huge))})
+    assert r.status_code == 413 and "pixels" in r.json()["error"]["message"]
+
+
+def _generate(http, steps: int, n: int = 8, timeout: float = 60) -> httpx.Response:
+    return http.post("/v1/images/generations", json={"prompt": "a red circle", "n": n, "steps": steps}, timeout=timeout)
+
+
+def test_full_scheduler_is_429_with_retry_after(http):
+    # n=8 fills all 16 batch rows (CFG doubles them): one runs, one waits in the queue of 1,
+    # the rest find the queue full.
+    results: list[httpx.Response] = []
+    threads = [threading.Thread(target=lambda: results.append(_generate(http, steps=60))) for _ in range(4)]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    for t in threads:
+        t.join(60)
+    statuses = sorted(r.status_code for r in results)
+    assert 429 in statuses and 200 in statuses and set(statuses) <= {200, 429, 504}, statuses
+    refused = next(r for r in results if r.status_code == 429)
+    assert int(refused.headers["retry-after"]) >= 1 and refused.json()["error"]["code"] == "overloaded"
+
+
+def test_request_timeout_is_504(http):
+    start = time.monotonic()
+    r = _generate(http, steps=500)
+    elapsed = time.monotonic() - start
+    assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error", r.text
+    assert TIMEOUT_S - 0.5 < elapsed < TIMEOUT_S + 3
+    wait_for(lambda: metric(metrics(http), "jfexport_active_rows", kind="generation") == 0, 2, "rows freed")
+
+
+# --- disconnects ---------------------------------------------------------------------------------
+
+
+def test_disconnect_mid_stream_frees_the_row(http, server):
+    body = {"messages": chat_messages(data_url(BABBLE_IMAGE)), "max_tokens": LONG}
+    assert http.post("/v1/chat/completions", json=body).json()["choices"][0]["finish_reason"] == "length"
+    steps_before = metric(metrics(http), "jfexport_batch_rows_count", kind="chat")
+    with httpx.Client(base_url=server[0], headers=AUTH) as own:  # its connection dies with it
+        with own.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+    freed = wait_for(lambda: metric(metrics(http), "jfexport_active_rows", kind="chat") == 0, 2, "chat row freed")
+    steps = metric(metrics(http), "jfexport_batch_rows_count", kind="chat") - steps_before
+    assert steps < LONG / 2, f"{steps} decode steps ran for a client that left ({freed:.2f} s to free)"
+
+
+def test_disconnect_mid_generation_cancels_it(http, server):
+    steps_before = metric(metrics(http), "jfexport_batch_rows_count", kind="generation")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server[0]}/v1/images/generations", headers=AUTH,
+                   json={"prompt": "a red circle", "n": 8, "steps": 500}, timeout=httpx.Timeout(30, read=0.8))
+    wait_for(lambda: metric(metrics(http), "jfexport_active_rows", kind="generation") == 0, 1.5, "generation rows freed")
+    steps = metric(metrics(http), "jfexport_batch_rows_count", kind="generation") - steps_before
+    assert steps < 250, f"{steps} of 500 Euler steps ran for a client that left"
+
+
+# --- metrics and the access log -------------------------------------------------------------------
+
+
+def test_metrics_count_what_was_served(http):
+    text = metrics(http)
+    assert metric(text, "jfexport_queue_depth") == 0 and metric(text, "jfexport_queue_capacity") == 1
+    assert metric(text, "jfexport_batch_rows_count", kind="chat") > 0
+    assert metric(text, "jfexport_batch_rows_count", kind="generation") > 0
+    assert metric(text, "jfexport_time_to_first_token_seconds_count") > 0
+    assert metric(text, "jfexport_request_latency_seconds_count", kind="chat") > 0
+    assert metric(text, "jfexport_request_latency_seconds_count", kind="image") > 0
+    assert metric(text, "jfexport_tokens_total", direction="completion") > 0
+    assert metric(text, "jfexport_tokens_total", direction="prompt") > 0
+    assert metric(text, "jfexport_images_generated_total") >= 4
+    assert metric(text, "jfexport_errors_total", type="invalid_request_error") >= 10
+    assert metric(text, "jfexport_errors_total", type="overloaded") >= 1
+    assert metric(text, "jfexport_errors_total", type="timeout") >= 1
+    assert metric(text, "jfexport_errors_total", type="body_too_large") >= 1
+    assert metric(text, "jfexport_requests_total", kind="chat", status="200") > 0
+
+
+def test_access_log_line_per_request(http, server):
+    r = http.post("/v1/chat/completions", json=_chat_body(max_tokens=4), headers={"X-Request-Id": "req-abc-42"})
+    assert r.headers["x-request-id"] == "req-abc-42"
+    line = next((x for x in server[1].log().splitlines() if "request_id=req-abc-42" in x), None)
+    assert line is not None and "kind=chat" in line and "rows=1" in line and "status=200" in line
+    assert float(line.split("latency_ms=")[1]) > 0
+
+
+# --- SIGTERM (last: it stops the module's server) -----------------------------------------------
+
+
+def test_sigterm_drains_then_exits_0(server, http):
+    url, proc = server
+    done: list[httpx.Response] = []
+    in_flight = threading.Thread(target=lambda: done.append(_generate(http, steps=60, timeout=30)))
+    in_flight.start()
+    wait_for(lambda: metric(metrics(http), "jfexport_requests_in_flight") == 1, 5, "request in flight")
+    proc.proc.send_signal(signal.SIGTERM)
+    refused = http.post("/v1/chat/completions", json=_chat_body(max_tokens=4))
+    assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1
+    assert refused.json()["error"]["code"] == "draining"
+    assert httpx.get(f"{url}/ready").status_code == 503 and httpx.get(f"{url}/health").status_code == 200
+    in_flight.join(30)
+    assert [r.status_code for r in done] == [200] and len(done[0].json()["data"]) == 8
+    assert proc.proc.wait(15) == 0
