@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -230,3 +231,14 @@ def test_json_that_cannot_be_written_fails_before_measuring(tmp_path, command):
     res = run_cli(command, "--steps", MANY_STEPS, "--json", str(target), timeout=FAST_S)
     assert time.monotonic() - start < FAST_S
     assert res.returncode == 2 and res.stderr.startswith("error: --json ") and str(target) in res.stderr, res.stderr
+
+
+def test_training_out_that_cannot_be_written_is_named(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    res = run_cli("train-default", str(blocker / "run"))
+    assert res.returncode == 2 and res.stderr.startswith("error: OUT: ") and str(blocker / "run") in res.stderr
+    config = tmp_path / "stage1.json"
+    config.write_text(json.dumps({"out": str(blocker / "run"), "init": {"preset": "tiny"}, "steps": 1}))
+    res = run_cli("train", str(config))
+    assert res.returncode == 2 and res.stderr.startswith(f"error: {config}: out: ") and "Traceback" not in res.stderr

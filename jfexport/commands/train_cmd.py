@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from .output_files import ensure_writable_folder
+
 
 @click.command("train")
 @click.argument("config", type=click.Path(path_type=Path))
@@ -15,6 +17,7 @@ def train_cmd(config):
     from jfexport.reference.training.loop import train
 
     cfg = TrainConfig.from_file(config)
+    ensure_writable_folder(Path(cfg.out), f"{config}: out")
     last = train(cfg, log=lambda msg: click.echo(msg, err=True))
     click.echo(f"checkpoint (EMA weights, official layout): {Path(cfg.out) / 'checkpoint'}; last losses {last}")
 
@@ -26,5 +29,6 @@ def train_default_cmd(out, seed):
     """Train the bundled default model from scratch: tiny VAE, then stages 1 and 3 (resumable)."""
     from jfexport.reference.training.recipe import train_default
 
+    ensure_writable_folder(out, "OUT")
     final = train_default(out, seed, log=lambda msg: click.echo(msg, err=True))
     click.echo(f"default model (official layout, with vae/ and tokenizer): {final}")
