@@ -115,7 +115,7 @@ def test_operator_check_names_the_offending_node():
 def test_export_cli_errors(tmp_path):
     res = run_cli("export", "--out", str(tmp_path / "o"), "--graphs", "llm_prefil")
     assert res.returncode != 0 and "llm_prefil" in res.stderr
-    res = run_cli("export", "--out", str(tmp_path / "o"), "--graphs", "vae_decoder", "--precision", "fp16")
+    res = run_cli("export", "--out", str(tmp_path / "o"), "--graphs", "vae_decoder", "--fp16")
     assert res.returncode != 0 and "fp16" in res.stderr
     blocker = tmp_path / "file"
     blocker.write_text("x")
