@@ -46,7 +46,7 @@ from typing import Callable, Iterator
 
 from jfexport.reference.errors import JanusFlowError
 
-from .manifest import sha256_file, write_manifest
+from .manifest import MANIFEST, sha256_file, write_manifest
 
 LOCK = ".jfexport.lock"
 STAGING_PATTERN = re.compile(r"\.jfexport-staging-(\d+)-([0-9a-f]{12})")
@@ -176,9 +176,10 @@ def _remove_empty_subfolders(folder: Path) -> None:
 class BuildFolder:
     """One build's session on DIR, opened by `open_build_folder`: its staging folder and its commit."""
 
-    def __init__(self, folder: Path, previous: dict | None) -> None:
+    def __init__(self, folder: Path, previous: dict | None, progress: Progress) -> None:
         self.folder = folder
         self.previous = previous
+        self.progress = progress
         self.id = secrets.token_hex(6)
         self.staging = folder / f".jfexport-staging-{os.getpid()}-{self.id}"
         self.staging.mkdir()
@@ -252,6 +253,7 @@ class BuildFolder:
         for rel in changed:
             self._placed[rel] = manifest["tokenizer"][rel.split("/", 1)[1]]
         self._journal(retire)
+        self.progress(f"commit: {len(self._placed)} new file(s) in place, replacing {MANIFEST}")
         if changed:
             (self.folder / TOKENIZER_DIR).mkdir(exist_ok=True)
             (self.staging / PREVIOUS / TOKENIZER_DIR).mkdir(parents=True)
@@ -264,6 +266,7 @@ class BuildFolder:
             _fsync(self.folder / TOKENIZER_DIR)
         write_manifest(self.folder, manifest)
         self.previous = manifest  # from here on, recovery keeps the new build
+        self.progress(f"committed: removing {len(retire)} file(s) of the previous build")
         for rel in retire:
             if (self.folder / rel).is_file():
                 (self.folder / rel).unlink()
@@ -289,7 +292,7 @@ def open_build_folder(out: Path, read_previous: Callable[[Path], dict | None],
     On any failure before the commit, what the session placed is taken back."""
     check_output_folder(out)
     with locked(out, progress):
-        session = BuildFolder(out, read_previous(out))
+        session = BuildFolder(out, read_previous(out), progress)
         try:
             _clean_leftovers(out, session.previous, session.staging, progress)
             yield session

@@ -22,6 +22,7 @@ from jfexport.export.build import build
 from jfexport.export.build_folder import BuildFolderError, LOCK
 from jfexport.reference.bundle import load_preset
 from jfexport.runtime.engines_folder import EnginesError
+from jfexport.runtime.folder_files import STAMPS
 from jfexport.runtime.pipelines import JanusFlowRuntime
 
 from .conftest import REPO, run_cli
@@ -46,10 +47,12 @@ def _latents(folder: Path) -> torch.Tensor:
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
-    """Every file of `folder` with its sha256, but the lock file and staging folders (a build's scratch)."""
+    """Every file of `folder` with its sha256, but the lock file, staging folders (a build's scratch) and
+    the runtime's verified stamps (written by whoever opens the build)."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != LOCK and not p.relative_to(folder).parts[0].startswith(STAGING_PREFIX)}
+            if p.is_file() and p.name not in (LOCK, STAMPS)
+            and not p.relative_to(folder).parts[0].startswith(STAGING_PREFIX)}
 
 
 def _staging_folders(folder: Path) -> list[str]:
@@ -90,6 +93,59 @@ def test_killed_rebuild_keeps_the_previous_build_and_holds_off_a_second_build(ba
     assert _staging_folders(out) == [] and _snapshot(out).keys() == before.keys()
 
 
+# A build of the tiny model with one changed weight (gen_encoder is rebuilt) that kills itself with
+# SIGKILL on the progress line starting with argv[2]: the moments a timed kill from outside cannot hit.
+KILL_AT = """
+import os, signal, sys, torch
+from jfexport.export.build import build
+from jfexport.reference.bundle import load_preset
+bundle = load_preset("tiny")
+with torch.no_grad():
+    bundle.model.vision_gen_enc_aligner.bias.add_(0.5)
+def progress(msg):
+    if msg.startswith(sys.argv[2]):
+        os.kill(os.getpid(), signal.SIGKILL)
+build(bundle, sys.argv[1], progress=progress)
+"""
+
+
+def _changed_tiny():
+    bundle = load_preset("tiny")
+    with torch.no_grad():
+        bundle.model.vision_gen_enc_aligner.bias.add_(0.5)
+    return bundle
+
+
+def _build_killed_at(out: Path, line: str) -> None:
+    res = subprocess.run([sys.executable, "-c", KILL_AT, str(out), line], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == -signal.SIGKILL, res.stderr
+
+
+def test_killed_with_new_graphs_in_place_before_the_commit(base, base_latents, tmp_path):
+    out = tmp_path / "engines"
+    shutil.copytree(base, out)
+    before = _snapshot(out)
+    _build_killed_at(out, "commit:")
+    placed = set(_snapshot(out)) - set(before)
+    assert len(placed) == 1 and placed.pop().endswith("/gen_encoder.onnx")  # beside the live build, unlisted
+    assert (out / "manifest.json").read_bytes() == (base / "manifest.json").read_bytes()
+    assert torch.equal(_latents(out), base_latents)
+    assert build(load_preset("tiny"), out)["rebuilt"] == []  # rewrites the manifest, with the same graphs
+    after = _snapshot(out)
+    assert after.pop("manifest.json") and before.pop("manifest.json")
+    assert after == before and _staging_folders(out) == []
+
+
+def test_killed_after_the_commit_the_next_build_retires_the_old_files(base, base_latents, tmp_path):
+    out = tmp_path / "engines"
+    shutil.copytree(base, out)
+    _build_killed_at(out, "committed:")
+    assert (out / "gen_encoder.onnx").is_file()  # the previous build's file, not yet removed
+    assert not torch.equal(_latents(out), base_latents)  # the new build is the one served
+    assert build(_changed_tiny(), out)["rebuilt"] == []
+    assert not (out / "gen_encoder.onnx").exists() and _staging_folders(out) == []
+
+
 def test_interrupted_fp16_rebuild_cleans_up_and_keeps_the_previous_build(base, base_latents, tmp_path):
     out = tmp_path / "engines"
     shutil.copytree(base, out)
@@ -125,10 +181,7 @@ def test_a_build_never_removes_or_replaces_files_it_did_not_write(base, tmp_path
             "tokenizer/notes.txt": b"my tokenizer notes"}
     for name, data in mine.items():
         (out / name).write_bytes(data)
-    changed = load_preset("tiny")
-    with torch.no_grad():
-        changed.model.vision_gen_enc_aligner.bias.add_(0.5)
-    manifest = build(changed, out)
+    manifest = build(_changed_tiny(), out)
     assert manifest["rebuilt"] == ["gen_encoder"]
     assert not (out / "gen_encoder.onnx").exists()  # the previous build's own file is retired...
     moved = manifest["graphs"]["gen_encoder"]["files"]["fp32"]["file"]
@@ -155,11 +208,8 @@ def test_a_failed_build_takes_back_the_graphs_it_had_placed(base, tmp_path):
     (out / "manifest.json").write_text(json.dumps(manifest))
     (out / "tokenizer" / "tokenizer_config.json").write_text("{}")
     before = _snapshot(out)
-    changed = load_preset("tiny")
-    with torch.no_grad():
-        changed.model.vision_gen_enc_aligner.bias.add_(0.5)
     with pytest.raises(BuildFolderError, match="tokenizer_config.json"):
-        build(changed, out)
+        build(_changed_tiny(), out)
     assert _snapshot(out) == before and _staging_folders(out) == []
     assert [p.name for p in out.iterdir() if p.name.startswith("build-")] == []
 
@@ -180,20 +230,19 @@ def test_out_that_is_a_file_or_unwritable_is_named(tmp_path):
     assert res.returncode == 2 and f"error: {blocker}: output folder is not writable: it is a file" in res.stderr
     assert "Traceback" not in res.stderr and blocker.read_text() == "not a folder"
 
-    locked = tmp_path / "readonly"
-    locked.mkdir()
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
     if os.geteuid() == 0:  # root writes through file modes: a read-only mount is what stops it
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(locked)]).returncode != 0:
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(readonly)]).returncode != 0:
             pytest.skip("cannot mount a read-only tmpfs here")
     else:
-        locked.chmod(0o555)
+        readonly.chmod(0o555)
     try:
-        res = run_cli("build", "--preset", "tiny", "--out", str(locked))
+        with pytest.raises(BuildFolderError, match=f"^{readonly}: output folder is not writable"):
+            build(load_preset("tiny"), readonly)
     finally:
         if os.geteuid() == 0:
-            subprocess.run(["umount", str(locked)], check=True)
-    assert res.returncode == 2 and f"error: {locked}: output folder is not writable" in res.stderr, res.stderr
-    assert "Traceback" not in res.stderr
+            subprocess.run(["umount", str(readonly)], check=True)
 
 
 def test_full_disk_mid_rebuild_is_named_and_keeps_the_previous_build(base, base_latents, tmp_path):
