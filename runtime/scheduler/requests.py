@@ -116,6 +116,8 @@ class GenerationJob(Job):
         self.prompt_ids, self.n, self.steps, self.cfg, self.decode = prompt_ids, n, steps, cfg, decode
         self.z0 = z0
         self.steps_done = 0
+        # Whether a waiter wants every step: waking idle callers each step costs the worker the GIL.
+        self.watch_progress = False
         self.latents: torch.Tensor | None = None
         self.images: torch.Tensor | None = None  # uint8 [N,H,W,3]
 
@@ -126,7 +128,8 @@ class GenerationJob(Job):
     def set_progress(self, steps_done: int) -> None:
         with self.cond:
             self.steps_done = steps_done
-            self.cond.notify_all()
+            if self.watch_progress:
+                self.cond.notify_all()
 
     def set_latents(self, latents: torch.Tensor) -> None:
         with self.cond:
@@ -206,9 +209,10 @@ class GenerationHandle:
         """Until the request is done; `on_step(done, total)` runs here, on the caller's thread."""
         job, seen = self._job, 0
         target = (lambda: job.images is not None) if job.decode else (lambda: job.latents is not None)
+        job.watch_progress = on_step is not None
         while True:
             with job.cond:
-                job.wait_for(lambda: target() or job.steps_done > seen, timeout)
+                job.wait_for(lambda: target() or (on_step is not None and job.steps_done > seen), timeout)
                 done_steps, ready = job.steps_done, target()
             if on_step is not None:
                 for k in range(seen + 1, done_steps + 1):

@@ -1,0 +1,50 @@
+"""`jfexport bench-serve`: throughput and latency of concurrent clients, scheduler against one-at-a-time."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from jfexport.reference.errors import InputError
+
+from .options import DEFAULT_ENGINES, precision_option
+from .output_files import check_json_target, write_json
+
+
+@click.command("bench-serve")
+@click.option("--engines", type=click.Path(path_type=Path), default=DEFAULT_ENGINES, show_default=True,
+              help="Build folder to serve in process.")
+@precision_option
+@click.option("--clients", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Concurrent closed-loop clients.")
+@click.option("--requests", "requests_", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Requests in each run (scheduler run and one-at-a-time run).")
+@click.option("--mix", default="1:1", show_default=True, help="GEN:CHAT weights of the request kinds, e.g. 1:0, 0:1, 1:3.")
+@click.option("--steps", type=click.IntRange(min=1), default=30, show_default=True, help="Euler steps per image.")
+@click.option("--cfg", default=2.0, show_default=True, help="Classifier-free guidance weight.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Longest answer per question.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the results here.")
+def bench_serve_cmd(engines, precision, clients, requests_, mix, steps, cfg, max_new_tokens, json_path):
+    """Concurrent clients through the scheduler and through one request at a time, in one run."""
+    from jfexport.runtime.bench_serve import Workload, bench_serve
+    from jfexport.runtime.pipelines import JanusFlowRuntime
+
+    check_json_target(json_path)
+    try:
+        gen, chat = Workload.parse_mix(mix)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    workload = Workload(clients, requests_, gen, chat, steps, cfg, max_new_tokens)
+    runtime = JanusFlowRuntime.from_engines(engines, precision=precision)
+    try:
+        results = bench_serve(runtime, workload, progress=lambda m: click.echo(m, err=True))
+    finally:
+        runtime.close()
+    results["engines"] = str(engines)
+    text = json.dumps(results, indent=2)
+    click.echo(text)
+    if json_path is not None:
+        write_json(json_path, text)
