@@ -45,4 +45,11 @@ def choose_backend(requested: str) -> BackendChoice:
     if has_trt and has_gpu:
         return BackendChoice("tensorrt", f"TensorRT and a GPU ({torch.cuda.get_device_name(0)}) are present")
     why = "TensorRT is not installed" if not has_trt else "no CUDA GPU is visible"
-    return BackendChoice("onnxruntime", f"{why}; using ONNX Runtime ({'CUDA' if has_gpu else 'CPU'})")
+    return BackendChoice("onnxruntime", f"{why}; using ONNX Runtime ({'CUDA' if has_gpu and ort_has_cuda() else 'CPU'})")
+
+
+def ort_has_cuda() -> bool:
+    """Whether this onnxruntime can run on a GPU (onnxruntime-gpu); the plain wheel runs on the CPU only."""
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()

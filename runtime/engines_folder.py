@@ -13,16 +13,17 @@ from typing import Iterable
 
 import torch
 
+# What each pipeline runs (GENERATION_GRAPHS, UNDERSTANDING_GRAPHS): pass one as `graphs` and a text-to-image
+# service does not open the vision encoder, a chat one not the VAE. One definition, in the graph contract.
+from jfexport.reference.graph_contract import GENERATION_GRAPHS, UNDERSTANDING_GRAPHS
+
 from .backend_choice import choose_backend
-from .folder_files import TOKENIZER_DIR, FileCheck, check_files, confine_tokenizer, served_files
+from .folder_files import TOKENIZER_DIR, FileCheck, check_files, confine_tokenizer, served_files, tokenizer_files
 from .manifest_schema import FORMAT, MANIFEST, EnginesError, read_build_manifest, validate_manifest
 
 __all__ = ["FORMAT", "GENERATION_GRAPHS", "MANIFEST", "TOKENIZER_DIR", "UNDERSTANDING_GRAPHS", "CheckedBuild",
            "EngineSet", "EnginesError", "check_build", "load_engines", "pick_precision", "read_build_manifest"]
 
-# What each pipeline runs: a text-to-image service need not open the vision encoder, a chat one not the VAE.
-GENERATION_GRAPHS = ("embed_tokens", "llm_prefill", "llm_decode", "gen_encoder", "gen_decoder", "vae_decoder")
-UNDERSTANDING_GRAPHS = ("vision_encoder", "embed_tokens", "llm_prefill", "llm_decode")
 
 
 class EngineSet(dict):
@@ -32,7 +33,7 @@ class EngineSet(dict):
         super().__init__(engines)
         self.precision = precision  # the build precision chosen (a graph without a typed file serves fp32)
         self.device = device  # where the engines run (cpu when onnxruntime has no CUDA provider)
-        self.files = files  # per graph, how each of its served files was checked
+        self.files = files  # per graph (and "tokenizer"), how each of its files was checked
 
 
 def pick_precision(manifest: dict, requested: str | None, device: str) -> str:
@@ -65,7 +66,8 @@ class CheckedBuild:
     backend: str
     device: str
     precision: str
-    files: dict[str, list[FileCheck]]  # per graph to open, how each of its served files was checked
+    graphs: tuple[str, ...]  # the graphs to open
+    files: dict[str, list[FileCheck]]  # per graph to open (and "tokenizer"), how each of its files was checked
 
 
 def check_build(folder: str | Path, backend: str = "auto", precision: str | None = None, device: str | None = None,
@@ -86,9 +88,10 @@ def check_build(folder: str | Path, backend: str = "auto", precision: str | None
         device = ort_device(device)  # before the precision: fp16 is chosen only where it runs on a GPU
     precision = pick_precision(manifest, precision, device)
     listed = {name: served_files(manifest, name, precision, chosen) for name in names}
+    listed["tokenizer"] = tokenizer_files(manifest)
     confine_tokenizer(folder)
     checks = iter(check_files(folder, [f for files in listed.values() for f in files], full=verify_files))
-    return CheckedBuild(folder, manifest, chosen, device, precision,
+    return CheckedBuild(folder, manifest, chosen, device, precision, tuple(names),
                         {name: [next(checks) for _ in files] for name, files in listed.items()})
 
 
@@ -101,7 +104,7 @@ def load_engines(folder: str | Path, backend: str = "auto", precision: str | Non
     """
     build = check_build(folder, backend, precision, device, graphs, verify_files)
     engines = {}
-    for name, files in build.files.items():
+    for name in build.graphs:
         if build.backend == "tensorrt":
             from .backends.trt_backend import TrtEngine
 
@@ -109,5 +112,5 @@ def load_engines(folder: str | Path, backend: str = "auto", precision: str | Non
         else:
             from .backends.ort_backend import OrtEngine
 
-            engines[name] = OrtEngine(name, build.folder / files[0].file.name, device=build.device)
+            engines[name] = OrtEngine(name, build.folder / build.files[name][0].file.name, device=build.device)
     return EngineSet(engines, build.precision, build.device, build.files), build.manifest, build.backend

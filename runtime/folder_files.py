@@ -1,11 +1,12 @@
 """The files a build folder serves: confined to the folder, and checked against the manifest before use.
 
-Confinement: every path the manifest names (graph files, external data, engines) and everything
+Confinement: every path the manifest names (graph files, external data, engines, tokenizer) and everything
 under `tokenizer/` must resolve, symlinks followed, inside the folder. This is checked for all of
 them before any of them is opened, so a manifest naming `/etc/passwd`, `../other/x.onnx` or a
 symlink out of the folder is refused instead of read or run.
 
-Content: each served file is compared with the sha256 the manifest records for it, which refuses
+Content: each served file (and each tokenizer file the manifest hashes) is compared with the
+sha256 the manifest records for it, which refuses
 a flipped byte, a graph from another build of the same architecture (other weights, same size)
 and two swapped files. Hashing costs: sha256 runs at about 1.9 GB/s on one core of the 2-core
 development machine (SHA-NI; 1.8-1.9 GB/s from the page cache, measured while other work was
@@ -82,6 +83,12 @@ def served_files(manifest: dict, graph: str, precision: str, backend: str) -> li
         else:
             listed.append(ListedFile(graph, extra["file"], extra["sha256"], extra.get("size")))
     return listed
+
+
+def tokenizer_files(manifest: dict) -> list[ListedFile]:
+    """The tokenizer files the manifest records hashes for (builds before it did are confined only)."""
+    recorded = manifest.get("tokenizer", {})
+    return [ListedFile("tokenizer", f"{TOKENIZER_DIR}/{name}", digest) for name, digest in recorded.items()]
 
 
 def confine(folder: Path, graph: str, name: str) -> Path:
@@ -177,12 +184,14 @@ def check_files(folder: Path, listed: list[ListedFile], full: bool = False) -> l
         except OSError:
             st = None
         if st is None or not path.is_file():
-            raise EnginesError(f"{folder / f.name}: listed in the manifest for {f.graph} but missing (rebuild the engines)")
+            raise EnginesError(f"{folder / f.name}: listed in the manifest for {f.graph} but missing "
+                               "(rebuild the engines)")
         if f.size is not None and st.st_size != f.size:
             raise EnginesError(f"{f.graph}: {folder / f.name} is {st.st_size} bytes, the manifest records {f.size}: "
                                "a damaged or foreign file (rebuild the engines)")
         if f.sha256 is None:
-            log.warning("%s: %s has no sha256 in the manifest (built by an older exporter): not checked", f.graph, f.name)
+            log.warning("%s: %s has no sha256 in the manifest (built by an older exporter): not checked",
+                        f.graph, f.name)
             checks[i] = FileCheck(f, "unhashed")
         elif not full and any(src.get(f.name) == _stamp(st, f.sha256) for src in sources):
             checks[i] = FileCheck(f, "stamp")

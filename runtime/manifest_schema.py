@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from jfexport.reference.errors import JanusFlowError
+from jfexport.reference.graph_contract import GRAPH_NAMES
 
 MANIFEST = "manifest.json"
 FORMAT = "jfexport-manifest/1"
@@ -241,7 +242,19 @@ def _cross_checks(manifest: dict, model: dict) -> None:
 
 def _limit_checks(manifest: dict, model: dict, limits: dict) -> None:
     """The limits the runtime admits requests by may not exceed what the model and the graphs support."""
-    max_batch = limits["max_batch"]
+    max_seq, max_batch = limits["max_seq"], limits["max_batch"]
+    positions = model["config"]["language_config"]["max_position_embeddings"]
+    if max_seq > positions:
+        raise _Invalid("limits.max_seq", f"{max_seq} exceeds what the model supports: "
+                                         f"model.config.language_config.max_position_embeddings is {positions}")
+    # A sequence of max_seq tokens is prefilled (S) or decoded against a past of max_seq - 1 (P).
+    bounds = (("embed_tokens", "S", 0), ("llm_prefill", "S", 0), ("llm_decode", "P", 1))
+    for graph, dim, offset in bounds:
+        entry = manifest["graphs"].get(graph)
+        r = entry["spec"]["dims"].get(dim) if entry else None
+        if r is not None and max_seq > r["max"] + offset:
+            raise _Invalid("limits.max_seq", f"{max_seq} exceeds what the graphs support: "
+                                             f"graphs.{graph}.spec.dims.{dim}.max is {r['max']}")
     for graph, entry in manifest["graphs"].items():
         r = entry["spec"]["dims"].get("B")
         if r is not None and max_batch > r["max"]:
@@ -278,9 +291,14 @@ def _validate(m: dict) -> None:
     backend = _obj(m, "backend", "", optional=True)
     if backend is not None:
         _text(backend, "name", "backend", BACKENDS)
+    tokenizer = _obj(m, "tokenizer", "", optional=True)  # file name -> sha256; older builds did not record it
+    for name, digest in (tokenizer or {}).items():
+        _expect(isinstance(digest, str) and _SHA256.fullmatch(digest) is not None, f"tokenizer.{name}",
+                "64 lowercase hex digits", digest)
     graphs = _obj(m, "graphs", "")
     _expect(len(graphs) > 0, "graphs", "at least one graph", graphs)
     for name, entry in graphs.items():
+        _expect(name in GRAPH_NAMES, f"graphs.{name}", f"a graph of the contract ({', '.join(GRAPH_NAMES)})", name)
         _graph(name, entry, precisions)
     _cross_checks(m, model)
     _limit_checks(m, model, limits)

@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from ..backend_choice import ort_has_cuda
 from ..errors import RuntimeFailure
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ _ORT_TO_TORCH = {
 def ort_device(device: str) -> str:
     """The device ONNX Runtime can run on for `device`: "cpu" (with a warning) where CUDA was asked for and
     this onnxruntime has no CUDA provider."""
-    if torch.device(device).type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+    if torch.device(device).type == "cuda" and not ort_has_cuda():
         log.warning("onnxruntime %s has no CUDA provider here: running the engines on the CPU "
                     "(install the `gpu` extra, onnxruntime-gpu, to run them on the GPU)", ort.__version__)
         return "cpu"
