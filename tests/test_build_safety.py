@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from jfexport.export.build import build
-from jfexport.export.build_folder import BuildFolderError, LOCK
+from jfexport.export.build_folder import LOCK, BuildFolderError, BuildLockedError
 from jfexport.reference.bundle import load_preset
 from jfexport.runtime.engines_folder import EnginesError
 from jfexport.runtime.folder_files import STAMPS
@@ -76,20 +76,18 @@ def test_killed_rebuild_keeps_the_previous_build_and_holds_off_a_second_build(ba
     before = _snapshot(out)
     first = _start_build(out)  # the bundled default model: every graph differs from the tiny build's
     first.send_signal(signal.SIGSTOP)  # alive and holding the lock however long the second build takes to start
-    second = run_cli("build", "--preset", "tiny", "--out", str(out))
-    assert second.returncode == 2 and f"another build (pid {first.pid})" in second.stderr, second.stderr
-    assert "Traceback" not in second.stderr
+    with pytest.raises(BuildLockedError, match=f"another build \\(pid {first.pid}\\)"):
+        build(load_preset("tiny"), out)
     first.send_signal(signal.SIGKILL)
     first.wait()
     assert _snapshot(out) == before  # old manifest, old graphs: none of the default model's graphs in place
     assert _staging_folders(out), "the killed build had staged nothing: the kill came too late to test anything"
     assert torch.equal(_latents(out), base_latents)
 
-    res = run_cli("build", "--preset", "tiny", "--out", str(out))
-    assert res.returncode == 0, res.stderr
-    assert f"taking over the lock left by pid {first.pid}" in res.stderr
-    assert "removed the staging folder of an interrupted build" in res.stderr
-    assert "everything up to date" in res.stdout  # the tiny build survived whole
+    messages: list[str] = []
+    assert build(load_preset("tiny"), out, progress=messages.append)["rebuilt"] == []  # the tiny build survived whole
+    assert any(f"taking over the lock left by pid {first.pid} (no longer running)" in m for m in messages)
+    assert any("removed the staging folder of an interrupted build" in m for m in messages)
     assert _staging_folders(out) == [] and _snapshot(out).keys() == before.keys()
 
 
