@@ -1,19 +1,19 @@
 """The files a build folder serves: confined to the folder, and checked against the manifest before use.
 
-Confinement: every path the manifest names (graph files, external data, engines, tokenizer) and everything
-under `tokenizer/` must resolve, symlinks followed, inside the folder. This is checked for all of
-them before any of them is opened, so a manifest naming `/etc/passwd`, `../other/x.onnx` or a
-symlink out of the folder is refused instead of read or run.
+Confinement: every path the manifest names (graph files, external data, engines, tokenizer) and
+everything under `tokenizer/` must resolve, symlinks followed, inside the folder. This is checked
+for all of them before any of them is opened, so a manifest naming `/etc/passwd`,
+`../other/x.onnx` or a symlink out of the folder is refused instead of read or run.
 
 Content: each served file (and each tokenizer file the manifest hashes) is compared with the
-sha256 the manifest records for it, which refuses
-a flipped byte, a graph from another build of the same architecture (other weights, same size)
-and two swapped files. Hashing costs: sha256 runs at about 1.9 GB/s on one core of the 2-core
-development machine (SHA-NI; 1.8-1.9 GB/s from the page cache, measured while other work was
-running), so the 20 GB full-size build costs about 10-11 s of one core on its first start, files
-hashed in parallel threads (hashlib and file reads release the GIL), and more where the disk is
-slower than that: the engines read those bytes anyway, so a first start pays about one extra read
-of every file. That is acceptable once, not on every start of every replica, so:
+sha256 the manifest records for it, which refuses a flipped byte, a graph from another build of
+the same architecture (other weights, same size) and two swapped files. Hashing costs: sha256 runs at 1.8-2.1 GB/s on one core of the 2-core
+development machine (SHA-NI, from the page cache, measured while other work shared the cores), so
+the 20 GB full-size build costs about 10-11 s of one core on its first start. Files are hashed in
+parallel threads (hashlib and file reads release the GIL): 2.07 GB/s with 2 threads against
+1.81 GB/s one after the other here; with enough cores the largest file bounds the wall time. Where
+the disk is slower than the hash, the engines read those bytes anyway, so a first start pays about
+one extra read of every file. That is acceptable once, not on every start of every replica, so:
 
 - the first start hashes every served file and records a verified stamp per file (size, mtime_ns,
   ctime_ns, inode, device, sha256) in `.jfexport-verified.json` in the folder, or, where the folder
@@ -23,7 +23,8 @@ of every file. That is acceptable once, not on every start of every replica, so:
   (which user space cannot set back), a copy or a rename of another file over it changes its inode,
   so none of the three refused cases passes the fast path; a size the manifest records is compared
   on every start;
-- `verify_files=True` (`--verify-files`) hashes everything again, stamps or not.
+- `verify_files=True` (`load_engines`, `check_build`; `jfexport verify` always) hashes everything
+  again, stamps or not.
 
 Stamps protect against accidents (damaged disks, copies from the wrong build, mixed-up files), not
 against someone who can write the folder: they could rewrite the manifest as well.
