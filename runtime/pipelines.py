@@ -10,6 +10,7 @@ is bounded (`max_queue`): past it, `Overloaded` is raised at once.
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
@@ -40,7 +41,8 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 class JanusFlowRuntime:
     def __init__(self, engines: Mapping[str, Engine], processor: JanusProcessor, latent_shape: tuple[int, int, int],
                  grid: int, image_size: int, max_len: int = DEFAULT_MAX_LEN, max_rows: int = DEFAULT_MAX_ROWS,
-                 backend: str = "torch", max_queue: int = 64, kv_budget_bytes: int = 4 << 30):
+                 backend: str = "torch", max_queue: int = 64, kv_budget_bytes: int = 4 << 30,
+                 torch_threads: int | None = None):
         self.engines = engines
         self.processor = processor
         self.latent_shape = latent_shape  # (C, h, w) of one latent
@@ -49,7 +51,10 @@ class JanusFlowRuntime:
         self.max_len = max_len  # longest sequence (prompt + generated tokens) the engines accept
         self.max_rows = max_rows  # batch rows the engines accept (CFG doubles generation rows)
         self.backend = backend
-        self.scheduler = Scheduler(engines, processor, grid, max_rows, max_len, max_queue, kv_budget_bytes)
+        self.scheduler = Scheduler(engines, processor, grid, max_rows, max_len, max_queue, kv_budget_bytes, torch_threads)
+        # The worker thread holds the scheduler, not the runtime: a dropped runtime (or the end of
+        # the interpreter, before native thread pools are torn down) stops its worker.
+        weakref.finalize(self, self.scheduler.close)
 
     @classmethod
     def from_engines(cls, folder, backend: str = "auto", precision: str | None = None, device: str | None = None,
@@ -58,7 +63,7 @@ class JanusFlowRuntime:
         """A build folder (`jfexport build`): its manifest, graphs and tokenizer. `tasks` limits the
         graphs opened: chat needs no VAE, generation no vision encoder.
 
-        `torch_threads` sets torch's (process-wide) thread count: over engines, torch only glues
+        `torch_threads` sets the scheduler thread's torch thread count: over engines, torch only glues
         small tensors between calls, and its thread pool fighting ONNX Runtime's for the same
         cores cost more than the work (measured on 2 cores, 8 images x 30 steps of the default
         model: 1355 ms with torch's default threads, 159 ms with one). None leaves it alone.
@@ -67,8 +72,7 @@ class JanusFlowRuntime:
 
         wanted = {g for task in tasks for g in {"generate": GENERATION_GRAPHS, "chat": UNDERSTANDING_GRAPHS}[task]}
         engines, manifest, chosen = load_engines(folder, backend, precision, device, graphs=wanted)
-        if torch_threads is not None:
-            torch.set_num_threads(torch_threads)
+
         model = manifest["model"]
         und = model["config"]["vision_und_enc_config"]["params"]
         tokenizer_dir = Path(folder) / TOKENIZER_DIR
@@ -81,7 +85,7 @@ class JanusFlowRuntime:
         latent = model["latent_size"]
         limits = manifest["limits"]
         return cls(engines, processor, (model["latent_channels"], latent, latent), model["grid"], model["image_size"],
-                   limits["max_seq"], limits["max_batch"], chosen, max_queue, kv_budget_bytes)
+                   limits["max_seq"], limits["max_batch"], chosen, max_queue, kv_budget_bytes, torch_threads)
 
     @classmethod
     def from_bundle(cls, bundle, backend: str = "torch", dtype: torch.dtype = torch.float32, device: str = "cpu",

@@ -74,7 +74,7 @@ def beg_folder(tmp_path_factory):
 
 
 def _specials(processor: JanusProcessor) -> list[str]:
-    return sorted(t.content for t in processor.tokenizer.hf.added_tokens_decoder.values())
+    return sorted(t.content for t in processor.tokenizer.backend.get_added_tokens_decoder().values())
 
 
 def test_every_added_token_is_covered(safe):

@@ -7,6 +7,11 @@ processor's; the pad id is `<｜▁pad▁｜>` when the vocabulary has it, else 
 User text can be encoded as plain text (`encode_parts`): the official tokenizer turns every
 added-token string, wherever it appears, into its special id, so a question holding
 `<｜end▁of▁sentence｜>` or `<begin_of_image>` would end a turn or break the image layout.
+
+The files are read with the `tokenizers` library itself, the engine under transformers' fast
+tokenizers, so that serving loads no transformers: BOS/EOS come from special_tokens_map.json
+(over tokenizer_config.json) as transformers resolves them, and tests hold the ids and the
+decoded text to transformers' `PreTrainedTokenizerFast` on the same files.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import PreTrainedTokenizerFast
+from tokenizers import AddedToken, Tokenizer
 
 from .errors import ProcessorInputError, TokenizerFilesError
 
@@ -46,30 +51,39 @@ class Tags:
 
 
 class JanusTokenizer:
-    def __init__(self, hf: PreTrainedTokenizerFast, tags: Tags):
-        self.hf = hf
+    def __init__(self, backend: Tokenizer, tags: Tags, bos_token: str, eos_token: str,
+                 clean_up_spaces: bool = False):
+        self.backend = backend
         self.tags = tags
+        self.clean_up_spaces = clean_up_spaces
         for tag in (tags.image, tags.image_gen, tags.image_start, tags.image_end):
-            if tag not in hf.get_vocab():
-                hf.add_special_tokens({"additional_special_tokens": [tag]})
+            if backend.token_to_id(tag) is None:
+                # As transformers' add_special_tokens: a special token, never normalised or stripped.
+                backend.add_special_tokens([AddedToken(tag, special=True, normalized=False)])
                 log.info("added tag %s to the tokenizer", tag)
-        vocab = hf.get_vocab()
-        self.bos_id = int(hf.bos_token_id)
-        self.eos_id = int(hf.eos_token_id)
+        vocab = backend.get_vocab(with_added_tokens=True)
+        self.bos_id = self._id(vocab, bos_token, "BOS")
+        self.eos_id = self._id(vocab, eos_token, "EOS")
         self.pad_id = int(vocab.get(PAD_TOKEN, self.eos_id))
         self.image_id = vocab[tags.image]
         self.image_start_id = vocab[tags.image_start]
         self.image_end_id = vocab[tags.image_end]
         self.image_gen_id = vocab[tags.image_gen]
-        added = hf.added_tokens_decoder
+        added = backend.get_added_tokens_decoder()
         self.added_ids = frozenset(added)
         # Longest first: Python's alternation takes the first alternative that matches, and the
         # tokenizer's added-token matcher takes the longest match at the leftmost position.
         contents = sorted({t.content for t in added.values() if t.content}, key=len, reverse=True)
         self._added_pattern = re.compile("|".join(map(re.escape, contents))) if contents else None
 
+    @staticmethod
+    def _id(vocab: dict[str, int], token: str, role: str) -> int:
+        if token not in vocab:
+            raise TokenizerFilesError(f"the {role} token {token!r} is not in tokenizer.json")
+        return int(vocab[token])
+
     def __len__(self) -> int:
-        return len(self.hf)
+        return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
         """Token ids starting with BOS.
@@ -77,7 +91,7 @@ class JanusTokenizer:
         DeepSeek tokenizers prepend BOS in their post-processor; one that does not gets it here,
         because both procedures rely on row position 0 being BOS (the CFG rows keep only it).
         """
-        ids = self.hf.encode(text)
+        ids = self.backend.encode(text).ids
         if not ids or ids[0] != self.bos_id:
             ids = [self.bos_id] + ids
         return ids
@@ -106,12 +120,12 @@ class JanusTokenizer:
             return self.encode(text)
         ids, done = [self.bos_id], 0
         for m in hostile:
-            ids += self.hf.encode(text[done:m.start()], add_special_tokens=False) + self._plain_ids(m.group())
+            ids += self.backend.encode(text[done:m.start()], add_special_tokens=False).ids + self._plain_ids(m.group())
             done = m.end()
-        return ids + self.hf.encode(text[done:], add_special_tokens=False)
+        return ids + self.backend.encode(text[done:], add_special_tokens=False).ids
 
     def _plain_ids(self, text: str) -> list[int]:
-        backend = self.hf.backend_tokenizer
+        backend = self.backend
         if backend.normalizer is not None:
             text = backend.normalizer.normalize_str(text)
         pieces = backend.pre_tokenizer.pre_tokenize_str(text) if backend.pre_tokenizer is not None else [(text, None)]
@@ -122,7 +136,24 @@ class JanusTokenizer:
         return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+        text = self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        return clean_up_tokenization(text) if self.clean_up_spaces else text
+
+
+def clean_up_tokenization(text: str) -> str:
+    """transformers' `clean_up_tokenization` (for tokenizers configured with it): no space before
+    punctuation and English contractions."""
+    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(before, after)
+    return text
+
+
+def _token_content(value: object) -> str | None:
+    """A special token as the config files write it: a string or an AddedToken dict."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
 
 
 def read_json(path: Path) -> dict:
@@ -141,13 +172,18 @@ def load_tokenizer(folder: str | Path, processor_config: dict | None = None) -> 
     if not (folder / "tokenizer.json").is_file():
         raise TokenizerFilesError(f"{folder}: no tokenizer.json (the tokenizer file of the checkpoint)")
     try:
-        hf = PreTrainedTokenizerFast.from_pretrained(str(folder))
+        backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
     except Exception as e:  # the Rust tokenizers library raises a bare Exception on malformed files
         raise TokenizerFilesError(f"{folder / 'tokenizer.json'}: cannot load the tokenizer ({e})") from None
-    if hf.bos_token_id is None or hf.eos_token_id is None:
+    config = read_json(folder / "tokenizer_config.json")
+    # special_tokens_map.json overrides tokenizer_config.json, as in transformers' loader.
+    special = {**config, **read_json(folder / "special_tokens_map.json")}
+    bos, eos = _token_content(special.get("bos_token")), _token_content(special.get("eos_token"))
+    if bos is None or eos is None:
         raise TokenizerFilesError(
             f"{folder}: the tokenizer defines no BOS/EOS token (expected in special_tokens_map.json or tokenizer_config.json)"
         )
     if processor_config is None:
         processor_config = read_json(folder / "processor_config.json")
-    return JanusTokenizer(hf, Tags.from_processor_config(processor_config))
+    return JanusTokenizer(backend, Tags.from_processor_config(processor_config), bos, eos,
+                          bool(config.get("clean_up_tokenization_spaces", False)))

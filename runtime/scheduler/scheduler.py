@@ -25,6 +25,8 @@ import threading
 import time
 from typing import Callable, Mapping
 
+import torch
+
 from jfexport.reference.errors import InputError
 
 from ..engine import Engine
@@ -41,8 +43,9 @@ Failure = tuple[Job, BaseException]
 
 class Scheduler:
     def __init__(self, engines: Mapping[str, Engine], processor, grid: int, max_rows: int, max_len: int,
-                 max_queue: int = 64, kv_budget_bytes: int = 4 << 30):
+                 max_queue: int = 64, kv_budget_bytes: int = 4 << 30, torch_threads: int | None = None):
         self.max_queue = max_queue
+        self._torch_threads = torch_threads
         self._observers: list[Observer] = []
         self.generation = GenerationRows(engines, processor.tokenizer.pad_id, grid, max(1, max_rows // 2), self._observe)
         self.chat = ChatSlots(engines, processor, max_rows, max_len, kv_budget_bytes, self._observe)
@@ -109,6 +112,8 @@ class Scheduler:
         return bool(self._queue or self._calls or g.rows or g.to_decode or self.chat.rows)
 
     def _run(self) -> None:
+        if self._torch_threads is not None:
+            torch.set_num_threads(self._torch_threads)
         try:
             while True:
                 with self._cond:
