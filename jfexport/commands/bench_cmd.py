@@ -29,13 +29,13 @@ from .output_files import check_json_target, write_json
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the results here.")
 def bench_cmd(checkpoint, vae, preset, engines, backend, steps, cfg, batch, warmup, runs, max_new_tokens, json_path):
     """Benchmark the runtime against the reference eager pipeline."""
+    check_json_target(json_path)  # before the imports below, which take seconds
     from PIL import Image
 
     from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
     from jfexport.runtime.bench import bench_pipelines
     from jfexport.runtime.pipelines import JanusFlowRuntime
 
-    check_json_target(json_path)
     if engines is not None:
         runtime = JanusFlowRuntime.from_engines(engines, backend)
         bundle = reference_bundle_for_build(engines, checkpoint, vae)

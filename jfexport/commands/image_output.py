@@ -19,7 +19,7 @@ def plan_image_paths(out: Path, count: int, overwrite: bool) -> list[Path]:
     images are numbered after the highest `image_<i>.png` already there; `overwrite` numbers
     from 0 and replaces.
     """
-    ensure_writable_folder(out, f"-o {out}")
+    ensure_writable_folder(out, "-o")
     existing = {int(m.group(1)): p for p in out.iterdir() if (m := _IMAGE_NAME.fullmatch(p.name))}
     in_the_way = sorted(p.name for p in existing.values() if not p.is_file())
     if in_the_way:
