@@ -122,17 +122,16 @@ def _list(parent: dict, key: str, where: str, optional: bool = False) -> list:
     return value
 
 
-def _file_record(parent: dict, where: str, hashed: bool = True) -> None:
-    """{file, sha256, size?}: the file a graph is served from, as the build recorded it."""
+def _file_record(parent: dict, where: str) -> None:
+    """{file, sha256, size?}: a file a graph is served from, as the build recorded it."""
     _text(parent, "file", where)
-    if hashed:
-        digest = _get(parent, "sha256", where)
-        _expect(isinstance(digest, str) and _SHA256.fullmatch(digest) is not None, _join(where, "sha256"),
-                "64 lowercase hex digits", digest)
+    digest = _get(parent, "sha256", where)
+    _expect(isinstance(digest, str) and _SHA256.fullmatch(digest) is not None, _join(where, "sha256"),
+            "64 lowercase hex digits", digest)
     _nonneg_int(parent, "size", where, optional=True)
 
 
-def _tensor(t: Any, where: str, dims: dict) -> list:
+def _tensor(t: Any, where: str, dims: dict) -> None:
     _expect(isinstance(t, dict), where, "an object", t)
     _text(t, "name", where)
     _text(t, "dtype", where, DTYPES)
@@ -146,7 +145,6 @@ def _tensor(t: Any, where: str, dims: dict) -> list:
             _expect(not unknown, at, f"a positive int or a sum of dims in {sorted(dims)}", d)
         else:
             _expect(_is_int(d) and d > 0, at, "a positive int or a dim name", d)
-    return shape
 
 
 def _graph(name: str, entry: Any, precisions: list[str]) -> None:
