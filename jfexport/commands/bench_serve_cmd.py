@@ -27,8 +27,14 @@ from .output_files import check_json_target, write_json
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
               help="Longest answer per question.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the results here.")
-def bench_serve_cmd(engines, precision, clients, requests_, mix, steps, cfg, max_new_tokens, json_path):
-    """Concurrent clients through the scheduler and through one request at a time, in one run."""
+@click.option("--url", default=None,
+              help="Load a running server (`jfexport serve`, or the Ray Serve app) over HTTP instead of --engines.")
+@click.option("--api-key", envvar="JFEXPORT_API_KEY", default=None, help="--url: the server's key (default: $JFEXPORT_API_KEY).")
+def bench_serve_cmd(engines, precision, clients, requests_, mix, steps, cfg, max_new_tokens, json_path, url, api_key):
+    """Concurrent clients through the scheduler and through one request at a time, in one run.
+
+    With --url, the same workload goes to a server over HTTP (chat streamed, for time to first token).
+    """
     from jfexport.runtime.bench_serve import Workload, bench_serve
     from jfexport.runtime.pipelines import JanusFlowRuntime
 
@@ -38,12 +44,17 @@ def bench_serve_cmd(engines, precision, clients, requests_, mix, steps, cfg, max
     except ValueError as e:
         raise InputError(str(e)) from None
     workload = Workload(clients, requests_, gen, chat, steps, cfg, max_new_tokens)
-    runtime = JanusFlowRuntime.from_engines(engines, precision=precision)
-    try:
-        results = bench_serve(runtime, workload, progress=lambda m: click.echo(m, err=True))
-    finally:
-        runtime.close()
-    results["engines"] = str(engines)
+    if url is not None:
+        from jfexport.runtime.serving.http_load import bench_http
+
+        results = bench_http(url, workload, api_key, progress=lambda m: click.echo(m, err=True))
+    else:
+        runtime = JanusFlowRuntime.from_engines(engines, precision=precision)
+        try:
+            results = bench_serve(runtime, workload, progress=lambda m: click.echo(m, err=True))
+        finally:
+            runtime.close()
+        results["engines"] = str(engines)
     text = json.dumps(results, indent=2)
     click.echo(text)
     if json_path is not None:

@@ -39,11 +39,11 @@ class JanusFlowDeployment:
                  api_key: str | None = None, model_id: str = "janusflow", request_timeout: float = 120.0):
         self.runtime = load_runtime(engines, backend, precision, max_queue)
         replica = serve.get_replica_context().replica_id.unique_id
-        self.app = build_asgi_app(self.runtime, api_key=api_key, model_id=model_id,
+        self._asgi_app_built = build_asgi_app(self.runtime, api_key=api_key, model_id=model_id,
                                   limits=Limits(request_timeout=request_timeout), replica_id=f"{replica}:{os.getpid()}")
 
     def __serve_build_asgi_app__(self):
-        return self.app
+        return self._asgi_app_built
 
     def check_health(self) -> None:
         """Ray restarts a replica whose scheduler no longer answers."""

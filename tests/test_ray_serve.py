@@ -1,0 +1,141 @@
+"""The Ray Serve application: `jfexport serve --ray --replicas 2` on a local Ray instance.
+
+The test starts Ray (through the command) and stops it (SIGTERM: serve.shutdown, ray.shutdown).
+Two replicas on this 2-core machine; requests go through Ray's HTTP proxy on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from .serve_helpers import ServerProcess, build_engines, chat_messages, data_url, free_port, shape_image
+
+pytest.importorskip("ray.serve")
+
+LOAD_S = 12  # the load run's length
+REQUEST_TIMEOUT_S = 20  # a client gives up after this: an answer must come sooner
+
+
+@pytest.fixture(scope="module")
+def ray_server(tmp_path_factory):
+    engines = build_engines(tmp_path_factory)
+    port = free_port()
+    proc = ServerProcess(["serve", "--ray", "--replicas", "2", "--engines", str(engines), "--port", str(port)],
+                         tmp_path_factory.mktemp("ray") / "ray-serve.log")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        proc.wait_ready(url, timeout=240)
+        yield url, proc
+    finally:
+        code = proc.stop(timeout=60)
+        assert code == 0, proc.log()[-3000:]
+
+
+def replica_of(response: httpx.Response) -> str:
+    return response.headers["x-jfexport-replica"]
+
+
+def pid_of(replica: str) -> int:
+    return int(replica.rsplit(":", 1)[1])
+
+
+def test_openai_routes_through_ray_proxy(ray_server):
+    client = openai.OpenAI(base_url=f"{ray_server[0]}/v1", api_key="unused", max_retries=0, timeout=60)
+    answer = client.chat.completions.create(model="janusflow", messages=chat_messages(data_url(shape_image())),
+                                            max_tokens=8)
+    assert answer.choices[0].message.content.strip() and answer.usage.prompt_tokens > 0
+    images = client.images.generate(model="janusflow", prompt="a red circle", n=1, size="64x64",
+                                    response_format="b64_json", extra_body={"steps": 4})
+    assert len(images.data) == 1 and images.data[0].b64_json
+    bad = httpx.post(f"{ray_server[0]}/v1/images/generations", json={"prompt": "x", "size": "9x9"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "size"
+
+
+def test_requests_spread_over_both_replicas(ray_server):
+    url, _ = ray_server
+    body = {"messages": chat_messages(data_url(shape_image())), "max_tokens": 4}
+    seen: list[str] = []
+
+    def client() -> None:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            for _ in range(6):
+                r = c.post("/v1/chat/completions", json=body)
+                assert r.status_code == 200, r.text
+                seen.append(replica_of(r))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(seen) == 24 and len(set(seen)) == 2, sorted(set(seen))
+
+
+def _outcome(r: httpx.Response) -> str:
+    if r.status_code == 200:
+        return "ok"
+    if r.status_code in (429, 503):
+        return "retryable"
+    # Ray's proxy answers a request whose replica process died under it with a plain-text 500;
+    # the app's own errors are JSON. Clients (openai's included) retry a 5xx.
+    if r.status_code == 500 and not r.headers.get("content-type", "").startswith("application/json"):
+        return "replica died"
+    return f"unexpected {r.status_code}: {r.text[:200]}"
+
+
+def test_killed_replica_is_replaced_and_no_client_hangs(ray_server):
+    url, _ = ray_server
+    chat = {"messages": chat_messages(data_url(shape_image())), "max_tokens": 16}
+    image = {"prompt": "a red circle", "steps": 30}
+    outcomes: list[tuple[str, float, float]] = []  # (outcome, start, seconds)
+    stop_at = time.monotonic() + LOAD_S
+
+    def client(k: int) -> None:
+        with httpx.Client(base_url=url, timeout=REQUEST_TIMEOUT_S) as c:
+            while time.monotonic() < stop_at:
+                start = time.monotonic()
+                try:
+                    path, body = ("/v1/chat/completions", chat) if k % 2 else ("/v1/images/generations", image)
+                    r = c.post(path, json=body)
+                    result = _outcome(r)
+                except httpx.TimeoutException:
+                    result = "hung"
+                except httpx.TransportError:  # the connection broke: retryable
+                    result = "retryable"
+                outcomes.append((result, start, time.monotonic() - start))
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    victim = replica_of(httpx.get(f"{url}/v1/models"))
+    killed_at = time.monotonic()
+    os.kill(pid_of(victim), signal.SIGKILL)
+    for t in threads:
+        t.join(LOAD_S + REQUEST_TIMEOUT_S + 5)
+    assert not any(t.is_alive() for t in threads)
+
+    kinds = {o for o, _, _ in outcomes}
+    assert kinds <= {"ok", "retryable", "replica died"}, kinds
+    assert max(s for _, _, s in outcomes) < REQUEST_TIMEOUT_S
+    failed = [o for o in outcomes if o[0] != "ok"]
+    assert len(failed) <= 4, failed  # at most the requests in flight on the killed replica
+    assert sum(1 for o, start, _ in outcomes if o == "ok" and start > killed_at) >= 10  # served on
+
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid_of(victim), 0)
+    deadline = time.monotonic() + 90
+    replicas: set[str] = set()
+    while time.monotonic() < deadline:
+        replicas = {replica_of(httpx.get(f"{url}/v1/models")) for _ in range(10)}
+        if len(replicas) == 2 and victim not in replicas:
+            break
+        time.sleep(1)
+    assert len(replicas) == 2 and victim not in replicas, replicas
