@@ -17,7 +17,7 @@ from jfexport.reference.errors import JanusFlowError
 from jfexport.runtime.backend_choice import BackendChoice, choose_backend
 
 from .build_folder import BuildFolder, named_os_error, open_build_folder
-from .exporter import Progress, export_graphs, manifest_for, weights_sha256
+from .exporter import Progress, export_graphs, graph_file_names, manifest_for, weights_sha256
 from .manifest import EnginesError, read_build_manifest, sha256_file, versions
 from .specs import Limits, graph_specs
 
@@ -47,7 +47,10 @@ def _reusable(entry: dict | None, out: Path, weights: str, wanted: tuple[str, ..
     files = entry.get("files", {})
     if set(wanted) - set(files):
         return False
-    return all((out / f["file"]).is_file() and sha256_file(out / f["file"]) == f["sha256"] for f in files.values())
+    records = [r for f in files.values() for r in (f, *f.get("external_data", []))]
+    # An external-data entry of an older manifest is a bare name, without a hash: rebuild then.
+    return all(isinstance(r, dict) and (out / r["file"]).is_file() and sha256_file(out / r["file"]) == r["sha256"]
+               for r in records)
 
 
 def previous_manifest(out: Path) -> dict | None:
@@ -98,9 +101,10 @@ def _build_in(session: BuildFolder, bundle: ModelBundle, fp16: bool, choice: Bac
         entries.update(export_graphs(bundle, session.staging, stale, precisions, limits, progress))
         for name in stale:
             for info in entries[name]["files"].values():
-                prefix = session.place([info["file"], *info["external_data"]])
+                prefix = session.place(graph_file_names(info))
                 info["file"] = prefix + info["file"]
-                info["external_data"] = [prefix + f for f in info["external_data"]]
+                for extra in info["external_data"]:
+                    extra["file"] = prefix + extra["file"]
     manifest = manifest_for(bundle, limits, precisions, {n: entries[n] for n in specs})
     manifest["tokenizer"] = session.stage_tokenizer(_processor_files(bundle))
     if choice.backend == "tensorrt":

@@ -51,6 +51,17 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def file_record(folder: Path, name: str) -> dict[str, object]:
+    """What the manifest records of a file, and the runtime checks before serving it."""
+    path = folder / name
+    return {"file": name, "sha256": sha256_file(path), "size": path.stat().st_size}
+
+
+def graph_file_names(info: dict) -> list[str]:
+    """The graph file of a manifest `files[precision]` entry, then its external-data files."""
+    return [info["file"], *(e["file"] for e in info.get("external_data", []))]
+
+
 def weights_sha256(name: str, bundle: ModelBundle) -> str:
     """Identity of a graph's weights: a rebuild re-exports only graphs whose weights changed."""
     h = hashlib.sha256()
@@ -115,9 +126,9 @@ def export_graphs(
                 for f in files:
                     f.replace(out / f.name)
                 entries[name]["files"][precision] = {
-                    "file": path.name,
-                    "sha256": sha256_file(out / path.name),
-                    "external_data": [f.name for f in files if f.name != path.name],
+                    **file_record(out, path.name),
+                    # Hashed like the graph file: the weights of a graph over 2 GB live here.
+                    "external_data": [file_record(out, f.name) for f in files if f.name != path.name],
                     "parity": parity.to_json(),
                     "export_seconds": round(seconds, 2),
                     "peak_rss_gib": round(_peak_rss_gib(), 2),
@@ -162,7 +173,7 @@ def export_all(bundle: ModelBundle, out: Path, graphs: list[str] | None = None, 
             entries = export_graphs(bundle, session.staging, names, precisions, limits, progress)
             for entry in entries.values():
                 for info in entry["files"].values():
-                    for name in (info["file"], *info["external_data"]):
+                    for name in graph_file_names(info):
                         os.replace(session.staging / name, out / name)
             manifest = manifest_for(bundle, limits, precisions, entries)
             write_manifest(out, manifest)

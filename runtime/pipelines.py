@@ -59,9 +59,11 @@ class JanusFlowRuntime:
     @classmethod
     def from_engines(cls, folder, backend: str = "auto", precision: str | None = None, device: str | None = None,
                      max_queue: int = 64, kv_budget_bytes: int = 4 << 30,
-                     tasks: tuple[str, ...] = ("generate", "chat"), torch_threads: int | None = 1) -> "JanusFlowRuntime":
+                     tasks: tuple[str, ...] = ("generate", "chat"), torch_threads: int | None = 1,
+                     verify_files: bool = False) -> "JanusFlowRuntime":
         """A build folder (`jfexport build`): its manifest, graphs and tokenizer. `tasks` limits the
-        graphs opened: chat needs no VAE, generation no vision encoder.
+        graphs opened: chat needs no VAE, generation no vision encoder. Every file served is checked
+        against the manifest (`verify_files`: a full hash now, else as `load_engines` decides).
 
         `torch_threads` sets the scheduler thread's torch thread count: over engines, torch only glues
         small tensors between calls, and its thread pool fighting ONNX Runtime's for the same
@@ -71,7 +73,8 @@ class JanusFlowRuntime:
         from .engines_folder import TOKENIZER_DIR, EnginesError, load_engines
 
         wanted = {g for task in tasks for g in {"generate": GENERATION_GRAPHS, "chat": UNDERSTANDING_GRAPHS}[task]}
-        engines, manifest, chosen = load_engines(folder, backend, precision, device, graphs=wanted)
+        engines, manifest, chosen = load_engines(folder, backend, precision, device, graphs=wanted,
+                                                 verify_files=verify_files)
 
         model = manifest["model"]
         und = model["config"]["vision_und_enc_config"]["params"]

@@ -326,3 +326,25 @@ print("LOADED", bad)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "LOADED []" in res.stdout, res.stdout
+
+
+def test_chat_needs_no_vae_and_generate_no_vision_encoder(build_dir, tmp_path):
+    import shutil
+
+    from .conftest import run_cli
+
+    folder = tmp_path / "build"
+    shutil.copytree(build_dir, folder)
+    (folder / "vae_decoder.onnx").unlink()
+    image = tmp_path / "red.png"
+    IMAGE.save(image)
+    res = run_cli("chat", "--engines", str(folder), "--image", str(image), QUESTION, "--max-new-tokens", "3")
+    assert res.returncode == 0, res.stderr
+    res = run_cli("generate", "--engines", str(folder), PROMPT, "--steps", "1", "-o", str(tmp_path / "out"))
+    assert res.returncode != 0 and "vae_decoder" in res.stderr and "Traceback" not in res.stderr
+    shutil.copy(build_dir / "vae_decoder.onnx", folder / "vae_decoder.onnx")
+    (folder / "vision_encoder.onnx").unlink()
+    res = run_cli("generate", "--engines", str(folder), PROMPT, "--steps", "1", "-o", str(tmp_path / "out"),
+                  "--verify-files")
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "out" / "image_0.png").is_file()

@@ -39,6 +39,9 @@ def runtime_options(f):
     f = click.option("--engines", type=click.Path(path_type=Path), default=None,
                      help=f"Build folder of `jfexport build` (default: {DEFAULT_ENGINES}).")(f)
     f = precision_option(f)
+    f = click.option("--verify-files", is_flag=True,
+                     help="Hash every graph file in full before serving (default: full hash on first use, then "
+                          "size/mtime/inode stamps).")(f)
     return model_options(f)
 
 
@@ -48,8 +51,10 @@ def load_model(checkpoint, vae, preset):
     return load_bundle(checkpoint=checkpoint, vae=vae, preset=preset)
 
 
-def open_pipeline(engines, backend, precision, checkpoint, vae, preset, numerics: str = "fp32"):
-    """The PyTorch reference (torch backend, or a model given directly) or a runtime over a build."""
+def open_pipeline(engines, backend, precision, checkpoint, vae, preset, numerics: str = "fp32", task: str | None = None,
+                  verify_files: bool = False):
+    """The PyTorch reference (torch backend, or a model given directly) or a runtime over a build;
+    `task` ("generate" or "chat") opens only the graphs that task runs."""
     from jfexport.reference.errors import InputError
 
     direct_model = checkpoint is not None or preset is not None
@@ -67,7 +72,8 @@ def open_pipeline(engines, backend, precision, checkpoint, vae, preset, numerics
         raise InputError("--numerics bf16 applies to the torch backend only")
     from jfexport.runtime.pipelines import JanusFlowRuntime
 
-    return JanusFlowRuntime.from_engines(folder, backend, precision)
+    tasks = (task,) if task else ("generate", "chat")
+    return JanusFlowRuntime.from_engines(folder, backend, precision, tasks=tasks, verify_files=verify_files)
 
 
 def reference_bundle_for_build(engines: Path, checkpoint=None, vae=None):

@@ -48,11 +48,11 @@ def build_cmd(checkpoint, vae, preset, fp16, backend, out, max_batch, max_seq):
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("out"), show_default=True,
               help="Folder for image_<i>.png; new images are numbered after those already there.")
 @click.option("--overwrite", is_flag=True, help="Number from image_0.png, replacing existing images.")
-def generate_cmd(prompts, engines, backend, precision, checkpoint, vae, preset, num_images, steps, cfg, seed, numerics, out,
+def generate_cmd(prompts, engines, backend, precision, verify_files, checkpoint, vae, preset, num_images, steps, cfg, seed, numerics, out,
                  overwrite):
     """Text-to-image: write PNG files for PROMPTS."""
     paths = plan_image_paths(out, len(prompts) * num_images, overwrite)
-    pipe = open_pipeline(engines, backend, precision, checkpoint, vae, preset, numerics)
+    pipe = open_pipeline(engines, backend, precision, checkpoint, vae, preset, numerics, "generate", verify_files)
     with click.progressbar(length=steps, label="sampling", file=sys.stderr) as bar:
         images = pipe.generate(list(prompts), n=num_images, steps=steps, cfg=cfg, seed=seed,
                                on_step=lambda done, total: bar.update(1))
@@ -71,13 +71,13 @@ def generate_cmd(prompts, engines, backend, precision, checkpoint, vae, preset, 
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
               help="Nucleus sampling mass (with --temperature > 0).")
 @click.option("--seed", default=0, show_default=True, help="Sampling seed (with --temperature > 0).")
-def chat_cmd(question, engines, backend, precision, checkpoint, vae, preset, image_path, max_new_tokens, temperature,
+def chat_cmd(question, engines, backend, precision, verify_files, checkpoint, vae, preset, image_path, max_new_tokens, temperature,
              top_p, seed):
     """Answer QUESTION about an image, streaming the answer."""
     from jfexport.reference.processor import load_image
 
     image = load_image(image_path)
-    pipe = open_pipeline(engines, backend, precision, checkpoint, vae, preset)
+    pipe = open_pipeline(engines, backend, precision, checkpoint, vae, preset, task="chat", verify_files=verify_files)
     tokenizer = pipe.processor.tokenizer
     ids: list[int] = []
     printed = ""

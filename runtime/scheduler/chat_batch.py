@@ -24,6 +24,8 @@ from jfexport.reference.graph_contract import count_layers, kv_name
 from jfexport.reference.pipelines.layout import understanding_positions
 from jfexport.reference.schedulers import sample_next
 
+from jfexport.reference.errors import InputError
+
 from ..engine import Engine
 from ..errors import NonFiniteOutput
 from .requests import ChatJob, ChatRow
@@ -99,6 +101,10 @@ class ChatSlots:
         self.observe("prefill", len(pairs))
         if self.store is None:
             self._allocate(out)
+        if len(self.rows) + len(pairs) > self.slots:
+            # Only the first prefill can meet this: the K/V budget is known once the store is sized.
+            raise InputError(f"{len(pairs)} questions at once, the K/V cache holds {self.slots} rows "
+                             "(raise kv_budget_bytes or ask fewer at once)")
         logits = out["logits"].float()
         width = mask.shape[1]
         lengths = mask.sum(dim=1).tolist()

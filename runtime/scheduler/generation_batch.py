@@ -14,7 +14,8 @@ the R unconditional ones; the ODE state stays fp32 whatever the engines' precisi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import torch
@@ -42,6 +43,9 @@ class _Prompt:
         return self.mask.shape[1]
 
 
+_serials = itertools.count()
+
+
 @dataclass
 class _Row:
     job: GenerationJob
@@ -49,6 +53,8 @@ class _Row:
     z: torch.Tensor  # [C,h,w] fp32
     schedule: FlowEulerCFGScheduler
     k: int = 0
+    # Identity for the batch cache: id() of a finished row can be reused by a new one.
+    serial: int = field(default_factory=lambda: next(_serials))
 
 
 Failure = tuple[GenerationJob, BaseException]
@@ -134,7 +140,7 @@ class GenerationRows:
 
     def _past(self, rows: list[_Row], cache: bool) -> tuple[dict, torch.Tensor, torch.Tensor]:
         """Batched past K/V, mask and step positions of `rows`; unchanged while the rows are."""
-        key = tuple(id(r) for r in rows)
+        key = tuple(r.serial for r in rows)
         if cache and key == self._batch_key:
             return self._batch
         tail = 1 + self.grid**2
