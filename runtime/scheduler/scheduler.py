@@ -6,7 +6,9 @@ Each iteration, in this order:
 2. chat: queued questions that fit the free K/V slots are prefilled together and get their first
    token; then every active row decodes one token;
 3. generation: queued prompts whose images fit are prefilled together; then every active image
-   takes one Euler step; finished latents are decoded by the VAE (one batched call).
+   takes one Euler step;
+4. questions that arrived during that step are prefilled; finished latents are decoded by the
+   VAE (one batched call).
 So the engines alternate between one chat token and one Euler step: a question that arrives
 while images are generated waits at most for the step in flight before it is prefilled, and
 images advance while answers stream. Admission is first come, first served within each kind; a
@@ -141,8 +143,14 @@ class Scheduler:
     def _iteration(self) -> None:
         self._run_calls()
         self._expire()
-        self._chat()
+        self._admit_chat()
+        if self.chat.rows:
+            self._settle(self.chat.step())
         self._generation()
+        # Questions that arrived during the Euler step start now, not after the VAE.
+        self._admit_chat()
+        if self.generation.to_decode:
+            self._isolated(self.generation.decode, self.generation.decode_batch())
 
     def _run_calls(self) -> None:
         with self._cond:
@@ -208,7 +216,8 @@ class Scheduler:
                 except Exception as e:  # noqa: BLE001 - the error is the request's result
                     self._settle([(job, e)])
 
-    def _chat(self) -> None:
+    def _admit_chat(self) -> None:
+        """Prefill the queued questions that fit the free slots; each gets its first token."""
         chat = self.chat
         admitted = self._admit(ChatJob, lambda job, taken: chat.active_rows + sum(j.rows for j in taken) + job.rows
                                <= chat.slots)
@@ -219,8 +228,6 @@ class Scheduler:
         admitted = [j for j in admitted if j.rule.max_new_tokens > 0]
         if admitted:
             self._isolated(chat.prefill, admitted)
-        if chat.rows:
-            self._settle(chat.step())
 
     def _refuse_oversized(self) -> None:
         """A question batch wider than the K/V slots (known once the store is sized) can never start."""
@@ -240,5 +247,3 @@ class Scheduler:
             self._isolated(gen.prefill, admitted)
         if gen.rows:
             self._settle(gen.step())
-        if gen.to_decode:
-            self._isolated(gen.decode, gen.decode_batch())
