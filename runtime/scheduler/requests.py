@@ -186,13 +186,12 @@ class ChatJob(Job):
         return reason
 
 
-class GenerationHandle:
-    """A submitted text-to-image request."""
+class _Handle:
+    """What both handles share: the job, cancellation and completion."""
 
-    def __init__(self, job: GenerationJob, to_images: Callable[[torch.Tensor], list]):
+    def __init__(self, job: Job):
         self._job = job
-        self._to_images = to_images
-        # A handle dropped without a result cancels its request instead of computing for nobody.
+        # A handle dropped before its request ends cancels it instead of computing for nobody.
         weakref.finalize(self, job.cancel)
 
     def cancel(self) -> None:
@@ -200,6 +199,14 @@ class GenerationHandle:
 
     def done(self) -> bool:
         return self._job.finished
+
+
+class GenerationHandle(_Handle):
+    """A submitted text-to-image request."""
+
+    def __init__(self, job: GenerationJob, to_images: Callable[[torch.Tensor], list]):
+        super().__init__(job)
+        self._to_images = to_images
 
     @property
     def progress(self) -> tuple[int, int]:
@@ -210,9 +217,11 @@ class GenerationHandle:
         job, seen = self._job, 0
         target = (lambda: job.images is not None) if job.decode else (lambda: job.latents is not None)
         job.watch_progress = on_step is not None
+        limit = None if timeout is None else time.monotonic() + timeout
         while True:
+            left = None if limit is None else max(0.0, limit - time.monotonic())
             with job.cond:
-                job.wait_for(lambda: target() or (on_step is not None and job.steps_done > seen), timeout)
+                job.wait_for(lambda: target() or (on_step is not None and job.steps_done > seen), left)
                 done_steps, ready = job.steps_done, target()
             if on_step is not None:
                 for k in range(seen + 1, done_steps + 1):
@@ -233,21 +242,14 @@ class GenerationHandle:
         return self._to_images(self._job.images)
 
 
-class ChatHandle:
+class ChatHandle(_Handle):
     """A submitted question: iterate it for token ids as they are decoded (EOS is not yielded)."""
 
     def __init__(self, job: ChatJob, tokenizer, prompt_tokens: int):
-        self._job = job
+        super().__init__(job)
         self._row = job.chat_rows[0]
         self.tokenizer = tokenizer
         self.prompt_tokens = prompt_tokens
-        weakref.finalize(self, job.cancel)
-
-    def cancel(self) -> None:
-        self._job.cancel()
-
-    def done(self) -> bool:
-        return self._job.finished
 
     @property
     def token_ids(self) -> list[int]:
