@@ -65,10 +65,10 @@ def metric(text: str, name: str, **labels: str) -> float:
 class ServerProcess:
     """`jfexport serve` (or any command) in a child process, stopped for sure at the end."""
 
-    def __init__(self, args: list[str], log: Path, env: dict | None = None):
+    def __init__(self, args: list[str], log: Path, env: dict | None = None, cwd: Path = REPO):
         self.log_path = log
         self._log = open(log, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "jfexport.cli", *args], cwd=REPO, stdout=self._log,
+        self.proc = subprocess.Popen([sys.executable, "-m", "jfexport.cli", *args], cwd=cwd, stdout=self._log,
                                      stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
                                      start_new_session=True)
 

@@ -353,3 +353,18 @@ def test_sigterm_drains_then_exits_0(server, http):
     in_flight.join(30)
     assert [r.status_code for r in done] == [200] and len(done[0].json()["data"]) == 8
     assert proc.proc.wait(15) == 0
+
+
+@pytest.mark.slow
+def test_without_engines_the_default_build_is_made_then_served(tmp_path):
+    port = free_port()
+    proc = ServerProcess(["serve", "--port", str(port)], tmp_path / "server.log", cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        proc.wait_ready(url, timeout=300)
+        assert (tmp_path / "engines" / "default" / "manifest.json").is_file()
+        assert "building the bundled default model first" in proc.log()
+        r = httpx.post(f"{url}/v1/images/generations", json={"prompt": "a red circle", "steps": 4})
+        assert r.status_code == 200 and len(r.json()["data"]) == 1
+    finally:
+        assert proc.stop() == 0

@@ -38,7 +38,8 @@ def serve_cmd(engines, precision, host, port, api_key, model_name, max_queue, re
         if not (engines / "manifest.json").is_file():
             click.echo(f"no build in {engines}: building the bundled default model first", err=True)
             # In a child process: the server process imports no model code.
-            subprocess.run([sys.executable, "-m", "jfexport.cli", "build", "--out", str(engines)], check=True)
+            if subprocess.run([sys.executable, "-m", "jfexport.cli", "build", "--out", str(engines)]).returncode:
+                raise click.ClickException(f"building {engines} failed (see above)")
     if use_ray:
         from jfexport.runtime.serving.ray_local import serve_on_ray
 

@@ -15,6 +15,7 @@ from typing import Callable
 import httpx
 
 from jfexport.runtime.bench_serve import Calls, Record, Workload, closed_loop, summarize
+from jfexport.runtime.errors import RuntimeFailure
 
 from .images import png_base64
 
@@ -69,14 +70,18 @@ def bench_http(url: str, workload: Workload, api_key: str | None = None,
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=workload.clients + 2, max_keepalive_connections=workload.clients + 2)
     with httpx.Client(base_url=url, headers=headers, timeout=600, limits=limits) as client:
-        models = client.get("/v1/models")
-        models.raise_for_status()
+        try:
+            models = client.get("/v1/models")
+        except httpx.TransportError as e:
+            raise RuntimeFailure(f"{url}: no server answers ({e})") from None
+        if models.status_code != 200:
+            raise RuntimeFailure(f"{url}/v1/models answered {models.status_code}: {models.text[:200]}")
         model = models.json()["data"][0]["id"]
         calls = http_calls(client, model, workload)
         # One warm-up request of each kind (connections, and whatever the server still initialises).
         for warm in (calls.generate(0), calls.chat(0)):
             if warm.error:
-                raise RuntimeError(f"{url}: the warm-up request failed: {warm.error}")
+                raise RuntimeFailure(f"{url}: the warm-up request failed: {warm.error}")
         progress(f"HTTP run against {url}")
         records, wall = closed_loop(calls, workload)
         replicas = sorted({client.get("/v1/models").headers.get("x-jfexport-replica", "?") for _ in range(8)})

@@ -50,7 +50,8 @@ class JanusFlowDeployment:
         self.runtime.stats()
 
     def __del__(self):
-        self.runtime.close()
+        if hasattr(self, "runtime"):  # absent when loading failed
+            self.runtime.close()
 
 
 def _gpus(value: Any) -> float:
