@@ -92,8 +92,14 @@ class JanusFlowRuntime:
 
     @classmethod
     def from_bundle(cls, bundle, backend: str = "torch", dtype: torch.dtype = torch.float32, device: str = "cpu",
-                    max_queue: int = 64, kv_budget_bytes: int = 4 << 30) -> "JanusFlowRuntime":
-        """Engines straight from a loaded model (the `torch` backend)."""
+                    max_queue: int = 64, kv_budget_bytes: int = 4 << 30, fast: bool | None = None) -> "JanusFlowRuntime":
+        """Engines straight from a loaded model (the `torch` backend).
+
+        `fast` (default: on for CUDA) puts the fast torch executors under the scheduler
+        (`scheduler.fast_generation`, `scheduler.fast_chat`: direct model calls over static
+        buffers, SDPA, k tokens per host round trip, CUDA graphs on CUDA); on CPU they run eagerly,
+        which is how the tests hold them to the engine path.
+        """
         if backend != "torch":
             raise InputError(f"from_bundle builds the torch backend only; use from_engines(DIR) for {backend!r}")
         from .backends.torch_backend import torch_engines
@@ -101,8 +107,15 @@ class JanusFlowRuntime:
         size = bundle.latent_size
         grid = bundle.config.image_grid(size)
         max_len = min(bundle.config.language.max_position_embeddings, DEFAULT_MAX_LEN)
-        return cls(torch_engines(bundle, dtype, device), bundle.processor, (bundle.latent_channels, size, size), grid,
-                   bundle.image_size, max_len, DEFAULT_MAX_ROWS, "torch", max_queue, kv_budget_bytes)
+        runtime = cls(torch_engines(bundle, dtype, device), bundle.processor, (bundle.latent_channels, size, size), grid,
+                      bundle.image_size, max_len, DEFAULT_MAX_ROWS, "torch", max_queue, kv_budget_bytes)
+        on_cuda = torch.device(device).type == "cuda"
+        if on_cuda if fast is None else fast:
+            from .scheduler.fast_paths import install_fast_paths
+
+            bundle.model.attention = "sdpa"  # the fused kernels; the engines share the model
+            install_fast_paths(runtime.scheduler, bundle.model, cuda_graphs=on_cuda)
+        return runtime
 
     @property
     def tokenizer(self):

@@ -52,6 +52,49 @@ def choose_next(logits: torch.Tensor, finished: torch.Tensor, eos_id: int, tempe
     return token
 
 
+def row_uniforms(generators: Sequence[torch.Generator], count: int) -> torch.Tensor:
+    """[B, count] fp32 uniforms in [0, 1): row i takes the next `count` draws of `generators[i]`.
+
+    What a device-side sampler consumes instead of drawing itself: a row's tokens then depend
+    only on its own generator and on how many tokens it has drawn for, not on chunking or batching.
+    """
+    return torch.stack([torch.rand(count, generator=g, dtype=torch.float64, device=g.device) for g in generators]).float()
+
+
+def sample_next_device(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+                       uniform: torch.Tensor) -> torch.Tensor:
+    """`sample_next` for a batch with per-row settings, branch-free on the logits' device.
+
+    logits [B,V]; temperature, top_p, uniform [B]. Rows with temperature 0 take the argmax; the
+    others draw from the same top-p distribution as `sample_next` by inverting its CDF at
+    `uniform` (so no generator runs on the device and the call can be captured in a CUDA graph).
+    """
+    greedy = logits.argmax(dim=-1)
+    sampled = temperature > 0
+    scale = torch.where(sampled, temperature, torch.ones_like(temperature))
+    probs = torch.softmax(logits.float() / scale[:, None], dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    drop = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p[:, None]
+    kept = sorted_probs.masked_fill(drop, 0.0)
+    cdf = kept.cumsum(dim=-1)
+    # The first sorted index whose cumulative mass exceeds u * total; clamped to the kept prefix
+    # because u * total can round up to total in fp32.
+    index = (cdf <= uniform[:, None] * cdf[:, -1:]).sum(dim=-1)
+    index = torch.minimum(index, (~drop).sum(dim=-1) - 1)
+    drawn = order.gather(-1, index[:, None]).squeeze(-1)
+    return torch.where(sampled, drawn, greedy)
+
+
+def stop_rows(token: torch.Tensor, finished: torch.Tensor, produced: torch.Tensor, limit: torch.Tensor,
+              eos_id: int) -> torch.Tensor:
+    """`StopRule` on the device for a batch with per-row limits: rows already finished get EOS;
+    `produced` counts the tokens of unfinished rows and `finished` is updated, both in place."""
+    token = torch.where(finished, torch.full_like(token, eos_id), token)
+    produced += (~finished).long()
+    finished |= (token == eos_id) | (produced >= limit)
+    return token
+
+
 @dataclass(frozen=True)
 class StopRule:
     eos_id: int

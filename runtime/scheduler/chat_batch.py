@@ -236,8 +236,12 @@ class ChatSlots:
     def _emit(self, active: _Active, logits: torch.Tensor) -> None:
         """Choose the row's next token; a row that has ended leaves its slot at once."""
         job, row = active.job, active.row
-        token = int(sample_next(logits[None], job.temperature, job.top_p, row.generator)[0])
+        token = self._choose(active, logits)
         active.produced += 1
         reason = job.push(row, token, logits.cpu() if job.keep_logits else None, active.produced)
         if reason is not None:
             self._remove(self.rows.index(active))
+
+    def _choose(self, active: _Active, logits: torch.Tensor) -> int:
+        """The row's next token from its logits [V] (a hook: the fast path chooses on the device)."""
+        return int(sample_next(logits[None], active.job.temperature, active.job.top_p, active.row.generator)[0])
