@@ -30,11 +30,11 @@ async def image_generation(request: Request, body: ImageGenerationRequest, servi
     try:
         while not (await asyncio.wait({result}, timeout=POLL_S))[0]:
             if await request.is_disconnected():
-                handle.cancel()
                 return Response(status_code=499)
     finally:
-        if not handle.done():
+        if not result.done():  # the client left, or the server is stopping
             handle.cancel()
+            result.add_done_callback(lambda f: f.exception())  # the RequestCancelled nobody awaits
     images = await result
     service.metrics.images.inc(len(images))
     data = await in_thread(lambda: [{"b64_json": png_base64(image)} for image in images])

@@ -79,7 +79,7 @@ class ImageGenerationRequest(_Body):
     response_format: Literal["b64_json"] = "b64_json"
     user: str | None = None
     # Extensions (not in OpenAI's API): the sampler's settings.
-    steps: int = Field(30, ge=1, le=500, description="Euler steps of the rectified-flow sampler.")
+    steps: int = Field(30, ge=1, le=1000, description="Euler steps of the rectified-flow sampler.")
     cfg_scale: float = Field(2.0, ge=0.0, le=100.0, description="Classifier-free guidance weight (1 = none).")
     seed: int | None = SEED
 
