@@ -86,12 +86,14 @@ def sample_next_device(logits: torch.Tensor, temperature: torch.Tensor, top_p: t
 
 
 def stop_rows(token: torch.Tensor, finished: torch.Tensor, produced: torch.Tensor, limit: torch.Tensor,
-              eos_id: int) -> torch.Tensor:
-    """`StopRule` on the device for a batch with per-row limits: rows already finished get EOS;
-    `produced` counts the tokens of unfinished rows and `finished` is updated, both in place."""
-    token = torch.where(finished, torch.full_like(token, eos_id), token)
+              eos_id: int | torch.Tensor) -> torch.Tensor:
+    """`StopRule` on the device for a batch with per-row limits (and EOS ids, int or [B]): rows
+    already finished get EOS; `produced` counts the tokens of unfinished rows and `finished` is
+    updated, both in place."""
+    eos = eos_id if isinstance(eos_id, torch.Tensor) else torch.full_like(token, eos_id)
+    token = torch.where(finished, eos, token)
     produced += (~finished).long()
-    finished |= (token == eos_id) | (produced >= limit)
+    finished |= (token == eos) | (produced >= limit)
     return token
 
 

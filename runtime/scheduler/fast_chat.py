@@ -55,7 +55,7 @@ class _Chunk:
         self.slot = z(1)
         self.temperature, self.top_p = z(rows, dtype=torch.float32), z(rows, dtype=torch.float32)
         self.uniforms = z(rows, k, dtype=torch.float32)
-        self.limit, self.produced = z(rows), z(rows)
+        self.limit, self.produced, self.eos = z(rows), z(rows), z(rows)
         self.finished = z(rows, dtype=torch.bool)
         self.tokens = z(rows, k)
         self.first_bad = z(rows)  # the step whose logits were not finite, -1 if none
@@ -82,7 +82,6 @@ class FastChatSlots(ChatSlots):
         self.model = model
         self.cuda_graphs = cuda_graphs
         self.chunk = chunk
-        self.eos_id = processor.tokenizer.eos_id
         self._chunks: LRU[tuple[int, int, int, bool], _Chunk] = LRU()
 
     def _choose(self, active: _Active, logits: torch.Tensor) -> int:
@@ -158,6 +157,7 @@ class FastChatSlots(ChatSlots):
                    top_p=padded([a.job.top_p for a in rows], 1.0, torch.float32),
                    uniforms=torch.cat([row_uniforms([a.row.generator for a in rows], k), torch.zeros(pad, k)]),
                    limit=padded([a.job.rule.max_new_tokens - a.produced for a in rows], 1, torch.long),
+                   eos=padded([a.job.rule.eos_id for a in rows], 0, torch.long),
                    finished=padded([False] * n, True, torch.bool))
         dtype = store_k.dtype
         with torch.inference_mode(), exact_fp32(dtype):
@@ -189,7 +189,7 @@ class FastChatSlots(ChatSlots):
             if s.logits is not None:
                 s.logits[:, j] = logits
             token = stop_rows(sample_next_device(logits, s.temperature, s.top_p, s.uniforms[:, j]),
-                              s.finished, s.produced, s.limit, self.eos_id)
+                              s.finished, s.produced, s.limit, s.eos)
             s.tokens[:, j] = token
             s.token.copy_(token)
             s.position.add_(1)

@@ -1,0 +1,226 @@
+"""The fast torch paths under the scheduler (issue 13) hold to the engine path: device-side token
+choice and stopping against the reference rule, k-token chunks against one-token steps, the
+static-buffer Euler step against the engine step. CPU runs them eagerly; CUDA tests add graphs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from jfexport.reference.bundle import load_bundle, load_preset
+from jfexport.reference.schedulers import StopRule, row_generators, row_uniforms, sample_next, sample_next_device, stop_rows
+from jfexport.runtime.pipelines import JanusFlowRuntime
+from jfexport.runtime.scheduler.fast_chat import FastChatSlots
+from jfexport.runtime.scheduler.fast_generation import FastGenerationRows
+from jfexport.runtime.scheduler.requests import stream_rows
+
+# The scheduler's guarantees, rerun below on the fast executors (the `runtime` fixture of this module).
+from tests.test_scheduler import (  # noqa: F401 - collected here as tests of the fast path
+    test_a_callback_may_call_the_runtime,
+    test_a_paused_or_dropped_stream_blocks_nobody_and_frees_its_slot,
+    test_a_question_gets_its_first_token_while_images_are_generated,
+    test_a_result_does_not_depend_on_its_companions,
+    test_cancellation_and_timeouts,
+    test_empty_and_bad_requests,
+    test_images_join_and_leave_between_steps,
+)
+
+PROMPTS = ["a red circle at the top left", "a blue star"]
+IMAGES = [Image.new("RGB", (50, 40), (200, 10, 10)), Image.new("RGB", (30, 60), (10, 10, 200))]
+QUESTIONS = ["What colour is the shape?", "Where?"]
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    rt = JanusFlowRuntime.from_bundle(load_bundle(), fast=True)
+    yield rt
+    rt.close()
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """(engine path, fast path) over two copies of the tiny preset (the fast path switches its model to SDPA)."""
+    plain = JanusFlowRuntime.from_bundle(load_preset("tiny"))
+    fast = JanusFlowRuntime.from_bundle(load_preset("tiny"), fast=True)
+    yield plain, fast
+    plain.close()
+    fast.close()
+
+
+# -- device-side token choice and stopping (reference/schedulers) --------------------------------
+
+def _truncated(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The top-p distribution [V] written out independently of both samplers."""
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    out = torch.zeros_like(probs)
+    mass = 0.0
+    for index in probs.argsort(descending=True).tolist():
+        out[index] = probs[index]
+        mass += float(probs[index])
+        if mass >= top_p:
+            break
+    return out / out.sum()
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.8), (1.5, 0.5)])
+def test_device_sampler_draws_from_the_reference_distribution(temperature, top_p):
+    logits = torch.randn(1, 12, generator=torch.Generator().manual_seed(3)) * 2
+    draws = 20000
+    want = _truncated(logits[0], temperature, top_p)
+    u = torch.rand(draws, generator=torch.Generator().manual_seed(4))
+    device = sample_next_device(logits.expand(draws, -1), torch.full((draws,), temperature), torch.full((draws,), top_p), u)
+    gen = torch.Generator().manual_seed(5)
+    reference = torch.cat([sample_next(logits, temperature, top_p, gen) for _ in range(draws)])
+    freq = {name: torch.bincount(t, minlength=12).double() / draws for name, t in (("device", device), ("ref", reference))}
+    assert set(device.tolist()) <= set(torch.nonzero(want).flatten().tolist())  # never outside the top-p set
+    # Total variation from the exact distribution: ~0.01 for 20000 draws over 12 tokens.
+    assert 0.5 * (freq["device"] - want).abs().sum() < 0.02
+    assert 0.5 * (freq["ref"] - want).abs().sum() < 0.02
+
+
+def test_device_sampler_takes_per_row_settings():
+    logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(1))
+    temperature = torch.tensor([0.0, 1.0, 0.0, 0.8])
+    top_p = torch.tensor([1.0, 1e-6, 0.5, 1e-6])  # a tiny top_p keeps the top token only
+    token = sample_next_device(logits, temperature, top_p, torch.tensor([0.3, 0.999, 0.7, 0.0]))
+    assert torch.equal(token, logits.argmax(dim=-1))
+    # u close to 1 picks the last kept token, never one past the kept prefix.
+    full = sample_next_device(logits[:1], torch.tensor([1.0]), torch.tensor([1.0]), torch.tensor([1.0 - 1e-8]))
+    assert full.item() == logits[0].argmin().item()
+
+
+def test_row_uniforms_do_not_depend_on_chunking():
+    gens = row_generators(9, 2)
+    chunked = torch.cat([row_uniforms(gens, 1), row_uniforms(gens, 8), row_uniforms(gens, 3)], dim=1)
+    assert torch.equal(chunked, row_uniforms(row_generators(9, 2), 12))
+
+
+def test_stop_rows_follows_the_stop_rule():
+    eos = 7
+    streams = torch.randint(0, 9, (6, 20), generator=torch.Generator().manual_seed(2))
+    limits = torch.tensor([20, 5, 1, 12, 3, 20])
+    finished = torch.zeros(6, dtype=torch.bool)
+    produced = torch.zeros(6, dtype=torch.long)
+    got = torch.stack([stop_rows(streams[:, j].clone(), finished, produced, limits, eos) for j in range(20)], dim=1)
+    for i in range(6):
+        rule, reason, want = StopRule(eos, int(limits[i])), None, []
+        for j, token in enumerate(streams[i].tolist()):
+            want.append(eos if reason is not None else token)
+            reason = reason or rule.finish_reason(token, j + 1)
+        assert got[i].tolist() == want
+        assert bool(finished[i]) == (reason is not None)
+
+
+# -- understanding: k tokens per host round trip ---------------------------------------------------
+
+def _stream(rt: JanusFlowRuntime, job) -> torch.Tensor:
+    rt.scheduler.submit(job)
+    return torch.stack([tokens for tokens, _ in stream_rows(job)])
+
+
+def test_fast_greedy_tokens_equal_the_engine_path_across_chunks(pair):
+    plain, fast = pair
+    assert isinstance(fast.scheduler.chat, FastChatSlots) and fast.scheduler.chat.chunk == 8
+    want_logits, got_logits = [], []
+    # 67 tokens: the first from prefill, then 8 chunks of 8 and a last one of 2.
+    want = torch.stack(list(plain.chat_stream(IMAGES, QUESTIONS, max_new_tokens=67, on_logits=want_logits.append)))
+    got = torch.stack(list(fast.chat_stream(IMAGES, QUESTIONS, max_new_tokens=67, on_logits=got_logits.append)))
+    assert got.shape == (67, 2) and torch.equal(want, got)
+    assert max((a - b).abs().max().item() for a, b in zip(want_logits, got_logits)) < 1e-4
+    assert len(fast.scheduler.chat._chunks) >= 2  # the chunked path ran (no silent engine fallback)
+
+
+def test_eos_in_the_middle_of_a_chunk(pair):
+    plain, fast = pair
+    greedy = torch.stack(list(plain.chat_stream(IMAGES[:1], QUESTIONS[:1], max_new_tokens=40)))[:, 0].tolist()
+    # A token whose first appearance is in the middle of a chunk (tokens 2-9, 10-17, ...) plays EOS.
+    at = next(i for i in range(11, 16) if greedy[i] not in greedy[:i])
+    streams = []
+    for rt in pair:
+        job = rt._chat_job(IMAGES, QUESTIONS, 40, 0.0, 1.0, 0, False, None)
+        job.rule = StopRule(greedy[at], 40)
+        streams.append(_stream(rt, job))
+        assert job.chat_rows[0].finish_reason == "stop" and len(job.chat_rows[0].tokens) == at + 1
+    assert torch.equal(streams[0], streams[1])
+    assert (streams[1][at:, 0] == greedy[at]).all()  # padded with the row's EOS after it ended
+
+
+def test_fast_sampled_tokens_are_the_device_rule_on_their_logits(pair):
+    _, fast = pair
+    seen = []
+    tokens = torch.stack(list(fast.chat_stream(IMAGES, QUESTIONS, max_new_tokens=20, temperature=0.9, top_p=0.9,
+                                               seed=3, on_logits=seen.append)))
+    gens = row_generators(3, 2)
+    u = row_uniforms(gens, 20)  # row i's j-th token takes its generator's j-th draw, whatever the chunks
+    for j, logits in enumerate(seen):
+        want = sample_next_device(logits, torch.full((2,), 0.9), torch.full((2,), 0.9), u[:, j])
+        assert torch.equal(tokens[j], want)
+    again = torch.stack(list(fast.chat_stream(IMAGES, QUESTIONS, max_new_tokens=20, temperature=0.9, top_p=0.9, seed=3)))
+    assert torch.equal(tokens, again)
+
+
+def test_chat_rows_joining_mid_answer(pair):
+    """A question that arrives while another decodes shares its chunks (other `end`, other lengths)."""
+    results = []
+    for rt in pair:
+        first = rt.submit_chat(IMAGES[0], QUESTIONS[0], max_new_tokens=30)
+        it = iter(first)
+        head = [next(it) for _ in range(5)]
+        second = rt.submit_chat(IMAGES[1], "Which shape is in the picture?", max_new_tokens=21)
+        results.append((head + list(it), list(second)))
+    assert results[0] == results[1]
+
+
+# -- text-to-image: the static-buffer Euler step ---------------------------------------------------
+
+def test_fast_latents_equal_the_engine_path(pair):
+    plain, fast = pair
+    assert isinstance(fast.scheduler.generation, FastGenerationRows)
+    want = plain.generate_latents(PROMPTS, n=2, steps=3, seed=5)
+    got = fast.generate_latents(PROMPTS, n=2, steps=3, seed=5)
+    assert (want - got).abs().max().item() < 1e-5
+    # Rows of other prompts, step counts and CFG weights joining and leaving between steps.
+    handles = [[rt.submit_generate(p, steps=s, cfg=c, seed=i) for i, (p, s, c) in
+                enumerate([(PROMPTS[0], 6, 2.0), (PROMPTS[1] + " on a plain background", 3, 3.5), (PROMPTS[1], 4, 1.0)])]
+               for rt in pair]
+    for a, b in zip(*handles):
+        a.wait(30)
+        b.wait(30)
+        assert (a._job.latents - b._job.latents).abs().max().item() < 1e-5
+    buffers = fast.scheduler.generation._buffers
+    count = len(buffers)
+    for prompt in PROMPTS:  # one shape, other prompts: the buffers are reused, the prompt K/V reloaded
+        want = plain.generate_latents([prompt], steps=2, seed=7)
+        assert (want - fast.generate_latents([prompt], steps=2, seed=7)).abs().max().item() < 1e-5
+    assert len(buffers) == count  # (1 row, 16-token bucket) was made by the last image above
+
+
+def test_fast_is_opt_in_on_cpu():
+    rt = JanusFlowRuntime.from_bundle(load_preset("tiny"))
+    assert type(rt.scheduler.chat).__name__ == "ChatSlots" and type(rt.scheduler.generation).__name__ == "GenerationRows"
+    rt.close()
+
+
+# -- CUDA: graphs ----------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_chunks_and_steps_match_cpu():
+    cpu = JanusFlowRuntime.from_bundle(load_preset("tiny"), fast=True)
+    gpu = JanusFlowRuntime.from_bundle(load_preset("tiny"), device="cuda")
+    assert gpu.scheduler.chat.cuda_graphs and gpu.scheduler.generation.cuda_graphs
+    for seed in (2, 3):  # the second request replays the graphs captured by the first
+        want = cpu.generate_latents(PROMPTS, n=2, steps=3, seed=seed)
+        got = gpu.generate_latents(PROMPTS, n=2, steps=3, seed=seed)
+        assert (want - got.cpu()).abs().max().item() < 1e-4
+        a = torch.stack(list(cpu.chat_stream(IMAGES, QUESTIONS, max_new_tokens=67)))
+        b = torch.stack(list(gpu.chat_stream(IMAGES, QUESTIONS, max_new_tokens=67)))
+        assert torch.equal(a, b)
+    assert all(s.graph is not None for s in gpu.scheduler.chat._chunks._items.values())
+    assert all(s.graph is not None for s in gpu.scheduler.generation._buffers._items.values())
+    sampled = [torch.stack(list(gpu.chat_stream(IMAGES, QUESTIONS, max_new_tokens=20, temperature=0.9, seed=4)))
+               for _ in range(2)]
+    assert torch.equal(sampled[0], sampled[1])
+    cpu.close()
+    gpu.close()
