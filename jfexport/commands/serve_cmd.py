@@ -44,7 +44,8 @@ def serve_cmd(engines, precision, host, port, api_key, model_name, max_queue, re
         from jfexport.runtime.serving.ray_local import serve_on_ray
 
         args = {"engines": str(engines.resolve()), "precision": precision, "replicas": replicas,
-                "max_queue": max_queue, "api_key": api_key, "model": model_name, "request_timeout": request_timeout}
+                "max_queue": max_queue, "api_key": api_key, "model": model_name, "request_timeout": request_timeout,
+                "max_body_mb": max_body_mb, "max_image_mb": max_image_mb, "grace": grace}
         sys.exit(serve_on_ray(args, host, port))
     from jfexport.runtime.serving.server import serve
     from jfexport.runtime.serving.service import Limits

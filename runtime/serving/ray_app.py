@@ -36,11 +36,11 @@ DEPLOYMENT = "JanusFlow"
 @serve.ingress()
 class JanusFlowDeployment:
     def __init__(self, engines: str, backend: str = "auto", precision: str | None = None, max_queue: int = 64,
-                 api_key: str | None = None, model_id: str = "janusflow", request_timeout: float = 120.0):
+                 api_key: str | None = None, model_id: str = "janusflow", limits: Limits = Limits()):
         self.runtime = load_runtime(engines, backend, precision, max_queue)
         replica = serve.get_replica_context().replica_id.unique_id
-        self._asgi_app_built = build_asgi_app(self.runtime, api_key=api_key, model_id=model_id,
-                                  limits=Limits(request_timeout=request_timeout), replica_id=f"{replica}:{os.getpid()}")
+        self._asgi_app_built = build_asgi_app(self.runtime, api_key=api_key, model_id=model_id, limits=limits,
+                                              replica_id=f"{replica}:{os.getpid()}")
 
     def __serve_build_asgi_app__(self):
         return self._asgi_app_built
@@ -69,16 +69,21 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     replaces it), num_gpus ("auto": 1 per replica when this machine has a CUDA GPU), num_cpus
     (per replica, default 1), backend, precision, max_queue, api_key (default: the
     JFEXPORT_API_KEY environment variable), model (the model id, default "janusflow"),
-    request_timeout (seconds).
+    request_timeout (seconds), max_body_mb, max_image_mb, grace (seconds a stopping replica
+    gives its in-flight requests).
     """
     if not args.get("engines"):
         raise ValueError("the Ray Serve app needs engines=DIR (a `jfexport build` folder)")
     actor_options: dict[str, Any] = {"num_cpus": float(args.get("num_cpus", 1))}
     if gpus := _gpus(args.get("num_gpus")):
         actor_options["num_gpus"] = gpus
-    deployment = JanusFlowDeployment.options(num_replicas=int(args.get("replicas", 1)), ray_actor_options=actor_options)
+    defaults = Limits()
+    limits = Limits(max_body_bytes=int(float(args.get("max_body_mb", defaults.max_body_bytes / 2**20)) * 2**20),
+                    max_image_bytes=int(float(args.get("max_image_mb", defaults.max_image_bytes / 2**20)) * 2**20),
+                    request_timeout=float(args.get("request_timeout", defaults.request_timeout)))
+    deployment = JanusFlowDeployment.options(num_replicas=int(args.get("replicas", 1)), ray_actor_options=actor_options,
+                                             graceful_shutdown_timeout_s=float(args.get("grace", 30)))
     return deployment.bind(
         str(args["engines"]), args.get("backend", "auto"), args.get("precision"), int(args.get("max_queue", 64)),
-        args.get("api_key", os.environ.get("JFEXPORT_API_KEY")), args.get("model", "janusflow"),
-        float(args.get("request_timeout", 120.0)),
+        args.get("api_key", os.environ.get("JFEXPORT_API_KEY")), args.get("model", "janusflow"), limits,
     )
