@@ -348,3 +348,16 @@ def test_chat_needs_no_vae_and_generate_no_vision_encoder(build_dir, tmp_path):
                   "--verify-files")
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "out" / "image_0.png").is_file()
+
+
+def test_rows_of_one_call_end_in_any_order(runtime):
+    # Answers of different lengths: rows leave their slots out of order, each as it ends; the
+    # same question about two images makes two rows equal but for their pixels.
+    questions = ["What colour is the shape?", "Where is the shape in the picture?", "What colour is the shape?",
+                 "Describe it."]
+    images = [Image.new("RGB", (64, 64), c) for c in ((210, 30, 30), (30, 30, 210), (30, 200, 30), (230, 210, 30))]
+    together = runtime.chat(images, questions, max_new_tokens=12)
+    alone = [runtime.chat([im], [q], max_new_tokens=12)[0] for im, q in zip(images, questions)]
+    assert together == alone
+    lengths = [len(runtime.tokenizer.encode(a)) for a in alone]
+    assert len(set(lengths)) > 1  # the rows really ended at different tokens

@@ -41,7 +41,7 @@ def splice_image_embeds(text_embeds: torch.Tensor, image_embeds: torch.Tensor, i
     return out
 
 
-@dataclass
+@dataclass(eq=False)  # identity: rows hold tensors, and two rows are never the same row
 class _Active:
     job: ChatJob
     row: ChatRow

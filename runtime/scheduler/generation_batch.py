@@ -31,7 +31,7 @@ from ..errors import NonFiniteOutput
 from .requests import GenerationJob
 
 
-@dataclass
+@dataclass(eq=False)  # identity: rows hold tensors, and two rows are never the same row
 class _Prompt:
     """One prompt's CFG pair after prefill: K/V [2,Hkv,P,Dh] per layer (cond, uncond), mask [2,P]."""
 
@@ -46,7 +46,7 @@ class _Prompt:
 _serials = itertools.count()
 
 
-@dataclass
+@dataclass(eq=False)  # identity: rows hold tensors, and two rows are never the same row
 class _Row:
     job: GenerationJob
     prompt: _Prompt

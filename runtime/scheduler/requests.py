@@ -144,7 +144,7 @@ class GenerationJob(Job):
             self.cond.notify_all()
 
 
-@dataclass
+@dataclass(eq=False)  # identity: rows hold tensors, and two rows are never the same row
 class ChatRow:
     """One question of a chat job: its prompt, its sampling state and the tokens decoded so far."""
 
