@@ -100,6 +100,44 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.02) -> fl
     return time.monotonic() - start
 
 
+# --- text of an answer: stop sequences across tokens (no server needed) ---------------------
+
+
+class _Pieces:
+    """A tokenizer whose token i decodes to PIECES[i]; 9 is half of a two-byte character."""
+
+    PIECES = {1: "The ", 2: "shape", 3: " is", 4: " re", 5: "d.", 6: " END", 7: "\n", 9: "\xc3"}
+
+    def decode(self, ids):
+        text = "".join(self.PIECES[i] for i in ids)
+        return text.replace("\xc3", "\ufffd") if text.endswith("\xc3") else text.replace("\xc3", "\u00e9")
+
+
+def _stream(ids, stop):
+    from jfexport.runtime.serving.detokenize import TextStream
+
+    text = TextStream(_Pieces(), stop)
+    deltas = [text.push(i) for i in ids]
+    return deltas, text
+
+
+def test_a_stop_sequence_split_over_tokens_is_never_emitted():
+    deltas, text = _stream([1, 2, 3, 4, 5, 6], ["is red"])
+    assert text.stopped and "".join(deltas) == text.text == "The shape "
+    # "is" might start "is red": held back until "d." settles it; tokens after the stop add nothing.
+    assert deltas[2:] == [" ", "", "", ""]
+
+
+def test_a_held_back_prefix_is_released_when_it_is_not_a_stop():
+    deltas, text = _stream([1, 2, 3, 7], ["is red"])
+    assert not text.stopped and "".join(deltas) + text.finish() == "The shape is\n"
+
+
+def test_half_a_character_waits_for_the_rest():
+    deltas, text = _stream([1, 9, 2], [])
+    assert deltas[1] == "" and "".join(deltas) == "The \u00e9shape"
+
+
 # --- probes, models, auth -------------------------------------------------------------------
 
 
