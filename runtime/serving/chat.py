@@ -59,15 +59,15 @@ def read_question(messages: list[ChatMessage], limits: Limits) -> Question:
 
 
 class ClientGone(Exception):
-    """The client disconnected; its request was cancelled and nobody is left to answer."""
+    """The client disconnected: its request is cancelled and nobody is left to answer."""
 
 
 async def chat_completion(request: Request, body: ChatCompletionRequest, service: Service) -> Response:
+    start = time.perf_counter()
     service.check_model(body.model)
     question = await in_thread(lambda: read_question(body.messages, service.limits))
     runtime = service.admit()
     max_tokens = body.max_completion_tokens or body.max_tokens or service.limits.default_max_tokens
-    start = time.perf_counter()
     handle = await in_thread(lambda: runtime.submit_chat(
         question.image, question.text, max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
         seed=body.seed or 0, timeout=service.limits.request_timeout))
