@@ -33,6 +33,12 @@ class BuildLimitsError(JanusFlowError):
 def build_limits(bundle: ModelBundle, max_batch: int = 16, max_seq: int | None = None) -> Limits:
     """The build's limits: `max_seq` defaults to the model's positions (at most 4096) and may not exceed them."""
     positions = bundle.config.language.max_position_embeddings
+    # The graphs are exported at sample sizes (export/specs.py) that every range must hold, so
+    # that no dimension is baked in: 3 rows, and a sequence of 11 tokens after a past of 7.
+    if max_batch < 3:
+        raise BuildLimitsError(f"--max-batch {max_batch}: at least 3 rows (the export samples 3)")
+    if max_seq is not None and max_seq < 12:
+        raise BuildLimitsError(f"--max-seq {max_seq}: at least 12 tokens (the export samples 11 after a past of 7)")
     if max_seq is None:
         return Limits(max_batch, min(DEFAULT_MAX_SEQ, positions))
     if max_seq > positions:

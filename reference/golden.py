@@ -67,8 +67,16 @@ class GoldenFile:
         for p in (data_path, index_path):
             if not p.is_file():
                 raise InputError(f"{p}: golden file not found")
-        self.index = json.loads(index_path.read_text())
-        self.tensors = load_file(str(data_path))
+        try:
+            self.index = json.loads(index_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InputError(f"{index_path}: not valid JSON ({e})") from None
+        if not isinstance(self.index, dict):
+            raise InputError(f"{index_path}: expected a JSON object")
+        try:
+            self.tensors = load_file(str(data_path))
+        except Exception as e:  # safetensors raises its own error types for a damaged file
+            raise InputError(f"{data_path}: not a readable safetensors file ({e})") from None
         self.special = self.index.get("special_ids", {})
 
     def has(self, prefix: str) -> bool:

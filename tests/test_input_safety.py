@@ -502,3 +502,43 @@ def test_select_layer_beyond_the_depth_keeps_every_block_as_officially():
     raw["vision_und_enc_config"]["params"]["select_layer"] = -25
     with pytest.raises(ConfigError, match="select_layer: -25 keeps 0 of 24"):
         JanusFlowConfig.from_dict(raw)
+
+
+@pytest.mark.parametrize("raw, key", [({"out": "x", "steps": "ten"}, "steps"), ({"out": "x", "lr": True}, "lr"),
+                                      ({"out": "x", "ratio": [1, 2]}, "ratio"), ({"out": "x", "init": "tiny"}, "init"),
+                                      ([{"out": "x"}], "JSON object")])
+def test_a_training_config_of_the_wrong_kinds_is_refused_by_key(tmp_path, raw, key):
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match=key):
+        TrainConfig.from_file(path)
+
+
+def test_a_broken_golden_index_or_weight_map_is_named(tmp_path):
+    from jfexport.reference.golden import GoldenFile
+
+    (tmp_path / "golden_index.json").write_text("{not json")
+    (tmp_path / "golden.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(InputError, match="golden_index.json"):
+        GoldenFile(tmp_path / "golden.safetensors")
+    (tmp_path / "golden_index.json").write_text("{}")
+    with pytest.raises(InputError, match="golden.safetensors"):
+        GoldenFile(tmp_path / "golden.safetensors")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    shutil.copy(TINY_ASSETS / "tokenizer.json", ckpt / "tokenizer.json")
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["not", "a", "mapping"]}))
+    with pytest.raises(CheckpointError, match="index"):
+        from jfexport.reference.checkpoint import weight_files
+
+        weight_files(ckpt)
+
+
+def test_build_limits_below_the_export_samples_are_refused():
+    from jfexport.export.build import BuildLimitsError, build_limits
+
+    bundle = load_bundle(preset="tiny")
+    with pytest.raises(BuildLimitsError, match="--max-batch 2"):
+        build_limits(bundle, max_batch=2)
+    with pytest.raises(BuildLimitsError, match="--max-seq 8"):
+        build_limits(bundle, max_seq=8)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -54,13 +56,49 @@ class TrainConfig:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ConfigError(f"{path}: unknown key(s) {unknown}")
         if "out" not in raw:
             raise ConfigError(f"{path}: needs an 'out' folder")
+        for key, value in raw.items():
+            check, kind = _KINDS[key]
+            if not check(value):
+                raise ConfigError(f"{path}: {key}: expected {kind}, got {type(value).__name__} {value!r}")
         return cls(**raw)
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+
+def _int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v: object) -> bool:
+    return (_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _optional(check: Callable[[object], bool]) -> Callable[[object], bool]:
+    return lambda v: v is None or check(v)
+
+
+INT, NUMBER = (_int, "an integer"), (_number, "a finite number")
+# What each key of a config file must hold: JSON gives strings, floats and bools where the
+# dataclass would take them silently, and the error would surface deep in training.
+_KINDS: dict[str, tuple[Callable[[object], bool], str]] = {
+    "out": (lambda v: isinstance(v, str) and v != "", "a folder name"),
+    "stage": INT, "steps": INT, "batch_size": INT, "seed": INT, "log_every": INT, "checkpoint_every": INT,
+    "lr": (_optional(_number), "a finite number or null"), "warmup": (_optional(_int), "an integer or null"),
+    "image_size": (_optional(_int), "an integer or null"), "repa_layer": (_optional(_int), "an integer or null"),
+    "ratio": (_optional(lambda v: isinstance(v, list) and len(v) == 3 and all(map(_int, v))),
+              "three integers [und, gen, text] or null"),
+    "init": (lambda v: isinstance(v, dict), 'an object such as {"preset": "tiny"}'),
+    "vae": (_optional(lambda v: isinstance(v, str)), "a folder name or null"),
+    "repa_weight": NUMBER, "logit_mean": NUMBER, "logit_std": NUMBER, "prompt_drop": NUMBER, "ema_decay": NUMBER,
+    "grad_clip": NUMBER,
+}

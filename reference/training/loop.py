@@ -16,7 +16,7 @@ import torch
 
 from ..bundle import ModelBundle, load_bundle
 from ..checkpoint import save_checkpoint
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from .config import TrainConfig
 from .ema import EMA
 from .losses import RepaHead
@@ -64,7 +64,7 @@ class ToyBatches:
 def _load_init(cfg: TrainConfig) -> ModelBundle:
     bundle = load_bundle(checkpoint=cfg.init.get("checkpoint"), preset=cfg.init.get("preset"), vae=cfg.vae)
     if bundle.vae is None:
-        raise ValueError("training needs a VAE: set 'vae' in the config or use a checkpoint with a vae/ folder")
+        raise ConfigError("training needs a VAE: set 'vae' in the config or use a checkpoint with a vae/ folder")
     return bundle
 
 
