@@ -1,20 +1,30 @@
-"""Benchmark of the PyTorch generation paths on one device (issue: the fast GPU path).
+"""Benchmark of the PyTorch paths on one device (issues: the fast GPU path; the GPU path to its floor).
 
-(a) the official procedure: eager, full recompute of the sequence every step (transformers'
-    LlamaModel, as the demo does); (b) our eager path with the prompt K/V computed once and
-    precomputed time embeddings; (c) the same with the Euler step replayed as a CUDA graph.
-Understanding (batch 1) is timed over the engine interface (the graph contract: present = past +
-new per step) and over the static-K/V decoder, eager and as a CUDA graph.
-Each is printed next to its physical floor: FLOPs / measured matmul rate and bytes / measured
-memory bandwidth, from the analytic cost model.
+Generation: (a) the official procedure: eager, full recompute of the sequence every step
+(transformers' LlamaModel, as the demo does); (b) our eager path with the prompt K/V computed once
+and precomputed time embeddings; (c) the same with the Euler step replayed as a CUDA graph.
+Then the serving path, through the scheduler, each change on and off in the same run: (d) the
+engine interface; (e) the fast executors (direct model calls over static buffers), eager;
+(f) (e) with the step captured as a CUDA graph; (g) (e)/(f) with FP8 LLM matrix products.
+Understanding, per batch: the engine interface, the static-K/V decoder (eager and CUDA graph,
+one token per host round trip), and the scheduler's fast executor with device-side token choice
+at k = 1 and k = `chunk` tokens per host round trip, eager and graphed, and with FP8.
+The FP8 option's quality cost is measured against the same path in the model's dtype on the same
+noise and question: latent error and image PSNR after `steps` steps, greedy-token agreement.
+Each time is printed next to its physical floor: FLOPs / measured matmul rate and bytes /
+measured memory bandwidth, from the analytic cost model.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -24,7 +34,10 @@ from jfexport.reference.pipelines.images import initial_noise
 
 from .bench import machine_info, summarize, sync_gpu, time_token_stream
 from .cost_model import Cost, floor_ms, generation_cost, llm_cost, vision_cost
+from .fp8 import fp8_matmuls, scaled_mm_available
 from .pipelines import JanusFlowRuntime
+from .scheduler.fast_chat import DEFAULT_CHUNK
+from .scheduler.fast_paths import install_fast_paths
 from .torch_fast import FastDecoder, FastSampler, understanding_embeds
 
 
@@ -71,9 +84,65 @@ def _sum(costs: dict[str, Cost]) -> Cost:
     return sum(costs.values(), Cost(0, 0))
 
 
+@dataclass(frozen=True)
+class _Variant:
+    """One serving configuration of the scheduler: which executors, graphs, chunk, FP8."""
+
+    fast: bool
+    graphs: bool
+    chunk: int
+    fp8: bool = False
+    generation: bool = True  # the chunk changes nothing for generation: time it once per executor
+
+
+def _variants(cuda: bool, chunk: int, fp8: bool) -> dict[str, _Variant]:
+    out = {"engine_path": _Variant(False, False, 1),
+           "fast_eager_chunk1": _Variant(True, False, 1, generation=False),
+           f"fast_eager_chunk{chunk}": _Variant(True, False, chunk)}
+    if cuda:
+        out["fast_cuda_graphs_chunk1"] = _Variant(True, True, 1, generation=False)
+        out[f"fast_cuda_graphs_chunk{chunk}"] = _Variant(True, True, chunk)
+    if fp8:
+        out[f"fast_fp8_chunk{chunk}"] = _Variant(True, cuda, chunk, fp8=True)
+    return out
+
+
+def _scheduler_runtime(bundle: ModelBundle, device: str, dtype: torch.dtype, variant: _Variant) -> JanusFlowRuntime:
+    runtime = JanusFlowRuntime.from_bundle(bundle, dtype=dtype, device=device, fast=False)
+    bundle.model.attention = "sdpa"  # every serving variant uses the fused kernels: the executors differ
+    if variant.fast:
+        install_fast_paths(runtime.scheduler, bundle.model, variant.graphs, variant.chunk)
+    return runtime
+
+
+def _psnr(a: list[Image.Image], b: list[Image.Image]) -> float:
+    x = torch.tensor(np.stack([np.asarray(i) for i in a]), dtype=torch.float64)
+    y = torch.tensor(np.stack([np.asarray(i) for i in b]), dtype=torch.float64)
+    mse = float(((x - y) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def _padded(tokens: torch.Tensor, length: int, eos: int) -> torch.Tensor:
+    """A [T,B] stream padded with EOS to `length` steps (streams end when every row has ended)."""
+    pad = tokens.new_full((length - tokens.shape[0], tokens.shape[1]), eos)
+    return torch.cat([tokens, pad])[:length]
+
+
+def _quality(base: dict[str, object], fp8: dict[str, object], eos: int, tokens: int) -> dict[str, object]:
+    """FP8 against the same path in the model's dtype, same noise and question."""
+    za, zb = base["latents"].float(), fp8["latents"].float()
+    ta, tb = _padded(base["tokens"], tokens, eos), _padded(fp8["tokens"], tokens, eos)
+    same = (ta == tb).all(dim=1)
+    return {"latent_max_abs_error": float((za - zb).abs().max()), "latent_rms_error": float((za - zb).pow(2).mean().sqrt()),
+            "latent_rms": float(za.pow(2).mean().sqrt()), "image_psnr_db": _psnr(base["images"], fp8["images"]),
+            "greedy_tokens": tokens, "greedy_agreement": float(same.float().mean()),
+            "first_divergence": int(same.long().argmin()) if not bool(same.all()) else None}
+
+
 @torch.inference_mode()
 def bench_torch_paths(bundle: ModelBundle, device: str, dtype: torch.dtype, batches: list[int], steps: int, cfg: float,
-                      warmup: int, runs: int, max_new_tokens: int, prompt: str) -> dict[str, object]:
+                      warmup: int, runs: int, max_new_tokens: int, prompt: str, chunk: int = DEFAULT_CHUNK,
+                      fp8: bool = True) -> dict[str, object]:
     dev = torch.device(device)
     model = bundle.model.to(device=dev, dtype=dtype)
     proc = bundle.processor
@@ -83,7 +152,7 @@ def bench_torch_paths(bundle: ModelBundle, device: str, dtype: torch.dtype, batc
     peaks = measure_peaks(dev, dtype)
     results: dict[str, object] = {
         "device": machine_info(), "dtype": str(dtype).replace("torch.", ""), "steps": steps, "cfg": cfg,
-        "latent": size, "image_tokens": grid * grid,
+        "latent": size, "image_tokens": grid * grid, "chunk": chunk,
         "measured_peaks": {"matmul_tflops": peaks[0] / 1e12, "copy_gbytes_per_s": peaks[1] / 1e9},
         "generation": {},
     }
@@ -115,28 +184,79 @@ def bench_torch_paths(bundle: ModelBundle, device: str, dtype: torch.dtype, batc
 
     image = Image.new("RGB", (bundle.image_size, bundle.image_size), (200, 30, 30))
     question = "Describe the image."
-    runtime = JanusFlowRuntime.from_bundle(bundle, dtype=dtype, device=device)
     eos = proc.tokenizer.eos_id
+    seq = int(proc.understanding_batch([question], [image]).input_ids.shape[1])
+    understanding: dict[str, object] = {"prompt_tokens": seq, "new_tokens": max_new_tokens}
+    for batch in batches:
+        prefill = vision_cost(bundle.config, batch, elem) + llm_cost(bundle.config, batch, seq, 0, elem, with_logits=True)
+        per_token = llm_cost(bundle.config, batch, 1, seq + max_new_tokens // 2, elem, with_logits=True)
+        understanding[f"batch_{batch}"] = {"time_to_first_token_floor_ms": floor_ms(prefill, *peaks),
+                                           "decode_ceiling_steps_per_s": 1e3 / floor_ms(per_token, *peaks)}
 
-    def static_kv(decoder: FastDecoder) -> Callable[[], Iterator[torch.Tensor]]:
+    def static_kv(decoder: FastDecoder, batch: int) -> Callable[[], Iterator[torch.Tensor]]:
         def stream() -> Iterator[torch.Tensor]:
-            batch = proc.understanding_batch([question], [image])
-            return decoder.decode(understanding_embeds(model, batch), batch.attention_mask, max_new_tokens, eos)
+            inputs = proc.understanding_batch([question] * batch, [image] * batch)
+            return decoder.decode(understanding_embeds(model, inputs), inputs.attention_mask, max_new_tokens, eos)
         return stream
 
-    paths = {"engine_interface": lambda: runtime.chat_stream([image], [question], max_new_tokens=max_new_tokens),
-             "static_kv_eager": static_kv(FastDecoder(model))}
+    decoders = {"static_kv_eager": FastDecoder(model)}
     if dev.type == "cuda":
-        paths["static_kv_cuda_graph"] = static_kv(FastDecoder(model, cuda_graphs=True))
-    seq = int(proc.understanding_batch([question], [image]).input_ids.shape[1])
-    prefill = vision_cost(bundle.config, 1, elem) + llm_cost(bundle.config, 1, seq, 0, elem, with_logits=True)
-    per_token = llm_cost(bundle.config, 1, 1, seq + max_new_tokens // 2, elem, with_logits=True)
-    understanding: dict[str, object] = {
-        "prompt_tokens": seq, "time_to_first_token_floor_ms": floor_ms(prefill, *peaks),
-        "decode_ceiling_tokens_per_s": 1e3 / floor_ms(per_token, *peaks),
-    }
-    for name, open_stream in paths.items():
-        understanding[name] = time_token_stream(open_stream, warmup, runs)
+        decoders["static_kv_cuda_graph"] = FastDecoder(model, cuda_graphs=True)
+    for name, decoder in decoders.items():
+        for batch in batches:
+            understanding[f"batch_{batch}"][name] = time_token_stream(static_kv(decoder, batch), warmup, runs)
+
+    serving: dict[str, dict[str, object]] = {f"batch_{b}": {} for b in batches}
+    outputs: dict[str, dict[str, object]] = {}
+    for name, variant in _variants(dev.type == "cuda", chunk, fp8).items():
+        with fp8_matmuls(model) if variant.fp8 else nullcontext():
+            runtime = _scheduler_runtime(bundle, device, dtype, variant)
+            try:
+                outputs[name] = _measure_serving(runtime, variant, name, serving, batches, prompt, steps, cfg, image,
+                                                 question, warmup, runs, max_new_tokens, peaks, bundle, elem)
+            finally:
+                runtime.close()
+    for batch in batches:
+        rows = serving[f"batch_{batch}"]
+        # Same noise through the scheduler: the fast executors must land where the engine path does.
+        reference = rows["engine_path"].pop("_latents")
+        for row in rows.values():
+            if "_latents" in row:
+                row["generation"]["max_abs_vs_engine_path"] = float((row.pop("_latents") - reference).abs().max())
+    results["serving_through_the_scheduler"] = serving
+    if fp8:
+        fp8_name = f"fast_fp8_chunk{chunk}"
+        base_name = f"fast_cuda_graphs_chunk{chunk}" if dev.type == "cuda" else f"fast_eager_chunk{chunk}"
+        results["fp8_quality"] = {"against": base_name, "batch": batches[0], "matrix_products": "decoder projections (q,k,v,o,gate,up,down)",
+                                  "kernel": "torch._scaled_mm" if scaled_mm_available(dev, dtype) else "dequantised emulation",
+                                  **_quality(outputs[base_name], outputs[fp8_name], eos, max_new_tokens)}
     model.attention = "math"
-    results["understanding_batch_1"] = understanding
+    results["understanding"] = understanding
     return results
+
+
+def _measure_serving(runtime: JanusFlowRuntime, variant: _Variant, name: str, serving: dict, batches: list[int], prompt: str,
+                     steps: int, cfg: float, image: Image.Image, question: str, warmup: int, runs: int,
+                     max_new_tokens: int, peaks: tuple[float, float], bundle: ModelBundle, elem: int) -> dict[str, object]:
+    """Time one variant at every batch; returns its batch-1 outputs for the FP8 comparison."""
+    outputs: dict[str, object] = {}
+    size = bundle.latent_size
+    for batch in batches:
+        row: dict[str, object] = {}
+        if variant.generation:
+            kept: list[torch.Tensor] = []
+            times = _time(lambda: runtime.generate_latents([prompt] * batch, steps=steps, cfg=cfg, seed=0),
+                          warmup, runs, kept)
+            prompt_len = len(runtime.processor.generation_ids(prompt)) - 1
+            cost = _sum(generation_cost(bundle.config, batch, prompt_len, steps, size, elem, recompute=False))
+            row["generation"] = {**summarize(times), "floor_ms": floor_ms(cost, *peaks)}
+            row["_latents"] = kept[0].float().cpu()
+            if batch == batches[0]:
+                outputs["latents"] = kept[0].cpu()
+                outputs["images"] = runtime.decode_images(kept[0])
+        row["understanding"] = time_token_stream(
+            lambda: runtime.chat_stream([image] * batch, [question] * batch, max_new_tokens=max_new_tokens), warmup, runs)
+        if batch == batches[0]:
+            outputs["tokens"] = torch.stack(list(runtime.chat_stream([image], [question], max_new_tokens=max_new_tokens)))
+        serving[f"batch_{batch}"][name] = row
+    return outputs

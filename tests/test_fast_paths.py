@@ -224,3 +224,27 @@ def test_cuda_graph_chunks_and_steps_match_cpu():
     assert torch.equal(sampled[0], sampled[1])
     cpu.close()
     gpu.close()
+
+
+# -- the benchmark: every change on and off, at batch 1 and 4, on CPU at the tiny preset --------------
+
+def test_bench_measures_each_change_on_and_off():
+    from jfexport.runtime.bench_paths import bench_torch_paths
+
+    bundle = load_preset("tiny")
+    result = bench_torch_paths(bundle, "cpu", torch.float32, [1, 4], steps=2, cfg=2.0, warmup=0, runs=1,
+                               max_new_tokens=10, prompt=PROMPTS[0], chunk=4)
+    serving = result["serving_through_the_scheduler"]
+    for batch in ("batch_1", "batch_4"):
+        rows = serving[batch]
+        # No CUDA here: the graph variants are absent, never reported with eager numbers.
+        assert set(rows) == {"engine_path", "fast_eager_chunk1", "fast_eager_chunk4", "fast_fp8_chunk4"}
+        assert rows["fast_eager_chunk4"]["generation"]["max_abs_vs_engine_path"] < 1e-5
+        assert 1e-5 < rows["fast_fp8_chunk4"]["generation"]["max_abs_vs_engine_path"] < 0.5  # FP8 does change them
+        assert "generation" not in rows["fast_eager_chunk1"]  # the chunk changes only decoding
+        assert all(r["understanding"]["tokens_per_answer"] == 10 for r in rows.values())
+    quality = result["fp8_quality"]
+    assert quality["kernel"] == "dequantised emulation" and quality["greedy_tokens"] == 10
+    assert 0 < quality["latent_max_abs_error"] < 0.5 and quality["image_psnr_db"] > 20
+    assert result["generation"]["batch_4"]["c_cuda_graph_step"] is None
+    assert bundle.model.language_model.model.layers[0].mlp.down_proj.__class__ is torch.nn.Linear  # FP8 undone
