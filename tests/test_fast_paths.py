@@ -248,3 +248,35 @@ def test_bench_measures_each_change_on_and_off():
     assert 0 < quality["latent_max_abs_error"] < 0.5 and quality["image_psnr_db"] > 20
     assert result["generation"]["batch_4"]["c_cuda_graph_step"] is None
     assert bundle.model.language_model.model.layers[0].mlp.down_proj.__class__ is torch.nn.Linear  # FP8 undone
+
+
+# -- FP8 ---------------------------------------------------------------------------------------------
+
+def test_fp8_linear_rounds_like_e4m3_and_is_undone():
+    from jfexport.runtime.fp8 import FP8Linear, fp8_matmuls
+
+    linear = torch.nn.Linear(64, 96, bias=False)
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(0))
+    want, got = linear(x), FP8Linear(linear)(x)
+    error = ((got - want).norm() / want.norm()).item()
+    assert got.shape == want.shape and 1e-3 < error < 0.06  # e4m3 keeps 3 mantissa bits: a few % per product
+    model = load_preset("tiny").model
+    with pytest.raises(RuntimeError, match="inside"):
+        with fp8_matmuls(model) as replaced:
+            assert replaced == 7 * len(model.language_model.model.layers)
+            assert isinstance(model.language_model.model.layers[0].self_attn.q_proj, FP8Linear)
+            raise RuntimeError("inside")
+    assert all(type(m) is not FP8Linear for m in model.modules())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs a CUDA GPU with FP8 (compute capability 8.9+)")
+def test_scaled_mm_equals_the_emulation():
+    from jfexport.runtime.fp8 import FP8Linear
+
+    linear = torch.nn.Linear(256, 512, bias=False).to("cuda", torch.bfloat16)
+    x = torch.randn(7, 256, device="cuda", dtype=torch.bfloat16)
+    fast = FP8Linear(linear)(x).float()
+    emulated = FP8Linear(linear.cpu().float())(x.cpu().float())
+    assert ((fast.cpu() - emulated).norm() / emulated.norm()).item() < 1e-2  # bf16 output rounding only
