@@ -43,11 +43,15 @@ class ServingMiddleware:
                 message = {**message, "headers": [*message.get("headers", []), *extra_headers]}
             await send(message)
 
+        model_route = scope["path"] in MODEL_ROUTES
+        if model_route and self.service.draining:
+            # Decided on arrival: a request counted in flight below is one the drain waits for.
+            await self._send_error(send_with_headers, self.service.draining_error())
+            return self._log(scope, state, 503, start)
         if scope["method"] == "POST":
             receive = await self._buffered_body(receive, headers, send_with_headers)
             if receive is None:
                 return self._log(scope, state, 413, start)
-        model_route = scope["path"] in MODEL_ROUTES
         if model_route:
             self.service.request_started()
         try:
@@ -73,15 +77,19 @@ class ServingMiddleware:
             size += len(chunks[-1])
             more = message.get("more_body", False) and size <= limit
         if size > limit:
-            error = APIError(413, f"the request body is larger than {limit} bytes", param="body", code="body_too_large")
-            self.service.metrics.errors.labels(error.code).inc()
-            body = json.dumps(error.body()).encode()
-            await send({"type": "http.response.start", "status": 413,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                    (b"connection", b"close")]})
-            await send({"type": "http.response.body", "body": body})
+            await self._send_error(send, APIError(413, f"the request body is larger than {limit} bytes", param="body",
+                                                  code="body_too_large"))
             return None
         return _replay({"type": "http.request", "body": b"".join(chunks), "more_body": False}, receive)
+
+    async def _send_error(self, send, error: APIError) -> None:
+        """An error answered before the app saw the request (its body unread: the connection closes)."""
+        self.service.count_error(error)
+        body = json.dumps(error.body()).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close"), *((k.lower().encode(), v.encode()) for k, v in error.headers().items())]
+        await send({"type": "http.response.start", "status": error.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
     def _log(self, scope, state, status: int, start: float) -> None:
         access_log.info("request_id=%s %s %s status=%d kind=%s rows=%d latency_ms=%.1f", state["request_id"],

@@ -40,11 +40,12 @@ class Service:
     def ready(self) -> bool:
         return self.runtime is not None and not self.draining
 
+    def draining_error(self) -> APIError:
+        return APIError(503, "the server is shutting down and admits no new requests", "server_error",
+                        code="draining", retry_after=1)
+
     def admit(self):
-        """The runtime for a new request, or 503 while loading or draining."""
-        if self.draining:
-            raise APIError(503, "the server is shutting down and admits no new requests", "server_error",
-                           code="draining", retry_after=1)
+        """The runtime for a new request, or 503 while loading (draining is refused on arrival, by the middleware)."""
         if self.runtime is None:
             raise APIError(503, "the engines are still loading", "server_error", code="loading", retry_after=2)
         return self.runtime
