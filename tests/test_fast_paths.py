@@ -128,7 +128,27 @@ def test_fast_greedy_tokens_equal_the_engine_path_across_chunks(pair):
     got = torch.stack(list(fast.chat_stream(IMAGES, QUESTIONS, max_new_tokens=67, on_logits=got_logits.append)))
     assert got.shape == (67, 2) and torch.equal(want, got)
     assert max((a - b).abs().max().item() for a, b in zip(want_logits, got_logits)) < 1e-4
-    assert len(fast.scheduler.chat._chunks) >= 2  # the chunked path ran (no silent engine fallback)
+    chat = fast.scheduler.chat
+    assert len(chat._chunks) >= 2 and len(chat.prefills._states) >= 1  # no silent engine fallback
+
+
+def test_fast_prefill_equals_the_engine_prefill(pair):
+    from jfexport.reference.graph_contract import kv_name
+    from jfexport.runtime.scheduler.chat_batch import ChatSlots
+
+    plain, fast = pair
+    proc = fast.processor
+    ids = [proc.understanding_ids(q) for q in QUESTIONS + ["Is there a shape in the picture at all?"]]
+    batch = proc.understanding_rows(ids, [proc.pixel_values(IMAGES[i % 2]) for i in range(3)])
+    with torch.inference_mode():
+        got, got_mask = fast.scheduler.chat.prefills.run(batch)  # 3 rows run as 4, width as 128
+        want, want_mask = ChatSlots._prefill_outputs(plain.scheduler.chat, batch)
+    width = want_mask.shape[1]
+    assert got_mask.shape == (3, 128) and torch.equal(got_mask[:, -width:], want_mask) and not got_mask[:, :-width].any()
+    assert (got["logits"] - want["logits"]).abs().max().item() < 1e-4
+    for name in (kv_name("present", 0, "key"), kv_name("present", 1, "value")):
+        for i, n in enumerate(want_mask.sum(dim=1).tolist()):  # each row's own columns
+            assert (got[name][i, :, -n:] - want[name][i, :, -n:]).abs().max().item() < 1e-4
 
 
 def test_eos_in_the_middle_of_a_chunk(pair):

@@ -89,15 +89,7 @@ class ChatSlots:
         """Prefill the new rows of `jobs` together, choose their first tokens, give them slots."""
         pairs = [(job, row) for job in jobs for row in job.chat_rows]
         batch = self.processor.understanding_rows([r.ids for _, r in pairs], [r.pixels for _, r in pairs])
-        e = self.engines
-        image_embeds = e["vision_encoder"].run({"pixel_values": batch.pixel_values.flatten(0, 1)})["image_embeds"]
-        text_embeds = e["embed_tokens"].run({"input_ids": batch.input_ids})["inputs_embeds"]
-        device = text_embeds.device
-        embeds = splice_image_embeds(text_embeds, image_embeds, batch.images_seq_mask.to(device),
-                                     batch.images_emb_mask.to(device))
-        mask = batch.attention_mask.to(device)
-        out = e["llm_prefill"].run({"inputs_embeds": embeds, "attention_mask": mask,
-                                    "position_ids": understanding_positions(mask)})
+        out, mask = self._prefill_outputs(batch)
         self.observe("prefill", len(pairs))
         if self.store is None:
             self._allocate(out)
@@ -121,6 +113,20 @@ class ChatSlots:
             self.rows.append(active)
             self._emit(active, logits[i])
         return list(failed.items())
+
+    def _prefill_outputs(self, batch) -> tuple[Mapping[str, torch.Tensor], torch.Tensor]:
+        """(llm_prefill outputs, attention mask [n, width]) of a processor batch (a hook: the fast
+        path calls the model directly)."""
+        e = self.engines
+        image_embeds = e["vision_encoder"].run({"pixel_values": batch.pixel_values.flatten(0, 1)})["image_embeds"]
+        text_embeds = e["embed_tokens"].run({"input_ids": batch.input_ids})["inputs_embeds"]
+        device = text_embeds.device
+        embeds = splice_image_embeds(text_embeds, image_embeds, batch.images_seq_mask.to(device),
+                                     batch.images_emb_mask.to(device))
+        mask = batch.attention_mask.to(device)
+        out = e["llm_prefill"].run({"inputs_embeds": embeds, "attention_mask": mask,
+                                    "position_ids": understanding_positions(mask)})
+        return out, mask
 
     def _allocate(self, out: Mapping[str, torch.Tensor]) -> None:
         k0 = out[kv_name("present", 0, "key")]

@@ -1,8 +1,9 @@
 """The fast torch path of understanding under the scheduler: k tokens per row per host round trip.
 
 `ChatSlots` decodes one token per iteration through the engines and chooses it on the host. Here
-an iteration decodes a chunk of k tokens for every active row without returning to the host:
-`model.llm(..., write_slots=...)` writes each token's K/V in place into the `ChatSlots` store (all
+prefill runs over static buffers (`fast_prefill`), and an iteration decodes a chunk of k tokens
+for every active row without returning to the host: `model.llm(..., write_slots=...)` writes
+each token's K/V in place into the `ChatSlots` store (all
 rows at the common column `end + j`, which is what `write_slots` supports), attention reads the
 store's columns [0, hi) with a [rows, hi] mask (the rows' left padding; causality hides the
 columns not yet written), and the next token is chosen on the device (`sample_next_device`
@@ -32,6 +33,7 @@ from ..engine import Engine
 from ..errors import NonFiniteOutput
 from ..torch_fast import DECODE_BUCKET, LRU, capture_graph
 from .chat_batch import ChatSlots, Failure, _Active
+from .fast_prefill import PrefillGraphs
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,15 @@ class FastChatSlots(ChatSlots):
         self.cuda_graphs = cuda_graphs
         self.chunk = chunk
         self._chunks: LRU[tuple[int, int, int, bool], _Chunk] = LRU()
+        self.prefills = PrefillGraphs(model, processor.tokenizer.pad_id, max_len, cuda_graphs)
+
+    def _prefill_outputs(self, batch) -> tuple[Mapping[str, torch.Tensor], torch.Tensor]:
+        try:
+            with torch.inference_mode(), exact_fp32(next(self.model.parameters()).dtype):
+                return self.prefills.run(batch)
+        except Exception:  # noqa: BLE001 - the engine path raises again if the request is at fault
+            log.warning("fast prefill failed; this prefill runs on the engine path", exc_info=True)
+            return super()._prefill_outputs(batch)
 
     def _choose(self, active: _Active, logits: torch.Tensor) -> int:
         """The device sampler for the first token too, so that a row's j-th token takes its j-th draw."""
