@@ -188,8 +188,8 @@ def check_files(folder: Path, listed: list[ListedFile], full: bool = False) -> l
             raise EnginesError(f"{folder / f.name}: listed in the manifest for {f.graph} but missing "
                                "(rebuild the engines)")
         if f.size is not None and st.st_size != f.size:
-            raise EnginesError(f"{f.graph}: {folder / f.name} is {st.st_size} bytes, the manifest records {f.size}: "
-                               "a damaged or foreign file (rebuild the engines)")
+            raise EnginesError(f"{f.graph}: {folder / f.name} does not match the manifest ({st.st_size} bytes, "
+                               f"it records {f.size}): a damaged or foreign file (rebuild the engines)")
         if f.sha256 is None:
             log.warning("%s: %s has no sha256 in the manifest (built by an older exporter): not checked",
                         f.graph, f.name)

@@ -172,6 +172,7 @@ def _to_external_data(folder: Path, hashed: bool) -> dict:
     manifest = read_manifest(folder)
     info = manifest["graphs"]["llm_decode"]["files"]["fp32"]
     info["sha256"] = hashlib.sha256((folder / "llm_decode.onnx").read_bytes()).hexdigest()
+    info["size"] = (folder / "llm_decode.onnx").stat().st_size
     data = folder / "llm_decode.onnx.data"
     info["external_data"] = [{"file": data.name, "sha256": hashlib.sha256(data.read_bytes()).hexdigest(),
                               "size": data.stat().st_size} if hashed else data.name]
@@ -324,7 +325,7 @@ SCHEMA_CASES = [
     (_set("graphs.llm_prefill.spec.dims.S", {"min": 5, "opt": 2, "max": 1}),
      r"graphs\.llm_prefill\.spec\.dims\.S: expected min <= opt <= max"),
     (_set("graphs.vae", {}), r"graphs\.vae: expected a graph of the contract \(vision_encoder, .*\), got \"vae\""),
-    (_set("precisions", ["fp8"]), r"precisions\[0\]: expected one of fp32, fp16, bf16, got \"fp8\""),
+    (_set("precisions", ["fp8"]), r"precisions\[0\]: expected one of fp32, fp16, bf16(, int8)?, got \"fp8\""),
     (_set("limits.max_seq", 4096), r"limits\.max_seq: 4096 exceeds what the model supports: "
                                    r"model\.config\.language_config\.max_position_embeddings is 1024"),
 ]
