@@ -11,6 +11,7 @@ keyed by bucketed shapes, so memory stays bounded whatever prompt lengths arrive
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from typing import Callable, Generic, Iterator, TypeVar
 
@@ -24,6 +25,7 @@ from .backends.torch_backend import exact_fp32
 from .errors import check_finite
 from .trt_plan import prompt_bucket
 
+log = logging.getLogger(__name__)
 K = TypeVar("K")
 V = TypeVar("V")
 # Captured graphs kept per path: each holds its static buffers (the prompt K/V among them).
@@ -65,6 +67,16 @@ def capture_graph(step: Callable[[], None]) -> torch.cuda.CUDAGraph:
     with torch.cuda.graph(graph):
         step()
     return graph
+
+
+def capture_or_none(step: Callable[[], None]) -> torch.cuda.CUDAGraph | None:
+    """`capture_graph(step)`, or None (logged) where a kernel of the step cannot be captured: the
+    caller then runs the step eagerly, so an op that breaks capture costs speed, not requests."""
+    try:
+        return capture_graph(step)
+    except RuntimeError:
+        log.warning("CUDA-graph capture failed; running eagerly", exc_info=True)
+        return None
 
 
 class _StepState:

@@ -31,7 +31,7 @@ from jfexport.reference.schedulers import row_uniforms, sample_next_device, stop
 from ..backends.torch_backend import exact_fp32
 from ..engine import Engine
 from ..errors import NonFiniteOutput
-from ..torch_fast import DECODE_BUCKET, LRU, capture_graph
+from ..torch_fast import DECODE_BUCKET, LRU, capture_or_none
 from .chat_batch import ChatSlots, Failure, _Active
 from .fast_prefill import PrefillGraphs
 
@@ -172,12 +172,13 @@ class FastChatSlots(ChatSlots):
                    finished=padded([False] * n, True, torch.bool))
         dtype = store_k.dtype
         with torch.inference_mode(), exact_fp32(dtype):
-            if self.cuda_graphs and dev.type == "cuda":
-                if state.graph is None:
-                    # The warm-up runs advance the buffers and write K/V at columns >= end, which
-                    # the replay rewrites from the restored inputs.
-                    state.graph = capture_graph(lambda: self._run(state))
-                    state.restore()
+            if self.cuda_graphs and dev.type == "cuda" and state.graph is None:
+                # The warm-up runs advance the buffers and write K/V at columns >= end, which the
+                # replay (or the eager run) rewrites from the restored inputs.
+                state.graph = capture_or_none(lambda: self._run(state))
+                self.cuda_graphs = state.graph is not None
+                state.restore()
+            if state.graph is not None:
                 state.graph.replay()
             else:
                 self._run(state)

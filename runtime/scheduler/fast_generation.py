@@ -20,7 +20,7 @@ from jfexport.reference.schedulers import cfg_velocity, euler_step
 
 from ..backends.torch_backend import exact_fp32
 from ..engine import Engine
-from ..torch_fast import LRU, capture_graph
+from ..torch_fast import LRU, capture_or_none
 from ..trt_plan import prompt_bucket
 from .generation_batch import GenerationRows, _Row
 
@@ -84,10 +84,11 @@ class FastGenerationRows(GenerationRows):
             state = self._state(rows)
             state.load_prompts(rows)
             state.load_step(rows)
-            if self.cuda_graphs and state.z.device.type == "cuda":
-                if state.graph is None:
-                    # The warm-up runs write only `out`, which the replay overwrites.
-                    state.graph = capture_graph(lambda: self._compute(state, dtype))
+            if self.cuda_graphs and state.z.device.type == "cuda" and state.graph is None:
+                # The warm-up runs write only `out`, which the replay overwrites.
+                state.graph = capture_or_none(lambda: self._compute(state, dtype))
+                self.cuda_graphs = state.graph is not None
+            if state.graph is not None:
                 state.graph.replay()
             else:
                 self._compute(state, dtype)

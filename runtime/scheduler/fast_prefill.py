@@ -16,7 +16,7 @@ import torch
 from jfexport.reference.graph_contract import kv_name
 from jfexport.reference.pipelines.layout import understanding_positions
 
-from ..torch_fast import LRU, capture_graph
+from ..torch_fast import LRU, capture_or_none
 
 # Prompt widths are rounded up to this: 628 tokens run as 640 (a power of two would be 1024).
 PREFILL_BUCKET = 128
@@ -53,9 +53,10 @@ class PrefillGraphs:
             state = _Prefill(rows, wide, key[2], param.dtype, param.device)
             self._states.put(key, state)
         self._load(state, batch)
-        if self.cuda_graphs and param.device.type == "cuda":
-            if state.graph is None:
-                state.graph = capture_graph(lambda: self._compute(state))  # writes only its outputs
+        if self.cuda_graphs and param.device.type == "cuda" and state.graph is None:
+            state.graph = capture_or_none(lambda: self._compute(state))  # writes only its outputs
+            self.cuda_graphs = state.graph is not None
+        if state.graph is not None:
             state.graph.replay()
         else:
             self._compute(state)
