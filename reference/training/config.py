@@ -14,7 +14,7 @@ from .stages import STAGES
 
 @dataclass
 class TrainConfig:
-    out: str  # run folder: checkpoint/, train_state.pt, log.jsonl
+    out: str  # run folder: checkpoint/, train_state.safetensors, log.jsonl
     stage: int = 1
     steps: int = 100
     batch_size: int = 8
