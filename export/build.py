@@ -19,6 +19,9 @@ from jfexport.runtime.backend_choice import BackendChoice, choose_backend
 from .build_folder import BuildFolder, named_os_error, open_build_folder
 from .exporter import Progress, export_graphs, graph_file_names, manifest_for, weights_sha256
 from .manifest import EnginesError, read_build_manifest, sha256_file, versions
+from .quantize.cache import read_cache, write_cache
+from .quantize.int8_build import QUANTIZED_GRAPHS, build_int8
+from .quantize.requests import Recipe
 from .specs import Limits, graph_specs
 
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "processor_config.json",
@@ -67,8 +70,10 @@ def previous_manifest(out: Path) -> dict | None:
 
 
 def build(bundle: ModelBundle, out: Path, fp16: bool = False, backend: str = "auto", limits: Limits | None = None,
-          progress: Progress = lambda msg: None) -> dict:
-    """Build `out` all-or-nothing; `limits` defaults to `build_limits(bundle)`."""
+          progress: Progress = lambda msg: None, int8: bool = False, recipe: Recipe = Recipe()) -> dict:
+    """Build `out` all-or-nothing; `limits` defaults to `build_limits(bundle)`. `int8` adds calibrated Q/DQ
+    graphs (`recipe` says how they are calibrated; the manifest's `calibration.calibrated` lists the
+    graphs calibrated by this build, the others took their ranges from the folder's calibration cache)."""
     choice: BackendChoice = choose_backend(backend)
     if choice.backend == "torch":
         raise EnginesError("`build` prepares engines for onnxruntime or tensorrt; the torch backend needs no build")
@@ -77,15 +82,15 @@ def build(bundle: ModelBundle, out: Path, fp16: bool = False, backend: str = "au
     out = Path(out)
     try:
         with open_build_folder(out, previous_manifest, progress) as session:
-            return _build_in(session, bundle, fp16, choice, limits, progress)
+            return _build_in(session, bundle, fp16, int8, recipe, choice, limits, progress)
     except OSError as e:
         raise named_os_error(out, e) from None
 
 
-def _build_in(session: BuildFolder, bundle: ModelBundle, fp16: bool, choice: BackendChoice, limits: Limits,
-              progress: Progress) -> dict:
+def _build_in(session: BuildFolder, bundle: ModelBundle, fp16: bool, int8: bool, recipe: Recipe, choice: BackendChoice,
+              limits: Limits, progress: Progress) -> dict:
     out = session.folder
-    precisions = ("fp32", "fp16") if fp16 else ("fp32",)
+    precisions = ("fp32", *(("fp16",) if fp16 else ()), *(("int8",) if int8 else ()))
     specs = graph_specs(bundle, limits)
     prev = session.previous
     same_tools = prev is not None and prev.get("versions") == versions() and prev.get("limits") == {
@@ -98,13 +103,18 @@ def _build_in(session: BuildFolder, bundle: ModelBundle, fp16: bool, choice: Bac
         wanted = tuple(p for p in precisions if p in spec.precisions)
         if _reusable(old, out, weights, wanted, spec.to_json()):
             entries[name] = copy.deepcopy(old)  # the TensorRT step edits entries; the previous manifest must not change
+            # Files of a precision this build does not make are not listed (and so retired at the commit).
+            entries[name]["files"] = {p: f for p, f in entries[name]["files"].items() if p in precisions}
             progress(f"{name}: up to date")
         else:
             stale.append(name)
     if "fp16" in precisions and "vae_decoder" in specs:
         progress("vae_decoder: built fp32 (the SDXL VAE overflows in fp16)")
     if stale:
-        entries.update(export_graphs(bundle, session.staging, stale, precisions, limits, progress))
+        typed = tuple(p for p in precisions if p != "int8")  # INT8 graphs are made from the fp32 ones below
+        entries.update(export_graphs(bundle, session.staging, stale, typed, limits, progress))
+    calibration = _int8_step(session, bundle, limits, entries, stale, recipe, progress) if int8 else None
+    if stale:
         for name in stale:
             for info in entries[name]["files"].values():
                 prefix = session.place(graph_file_names(info))
@@ -113,6 +123,8 @@ def _build_in(session: BuildFolder, bundle: ModelBundle, fp16: bool, choice: Bac
                     extra["file"] = prefix + extra["file"]
     manifest = manifest_for(bundle, limits, precisions, {n: entries[n] for n in specs})
     manifest["tokenizer"] = session.stage_tokenizer(_processor_files(bundle))
+    if calibration is not None:
+        manifest["calibration"] = calibration
     if choice.backend == "tensorrt":
         from .tensorrt_build import build_engines
 
@@ -127,6 +139,32 @@ def _build_in(session: BuildFolder, bundle: ModelBundle, fp16: bool, choice: Bac
     manifest["rebuilt"] = stale
     session.commit(manifest)
     return manifest
+
+
+def _int8_step(session: BuildFolder, bundle: ModelBundle, limits: Limits, entries: dict[str, dict], stale: list[str],
+               recipe: Recipe, progress: Progress) -> dict | None:
+    """INT8 files of the stale quantized graphs into staging (listed in `entries`, placed with the
+    others), and the calibration cache's manifest record (the file placed here when it changed)."""
+    previous = (session.previous or {}).get("calibration")
+    names = [n for n in stale if n in QUANTIZED_GRAPHS]
+    if not names and previous is not None:
+        return {**previous, "calibrated": []}
+    fp32_files = {n: (session.staging if n in stale else session.folder) / e["files"]["fp32"]["file"]
+                  for n, e in entries.items()}
+    cached = read_cache(session.folder, previous)
+    graphs = build_int8(bundle, limits, fp32_files, names, {n: entries[n]["weights_sha256"] for n in names},
+                        session.staging, cached, recipe, progress)
+    for name, graph in graphs.items():
+        entries[name]["files"]["int8"] = graph.file
+    kept = {n: e for n, e in cached.items() if n in entries and n not in graphs}
+    path = write_cache(session.staging, {**kept, **{n: g.cache for n, g in graphs.items()}})
+    digest = sha256_file(path)
+    calibrated = [n for n, g in graphs.items() if g.calibrated]
+    if previous is not None and previous["sha256"] == digest:
+        path.unlink()  # same ranges: the file in place stays, untouched
+        return {**previous, "calibrated": calibrated}
+    prefix = session.place([path.name])
+    return {"file": prefix + path.name, "sha256": digest, "calibrated": calibrated, "recipe": recipe.key()}
 
 
 def _processor_files(bundle: ModelBundle) -> dict[str, Path]:

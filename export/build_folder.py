@@ -77,7 +77,7 @@ def check_output_folder(out: Path) -> None:
 
 
 def listed_files(manifest: dict | None) -> set[str]:
-    """Every path (relative to the folder) a manifest names: graphs, external data, engines, tokenizer."""
+    """Every path (relative to the folder) a manifest names: graphs, external data, engines, tokenizer, calibration."""
     if manifest is None:
         return set()
     names: set[str] = set()
@@ -89,6 +89,8 @@ def listed_files(manifest: dict | None) -> set[str]:
             if "engine" in info:
                 names.add(info["engine"]["file"])
     names.update(f"{TOKENIZER_DIR}/{n}" for n in manifest.get("tokenizer", {}))
+    if "calibration" in manifest:  # the INT8 calibration cache (export/quantize/cache.py)
+        names.add(manifest["calibration"]["file"])
     return names
 
 

@@ -38,6 +38,7 @@ def graph_specs(bundle: ModelBundle, limits: Limits = Limits()) -> dict[str, Gra
     def kv(prefix: str, length: str) -> list[TensorSpec]:
         return [TensorSpec(name, f32, ("B", kv_heads, length, head_dim)) for name in kv_names(prefix, layers)]
 
+    int8 = ("fp32", "fp16", "int8")  # graphs with linear layers worth INT8 (export/quantize/int8_build.py)
     llm_extra = {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "hidden": d, "vocab": v}
     specs = {
         "vision_encoder": GraphSpec(
@@ -53,25 +54,25 @@ def graph_specs(bundle: ModelBundle, limits: Limits = Limits()) -> dict[str, Gra
             [TensorSpec("inputs_embeds", f32, ("B", "S", d)), TensorSpec("attention_mask", i64, ("B", "S")),
              TensorSpec("position_ids", i64, ("B", "S"))],
             [TensorSpec("hidden_states", f32, ("B", "S", d)), TensorSpec("logits", f32, ("B", v)), *kv("present", "S")],
-            {"B": B, "S": S}, extra=llm_extra),
+            {"B": B, "S": S}, precisions=int8, extra=llm_extra),
         "llm_decode": GraphSpec(
             "llm_decode",
             [TensorSpec("inputs_embeds", f32, ("B", "T", d)), TensorSpec("attention_mask", i64, ("B", "P + T")),
              TensorSpec("position_ids", i64, ("B", "T")), *kv("past", "P")],
             [TensorSpec("hidden_states", f32, ("B", "T", d)), TensorSpec("logits", f32, ("B", v)), *kv("present", "P + T")],
-            {"B": B, "T": T, "P": P}, extra=llm_extra),
+            {"B": B, "T": T, "P": P}, precisions=int8, extra=llm_extra),
         "gen_encoder": GraphSpec(
             "gen_encoder",
             [TensorSpec("latents", f32, ("B", channels, latent, latent)), TensorSpec("timesteps", f32, ("B",), keep_dtype=True)],
             [TensorSpec("z_embeds", f32, ("B", n_img, d)), TensorSpec("t_embeds", f32, ("B", d)),
              TensorSpec("skip", f32, ("B", width, grid, grid))],
-            {"B": B}, extra={"latent": latent, "grid": grid}),
+            {"B": B}, precisions=int8, extra={"latent": latent, "grid": grid}),
         "gen_decoder": GraphSpec(
             "gen_decoder",
             [TensorSpec("hidden_states", f32, ("B", n_img, d)), TensorSpec("skip", f32, ("B", width, grid, grid)),
              TensorSpec("t_embeds", f32, ("B", d))],
             [TensorSpec("velocity", f32, ("B", channels, latent, latent))],
-            {"B": B}),
+            {"B": B}, precisions=int8),
     }
     if bundle.vae is not None:
         out = latent * 2 ** (len(bundle.vae.config.block_out_channels) - 1)

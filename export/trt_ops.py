@@ -76,6 +76,48 @@ def check_model(model: onnx.ModelProto) -> list[Finding]:
             if mode != "CRD":
                 # PyTorch's PixelShuffle is CRD; a DCR node would scramble the latents (JANUSFLOW.md pitfall 11).
                 findings.append(Finding(name, node.op_type, f"mode {mode}, expected CRD (PixelShuffle)"))
+    return findings + check_explicit_quantization(model)
+
+
+def _attr(node: onnx.NodeProto, key: str, default: int) -> int:
+    return next((a.i for a in node.attribute if a.name == key), default)
+
+
+def check_explicit_quantization(model: onnx.ModelProto) -> list[Finding]:
+    """Q/DQ placement TensorRT's explicit quantization accepts (TensorRT developer guide, "Explicit
+    Quantization"): symmetric INT8 (every zero point an int8 0), activations per tensor (scalar scale),
+    weights an INT8 initializer under a DequantizeLinear with one scale per output channel (axis 1 of a
+    [K, N] MatMul weight), and a quantized MatMul quantized on both inputs (else TensorRT runs it in float)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    findings: list[Finding] = []
+    for node in model.graph.node:
+        name = node.name or node.output[0]
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            if len(node.input) < 3 or node.input[2] not in inits:
+                findings.append(Finding(name, node.op_type, "no constant zero point (TensorRT needs a zero point of 0)"))
+                continue
+            zero = onnx.numpy_helper.to_array(inits[node.input[2]])
+            if inits[node.input[2]].data_type != onnx.TensorProto.INT8 or zero.any():
+                findings.append(Finding(name, node.op_type, "zero point not an int8 0 (TensorRT INT8 is symmetric)"))
+            scale = inits.get(node.input[1])
+            if scale is None:
+                findings.append(Finding(name, node.op_type, "scale is not a constant"))
+                continue
+            weight = inits.get(node.input[0])
+            if node.op_type == "DequantizeLinear" and weight is not None:
+                axis = _attr(node, "axis", 1)
+                if len(weight.dims) != 2 or axis != 1 or list(scale.dims) != [weight.dims[1]]:
+                    findings.append(Finding(name, node.op_type, f"weight {list(weight.dims)} scale {list(scale.dims)} "
+                                                                f"axis {axis}: expected one scale per output channel"))
+            elif len(scale.dims) != 0:
+                findings.append(Finding(name, node.op_type, f"activation scale {list(scale.dims)}: expected per tensor"))
+            if node.op_type == "DequantizeLinear" and weight is None and producer.get(node.input[0]) is None:
+                findings.append(Finding(name, node.op_type, "dequantizes a graph input"))
+        elif node.op_type == "MatMul":
+            fed = [producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in node.input]
+            if any(fed) and not all(fed):
+                findings.append(Finding(name, node.op_type, "quantized on one input only (TensorRT would run it in float)"))
     return findings
 
 

@@ -39,10 +39,12 @@ class EngineSet(dict):
 def pick_precision(manifest: dict, requested: str | None, device: str) -> str:
     available = manifest.get("precisions", ["fp32"])
     if requested is None:
-        # ONNX Runtime's CPU kernels run fp16 graphs through casts: fp16 only pays off on a GPU.
+        # ONNX Runtime's CPU kernels run fp16 graphs through casts: fp16 only pays off on a GPU. INT8 is
+        # never chosen for the caller: it trades accuracy for speed (README "INT8"), so it is asked for.
         requested = "fp16" if torch.device(device).type == "cuda" and "fp16" in available else "fp32"
     if requested not in available:
-        raise EnginesError(f"the engines were built for {available}, not {requested} (rebuild with --fp16)")
+        flag = {"fp16": "--fp16", "int8": "--int8"}.get(requested, f"--{requested}")
+        raise EnginesError(f"the engines were built for {available}, not {requested} (rebuild with {flag})")
     return requested
 
 

@@ -22,7 +22,7 @@ from jfexport.reference.graph_contract import GRAPH_NAMES
 
 MANIFEST = "manifest.json"
 FORMAT = "jfexport-manifest/1"
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
 BACKENDS = ("onnxruntime", "tensorrt")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -293,6 +293,9 @@ def _validate(m: dict) -> None:
     for name, digest in (tokenizer or {}).items():
         _expect(isinstance(digest, str) and _SHA256.fullmatch(digest) is not None, f"tokenizer.{name}",
                 "64 lowercase hex digits", digest)
+    calibration = _obj(m, "calibration", "", optional=True)  # the INT8 calibration cache, read by builds only
+    if calibration is not None:
+        _file_record(calibration, "calibration")
     graphs = _obj(m, "graphs", "")
     _expect(len(graphs) > 0, "graphs", "at least one graph", graphs)
     for name, entry in graphs.items():

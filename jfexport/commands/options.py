@@ -12,7 +12,7 @@ from jfexport.runtime.backend_choice import BACKENDS, ENGINE_BACKENDS
 
 DEFAULT_ENGINES = Path("engines/default")
 # What a build holds and what `--precision` picks from it (fp32 graphs are always built).
-ENGINE_PRECISIONS = ("fp32", "fp16")
+ENGINE_PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def backend_option(choices: tuple[str, ...], help: str) -> Callable:
@@ -21,7 +21,8 @@ def backend_option(choices: tuple[str, ...], help: str) -> Callable:
 
 def precision_option(f):
     return click.option("--precision", type=click.Choice(ENGINE_PRECISIONS), default=None,
-                        help="Engine precision to load from the build (default: fp16 on a GPU when built, else fp32).")(f)
+                        help="Engine precision to load from the build (default: fp16 on a GPU when built, else fp32; int8 only "
+                             "when asked for).")(f)
 
 
 def model_options(f):

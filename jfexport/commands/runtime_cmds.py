@@ -18,18 +18,20 @@ from .options import (DEFAULT_ENGINES, backend_option, load_model, model_options
 @click.command("build")
 @model_options
 @click.option("--fp16", is_flag=True, help="Also build typed fp16 graphs (the VAE stays fp32).")
+@click.option("--int8", is_flag=True, help="Also build calibrated INT8 Q/DQ graphs of the LLM and generation encoder/decoder "
+                                          "(ranges cached in calibration.json).")
 @backend_option(ENGINE_BACKENDS, "Engines to compile for (auto: TensorRT when it and a GPU are present, else ONNX Runtime).")
 @click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_ENGINES, show_default=True, help="Build folder.")
 @click.option("--max-batch", default=Limits().max_batch, show_default=True, help="Largest batch (rows; CFG doubles images).")
 @click.option("--max-seq", type=int, default=None,
               help="Longest sequence (prompt + generated tokens)  [default: the model's max_position_embeddings, at most "
                    "4096].")
-def build_cmd(checkpoint, vae, preset, fp16, backend, out, max_batch, max_seq):
+def build_cmd(checkpoint, vae, preset, fp16, int8, backend, out, max_batch, max_seq):
     """Export, check and compile the engines; reuses what is up to date."""
     from jfexport.export.build import build, build_limits
 
     bundle = load_model(checkpoint, vae, preset)
-    manifest = build(bundle, out, fp16=fp16, backend=backend, limits=build_limits(bundle, max_batch, max_seq),
+    manifest = build(bundle, out, fp16=fp16, int8=int8, backend=backend, limits=build_limits(bundle, max_batch, max_seq),
                      progress=lambda msg: click.echo(msg, err=True))
     rebuilt = manifest["rebuilt"]
     click.echo(f"built {out} ({manifest['backend']['name']}): "
