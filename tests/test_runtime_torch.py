@@ -1,4 +1,5 @@
-"""Runtime pipelines over the torch backend equal the reference pipelines; the fast torch paths."""
+"""Runtime pipelines over the torch backend (engine path and fast executors) equal the reference
+pipelines; the fast torch paths."""
 
 from __future__ import annotations
 
@@ -6,23 +7,31 @@ import pytest
 import torch
 from PIL import Image
 
+from jfexport.reference.bundle import load_preset
 from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
 from jfexport.runtime.pipelines import JanusFlowRuntime
 
 PROMPTS = ["a red circle at the top left", "a blue star"]
 
 
-def test_generation_matches_the_reference(tiny_bundle):
+def _runtime(tiny_bundle, fast: bool) -> JanusFlowRuntime:
+    # The fast executors switch their model to SDPA: they get a copy of the preset, not the shared fixture.
+    return JanusFlowRuntime.from_bundle(load_preset("tiny"), fast=True) if fast else JanusFlowRuntime.from_bundle(tiny_bundle)
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["engine_path", "fast_executors"])
+def test_generation_matches_the_reference(tiny_bundle, fast):
     ref = ReferencePipeline(tiny_bundle).generate_latents(PROMPTS, n=2, steps=3, seed=5)
-    rt = JanusFlowRuntime.from_bundle(tiny_bundle).generate_latents(PROMPTS, n=2, steps=3, seed=5)
+    rt = _runtime(tiny_bundle, fast).generate_latents(PROMPTS, n=2, steps=3, seed=5)
     assert (ref - rt).abs().max().item() < 1e-5
 
 
-def test_understanding_matches_the_reference(tiny_bundle):
+@pytest.mark.parametrize("fast", [False, True], ids=["engine_path", "fast_executors"])
+def test_understanding_matches_the_reference(tiny_bundle, fast):
     images = [Image.new("RGB", (50, 40), (200, 10, 10)), Image.new("RGB", (30, 60), (10, 10, 200))]
     questions = ["What colour is the shape?", "Where?"]
-    ref = ReferencePipeline(tiny_bundle).chat_stream(images, questions, max_new_tokens=6)
-    rt = JanusFlowRuntime.from_bundle(tiny_bundle).chat_stream(images, questions, max_new_tokens=6)
+    ref = ReferencePipeline(tiny_bundle).chat_stream(images, questions, max_new_tokens=20)
+    rt = _runtime(tiny_bundle, fast).chat_stream(images, questions, max_new_tokens=20)
     assert torch.equal(torch.stack(list(ref)), torch.stack(list(rt)))
 
 
