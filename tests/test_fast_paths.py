@@ -16,6 +16,7 @@ from jfexport.runtime.scheduler.fast_generation import FastGenerationRows
 from jfexport.runtime.scheduler.requests import stream_rows
 
 # The scheduler's guarantees, rerun below on the fast executors (the `runtime` fixture of this module).
+from tests.test_scheduler import Rows
 from tests.test_scheduler import (  # noqa: F401 - collected here as tests of the fast path
     test_a_callback_may_call_the_runtime,
     test_a_paused_or_dropped_stream_blocks_nobody_and_frees_its_slot,
@@ -190,6 +191,26 @@ def test_chat_rows_joining_mid_answer(pair):
         second = rt.submit_chat(IMAGES[1], "Which shape is in the picture?", max_new_tokens=21)
         results.append((head + list(it), list(second)))
     assert results[0] == results[1]
+
+
+def test_rows_shift_back_when_the_store_is_full():
+    """With a short store the common end column reaches max_len while rows are active: the rows
+    move back (`ChatSlots._move`), before a chunk that would not fit, and decode on unchanged."""
+    results = []
+    for fast in (False, True):
+        rt = JanusFlowRuntime.from_bundle(load_preset("tiny"), fast=fast)
+        rt.max_len = rt.scheduler.chat.max_len = 200  # before the first prefill sizes the store
+        shared = Rows(rt)
+        first = rt.submit_chat(IMAGES[0], QUESTIONS[0], max_new_tokens=75)  # 118 prompt tokens: 193 in all
+        it = iter(first)
+        head = [next(it) for _ in range(15)]
+        # Joining at end >= 133 with 119 + 70 tokens to go: end passes 200 unless the rows move back.
+        second = rt.submit_chat(IMAGES[1], "Which shape is in the picture?", max_new_tokens=70)
+        results.append((head + list(it), list(second)))
+        assert shared.max("chat") == 2 and first.finish_reason == second.finish_reason == "length"
+        assert rt.scheduler.chat.store[0][0].shape[2] == 200
+        rt.close()
+    assert results[0] == results[1] and len(results[1][1]) == 70
 
 
 # -- text-to-image: the static-buffer Euler step ---------------------------------------------------
