@@ -36,7 +36,11 @@ class Recipe:
     check_prompts: int = 1  # the first prompts/images also make the held-in parity samples
     check_images: int = 2
     samples_per_graph: int = 6  # parity samples kept per graph, spread over the calls
-    layer_threshold: float = 0.08  # a layer whose INT8 output error exceeds this stays fp32
+    # A layer whose own INT8 output error exceeds this stays fp32. Measured (README "INT8"): layers
+    # with ordinary ranges land at 0.7-5.0% on the bundled model and the presets; the trained
+    # model's outlier layers (mlp.down_proj, inputs up to 32 where the others stay under 10; the
+    # decoder's second channelwise linear) at 6.4-13%, and those dominate their graph's error.
+    layer_threshold: float = 0.06
     method: str = "absmax"
 
     def key(self) -> str:
