@@ -152,6 +152,20 @@ def test_fast_prefill_equals_the_engine_prefill(pair):
             assert (got[name][i, :, -n:] - want[name][i, :, -n:]).abs().max().item() < 1e-4
 
 
+def test_kept_logits_survive_later_chunks(pair):
+    """Logits kept for a caller are read after the request ends here: later chunks (and replays)
+    reuse the buffers they came from."""
+    kept = []
+    for rt in pair:
+        job = rt._chat_job(IMAGES, QUESTIONS, 30, 0.0, 1.0, 0, True, None)
+        rt.scheduler.submit(job)
+        with job.cond:
+            job.wait_for(lambda: False)  # until the request ends
+        kept.append([torch.stack(r.logits) for r in job.chat_rows])
+    for want, got in zip(*kept):
+        assert got.shape == want.shape and (got - want).abs().max().item() < 1e-4
+
+
 def test_eos_in_the_middle_of_a_chunk(pair):
     plain, fast = pair
     greedy = torch.stack(list(plain.chat_stream(IMAGES[:1], QUESTIONS[:1], max_new_tokens=40)))[:, 0].tolist()

@@ -184,7 +184,8 @@ class FastChatSlots(ChatSlots):
                 self._run(state)
         self.observe("chat", n)
         tokens = state.tokens[:n].tolist()  # the chunk's one host synchronisation
-        logits = state.logits[:n].cpu() if keep else None
+        # A copy even on CPU (where .cpu() returns the buffer itself): the next chunk overwrites it.
+        logits = state.logits[:n].to("cpu", copy=True) if keep else None
         return tokens, state.first_bad[:n].tolist(), logits
 
     def _run(self, s: _Chunk) -> None:

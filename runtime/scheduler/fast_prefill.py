@@ -60,7 +60,9 @@ class PrefillGraphs:
             state.graph.replay()
         else:
             self._compute(state)
-        out = {"logits": state.logits[:n]}
+        # The K/V are copied into the store before the next prefill; the logits are kept longer
+        # (the first token's, for callers that want them), and a replay would overwrite them.
+        out = {"logits": state.logits[:n].clone()}
         for layer, (k, v) in enumerate(state.present):
             out[kv_name("present", layer, "key")], out[kv_name("present", layer, "value")] = k[:n], v[:n]
         return out, state.mask[:n]
