@@ -115,47 +115,128 @@ def machine_info() -> dict[str, object]:
     return info
 
 
-def bench_pipelines(runtime, reference, prompt: str, steps: int, cfg: float, batch: int, warmup: int, runs: int,
-                    max_new_tokens: int, question: str, image: Image.Image) -> dict[str, object]:
-    """Measure `runtime` (a JanusFlowRuntime) stage by stage and `reference` end to end."""
+def _bench_runtime(runtime, prompts: list[str], steps: int, cfg: float, warmup: int, runs: int,
+                   stream: Callable[[object], Iterator[torch.Tensor]]) -> dict[str, object]:
+    """Generation end to end and per stage, then understanding, of one runtime."""
     timer = StageTimer()
     # In place: the scheduler holds this mapping and must run the timed proxies.
     runtime.engines.update(timer.wrap(runtime.engines))
-    prompts = [prompt] * batch
-
     gen_total = timed_runs(lambda: runtime.generate(prompts, steps=steps, cfg=cfg), warmup, runs, timer)
     stages = {name: summarize(times) for name, times in timer.times.items() if name != "vision_encoder"}
     timer.clear()
+    understanding = time_token_stream(lambda: stream(runtime), warmup, runs, timer)
+    return {"end_to_end": summarize(gen_total), "stages_per_call": stages, "understanding": understanding,
+            "understanding_stages_per_call": {name: summarize(times) for name, times in timer.times.items()}}
+
+
+def _bench_reference(reference, prompts: list[str], steps: int, cfg: float, warmup: int, runs: int,
+                     stream: Callable[[object], Iterator[torch.Tensor]]) -> dict[str, object]:
+    understanding = time_token_stream(lambda: stream(reference), warmup, runs)
+    return {"end_to_end": summarize(timed_runs(lambda: reference.generate(prompts, steps=steps, cfg=cfg), warmup, runs)),
+            "understanding": understanding}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def bench_pipelines(runtime, reference, prompt: str, steps: int, cfg: float, batch: int, warmup: int, runs: int,
+                    max_new_tokens: int, question: str, image: Image.Image) -> dict[str, object]:
+    """Measure `runtime` (a JanusFlowRuntime) stage by stage and `reference` end to end."""
+    prompts = [prompt] * batch
 
     def stream(pipeline) -> Iterator[torch.Tensor]:
         return pipeline.chat_stream([image], [question], max_new_tokens=max_new_tokens)
 
-    understanding = time_token_stream(lambda: stream(runtime), warmup, runs, timer)
-    und_stages = {name: summarize(times) for name, times in timer.times.items()}
-    ref_understanding = time_token_stream(lambda: stream(reference), warmup, runs)
-
-    ref_total = timed_runs(lambda: reference.generate(prompts, steps=steps, cfg=cfg), warmup, runs)
-    runtime_ms = summarize(gen_total)["median_ms"]
-    reference_ms = summarize(ref_total)["median_ms"]
+    rt = _bench_runtime(runtime, prompts, steps, cfg, warmup, runs, stream)
+    ref = _bench_reference(reference, prompts, steps, cfg, warmup, runs, stream)
+    understanding, ref_understanding = rt["understanding"], ref["understanding"]
     return {
         "generation": {
             "batch": batch, "steps": steps, "cfg": cfg,
-            "end_to_end": summarize(gen_total),
-            "stages_per_call": stages,
-            "reference_eager_end_to_end": summarize(ref_total),
-            "speedup_vs_reference": reference_ms / runtime_ms,
+            "end_to_end": rt["end_to_end"],
+            "stages_per_call": rt["stages_per_call"],
+            "reference_eager_end_to_end": ref["end_to_end"],
+            "speedup_vs_reference": ref["end_to_end"]["median_ms"] / rt["end_to_end"]["median_ms"],
         },
         "understanding": {
             "max_new_tokens": max_new_tokens,
             **understanding,
-            "stages_per_call": und_stages,
+            "stages_per_call": rt["understanding_stages_per_call"],
             "reference_eager": ref_understanding,
             "time_to_first_token_speedup_vs_reference":
                 ref_understanding["time_to_first_token"]["median_ms"] / understanding["time_to_first_token"]["median_ms"],
-            "decode_speedup_vs_reference": (understanding["decode_tokens_per_s"] / ref_understanding["decode_tokens_per_s"]
-                                            if understanding["decode_tokens_per_s"] and ref_understanding["decode_tokens_per_s"]
-                                            else None),
+            "decode_speedup_vs_reference": _ratio(understanding["decode_tokens_per_s"],
+                                                  ref_understanding["decode_tokens_per_s"]),
         },
         "peak_rss_mib": peak_rss_mib(),
         "machine": machine_info(),
     }
+
+
+def _reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS count of this process (Linux clear_refs 5); False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_since_reset_mib() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def bench_precisions(open_runtime: Callable[[str], object], precisions: list[str], files_mib: Mapping[str, float],
+                     reference, prompt: str, steps: int, cfg: float, batch: int, warmup: int, runs: int,
+                     max_new_tokens: int, question: str, image: Image.Image) -> dict[str, object]:
+    """Several precisions of one build (`open_runtime(precision)`), one after the other, and the reference
+    eager pipeline, in one run; ratios of each precision against the first one and against the reference.
+
+    Each runtime is closed before the next opens, and the process's peak RSS is restarted in between,
+    so each precision's peak memory is its own (the interpreter, torch and the tokenizer included)."""
+    prompts = [prompt] * batch
+
+    def stream(pipeline) -> Iterator[torch.Tensor]:
+        return pipeline.chat_stream([image], [question], max_new_tokens=max_new_tokens)
+
+    results: dict[str, dict] = {}
+    for precision in precisions:
+        reset = _reset_peak_rss()
+        runtime = open_runtime(precision)
+        try:
+            results[precision] = _bench_runtime(runtime, prompts, steps, cfg, warmup, runs, stream)
+        finally:
+            runtime.close()
+        results[precision]["peak_rss_mib"] = _peak_rss_since_reset_mib() if reset else None
+        results[precision]["files_mib"] = files_mib[precision]
+    reference_result = _bench_reference(reference, prompts, steps, cfg, warmup, runs, stream)
+    base = precisions[0]
+
+    def gen_ms(r: dict) -> float:
+        return r["end_to_end"]["median_ms"]
+
+    def decode(r: dict) -> float | None:
+        return r["understanding"]["decode_tokens_per_s"]
+
+    ratios = {}
+    for precision, r in results.items():
+        ratios[precision] = {
+            f"generation_speedup_vs_{base}": gen_ms(results[base]) / gen_ms(r),
+            "generation_speedup_vs_reference": gen_ms(reference_result) / gen_ms(r),
+            f"decode_speedup_vs_{base}": _ratio(decode(r), decode(results[base])),
+            "decode_speedup_vs_reference": _ratio(decode(r), decode(reference_result)),
+            f"time_to_first_token_speedup_vs_{base}": results[base]["understanding"]["time_to_first_token"]["median_ms"]
+            / r["understanding"]["time_to_first_token"]["median_ms"],
+        }
+    return {"generation": {"batch": batch, "steps": steps, "cfg": cfg}, "understanding": {"max_new_tokens": max_new_tokens},
+            "precisions": results, "reference_eager": reference_result, "ratios": ratios,
+            "peak_rss_mib": peak_rss_mib(), "machine": machine_info()}

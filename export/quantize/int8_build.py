@@ -67,7 +67,7 @@ class Int8Graph:
     layers: list[LayerError] = field(default_factory=list)
 
 
-class _Samples:
+class Samples:
     """At most `cap` feeds per (graph, phase), spread evenly over the calls: keep every stride-th call,
     halving the kept ones and doubling the stride when full (bounded memory, no call count needed)."""
 
@@ -105,8 +105,10 @@ def _calibration_runtime(bundle: ModelBundle, limits: Limits, fp32_files: dict[s
                             "onnxruntime", torch_threads=1)
 
 
-def _record(bundle, limits, fp32_files, recipe, observers: dict[str, RangeObserver], samples: _Samples | None,
-            check_only: bool) -> None:
+def record_requests(bundle: ModelBundle, limits: Limits, fp32_files: dict[str, Path], recipe: Recipe,
+                    observers: dict[str, RangeObserver], samples: Samples | None, check_only: bool) -> None:
+    """Run the recipe's requests (all, or the parity part) through the fp32 graphs, feeding what each
+    quantized graph receives to its range observer and to `samples`."""
     runtime = _calibration_runtime(bundle, limits, fp32_files)
     phase = ["generate"]
 
@@ -198,12 +200,12 @@ def build_int8(bundle: ModelBundle, limits: Limits, fp32_files: dict[str, Path],
     if to_calibrate:
         progress(f"int8: calibrating {', '.join(to_calibrate)} on {recipe.prompts} prompts and "
                  f"{recipe.images * 3} questions (training scenes)")
-        _record(bundle, limits, fp32_files, recipe, observers, None, check_only=False)
+        record_requests(bundle, limits, fp32_files, recipe, observers, None, check_only=False)
     for n in names:
         if n not in to_calibrate:
             progress(f"{n} [int8]: calibration ranges from the cache")
-    samples = _Samples(recipe.samples_per_graph)
-    _record(bundle, limits, fp32_files, recipe, {}, samples, check_only=True)
+    samples = Samples(recipe.samples_per_graph)
+    record_requests(bundle, limits, fp32_files, recipe, {}, samples, check_only=True)
     progress(f"int8: requests recorded in {time.perf_counter() - start:.1f}s")
     result = {}
     for name in names:

@@ -26,16 +26,24 @@ from .output_files import check_json_target, write_json
 @click.option("--runs", type=click.IntRange(min=1), default=5, show_default=True, help="Timed calls per measurement.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
               help="Longest answer of the understanding benchmark.")
+@click.option("--precisions", default=None,
+              help="With --engines: benchmark these precisions of the build one after the other in the same run, "
+                   "e.g. fp32,int8 (ratios against the first one and against the reference).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the results here.")
-def bench_cmd(checkpoint, vae, preset, engines, backend, steps, cfg, batch, warmup, runs, max_new_tokens, json_path):
+def bench_cmd(checkpoint, vae, preset, engines, backend, steps, cfg, batch, warmup, runs, max_new_tokens, precisions,
+              json_path):
     """Benchmark the runtime against the reference eager pipeline."""
     check_json_target(json_path)  # before the imports below, which take seconds
+    wanted = _precision_list(precisions, engines)
     from PIL import Image
 
     from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
     from jfexport.runtime.bench import bench_pipelines
     from jfexport.runtime.pipelines import JanusFlowRuntime
 
+    if wanted:
+        return _bench_precisions(engines, backend, wanted, checkpoint, vae, steps, cfg, batch, warmup, runs,
+                                 max_new_tokens, json_path)
     if engines is not None:
         runtime = JanusFlowRuntime.from_engines(engines, backend)
         bundle = reference_bundle_for_build(engines, checkpoint, vae)
@@ -49,6 +57,54 @@ def bench_cmd(checkpoint, vae, preset, engines, backend, steps, cfg, batch, warm
     result = bench_pipelines(runtime, reference, "a red circle at the top left", steps, cfg, batch, warmup, runs,
                              max_new_tokens, "What colour is the shape?", image)
     result = {"model": bundle.source, "backend": backend, "command": " ".join(["jfexport", *sys.argv[1:]]), **result}
+    text = json.dumps(result, indent=2)
+    click.echo(text)
+    if json_path is not None:
+        write_json(json_path, text)
+
+
+def _precision_list(text: str | None, engines: Path | None) -> list[str]:
+    from .options import ENGINE_PRECISIONS
+
+    if text is None:
+        return []
+    if engines is None:
+        raise click.UsageError("--precisions benchmarks precisions of one build: pass --engines DIR")
+    wanted = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in wanted if p not in ENGINE_PRECISIONS]
+    if unknown or not wanted:
+        raise click.BadParameter(f"{text!r}: a comma-separated list of {', '.join(ENGINE_PRECISIONS)}",
+                                 param_hint="--precisions")
+    return list(dict.fromkeys(wanted))
+
+
+def _served_mib(engines: Path, manifest: dict, precision: str) -> float:
+    """Size of the graph files an onnxruntime runtime at `precision` opens (a graph without one serves fp32)."""
+    from jfexport.runtime.folder_files import served_files
+
+    return sum((engines / f.name).stat().st_size for name in manifest["graphs"]
+               for f in served_files(manifest, name, precision, "onnxruntime")) / 2**20
+
+
+def _bench_precisions(engines, backend, wanted, checkpoint, vae, steps, cfg, batch, warmup, runs, max_new_tokens,
+                      json_path) -> None:
+    from PIL import Image
+
+    from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
+    from jfexport.runtime.bench import bench_precisions
+    from jfexport.runtime.engines_folder import read_build_manifest
+    from jfexport.runtime.pipelines import JanusFlowRuntime
+
+    manifest = read_build_manifest(engines)
+    bundle = reference_bundle_for_build(engines, checkpoint, vae)
+    files = {p: _served_mib(engines, manifest, p) for p in wanted}
+    click.echo(f"benchmarking {bundle.source} ({', '.join(wanted)}): {warmup} warmup + {runs} runs", err=True)
+    image = Image.new("RGB", (bundle.image_size, bundle.image_size), (200, 30, 30))
+    result = bench_precisions(lambda p: JanusFlowRuntime.from_engines(engines, backend, p), wanted, files,
+                              ReferencePipeline(bundle), "a red circle at the top left", steps, cfg, batch, warmup, runs,
+                              max_new_tokens, "What colour is the shape?", image)
+    result = {"model": bundle.source, "backend": manifest["backend"]["name"],
+              "command": " ".join(["jfexport", *sys.argv[1:]]), **result}
     text = json.dumps(result, indent=2)
     click.echo(text)
     if json_path is not None:
