@@ -32,30 +32,39 @@ def scaled_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class FP8Linear(nn.Module):
-    """A bias-free nn.Linear with FP8 weights (per output channel) and FP8 activations (per row)."""
+    """A bias-free nn.Linear with FP8 weights (per output channel) and FP8 activations (per row);
+    the output has the input's dtype."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         if linear.bias is not None:
             raise ValueError("FP8Linear replaces bias-free projections only")
-        weight = linear.weight.detach()
-        values, scale = quantize_rows(weight)
-        self.register_buffer("weight_fp8", values)
-        self.register_buffer("weight_scale", scale.t().contiguous())  # [1,N], as _scaled_mm takes it
-        self.out_dtype = weight.dtype
+        values, scale = quantize_rows(linear.weight.detach())
+        # Stored as integer bits: Module.to(dtype) casts every floating-point buffer (FP8 counts as
+        # one) and would turn the weights into bf16 and round the fp32 scales.
+        self.register_buffer("weight_bits", values.view(torch.uint8))
+        self.register_buffer("scale_bits", scale.t().contiguous().view(torch.int32))  # [1,N]
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self._dequantized: torch.Tensor | None = None
+
+    @property
+    def weight_fp8(self) -> torch.Tensor:
+        return self.weight_bits.view(FP8)
+
+    @property
+    def weight_scale(self) -> torch.Tensor:
+        return self.scale_bits.view(torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         values, scale = quantize_rows(flat)
-        if scaled_mm_available(x.device, self.out_dtype):
-            out = torch._scaled_mm(values, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale,
-                                   out_dtype=self.out_dtype)
+        if scaled_mm_available(x.device, x.dtype):
+            out = torch._scaled_mm(values, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale, out_dtype=x.dtype)
         else:
-            if self._dequantized is None:
-                self._dequantized = (self.weight_fp8.float() * self.weight_scale.t()).t().contiguous()
-            out = ((values.float() * scale) @ self._dequantized).to(self.out_dtype)
+            dequantized = self._dequantized
+            if dequantized is None or dequantized.device != x.device:
+                dequantized = self._dequantized = (self.weight_fp8.float() * self.weight_scale.t()).t().contiguous()
+            out = ((values.float() * scale) @ dequantized).to(x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
 

@@ -315,6 +315,9 @@ def test_fp8_linear_rounds_like_e4m3_and_is_undone():
     want, got = linear(x), FP8Linear(linear)(x)
     error = ((got - want).norm() / want.norm()).item()
     assert got.shape == want.shape and 1e-3 < error < 0.06  # e4m3 keeps 3 mantissa bits: a few % per product
+    moved = FP8Linear(linear).to(torch.float64)  # what from_bundle's model.to(dtype) does to it
+    assert moved.weight_fp8.dtype == torch.float8_e4m3fn and moved.weight_scale.dtype == torch.float32
+    assert torch.equal(moved(x.double()).float(), got)
     model = load_preset("tiny").model
     with pytest.raises(RuntimeError, match="inside"):
         with fp8_matmuls(model) as replaced:
