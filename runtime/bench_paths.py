@@ -227,8 +227,9 @@ def bench_torch_paths(bundle: ModelBundle, device: str, dtype: torch.dtype, batc
     if fp8:
         fp8_name = f"fast_fp8_chunk{chunk}"
         base_name = f"fast_cuda_graphs_chunk{chunk}" if dev.type == "cuda" else f"fast_eager_chunk{chunk}"
-        results["fp8_quality"] = {"against": base_name, "batch": batches[0], "matrix_products": "decoder projections (q,k,v,o,gate,up,down)",
-                                  "kernel": "torch._scaled_mm" if scaled_mm_available(dev, dtype) else "dequantised emulation",
+        kernel = "torch._scaled_mm" if scaled_mm_available(dev, dtype) else "dequantised emulation"
+        results["fp8_quality"] = {"against": base_name, "batch": batches[0], "kernel": kernel,
+                                  "matrix_products": "decoder projections (q,k,v,o,gate,up,down)",
                                   **_quality(outputs[base_name], outputs[fp8_name], eos, max_new_tokens)}
     model.attention = "math"
     results["understanding"] = understanding

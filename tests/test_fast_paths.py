@@ -86,6 +86,8 @@ def test_device_sampler_takes_per_row_settings():
     top_p = torch.tensor([1.0, 1e-6, 0.5, 1e-6])  # a tiny top_p keeps the top token only
     token = sample_next_device(logits, temperature, top_p, torch.tensor([0.3, 0.999, 0.7, 0.0]))
     assert torch.equal(token, logits.argmax(dim=-1))
+    greedy = sample_next_device(logits, torch.zeros(4), top_p, torch.rand(4), all_greedy=True)
+    assert torch.equal(greedy, logits.argmax(dim=-1))
     # u close to 1 picks the last kept token, never one past the kept prefix.
     full = sample_next_device(logits[:1], torch.tensor([1.0]), torch.tensor([1.0]), torch.tensor([1.0 - 1e-8]))
     assert full.item() == logits[0].argmin().item()
@@ -272,11 +274,13 @@ def test_cuda_graph_chunks_and_steps_match_cpu():
         a = torch.stack(list(cpu.chat_stream(IMAGES, QUESTIONS, max_new_tokens=67)))
         b = torch.stack(list(gpu.chat_stream(IMAGES, QUESTIONS, max_new_tokens=67)))
         assert torch.equal(a, b)
-    assert all(s.graph is not None for s in gpu.scheduler.chat._chunks._items.values())
-    assert all(s.graph is not None for s in gpu.scheduler.generation._buffers._items.values())
-    sampled = [torch.stack(list(gpu.chat_stream(IMAGES, QUESTIONS, max_new_tokens=20, temperature=0.9, seed=4)))
-               for _ in range(2)]
-    assert torch.equal(sampled[0], sampled[1])
+    chat = gpu.scheduler.chat
+    for states in (chat._chunks, chat.prefills._states, gpu.scheduler.generation._buffers):
+        # Captured, not fallen back to eager.
+        assert len(states) and all(s.graph is not None for s in states._items.values())
+    sampled = [torch.stack(list(rt.chat_stream(IMAGES, QUESTIONS, max_new_tokens=20, temperature=0.9, seed=4)))
+               for rt in (gpu, gpu, cpu)]
+    assert torch.equal(sampled[0], sampled[1]) and torch.equal(sampled[0], sampled[2])  # the draws are the rows' own
     cpu.close()
     gpu.close()
 

@@ -62,14 +62,17 @@ def row_uniforms(generators: Sequence[torch.Generator], count: int) -> torch.Ten
 
 
 def sample_next_device(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-                       uniform: torch.Tensor) -> torch.Tensor:
+                       uniform: torch.Tensor, all_greedy: bool = False) -> torch.Tensor:
     """`sample_next` for a batch with per-row settings, branch-free on the logits' device.
 
     logits [B,V]; temperature, top_p, uniform [B]. Rows with temperature 0 take the argmax; the
     others draw from the same top-p distribution as `sample_next` by inverting its CDF at
     `uniform` (so no generator runs on the device and the call can be captured in a CUDA graph).
+    `all_greedy` (the caller knows every temperature is 0) skips the vocabulary sort.
     """
     greedy = logits.argmax(dim=-1)
+    if all_greedy:
+        return greedy
     sampled = temperature > 0
     scale = torch.where(sampled, temperature, torch.ones_like(temperature))
     probs = torch.softmax(logits.float() / scale[:, None], dim=-1)

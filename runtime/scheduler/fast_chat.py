@@ -13,7 +13,7 @@ decides why a row ends); tokens after a row's EOS are padding and never reach th
 row's j-th token always uses its generator's j-th draw, so its tokens do not depend on chunking
 or companions.
 
-Shapes are fixed per (row bucket, k, hi, logits kept): rows are padded to a power of two (the
+Shapes are fixed per (row bucket, k, hi, logits kept, all rows greedy): rows are padded to a power of two (the
 padding rows decode into free slots) and hi is rounded up to `DECODE_BUCKET`, so on CUDA each
 chunk is captured once as a CUDA graph and replayed (bounded LRU). If a chunk raises, that
 iteration falls back to the engine path, which retries job by job to find the request at fault.
@@ -48,11 +48,12 @@ def _pow2(n: int) -> int:
 class _Chunk:
     """Static buffers of one chunk: R rows, k tokens, attention over store columns [0, hi)."""
 
-    def __init__(self, rows: int, k: int, hi: int, vocab: int, keep_logits: bool, device: torch.device):
+    def __init__(self, rows: int, k: int, hi: int, vocab: int, keep_logits: bool, all_greedy: bool,
+                 device: torch.device):
         def z(*shape: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
             return torch.zeros(shape, dtype=dtype, device=device)
 
-        self.rows, self.k, self.hi = rows, k, hi
+        self.rows, self.k, self.hi, self.all_greedy = rows, k, hi, all_greedy
         self.token, self.position, self.start = z(rows), z(rows), z(rows)
         self.slot = z(1)
         self.temperature, self.top_p = z(rows, dtype=torch.float32), z(rows, dtype=torch.float32)
@@ -84,7 +85,7 @@ class FastChatSlots(ChatSlots):
         self.model = model
         self.cuda_graphs = cuda_graphs
         self.chunk = chunk
-        self._chunks: LRU[tuple[int, int, int, bool], _Chunk] = LRU()
+        self._chunks: LRU[tuple[int, int, int, bool, bool], _Chunk] = LRU()
         self.prefills = PrefillGraphs(model, processor.tokenizer.pad_id, max_len, cuda_graphs)
 
     def _prefill_outputs(self, batch) -> tuple[Mapping[str, torch.Tensor], torch.Tensor]:
@@ -147,11 +148,12 @@ class FastChatSlots(ChatSlots):
         width = _pow2(n) if _pow2(n) <= self.slots else self.slots
         hi = min(self.max_len, -(-(self.end + k) // DECODE_BUCKET) * DECODE_BUCKET)
         keep = any(a.job.keep_logits for a in rows)
-        key = (width, k, hi, keep)
+        greedy = all(a.job.temperature == 0 for a in rows)
+        key = (width, k, hi, keep, greedy)
         state = self._chunks.get(key)
         if state is None:
             vocab = self.model.language_model.lm_head.out_features
-            state = _Chunk(width, k, hi, vocab, keep, dev)
+            state = _Chunk(width, k, hi, vocab, keep, greedy, dev)
             self._chunks.put(key, state)
         pad = width - n
 
@@ -201,7 +203,7 @@ class FastChatSlots(ChatSlots):
             s.first_bad.copy_(torch.where(bad & (s.first_bad < 0), j, s.first_bad))
             if s.logits is not None:
                 s.logits[:, j] = logits
-            token = stop_rows(sample_next_device(logits, s.temperature, s.top_p, s.uniforms[:, j]),
+            token = stop_rows(sample_next_device(logits, s.temperature, s.top_p, s.uniforms[:, j], s.all_greedy),
                               s.finished, s.produced, s.limit, s.eos)
             s.tokens[:, j] = token
             s.token.copy_(token)
