@@ -7,6 +7,10 @@ CUDA-graph capture requires, and is captured once per prompt-length bucket, then
 every request of that shape. Understanding: `FastDecoder` (below). Replaying a graph removes the
 per-kernel launch overhead that dominates small batches. Captures are kept in small LRU caches
 keyed by bucketed shapes, so memory stays bounded whatever prompt lengths arrive.
+
+`FastSampler` and `FastDecoder` run one whole request batch (the benchmark's before-the-scheduler
+rows); serving runs the same ideas per step of the scheduler (`scheduler.fast_generation`,
+`scheduler.fast_chat`, `scheduler.fast_prefill`), which share `LRU` and the capture helpers here.
 """
 
 from __future__ import annotations
@@ -277,22 +281,6 @@ class FastDecoder:
 
         check_finite("llm", "logits", logits)
         yield from decode_loop(logits, step, StopRule(eos_id, max_new_tokens), temperature, top_p, generators, on_logits)
-
-
-class FastPaths:
-    """The fast generation and understanding paths of one model, as `JanusFlowRuntime` uses them."""
-
-    def __init__(self, model: JanusFlowModel, grid: int, cuda_graphs: bool):
-        self.model = model
-        self.sampler = FastSampler(model, grid, cuda_graphs)
-        self.decoder = FastDecoder(model, cuda_graphs)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def embeds(self, batch) -> torch.Tensor:
-        return understanding_embeds(self.model, batch)
 
 
 def understanding_embeds(model: JanusFlowModel, batch) -> torch.Tensor:

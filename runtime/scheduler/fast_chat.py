@@ -34,6 +34,7 @@ from ..errors import NonFiniteOutput
 from ..torch_fast import DECODE_BUCKET, LRU, capture_or_none
 from .chat_batch import ChatSlots, Failure, _Active
 from .fast_prefill import PrefillGraphs
+from .requests import ChatJob
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class FastChatSlots(ChatSlots):
         self.end += k
         for active in rows:
             active.length += k
-        failures: dict = {}
+        failures: dict[ChatJob, BaseException] = {}
         for i, active in enumerate(rows):
             if first_bad[i] >= 0:
                 failures.setdefault(active.job, NonFiniteOutput(
