@@ -25,6 +25,7 @@ from tests.test_scheduler import (  # noqa: F401 - collected here as tests of th
     test_cancellation_and_timeouts,
     test_empty_and_bad_requests,
     test_images_join_and_leave_between_steps,
+    test_rows_of_one_call_end_in_any_order,
 )
 
 PROMPTS = ["a red circle at the top left", "a blue star"]
