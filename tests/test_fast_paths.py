@@ -198,6 +198,25 @@ def test_fast_sampled_tokens_are_the_device_rule_on_their_logits(pair):
     assert torch.equal(tokens, again)
 
 
+def test_fast_and_engine_path_sample_from_one_distribution(pair):
+    """400 seeds (25 calls of 16 rows): the second token, the first one sampled in a chunk on the
+    fast path, follows the top-p distribution of its logits on both paths. At T = 0.025 and
+    top_p = 0.8 the first token is the argmax, so that distribution is known exactly."""
+    question = [QUESTIONS[0]] * 16
+    greedy_logits = []
+    greedy = torch.stack(list(pair[0].chat_stream(IMAGES[:1] * 16, question, max_new_tokens=2,
+                                                  on_logits=greedy_logits.append)))
+    want = _truncated(greedy_logits[1][0], 0.025, 0.8).float()
+    assert 2 <= int((want > 0).sum()) <= 6  # a few tokens: 400 draws tell their frequencies apart
+    for rt in pair:
+        drawn = torch.cat([torch.stack(list(rt.chat_stream(IMAGES[:1] * 16, question, max_new_tokens=2,
+                                                           temperature=0.025, top_p=0.8, seed=16 * c)))
+                           for c in range(25)], dim=1)
+        assert (drawn[0] == greedy[0, 0]).all()
+        freq = torch.bincount(drawn[1], minlength=want.shape[0]).float() / drawn.shape[1]
+        assert 0.5 * (freq - want).abs().sum().item() < 0.08  # ~0.03 expected from 400 draws
+
+
 def test_chat_rows_joining_mid_answer(pair):
     """A question that arrives while another decodes shares its chunks (other `end`, other lengths)."""
     results = []
