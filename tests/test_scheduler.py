@@ -361,3 +361,24 @@ def test_rows_of_one_call_end_in_any_order(runtime):
     assert together == alone
     lengths = [len(runtime.tokenizer.encode(a)) for a in alone]
     assert len(set(lengths)) > 1  # the rows really ended at different tokens
+
+
+def test_a_lone_request_whose_step_raises_fails_and_the_scheduler_goes_on(build_dir):
+    runtime = _open("onnxruntime", build_dir)
+    engines = runtime.engines
+    healthy = dict(engines)
+    engines["gen_encoder"] = _Poisoned(engines["gen_encoder"], _steps7, "raise")
+    # One-token decoding raises (the question's prompt is over 60 tokens): prefill passes, decoding fails.
+    engines["llm_decode"] = _Poisoned(engines["llm_decode"],
+                                      lambda f: (f["position_ids"][:, :1] > 60).any(dim=1) & (f["position_ids"].shape[1] == 1),
+                                      "raise")
+    with pytest.raises(RuntimeError, match="injected"):
+        runtime.generate_latents([PROMPT], steps=7)
+    long_answer = runtime.submit_chat(IMAGE, "Describe the picture.", max_new_tokens=200, temperature=1.0)
+    with pytest.raises(RuntimeError, match="injected"):
+        long_answer.text(timeout=30)
+    assert runtime.scheduler.alive()
+    engines.update(healthy)
+    assert runtime.generate_latents([PROMPT], steps=2).isfinite().all()
+    assert runtime.chat([IMAGE], [QUESTION], max_new_tokens=3)
+    runtime.close()

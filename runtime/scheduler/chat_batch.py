@@ -180,12 +180,13 @@ class ChatSlots:
         failures: dict[ChatJob, BaseException] = {}
         try:
             logits = dict(zip(range(len(rows)), self._forward(list(range(len(rows))))))
-        except Exception:
+        except Exception as batch_error:  # noqa: BLE001 - the error is the result of the requests at fault
             jobs = list(dict.fromkeys(a.job for a in rows))
-            if len(jobs) == 1:
-                raise
             logits = {}
             for job in jobs:
+                if len(jobs) == 1:
+                    failures[job] = batch_error
+                    break
                 idx = [i for i, a in enumerate(rows) if a.job is job]
                 try:
                     logits.update(zip(idx, self._forward(idx)))

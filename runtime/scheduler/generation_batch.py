@@ -125,11 +125,11 @@ class GenerationRows:
         that only the request at fault fails."""
         try:
             return self._step(self.rows, cache=True)
-        except Exception:
+        except Exception as e:  # noqa: BLE001 - the error is the result of the requests at fault
             self._batch_key = self._batch = None
             jobs = list(dict.fromkeys(r.job for r in self.rows))
             if len(jobs) == 1:
-                raise
+                return [(jobs[0], e)]
             failures: list[Failure] = []
             for job in jobs:
                 try:
