@@ -201,8 +201,8 @@ def bench_precisions(open_runtime: Callable[[str], object], precisions: list[str
     """Several precisions of one build (`open_runtime(precision)`), one after the other, and the reference
     eager pipeline, in one run; ratios of each precision against the first one and against the reference.
 
-    Each runtime is closed before the next opens, and the process's peak RSS is restarted in between,
-    so each precision's peak memory is its own (the interpreter, torch and the tokenizer included)."""
+    Each runtime is closed before the next opens, and the process's peak RSS is restarted in between
+    (Linux clear_refs), recorded with the resident memory at that point."""
     prompts = [prompt] * batch
 
     def stream(pipeline) -> Iterator[torch.Tensor]:
@@ -211,11 +211,15 @@ def bench_precisions(open_runtime: Callable[[str], object], precisions: list[str
     results: dict[str, dict] = {}
     for precision in precisions:
         reset = _reset_peak_rss()
+        start = _peak_rss_since_reset_mib()  # just reset: the resident memory now
         runtime = open_runtime(precision)
         try:
             results[precision] = _bench_runtime(runtime, prompts, steps, cfg, warmup, runs, stream)
         finally:
             runtime.close()
+        # Freed memory is not always returned to the system: a later precision starts from what the earlier
+        # ones left resident, so its peak is only comparable as the rise above its start.
+        results[precision]["rss_mib_at_start"] = start if reset else None
         results[precision]["peak_rss_mib"] = _peak_rss_since_reset_mib() if reset else None
         results[precision]["files_mib"] = files_mib[precision]
     reference_result = _bench_reference(reference, prompts, steps, cfg, warmup, runs, stream)

@@ -25,6 +25,7 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     options = ort.SessionOptions()
     # Basic level only: the added outputs must survive, and fusions could rename what they read.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.enable_cpu_mem_arena = False  # an arena sized for every layer's activations would stay allocated
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
