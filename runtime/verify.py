@@ -26,14 +26,15 @@ from .engines_folder import EnginesError
 from .pipelines import JanusFlowRuntime
 
 PROMPTS = ["a red circle at the top left", "two blue squares"]
-# INT8 bounds (README "INT8": measured on the bundled model and the presets). Why these numbers: INT8
-# rounding of every linear layer moves each Euler step's velocity by ~1-3% (the per-layer table),
-# and 30 steps integrate it: the final latent ends 2-6% (relative RMS) off the fp32 one, images
-# 28-40 dB. The bounds sit below what passing builds measure with margin for other weights, and far
-# above what a broken calibration gives (an absurd range on one layer: < 15 dB, > 50%).
+# INT8 bounds (docs/int8.md). Measured with 30 steps: final latent 0.2% / 1.0% / 1.6% (relative RMS)
+# off the fp32 reference and images at 72.5 / 53.1 / 47.8 dB on the tiny preset, the bundled model and
+# the small preset; greedy tokens 0.93 / 1.0 / 1.0 identical (the tiny preset's random weights give
+# near-tied logits: one row flips late, and a greedy answer differs from its first flip on). The
+# bounds leave room for other weights and sit far from what a broken calibration gives (one
+# layer's range off by 1000x: the graph check alone measures > 10% on one output).
 INT8_MIN_PSNR_DB = 25.0
 INT8_MAX_LATENT_REL = 0.15  # ||z_int8 - z_fp32|| / ||z_fp32|| after the full loop
-INT8_MIN_TOKEN_AGREEMENT = 0.9  # share of greedy tokens equal to the reference's, position by position
+INT8_MIN_TOKEN_AGREEMENT = 0.8  # share of greedy tokens equal to the reference's, position by position
 INT8_MAX_LOGIT_REL = 0.1  # max |logit error| / max |logit|, over the steps before the first differing token
 QUESTIONS = ["What colour is the shape?", "Where is the shape?"]
 # fp32 engines compute the reference function; fp16 and int8 engines are held to image quality instead.
@@ -117,7 +118,7 @@ def verify(runtime: JanusFlowRuntime, reference: ReferencePipeline, steps: int =
     return checks
 
 
-PLAIN_VALUES = ("image PSNR (dB)", f"greedy token agreement ({NEW_TOKENS['int8']})")
+PLAIN_VALUES = {"image PSNR (dB)": ".1f", f"greedy token agreement ({NEW_TOKENS['int8']})": ".3f"}  # else .3e
 
 
 def _rel_max(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -131,7 +132,6 @@ def _rel_max(got: torch.Tensor, ref: torch.Tensor) -> float:
 def format_checks(checks: list[Check]) -> str:
     rows = [f"{'check':<28} {'value':>14} {'bound':>12}  result"]
     for c in checks:
-        value = f"{c.value:.3e}" if isinstance(c.value, float) and c.name not in PLAIN_VALUES else (
-            f"{c.value:.1f}" if isinstance(c.value, float) else c.value)
+        value = format(c.value, PLAIN_VALUES.get(c.name, ".3e")) if isinstance(c.value, float) else c.value
         rows.append(f"{c.name:<28} {value:>14} {c.bound:>12}  {'ok' if c.ok else 'FAIL'}")
     return "\n".join(rows)
