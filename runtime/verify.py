@@ -26,15 +26,16 @@ from .engines_folder import EnginesError
 from .pipelines import JanusFlowRuntime
 
 PROMPTS = ["a red circle at the top left", "two blue squares"]
-# INT8 bounds (docs/int8.md). Measured with 30 steps: final latent 0.2% / 1.0% / 1.6% (relative RMS)
-# off the fp32 reference and images at 72.5 / 53.1 / 47.8 dB on the tiny preset, the bundled model and
-# the small preset; greedy tokens 0.93 / 1.0 / 1.0 identical (the tiny preset's random weights give
-# near-tied logits: one row flips late, and a greedy answer differs from its first flip on). The
-# bounds leave room for other weights and sit far from what a broken calibration gives (one
-# layer's range off by 1000x: the graph check alone measures > 10% on one output).
+# INT8 bounds (docs/int8.md). Measured with 30 steps: final latent 1.0% / 1.6% (relative RMS) off
+# the fp32 reference and images at 53.1 / 47.8 dB on the bundled model and the small preset, greedy
+# tokens 1.0 / 1.0 identical; the bounds leave room for other weights and sit far from what a broken
+# calibration gives (one layer's range off by 1000x: > 10% on one graph output already). The tiny
+# preset's random weights give near-tied logits: 0.78-0.93 of its greedy tokens agree (a row flips at
+# a tie and differs from there on), so its int8 build can fail the token check; latent and images
+# pass (0.2%, 72 dB).
 INT8_MIN_PSNR_DB = 25.0
 INT8_MAX_LATENT_REL = 0.15  # ||z_int8 - z_fp32|| / ||z_fp32|| after the full loop
-INT8_MIN_TOKEN_AGREEMENT = 0.8  # share of greedy tokens equal to the reference's, position by position
+INT8_MIN_TOKEN_AGREEMENT = 0.9  # share of greedy tokens equal to the reference's, position by position
 INT8_MAX_LOGIT_REL = 0.1  # max |logit error| / max |logit|, over the steps before the first differing token
 QUESTIONS = ["What colour is the shape?", "Where is the shape?"]
 # fp32 engines compute the reference function; fp16 and int8 engines are held to image quality instead.
