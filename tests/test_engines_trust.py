@@ -158,7 +158,7 @@ def test_a_size_the_manifest_records_is_compared_on_every_start(folder):
     load_engines(folder, device="cpu", graphs=["embed_tokens"])
     info["size"] += 1
     write_manifest(folder, manifest)
-    with pytest.raises(EnginesError, match=r"embed_tokens: .*embed_tokens.onnx is \d+ bytes, the manifest records \d+"):
+    with pytest.raises(EnginesError, match=r"embed_tokens: .*embed_tokens.onnx does not match the manifest \(\d+ bytes, it records \d+\)"):
         load_engines(folder, device="cpu", graphs=["embed_tokens"])
 
 
