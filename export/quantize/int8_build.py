@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -36,7 +36,7 @@ from ..trt_ops import check_model
 from .cache import cache_key, usable
 from .calibrate import Activations, LayerError, RangeObserver, layer_errors, numpy_feeds
 from .qdq import Layer, insert_qdq, linear_layers
-from .requests import Recipe, Recorder, run_requests
+from .requests import Recipe, Recorder, requests, run_requests
 
 QUANTIZED_GRAPHS = ("llm_prefill", "llm_decode", "gen_encoder", "gen_decoder")
 KEEP_FP32 = ("time_embed",)  # module-name fragments never quantized, whatever their error
@@ -63,8 +63,7 @@ class Int8OperatorError(JanusFlowError):
 class Int8Graph:
     file: dict  # the manifest's file record, the file name relative to staging
     cache: dict  # this graph's calibration.json entry
-    calibrated: bool
-    layers: list[LayerError] = field(default_factory=list)
+    calibrated: bool  # False: the ranges came from the cache
 
 
 class Samples:
@@ -198,8 +197,9 @@ def build_int8(bundle: ModelBundle, limits: Limits, fp32_files: dict[str, Path],
     observers = {n: RangeObserver(Activations(fp32_files[n], layers[n])) for n in to_calibrate}
     start = time.perf_counter()
     if to_calibrate:
-        progress(f"int8: calibrating {', '.join(to_calibrate)} on {recipe.prompts} prompts and "
-                 f"{recipe.images * 3} questions (training scenes)")
+        captions, _, questions = requests(recipe, bundle.image_size, check_only=False)
+        progress(f"int8: calibrating {', '.join(to_calibrate)} on {len(captions)} prompts and {len(questions)} "
+                 "questions (training scenes)")
         record_requests(bundle, limits, fp32_files, recipe, observers, None, check_only=False)
     for n in names:
         if n not in to_calibrate:
@@ -223,5 +223,5 @@ def build_int8(bundle: ModelBundle, limits: Limits, fp32_files: dict[str, Path],
                  f"({parity['worst_output']}), kept fp32: {', '.join(kept) or 'none'}")
         info = {"file": path.name, "sha256": sha256_file(path), "external_data": [], "parity": parity,
                 "layers": [r.to_json() for r in table]}
-        result[name] = Int8Graph(info, cache, name in observers, table)
+        result[name] = Int8Graph(info, cache, name in observers)
     return result
