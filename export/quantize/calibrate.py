@@ -10,6 +10,7 @@ are arbitrary (no valid row ever reads them), so they must not widen a range.
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,15 +19,25 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from .qdq import Layer, activation_scale, fake_quant, quantize_weight
+from .qdq import EXTERNAL_DATA_FROM, Layer, activation_scale, fake_quant, quantize_weight, save_graph, tensor_bytes
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    """A session of an in-memory model; one over protobuf's 2 GB limit goes through a file with external data."""
+    if tensor_bytes(model) >= EXTERNAL_DATA_FROM:
+        with tempfile.TemporaryDirectory(prefix="jfexport-int8-") as folder:
+            path = Path(folder) / "activations.onnx"
+            save_graph(model, path)
+            return _session_from(str(path))
+    return _session_from(model.SerializeToString())
+
+
+def _session_from(model: str | bytes) -> ort.InferenceSession:
     options = ort.SessionOptions()
     # Basic level only: the added outputs must survive, and fusions could rename what they read.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.enable_cpu_mem_arena = False  # an arena sized for every layer's activations would stay allocated
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def numpy_feeds(feeds: dict[str, torch.Tensor], names: list[str]) -> dict[str, np.ndarray]:

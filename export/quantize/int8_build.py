@@ -29,13 +29,13 @@ import torch
 from jfexport.reference.bundle import ModelBundle
 from jfexport.reference.errors import JanusFlowError
 
-from ..manifest import sha256_file
+from ..exporter import file_record
 from ..samples import meaningful
 from ..specs import Limits
 from ..trt_ops import check_model
 from .cache import cache_key, usable
 from .calibrate import Activations, LayerError, RangeObserver, layer_errors, numpy_feeds
-from .qdq import Layer, insert_qdq, linear_layers
+from .qdq import EXTERNAL_DATA_FROM, Layer, insert_qdq, linear_layers, save_graph
 from .requests import Recipe, Recorder, requests, run_requests
 
 QUANTIZED_GRAPHS = ("llm_prefill", "llm_decode", "gen_encoder", "gen_decoder")
@@ -157,10 +157,11 @@ def output_parity(int8_path: Path, fp32_path: Path, samples: list[tuple[str, dic
 
 
 def quantize_graph(name: str, fp32_path: Path, out_path: Path, layers: list[Layer], ranges: dict[str, float],
-                   samples: list[tuple[str, dict]], threshold: float,
-                   bound: float = OUTPUT_BOUND) -> tuple[dict, list[LayerError]]:
-    """Write `out_path` (the INT8 graph) from `fp32_path`; raises unless it passes the TensorRT check
-    and the parity bound. Returns its parity record and the per-layer table."""
+                   samples: list[tuple[str, dict]], threshold: float, bound: float = OUTPUT_BOUND,
+                   external_from: int = EXTERNAL_DATA_FROM) -> tuple[dict, list[LayerError], list[str]]:
+    """Write `out_path` (the INT8 graph, with external data beside it past `external_from` bytes of
+    tensors) from `fp32_path`; raises unless it passes the TensorRT check and the parity bound.
+    Returns its parity record, the per-layer table and the external-data file names."""
     activations = Activations(fp32_path, layers)
     table = layer_errors(activations, layers, ranges, [feeds for _, feeds in samples], threshold)
     quantized = [layer for layer, row in zip(layers, table) if row.quantized]
@@ -168,19 +169,20 @@ def quantize_graph(name: str, fp32_path: Path, out_path: Path, layers: list[Laye
     findings = check_model(model)
     if findings:
         raise Int8OperatorError(f"{name} [int8]: TensorRT cannot parse: " + "; ".join(map(str, findings[:5])))
-    onnx.save(model, str(out_path))
-    onnx.checker.check_model(str(out_path), full_check=False)
+    extra = save_graph(model, out_path, external_from)
+    onnx.checker.check_model(str(out_path), full_check=False)  # path-based: works with external data
     err, output = output_parity(out_path, fp32_path, samples)
     if not err <= bound:
         rows = [r for r in table if r.quantized]
         worst = max(rows, key=lambda r: r.rel_error) if rows else None
-        out_path.unlink()
+        for written in (out_path, *(out_path.parent / e for e in extra)):
+            written.unlink()
         blame = f"layer {worst.layer} (input {worst.activation!r}) has the largest INT8 error, {worst.rel_error:.3g}" \
             if worst else "no layer is quantized"
         raise Int8ParityError(f"{name} [int8]: output {output!r} is {err:.3g} off the fp32 graph (relative RMS, bound "
                               f"{bound}) on held-in calibration samples; {blame}: the INT8 graph is not written")
     parity = {"max_rel_rms": err, "worst_output": output, "samples": len(samples), "bound": bound, "ok": True}
-    return parity, table
+    return parity, table, extra
 
 
 def build_int8(bundle: ModelBundle, limits: Limits, fp32_files: dict[str, Path], names: list[str],
@@ -216,12 +218,12 @@ def build_int8(bundle: ModelBundle, limits: Limits, fp32_files: dict[str, Path],
             cache = cached[name]
             ranges = cache["ranges"]
         path = staging / f"{name}.int8.onnx"
-        parity, table = quantize_graph(name, fp32_files[name], path, layers[name], ranges, samples.of(name),
-                                       recipe.layer_threshold)
+        parity, table, extra = quantize_graph(name, fp32_files[name], path, layers[name], ranges, samples.of(name),
+                                              recipe.layer_threshold)
         kept = [r.layer for r in table if not r.quantized]
         progress(f"{name} [int8]: {len(table) - len(kept)}/{len(table)} layers INT8, rel RMS {parity['max_rel_rms']:.2e} "
                  f"({parity['worst_output']}), kept fp32: {', '.join(kept) or 'none'}")
-        info = {"file": path.name, "sha256": sha256_file(path), "external_data": [], "parity": parity,
-                "layers": [r.to_json() for r in table]}
+        info = {**file_record(staging, path.name), "external_data": [file_record(staging, e) for e in extra],
+                "parity": parity, "layers": [r.to_json() for r in table]}
         result[name] = Int8Graph(info, cache, name in observers)
     return result

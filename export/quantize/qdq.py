@@ -22,12 +22,16 @@ from __future__ import annotations
 
 import ast
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 INT8_MAX = 127
+# Graphs whose tensors pass this are written with ONNX external data (protobuf's 2 GB limit), as the
+# exporter does (export/onnx_export.py): the full-size LLM graphs stay above it even in INT8 (fp32 LM head).
+EXTERNAL_DATA_FROM = 2**31 - (64 << 20)
 
 
 @dataclass(frozen=True)
@@ -117,3 +121,19 @@ def insert_qdq(model: onnx.ModelProto, layers: list[Layer], ranges: dict[str, fl
     del graph.initializer[:]
     graph.initializer.extend([*kept, *new_inits])
     return out
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    return sum(len(i.raw_data) for i in model.graph.initializer)
+
+
+def save_graph(model: onnx.ModelProto, path: Path, external_from: int = EXTERNAL_DATA_FROM) -> list[str]:
+    """Write `model` to `path`, its tensors to `<name>.data` beside it when they pass `external_from`;
+    returns the external-data file names written."""
+    if tensor_bytes(model) < external_from:
+        onnx.save(model, str(path))
+        return []
+    data = f"{path.name}.data"
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
+              size_threshold=1024)
+    return [data]
