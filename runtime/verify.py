@@ -113,7 +113,7 @@ def verify(runtime: JanusFlowRuntime, reference: ReferencePipeline, steps: int =
         return checks
     same = tok_rt.shape == tok_ref.shape and torch.equal(tok_rt, tok_ref)
     checks.append(Check("greedy tokens identical", f"{tok_rt.shape[0]} steps" if same else "differ", "identical", same))
-    logit_err = max((logits_rt[i] - logits_ref[i].float()).abs().max().item() for i in range(steps_both))
+    logit_err = max((_abs_max(logits_rt[i], logits_ref[i].float()) for i in range(steps_both)), default=0.0)
     bound = 1e-3 if precision == "fp32" else 0.5
     checks.append(Check("logits max abs", logit_err, f"<= {bound}", logit_err <= bound))
     return checks
@@ -122,9 +122,20 @@ def verify(runtime: JanusFlowRuntime, reference: ReferencePipeline, steps: int =
 PLAIN_VALUES = {"image PSNR (dB)": ".1f", f"greedy token agreement ({NEW_TOKENS['int8']})": ".3f"}  # else .3e
 
 
+def _live(got: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Rows still answering in both (the runtime's ended rows are NaN; the "no NaN/Inf" check
+    fails any other non-finite value)."""
+    return torch.isfinite(got).all(1) & torch.isfinite(ref).all(1)
+
+
+def _abs_max(got: torch.Tensor, ref: torch.Tensor) -> float:
+    live = _live(got, ref)
+    return (got[live] - ref[live]).abs().max().item() if live.any() else 0.0
+
+
 def _rel_max(got: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |got - ref| / max |ref| over the rows still answering in both (ended rows are NaN)."""
-    live = torch.isfinite(got).all(1) & torch.isfinite(ref).all(1)
+    """max |got - ref| / max |ref| over the live rows."""
+    live = _live(got, ref)
     if not live.any():
         return 0.0
     return ((got[live] - ref[live]).abs().max() / ref[live].abs().max()).item()

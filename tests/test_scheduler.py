@@ -382,3 +382,19 @@ def test_a_lone_request_whose_step_raises_fails_and_the_scheduler_goes_on(build_
     assert runtime.generate_latents([PROMPT], steps=2).isfinite().all()
     assert runtime.chat([IMAGE], [QUESTION], max_new_tokens=3)
     runtime.close()
+
+
+def test_ended_rows_have_nan_logits_and_verify_compares_the_live_ones(runtime):
+    from jfexport.runtime.verify import _abs_max
+
+    seen: list[torch.Tensor] = []
+    images = [IMAGE, Image.new("RGB", (64, 64), (30, 30, 210))]
+    tokens = torch.stack(list(runtime.chat_stream(images, [QUESTION, "Where is the shape in the picture?"],
+                                                  max_new_tokens=12, on_logits=seen.append)))
+    ended = (tokens == runtime.tokenizer.eos_id).cumsum(0).roll(1, 0).clamp(max=1).bool()
+    ended[0] = False
+    assert ended.any(), "one answer must end before the other for this test"
+    for step, logits in enumerate(seen):
+        assert torch.equal(torch.isnan(logits).all(1), ended[step])
+    reference = [torch.nan_to_num(x, nan=1.0) for x in seen]
+    assert max(_abs_max(a, b) for a, b in zip(seen, reference)) == 0.0
