@@ -131,9 +131,8 @@ def _build_in(session: BuildFolder, bundle: ModelBundle, fp16: bool, int8: bool,
         # The PyTorch model is not needed any more: give its memory to the TensorRT builder.
         bundle.model = bundle.vae = None
         gc.collect()
-        for name in build_engines(out, manifest["graphs"], progress, session.staging):
-            entry = manifest["graphs"][name]["files"]
-            engine = (entry.get("fp16") or entry["fp32"])["engine"]
+        for name, precision in build_engines(out, manifest["graphs"], progress, session.staging):
+            engine = manifest["graphs"][name]["files"][precision]["engine"]
             engine["file"] = session.place([engine["file"]]) + engine["file"]
     manifest["backend"] = {"name": choice.backend, "reason": choice.reason}
     manifest["rebuilt"] = stale

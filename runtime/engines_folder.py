@@ -110,7 +110,8 @@ def load_engines(folder: str | Path, backend: str = "auto", precision: str | Non
         if build.backend == "tensorrt":
             from .backends.trt_backend import TrtEngine
 
-            engines[name] = TrtEngine.from_manifest_entry(name, build.folder, build.manifest["graphs"][name])
+            engines[name] = TrtEngine.from_manifest_entry(name, build.folder, build.manifest["graphs"][name],
+                                                          build.precision)
         else:
             from .backends.ort_backend import OrtEngine
 

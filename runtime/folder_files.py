@@ -66,10 +66,15 @@ class FileCheck:
     how: str  # "sha256" (hashed now), "stamp" (stat equals a verified stamp) or "unhashed" (no hash recorded)
 
 
+def served_entry(files: dict[str, dict], precision: str) -> dict:
+    """The `files` entry a graph is served from at `precision`: fp32 where it has no typed one."""
+    return files.get(precision) or files["fp32"]
+
+
 def served_files(manifest: dict, graph: str, precision: str, backend: str) -> list[ListedFile]:
     """The files `backend` serves `graph` from at `precision` (the fp32 file where a graph has no typed one)."""
     files = manifest["graphs"][graph]["files"]
-    info = files.get(precision) or files["fp32"]
+    info = served_entry(files, precision)
     if backend == "tensorrt":
         engine = info.get("engine")
         if not engine:

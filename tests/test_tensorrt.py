@@ -81,3 +81,14 @@ def test_tensorrt_build_and_runtime_match_the_reference(tmp_path):
     z = runtime.generate_latents(["a red circle"], steps=4, seed=1).cpu()
     ref = ReferencePipeline(load_preset("tiny")).generate_latents(["a red circle"], steps=4, seed=1)
     assert torch.isfinite(z).all() and (z - ref).abs().max().item() < 5e-2
+
+
+def test_every_typed_graph_gets_its_own_engine_and_the_runtime_opens_the_one_it_checked():
+    from jfexport.export.tensorrt_build import engine_precisions
+    from jfexport.runtime.folder_files import served_entry
+
+    assert engine_precisions({"fp32": {}, "fp16": {}, "int8": {}}) == ["fp16", "int8"]
+    assert engine_precisions({"fp32": {}}) == ["fp32"]  # the VAE, an fp32-only build
+    files = {"fp32": {"file": "a.onnx"}, "int8": {"file": "a.int8.onnx"}}
+    assert served_entry(files, "int8")["file"] == "a.int8.onnx"
+    assert served_entry(files, "fp16")["file"] == "a.onnx"  # no fp16 graph: served from fp32

@@ -12,6 +12,7 @@ from typing import Mapping
 import torch
 
 from ..errors import RuntimeFailure
+from ..folder_files import served_entry
 from ..trt_plan import gpu_compute_capability, optimization_profiles, select_profile, stale_engine_reason
 
 
@@ -53,12 +54,12 @@ class TrtEngine:
         self._out_buffers: dict[str, torch.Tensor] = {}
 
     @classmethod
-    def from_manifest_entry(cls, name: str, folder: Path, entry: dict) -> "TrtEngine":
-        """The engine the build attached to the graph's typed file (fp16 when built, else fp32)."""
+    def from_manifest_entry(cls, name: str, folder: Path, entry: dict, precision: str) -> "TrtEngine":
+        """The engine the build attached to the graph's file served at `precision` (the one the
+        loader checked)."""
         import tensorrt as trt
 
-        files = entry["files"]
-        engine = (files.get("fp16") or files["fp32"]).get("engine")
+        engine = served_entry(entry["files"], precision).get("engine")
         if not engine:
             raise RuntimeFailure(f"{name}: no TensorRT engine in this build (rebuild with --backend tensorrt)")
         reason = stale_engine_reason(engine, trt.__version__, gpu_compute_capability())
