@@ -19,12 +19,13 @@ from PIL import Image
 
 from jfexport.reference.errors import InputError
 from jfexport.reference.graph_contract import GENERATION_GRAPHS, UNDERSTANDING_GRAPHS
-from jfexport.reference.pipelines.images import initial_noise
+from jfexport.reference.pipelines.images import initial_noise, to_uint8
 from jfexport.reference.processor import JanusProcessor
 from jfexport.reference.processor.request_checks import check_generation, check_sampling
 from jfexport.reference.schedulers import StopRule, answers_from_stream, row_generators
 
 from .engine import Engine
+from .errors import check_finite
 from .scheduler import ChatHandle, GenerationHandle, Scheduler
 from .scheduler.requests import CallJob, ChatJob, ChatRow, GenerationJob, stream_rows
 
@@ -174,10 +175,6 @@ class JanusFlowRuntime:
 
     def decode_images(self, latents: torch.Tensor) -> list[Image.Image]:
         """VAE decode of finished latents (on the scheduler's thread, between iterations)."""
-        from jfexport.reference.pipelines.images import to_uint8
-
-        from .errors import check_finite
-
         self._need(("vae_decoder",), "decoding latents")
 
         def run() -> torch.Tensor:

@@ -146,20 +146,19 @@ class GenerationRows:
         tail = 1 + self.grid**2
         width = max(r.prompt.length for r in rows)
         count = len(rows)
-        first = rows[0].prompt.past[0][0]
         past: dict[str, torch.Tensor] = {}
-        for layer in range(len(first_layers := rows[0].prompt.past)):
-            for part, idx in (("key", 0), ("value", 1)):
-                ref = first_layers[layer][idx]
+        for layer, pair in enumerate(rows[0].prompt.past):
+            for part, ref in zip(("key", "value"), pair):
                 batch = ref.new_zeros((2 * count, ref.shape[1], width, ref.shape[3]))
                 for i, r in enumerate(rows):
-                    t = r.prompt.past[layer][idx]
-                    batch[i, :, width - r.prompt.length:] = t[0]
-                    batch[count + i, :, width - r.prompt.length:] = t[1]
+                    cond_uncond = r.prompt.past[layer][0 if part == "key" else 1]
+                    batch[i, :, width - r.prompt.length:] = cond_uncond[0]
+                    batch[count + i, :, width - r.prompt.length:] = cond_uncond[1]
                 past[kv_name("past", layer, part)] = batch
-        mask = torch.zeros((2 * count, width + tail), dtype=torch.long, device=first.device)
-        positions = torch.empty((2 * count, tail), dtype=torch.long, device=first.device)
-        steps = torch.arange(tail, device=first.device)
+        device = rows[0].prompt.mask.device
+        mask = torch.zeros((2 * count, width + tail), dtype=torch.long, device=device)
+        positions = torch.empty((2 * count, tail), dtype=torch.long, device=device)
+        steps = torch.arange(tail, device=device)
         for i, r in enumerate(rows):
             for half in (0, 1):
                 mask[half * count + i, width - r.prompt.length: width] = r.prompt.mask[half]
