@@ -2,10 +2,14 @@
 
 Generation: (a) the official procedure: eager, full recompute of the sequence every step
 (transformers' LlamaModel, as the demo does); (b) our eager path with the prompt K/V computed once
-and precomputed time embeddings; (c) the same with the Euler step replayed as a CUDA graph.
+and precomputed time embeddings; (c) the same with the Euler step replayed as a CUDA graph;
+(c2) all the steps of a call captured as one graph (what is left between (c) and (c2) is the
+host's work per step). Each stage of one eager step is also timed alone next to its floor
+(`step_breakdown`: which stage holds generation back).
 Then the serving path, through the scheduler, each change on and off in the same run: (d) the
 engine interface; (e) the fast executors (direct model calls over static buffers), eager;
-(f) (e) with the step captured as a CUDA graph; (g) (e)/(f) with FP8 LLM matrix products.
+(f) (e) with the step captured as a CUDA graph; (g) (e)/(f) with FP8 LLM matrix products;
+(h) (e)/(f) with the Euler step compiled by torch.compile (Inductor's fusion), generation only.
 Understanding, per batch: the engine interface, the static-K/V decoder (eager and CUDA graph,
 one token per host round trip), and the scheduler's fast executor with device-side token choice
 at k = 1 and k = `chunk` tokens per host round trip, eager and graphed, and with FP8.
@@ -17,6 +21,7 @@ measured memory bandwidth, from the analytic cost model.
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 import time
@@ -38,7 +43,9 @@ from .fp8 import fp8_matmuls, scaled_mm_available
 from .pipelines import JanusFlowRuntime
 from .scheduler.fast_chat import DEFAULT_CHUNK
 from .scheduler.fast_paths import install_fast_paths
-from .torch_fast import FastDecoder, FastSampler, understanding_embeds
+from .torch_fast import FastDecoder, FastSampler, step_stages, understanding_embeds
+
+log = logging.getLogger(__name__)
 
 
 def _time(fn: Callable[[], object], warmup: int, runs: int, keep: list | None = None) -> list[float]:
@@ -80,6 +87,15 @@ def _report(times: list[float], cost: Cost, peaks: tuple[float, float], latents:
             **agreement}
 
 
+def _guarded(name: str, measure: Callable[[], dict]) -> dict:
+    """`measure()`, or the error it raised: on a lent GPU one broken row must not cost the others."""
+    try:
+        return measure()
+    except Exception as e:  # noqa: BLE001 - reported in the JSON and the log
+        log.exception("bench-torch: %s failed", name)
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
 def _sum(costs: dict[str, Cost]) -> Cost:
     return sum(costs.values(), Cost(0, 0))
 
@@ -93,9 +109,11 @@ class _Variant:
     chunk: int
     fp8: bool = False
     generation: bool = True  # the chunk changes nothing for generation: time it once per executor
+    compile_step: bool = False
+    understanding: bool = True  # compiling the Euler step changes nothing for understanding
 
 
-def _variants(cuda: bool, chunk: int, fp8: bool) -> dict[str, _Variant]:
+def _variants(cuda: bool, chunk: int, fp8: bool, compile_step: bool) -> dict[str, _Variant]:
     out = {"engine_path": _Variant(False, False, 1),
            "fast_eager_chunk1": _Variant(True, False, 1, generation=False),
            f"fast_eager_chunk{chunk}": _Variant(True, False, chunk)}
@@ -104,6 +122,9 @@ def _variants(cuda: bool, chunk: int, fp8: bool) -> dict[str, _Variant]:
         out[f"fast_cuda_graphs_chunk{chunk}"] = _Variant(True, True, chunk)
     if fp8:
         out[f"fast_fp8_chunk{chunk}"] = _Variant(True, cuda, chunk, fp8=True)
+    if compile_step:
+        out["fast_compiled_cuda_graphs" if cuda else "fast_compiled_eager"] = _Variant(
+            True, cuda, chunk, compile_step=True, understanding=False)
     return out
 
 
@@ -111,7 +132,7 @@ def _scheduler_runtime(bundle: ModelBundle, device: str, dtype: torch.dtype, var
     runtime = JanusFlowRuntime.from_bundle(bundle, dtype=dtype, device=device, fast=False)
     bundle.model.attention = "sdpa"  # every serving variant uses the fused kernels: the executors differ
     if variant.fast:
-        install_fast_paths(runtime.scheduler, bundle.model, variant.graphs, variant.chunk)
+        install_fast_paths(runtime.scheduler, bundle.model, variant.graphs, variant.chunk, variant.compile_step)
     return runtime
 
 
@@ -142,7 +163,7 @@ def _quality(base: dict[str, object], fp8: dict[str, object], eos: int, tokens: 
 @torch.inference_mode()
 def bench_torch_paths(bundle: ModelBundle, device: str, dtype: torch.dtype, batches: list[int], steps: int, cfg: float,
                       warmup: int, runs: int, max_new_tokens: int, prompt: str, chunk: int = DEFAULT_CHUNK,
-                      fp8: bool = True) -> dict[str, object]:
+                      fp8: bool = True, compile_step: bool = True) -> dict[str, object]:
     dev = torch.device(device)
     model = bundle.model.to(device=dev, dtype=dtype)
     proc = bundle.processor
@@ -173,13 +194,16 @@ def bench_torch_paths(bundle: ModelBundle, device: str, dtype: torch.dtype, batc
         row["b_eager_prompt_kv"] = _report(
             _time(lambda: eager.sample(ids, mask, z0, steps, cfg, proc.tokenizer.pad_id), warmup, runs, latents),
             _sum(cached), peaks, latents)
-        if dev.type == "cuda":
-            graphed = FastSampler(model, grid, cuda_graphs=True)
-            row["c_cuda_graph_step"] = _report(
-                _time(lambda: graphed.sample(ids, mask, z0, steps, cfg, proc.tokenizer.pad_id), warmup, runs, latents),
-                _sum(cached), peaks, latents)
-        else:
-            row["c_cuda_graph_step"] = None  # CUDA graphs need a CUDA device
+        for name, whole_loop in (("c_cuda_graph_step", False), ("c2_cuda_graph_whole_loop", True)):
+            if dev.type == "cuda":
+                graphed = FastSampler(model, grid, cuda_graphs=True, whole_loop=whole_loop)
+                row[name] = _guarded(name, lambda: _report(
+                    _time(lambda: graphed.sample(ids, mask, z0, steps, cfg, proc.tokenizer.pad_id), warmup, runs, latents),
+                    _sum(cached), peaks, latents))
+            else:
+                row[name] = None  # CUDA graphs need a CUDA device
+        row["step_breakdown"] = _guarded("step_breakdown", lambda: _step_breakdown(
+            model, grid, ids, mask, z0, steps, cfg, proc.tokenizer.pad_id, warmup, runs, cached, peaks))
         results["generation"][f"batch_{batch}"] = row
 
     image = Image.new("RGB", (bundle.image_size, bundle.image_size), (200, 30, 30))
@@ -208,23 +232,31 @@ def bench_torch_paths(bundle: ModelBundle, device: str, dtype: torch.dtype, batc
 
     serving: dict[str, dict[str, object]] = {f"batch_{b}": {} for b in batches}
     outputs: dict[str, dict[str, object]] = {}
-    for name, variant in _variants(dev.type == "cuda", chunk, fp8).items():
+    for name, variant in _variants(dev.type == "cuda", chunk, fp8, compile_step).items():
         with fp8_matmuls(model) if variant.fp8 else nullcontext():
             runtime = _scheduler_runtime(bundle, device, dtype, variant)
             try:
-                outputs[name] = _measure_serving(runtime, variant, name, serving, batches, prompt, steps, cfg, image,
-                                                 question, warmup, runs, max_new_tokens, peaks, bundle, elem)
+                result = _guarded(name, lambda: _measure_serving(runtime, variant, name, serving, batches, prompt, steps,
+                                                                 cfg, image, question, warmup, runs, max_new_tokens,
+                                                                 peaks, bundle, elem))
+                if "error" in result:
+                    for batch in batches:
+                        serving[f"batch_{batch}"].setdefault(name, {})["error"] = result["error"]
+                else:
+                    outputs[name] = result
             finally:
                 runtime.close()
     for batch in batches:
         rows = serving[f"batch_{batch}"]
         # Same noise through the scheduler: the fast executors must land where the engine path does.
-        reference = rows["engine_path"].pop("_latents")
+        reference = rows["engine_path"].pop("_latents", None)
         for row in rows.values():
-            if "_latents" in row:
-                row["generation"]["max_abs_vs_engine_path"] = float((row.pop("_latents") - reference).abs().max())
+            latents = row.pop("_latents", None)
+            if latents is not None and reference is not None:
+                row["generation"]["max_abs_vs_engine_path"] = float((latents - reference).abs().max())
     results["serving_through_the_scheduler"] = serving
-    if fp8:
+    if fp8 and all(n in outputs for n in (f"fast_fp8_chunk{chunk}",
+                                          f"fast_cuda_graphs_chunk{chunk}" if dev.type == "cuda" else f"fast_eager_chunk{chunk}")):
         fp8_name = f"fast_fp8_chunk{chunk}"
         base_name = f"fast_cuda_graphs_chunk{chunk}" if dev.type == "cuda" else f"fast_eager_chunk{chunk}"
         kernel = "torch._scaled_mm" if scaled_mm_available(dev, dtype) else "dequantised emulation"
@@ -234,6 +266,24 @@ def bench_torch_paths(bundle: ModelBundle, device: str, dtype: torch.dtype, batc
     model.attention = "math"
     results["understanding"] = understanding
     return results
+
+
+def _step_breakdown(model, grid: int, ids: torch.Tensor, mask: torch.Tensor, z0: torch.Tensor, steps: int, cfg: float,
+                    pad_id: int, warmup: int, runs: int, costs: dict[str, Cost], peaks: tuple[float, float]) -> dict:
+    """Each stage of one eager Euler step (`torch_fast.step_stages`) timed alone, next to its floor;
+    `sum_ms` against the graphed step says how much of a step is launches rather than kernels."""
+    state, t_embs = FastSampler(model, grid).prepare(ids, mask, z0, steps, cfg, pad_id)
+    state.t_emb.copy_(t_embs[0].expand_as(state.t_emb))
+    stages = step_stages(model, state)
+    for _, fn in stages:  # every stage's inputs exist before any is timed alone
+        fn()
+    out: dict[str, object] = {}
+    for name, fn in stages:
+        times = _time(fn, warmup, max(runs, 5))
+        cost = costs.get(name)
+        out[name] = {**summarize(times), "floor_ms": None if cost is None else floor_ms(cost.scaled(1 / steps), *peaks)}
+    out["sum_ms"] = sum(out[name]["median_ms"] for name, _ in stages)
+    return out
 
 
 def _measure_serving(runtime: JanusFlowRuntime, variant: _Variant, name: str, serving: dict, batches: list[int], prompt: str,
@@ -255,9 +305,11 @@ def _measure_serving(runtime: JanusFlowRuntime, variant: _Variant, name: str, se
             if batch == batches[0]:
                 outputs["latents"] = kept[0].cpu()
                 outputs["images"] = runtime.decode_images(kept[0])
-        row["understanding"] = time_token_stream(
-            lambda: runtime.chat_stream([image] * batch, [question] * batch, max_new_tokens=max_new_tokens), warmup, runs)
-        if batch == batches[0]:
+        if variant.understanding:
+            row["understanding"] = time_token_stream(
+                lambda: runtime.chat_stream([image] * batch, [question] * batch, max_new_tokens=max_new_tokens),
+                warmup, runs)
+        if batch == batches[0] and variant.understanding:
             outputs["tokens"] = torch.stack(list(runtime.chat_stream([image], [question], max_new_tokens=max_new_tokens)))
         serving[f"batch_{batch}"][name] = row
     return outputs

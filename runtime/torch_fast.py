@@ -90,6 +90,8 @@ class _StepState:
                  past: list[tuple[torch.Tensor, torch.Tensor]], cfg: torch.Tensor, dt: torch.Tensor):
         self.z, self.t_emb, self.mask, self.positions, self.past = z, t_emb, mask, positions, past
         self.cfg, self.dt = cfg, dt
+        self.timesteps = None  # `cfg_euler_step` reads the precomputed t_emb
+        self.t_embs: torch.Tensor | None = None  # [steps, D]: what a whole-loop graph reads
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def load(self, z: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
@@ -104,22 +106,87 @@ class _StepState:
             v.copy_(v_new)
 
 
+def _gen_encoder(model: JanusFlowModel, z: torch.Tensor, t_emb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    dtype = t_emb.dtype
+    x_emb = model.vision_gen_enc_model.features(z.to(dtype), t_emb)
+    t2 = t_emb.repeat(2, 1)
+    return x_emb, t2, torch.cat([t2[:, None, :], model.align_latent_tokens(x_emb).repeat(2, 1, 1)], dim=1)
+
+
+def _gen_decoder(model: JanusFlowModel, hidden: torch.Tensor, x_emb: torch.Tensor, t2: torch.Tensor) -> torch.Tensor:
+    return model.gen_decode(hidden[:, 1:], x_emb.repeat(2, 1, 1, 1), t2).float()
+
+
+def _time_embedding(model: JanusFlowModel, s) -> torch.Tensor:
+    """The step's time embedding: precomputed (`s.t_emb`) or from per-row timesteps (`s.timesteps`),
+    rounded to the model's dtype first as the engine path's gen_encoder input is (and the official
+    loop's bf16 t)."""
+    if s.timesteps is None:
+        return s.t_emb
+    dtype = next(model.parameters()).dtype
+    return model.vision_gen_enc_model.time_embedding(s.timesteps.to(dtype), dtype)
+
+
+def cfg_euler_step(model: JanusFlowModel, s) -> torch.Tensor:
+    """The next latents of one CFG Euler step over static buffers `s` (z [B,...] fp32, t_emb or
+    timesteps, the CFG pairs' mask, positions and prompt K/V [2B,...], cfg and dt [B,1,1,1]): the
+    engine path's gen_encoder, llm_decode, gen_decoder and CFG Euler update, as one function so that
+    it can be captured as a CUDA graph or compiled whole."""
+    x_emb, t2, embeds = _gen_encoder(model, s.z, _time_embedding(model, s))
+    hidden = model.llm(embeds, s.mask, s.positions, s.past)[0]
+    v_raw = _gen_decoder(model, hidden, x_emb, t2)
+    batch = s.z.shape[0]
+    return euler_step(s.z, cfg_velocity(v_raw[:batch], v_raw[batch:], s.cfg), s.dt)
+
+
+def step_stages(model: JanusFlowModel, s) -> list[tuple[str, Callable[[], None]]]:
+    """`cfg_euler_step` split into its stages, named as in `cost_model.generation_cost`, for the
+    benchmark to time one by one (which stage holds a step back); the last one writes `s.z`."""
+    tmp: dict[str, object] = {}
+
+    def gen_encoder() -> None:
+        tmp["enc"] = _gen_encoder(model, s.z, _time_embedding(model, s))
+
+    def llm_decode() -> None:
+        tmp["hidden"] = model.llm(tmp["enc"][2], s.mask, s.positions, s.past)[0]
+
+    def gen_decoder() -> None:
+        x_emb, t2, _ = tmp["enc"]
+        tmp["v_raw"] = _gen_decoder(model, tmp["hidden"], x_emb, t2)
+
+    def cfg_euler() -> None:
+        v, batch = tmp["v_raw"], s.z.shape[0]
+        s.z.copy_(euler_step(s.z, cfg_velocity(v[:batch], v[batch:], s.cfg), s.dt))
+
+    return [("gen_encoder", gen_encoder), ("llm_decode", llm_decode), ("gen_decoder", gen_decoder), ("cfg_euler", cfg_euler)]
+
+
 class FastSampler:
-    def __init__(self, model: JanusFlowModel, grid: int, cuda_graphs: bool = False):
+    """Text-to-image for one request batch: prompt K/V once, then the Euler steps over static buffers.
+
+    `cuda_graphs` replays each step as a CUDA graph (one launch per step); `whole_loop` captures all
+    the steps of a call in one graph instead, so the host launches once per image batch: what is
+    left between the two is the host's per-step work (a copy and a launch).
+    """
+
+    def __init__(self, model: JanusFlowModel, grid: int, cuda_graphs: bool = False, whole_loop: bool = False):
         self.model = model
         self.grid = grid
-        self.cuda_graphs = cuda_graphs
-        # One captured step per (batch, prompt-length bucket): requests of a bucket replay the same
-        # graph after copying their prompt K/V, noise, cfg and dt into its buffers.
-        self._captured: LRU[tuple[int, int], _StepState] = LRU()
+        self.cuda_graphs = cuda_graphs or whole_loop
+        self.whole_loop = whole_loop
+        # One captured step (or loop) per (batch, prompt-length bucket[, steps]): requests of a
+        # bucket replay the same graph after copying their prompt K/V, noise, cfg and dt into its buffers.
+        self._captured: LRU[tuple[int, ...], _StepState] = LRU()
 
     def sample(self, cond_ids: torch.Tensor, cond_mask: torch.Tensor, z0: torch.Tensor, steps: int, cfg_weight: float,
                pad_id: int, on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
         with torch.inference_mode(), exact_fp32(next(self.model.parameters()).dtype):
-            return self._sample(cond_ids, cond_mask, z0, steps, cfg_weight, pad_id, on_step)
+            state, t_embs = self.prepare(cond_ids, cond_mask, z0, steps, cfg_weight, pad_id)
+            return self._run(state, t_embs, on_step)
 
-    def _sample(self, cond_ids: torch.Tensor, cond_mask: torch.Tensor, z0: torch.Tensor, steps: int, cfg_weight: float,
-                pad_id: int, on_step: Callable[[int, int], None] | None) -> torch.Tensor:
+    def prepare(self, cond_ids: torch.Tensor, cond_mask: torch.Tensor, z0: torch.Tensor, steps: int, cfg_weight: float,
+                pad_id: int) -> tuple[_StepState, torch.Tensor]:
+        """The step buffers loaded for this call (prompt K/V computed here) and the time embeddings [steps, D]."""
         model, device = self.model, z0.device
         dtype = next(model.parameters()).dtype
         batch = z0.shape[0]
@@ -143,40 +210,54 @@ class FastSampler:
         cfg = torch.full((batch, 1, 1, 1), cfg_weight, dtype=torch.float32, device=device)
         dt = schedule.dt.to(device)
 
-        key = (batch, prompt_len)
+        key = (batch, prompt_len, steps) if self.whole_loop else (batch, prompt_len)
         state = self._captured.get(key) if graphed else None
         if state is None:
             state = _StepState(z0.float().clone(), torch.empty(batch, t_embs.shape[1], dtype=dtype, device=device), mask,
                                step_positions, [(k.clone(), v.clone()) for k, v in past], cfg, dt.clone())
+            state.t_embs = t_embs.clone()
+            if graphed:
+                self._captured.put(key, state)
         else:
             state.load(z0.float(), mask, step_positions, past, cfg, dt)
-        z, t_emb = state.z, state.t_emb
+            state.t_embs.copy_(t_embs)
+        return state, state.t_embs
+
+    def _run(self, state: _StepState, t_embs: torch.Tensor, on_step: Callable[[int, int], None] | None) -> torch.Tensor:
+        model, steps = self.model, t_embs.shape[0]
 
         def step() -> None:
-            x_emb = model.vision_gen_enc_model.features(z.to(dtype), t_emb)
-            t2 = t_emb.repeat(2, 1)
-            step_embeds = torch.cat([t2[:, None, :], model.align_latent_tokens(x_emb).repeat(2, 1, 1)], dim=1)
-            hidden, _, _ = model.llm(step_embeds, state.mask, state.positions, state.past)
-            v_raw = model.gen_decode(hidden[:, 1:], x_emb.repeat(2, 1, 1, 1), t2).float()
-            z.copy_(euler_step(z, cfg_velocity(v_raw[:batch], v_raw[batch:], state.cfg), state.dt))
+            state.z.copy_(cfg_euler_step(model, state))
 
+        def loop() -> None:
+            for k in range(steps):
+                state.t_emb.copy_(t_embs[k].expand_as(state.t_emb))
+                step()
+
+        graphed = self.cuda_graphs and state.z.device.type == "cuda"
+        if graphed and self.whole_loop:
+            if state.graph is None:
+                state.graph = self._capture(loop, state.z)
+            state.graph.replay()
+            if on_step is not None:
+                on_step(steps, steps)
+            return state.z.clone()
         if graphed and state.graph is None:
-            state.graph = self._capture(step, z, t_emb, t_embs[0])
-            self._captured.put(key, state)
+            state.t_emb.copy_(t_embs[0].expand_as(state.t_emb))
+            state.graph = self._capture(step, state.z)
         run = state.graph.replay if state.graph is not None else step
         for k in range(steps):
-            t_emb.copy_(t_embs[k].expand_as(t_emb))
+            state.t_emb.copy_(t_embs[k].expand_as(state.t_emb))
             run()
             if on_step is not None:
                 on_step(k + 1, steps)
-        return z.clone()
+        return state.z.clone()
 
     @staticmethod
-    def _capture(step: Callable[[], None], z: torch.Tensor, t_emb: torch.Tensor, t_first: torch.Tensor) -> torch.cuda.CUDAGraph:
-        """Capture `step`; the warm-up runs' Euler updates are undone so the capture has no side effect."""
+    def _capture(run: Callable[[], None], z: torch.Tensor) -> torch.cuda.CUDAGraph:
+        """Capture `run`; the warm-up runs' Euler updates are undone so the capture has no side effect."""
         saved = z.clone()
-        t_emb.copy_(t_first.expand_as(t_emb))
-        graph = capture_graph(step)
+        graph = capture_graph(run)
         z.copy_(saved)
         return graph
 

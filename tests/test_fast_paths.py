@@ -273,6 +273,32 @@ def test_fast_latents_equal_the_engine_path(pair):
     assert len(buffers) == count  # (1 row, 16-token bucket) was made by the last image above
 
 
+def test_a_compiler_that_fails_costs_speed_not_requests(pair, caplog):
+    """torch.compile with a backend that cannot build the step (as without Triton): the executor
+    logs it once and goes on eagerly, with the engine path's latents."""
+    from jfexport.runtime.scheduler.fast_paths import install_fast_paths
+    from jfexport.runtime.torch_fast import cfg_euler_step
+
+    def no_compiler(graph, inputs):
+        raise RuntimeError("this backend builds nothing")
+
+    plain, _ = pair
+    bundle = load_preset("tiny")
+    rt = JanusFlowRuntime.from_bundle(bundle, fast=False)
+    bundle.model.attention = "sdpa"
+    install_fast_paths(rt.scheduler, bundle.model, cuda_graphs=False, compile_step=True)
+    gen = rt.scheduler.generation
+    gen._euler_step = torch.compile(cfg_euler_step, backend=no_compiler, dynamic=False)
+    try:
+        with caplog.at_level("WARNING", logger="jfexport.runtime.scheduler.fast_generation"):
+            got = rt.generate_latents(PROMPTS, steps=3, seed=5)
+        assert (plain.generate_latents(PROMPTS, steps=3, seed=5) - got).abs().max().item() < 1e-5
+        assert gen._euler_step is cfg_euler_step
+        assert sum("compiled Euler step failed" in r.message for r in caplog.records) == 1
+    finally:
+        rt.close()
+
+
 def test_fast_is_opt_in_on_cpu():
     rt = JanusFlowRuntime.from_bundle(load_preset("tiny"))
     assert type(rt.scheduler.chat).__name__ == "ChatSlots" and type(rt.scheduler.generation).__name__ == "GenerationRows"
@@ -305,28 +331,80 @@ def test_cuda_graph_chunks_and_steps_match_cpu():
     gpu.close()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_euler_step_under_cuda_graphs_matches_cpu():
+    from jfexport.runtime.scheduler.fast_paths import install_fast_paths
+
+    cpu = JanusFlowRuntime.from_bundle(load_preset("tiny"), fast=True)
+    bundle = load_preset("tiny")
+    gpu = JanusFlowRuntime.from_bundle(bundle, device="cuda", fast=False)
+    bundle.model.attention = "sdpa"
+    install_fast_paths(gpu.scheduler, bundle.model, cuda_graphs=True, compile_step=True)
+    for seed in (2, 3):  # the second request replays the graph of the compiled step
+        want = cpu.generate_latents(PROMPTS, n=2, steps=3, seed=seed)
+        got = gpu.generate_latents(PROMPTS, n=2, steps=3, seed=seed)
+        assert (want - got.cpu()).abs().max().item() < 1e-4
+    buffers = gpu.scheduler.generation._buffers
+    assert len(buffers) and all(s.graph is not None for s in buffers._items.values())
+    cpu.close()
+    gpu.close()
+
+
 # -- the benchmark: every change on and off, at batch 1 and 4, on CPU at the tiny preset --------------
 
 def test_bench_measures_each_change_on_and_off():
+    from torch._dynamo.utils import counters
+
     from jfexport.runtime.bench_paths import bench_torch_paths
 
     bundle = load_preset("tiny")
+    compiled_before = counters["stats"]["unique_graphs"]
     result = bench_torch_paths(bundle, "cpu", torch.float32, [1, 4], steps=2, cfg=2.0, warmup=0, runs=1,
-                               max_new_tokens=10, prompt=PROMPTS[0], chunk=4)
+                               max_new_tokens=10, prompt=PROMPTS[0], chunk=4, compile_step=True)
+    assert counters["stats"]["unique_graphs"] >= compiled_before + 2  # the compiled variant compiled (two shapes)
     serving = result["serving_through_the_scheduler"]
     for batch in ("batch_1", "batch_4"):
         rows = serving[batch]
         # No CUDA here: the graph variants are absent, never reported with eager numbers.
-        assert set(rows) == {"engine_path", "fast_eager_chunk1", "fast_eager_chunk4", "fast_fp8_chunk4"}
+        assert set(rows) == {"engine_path", "fast_eager_chunk1", "fast_eager_chunk4", "fast_fp8_chunk4",
+                             "fast_compiled_eager"}
         assert rows["fast_eager_chunk4"]["generation"]["max_abs_vs_engine_path"] < 1e-5
+        assert rows["fast_compiled_eager"]["generation"]["max_abs_vs_engine_path"] < 1e-5
         assert 1e-5 < rows["fast_fp8_chunk4"]["generation"]["max_abs_vs_engine_path"] < 0.5  # FP8 does change them
         assert "generation" not in rows["fast_eager_chunk1"]  # the chunk changes only decoding
-        assert all(r["understanding"]["tokens_per_answer"] == 10 for r in rows.values())
+        assert "understanding" not in rows["fast_compiled_eager"]  # compiling the Euler step changes only generation
+        assert all(r["understanding"]["tokens_per_answer"] == 10 for r in rows.values() if "understanding" in r)
+        generation = result["generation"][batch]
+        assert generation["c_cuda_graph_step"] is None and generation["c2_cuda_graph_whole_loop"] is None
+        stages = generation["step_breakdown"]
+        assert [k for k in stages if k != "sum_ms"] == ["gen_encoder", "llm_decode", "gen_decoder", "cfg_euler"]
+        assert all(stages[k]["floor_ms"] > 0 for k in ("gen_encoder", "llm_decode", "gen_decoder"))
+        assert stages["cfg_euler"]["floor_ms"] is None and stages["sum_ms"] > 0
     quality = result["fp8_quality"]
     assert quality["kernel"] == "dequantised emulation" and quality["greedy_tokens"] == 10
     assert 0 < quality["latent_max_abs_error"] < 0.5 and quality["image_psnr_db"] > 20
-    assert result["generation"]["batch_4"]["c_cuda_graph_step"] is None
     assert bundle.model.language_model.model.layers[0].mlp.down_proj.__class__ is torch.nn.Linear  # FP8 undone
+
+
+def test_step_stages_in_order_are_the_euler_step():
+    """The benchmark times the stages of `cfg_euler_step` one by one: together they must be that step."""
+    from jfexport.reference.pipelines.images import initial_noise
+    from jfexport.runtime.torch_fast import FastSampler, cfg_euler_step, step_stages
+
+    bundle = load_preset("tiny")
+    model = bundle.model
+    tokens = bundle.processor.generation_tokens(PROMPTS)
+    size = bundle.latent_size
+    z0 = initial_noise((2, 4, size, size), 3, torch.float32)
+    with torch.inference_mode():
+        state, t_embs = FastSampler(model, bundle.config.image_grid(size)).prepare(
+            tokens.input_ids, tokens.attention_mask, z0, 4, 3.0, bundle.processor.tokenizer.pad_id)
+        state.t_emb.copy_(t_embs[1].expand_as(state.t_emb))
+        want = cfg_euler_step(model, state)
+        for _, fn in step_stages(model, state):
+            fn()
+    assert not torch.equal(want, z0) and torch.equal(state.z, want)
 
 
 # -- FP8 ---------------------------------------------------------------------------------------------

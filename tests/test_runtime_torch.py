@@ -108,13 +108,17 @@ def test_cuda_graph_step_matches_eager_and_is_reused():
     size = bundle.latent_size
     grid = bundle.config.image_grid(size)
     eager, graphed = FastSampler(model, grid), FastSampler(model, grid, cuda_graphs=True)
+    whole = FastSampler(model, grid, whole_loop=True)
     pad = bundle.processor.tokenizer.pad_id
-    for seed in (1, 2):  # the second request replays the graph captured by the first
+    for seed in (1, 2):  # the second request replays the graphs captured by the first
         z0 = initial_noise((2, 4, size, size), seed, torch.float32).cuda()
         want = eager.sample(batch.input_ids, batch.attention_mask, z0, 4, 2.0, pad)
         got = graphed.sample(batch.input_ids, batch.attention_mask, z0, 4, 2.0, pad)
         assert (want - got).abs().max().item() < 1e-4
-    assert len(graphed._captured) == 1
+        got = whole.sample(batch.input_ids, batch.attention_mask, z0, 4, 2.0, pad)
+        assert (want - got).abs().max().item() < 1e-4
+    assert len(graphed._captured) == 1 and len(whole._captured) == 1
+    assert all(s.graph is not None for s in whole._captured._items.values())
 
 
 @pytest.mark.gpu

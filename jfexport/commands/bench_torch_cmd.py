@@ -1,6 +1,6 @@
 """`jfexport bench-torch`: the PyTorch paths (official eager, prompt K/V, CUDA graphs) and the serving
 variants through the scheduler, each change on and off (fast executors, CUDA graphs, k tokens per
-host round trip, FP8 with its quality cost)."""
+host round trip, FP8 with its quality cost, the Euler step compiled)."""
 
 from __future__ import annotations
 
@@ -29,9 +29,11 @@ from .output_files import check_json_target, write_json
               help="Tokens per host round trip of the fast chat executor (compared with 1).")
 @click.option("--fp8/--no-fp8", default=True, show_default=True,
               help="Also time FP8 LLM matrix products and report their quality cost.")
+@click.option("--compile/--no-compile", "compile_step", default=True, show_default=True,
+              help="Also time the scheduler's Euler step compiled by torch.compile (each new shape compiles once).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the results here.")
 def bench_torch_cmd(checkpoint, vae, preset, device, dtype, batches, steps, cfg, warmup, runs, max_new_tokens, chunk, fp8,
-                    json_path):
+                    compile_step, json_path):
     """Time the torch paths and the scheduler's serving variants, each change on and off, with physical floors."""
     import torch
 
@@ -51,7 +53,7 @@ def bench_torch_cmd(checkpoint, vae, preset, device, dtype, batches, steps, cfg,
     bundle = load_model(checkpoint, vae, preset)
     click.echo(f"bench-torch: {bundle.source} on {device} ({torch_dtype})", err=True)
     result = bench_torch_paths(bundle, device, torch_dtype, batch_list, steps, cfg, warmup, runs, max_new_tokens,
-                               "a red circle at the top left", chunk, fp8)
+                               "a red circle at the top left", chunk, fp8, compile_step)
     result = {"model": bundle.source, "command": " ".join(["jfexport", *sys.argv[1:]]), **result}
     text = json.dumps(result, indent=2)
     click.echo(text)

@@ -8,21 +8,27 @@ replayed: one launch per step instead of hundreds. Captures live in a bounded LR
 are copied into the buffers only when the set of rows changes (rows join and leave between steps,
 not within). On CPU the same buffers are used eagerly, which is what the CPU tests compare with
 the engine path. Prefill, the VAE and the failure handling are `GenerationRows`' own.
+
+`compile_step` runs the step through `torch.compile` (Inductor fuses the norms, activations and
+elementwise tails that eager mode launches one by one); on CUDA the compiled step is then captured
+as a graph like the eager one. Each new (R, W) compiles once, which takes seconds to a minute:
+it is an option for services that warm their shapes up, measured on and off by `bench-torch`.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Mapping
 
 import torch
 
-from jfexport.reference.schedulers import cfg_velocity, euler_step
-
 from ..backends.torch_backend import exact_fp32
 from ..engine import Engine
-from ..torch_fast import LRU, capture_or_none
+from ..torch_fast import LRU, capture_or_none, cfg_euler_step
 from ..trt_plan import prompt_bucket
 from .generation_batch import GenerationRows, _Row
+
+log = logging.getLogger(__name__)
 
 
 class _StepBuffers:
@@ -38,6 +44,7 @@ class _StepBuffers:
         self.past = [tuple(t.new_zeros((2 * rows, t.shape[1], width, t.shape[3])) for t in pair) for pair in kv]
         self.mask = torch.zeros((2 * rows, width + tail), dtype=torch.long, device=dev)
         self.positions = torch.zeros((2 * rows, tail), dtype=torch.long, device=dev)
+        self.t_emb = None  # `cfg_euler_step` embeds the rows' own timesteps
         self.loaded: list[_Row] = []  # the rows whose prompts are in `past`
         self.graph: torch.cuda.CUDAGraph | None = None
 
@@ -72,10 +79,12 @@ class _StepBuffers:
 
 class FastGenerationRows(GenerationRows):
     def __init__(self, engines: Mapping[str, Engine], pad_id: int, grid: int, max_images: int,
-                 observe: Callable[[str, int], None], model, cuda_graphs: bool):
+                 observe: Callable[[str, int], None], model, cuda_graphs: bool, compile_step: bool = False):
         super().__init__(engines, pad_id, grid, max_images, observe)
         self.model = model
         self.cuda_graphs = cuda_graphs
+        self.compile_step = compile_step
+        self._euler_step = torch.compile(cfg_euler_step, dynamic=False) if compile_step else cfg_euler_step
         self._buffers: LRU[tuple[int, int], _StepBuffers] = LRU()
 
     def _euler(self, rows: list[_Row], cache: bool) -> torch.Tensor:
@@ -86,12 +95,12 @@ class FastGenerationRows(GenerationRows):
             state.load_step(rows)
             if self.cuda_graphs and state.z.device.type == "cuda" and state.graph is None:
                 # The warm-up runs write only `out`, which the replay overwrites.
-                state.graph = capture_or_none(lambda: self._compute(state, dtype))
+                state.graph = capture_or_none(lambda: self._compute(state))
                 self.cuda_graphs = state.graph is not None
             if state.graph is not None:
                 state.graph.replay()
             else:
-                self._compute(state, dtype)
+                self._compute(state)
             return state.out.clone()  # the next step overwrites the buffer
 
     def _state(self, rows: list[_Row]) -> _StepBuffers:
@@ -103,12 +112,14 @@ class FastGenerationRows(GenerationRows):
             self._buffers.put(key, state)
         return state
 
-    def _compute(self, b: _StepBuffers, dtype: torch.dtype) -> None:
-        """The engine path's step (gen_encoder, llm_decode, gen_decoder, CFG Euler) on the buffers."""
-        model, count = self.model, b.z.shape[0]
-        z_embeds, t_embeds, skip = model.gen_encode(b.z.to(dtype), b.timesteps.to(dtype))
-        t2 = t_embeds.repeat(2, 1)
-        step_embeds = torch.cat([t2[:, None, :], z_embeds.repeat(2, 1, 1)], dim=1)
-        hidden, _, _ = model.llm(step_embeds, b.mask, b.positions, b.past)
-        v_raw = model.gen_decode(hidden[:, 1:], skip.repeat(2, 1, 1, 1), t2).float()
-        b.out.copy_(euler_step(b.z, cfg_velocity(v_raw[:count], v_raw[count:], b.cfg), b.dt))
+    def _compute(self, b: _StepBuffers) -> None:
+        try:
+            b.out.copy_(self._euler_step(self.model, b))
+        except Exception:  # noqa: BLE001 - an error of the eager step itself is raised below
+            if self._euler_step is cfg_euler_step:
+                raise
+            # A compiler that cannot build the step (no Triton, an unsupported op) costs its speed,
+            # not the requests: the executor goes on with the eager step.
+            log.warning("the compiled Euler step failed; running it eagerly from now on", exc_info=True)
+            self._euler_step = cfg_euler_step
+            b.out.copy_(cfg_euler_step(self.model, b))

@@ -7,9 +7,11 @@ from .fast_generation import FastGenerationRows
 from .scheduler import Scheduler
 
 
-def install_fast_paths(scheduler: Scheduler, model, cuda_graphs: bool, chunk: int = DEFAULT_CHUNK) -> None:
+def install_fast_paths(scheduler: Scheduler, model, cuda_graphs: bool, chunk: int = DEFAULT_CHUNK,
+                       compile_step: bool = False) -> None:
     """Replace the scheduler's engine-path executors by the fast ones over `model` (the model its
     torch engines run). Call it before the first request: the executors hold the rows in flight.
+    `compile_step`: the Euler step through torch.compile (`FastGenerationRows`).
 
     The scheduler builds its executors itself; the swap happens under its lock so that the worker,
     which reads them only after being woken under that lock, never sees a half-made change.
@@ -17,7 +19,8 @@ def install_fast_paths(scheduler: Scheduler, model, cuda_graphs: bool, chunk: in
     gen, chat = scheduler.generation, scheduler.chat
     if gen.rows or gen.to_decode or chat.rows:
         raise RuntimeError("install_fast_paths needs an idle scheduler")
-    fast_gen = FastGenerationRows(gen.engines, gen.pad_id, gen.grid, gen.max_images, gen.observe, model, cuda_graphs)
+    fast_gen = FastGenerationRows(gen.engines, gen.pad_id, gen.grid, gen.max_images, gen.observe, model, cuda_graphs,
+                                  compile_step)
     fast_chat = FastChatSlots(chat.engines, chat.processor, chat.max_rows, chat.max_len, chat.kv_budget_bytes,
                               chat.observe, model, cuda_graphs, chunk)
     with scheduler._cond:
