@@ -4,10 +4,21 @@ A job is written by the scheduler's worker thread and read by the caller's threa
 goes through the job's condition variable. Callers never run engine work, and the worker never
 runs caller code (progress callbacks, `on_logits`, readers of a stream), so a slow or re-entrant
 caller cannot stall or deadlock the engines.
+
+The one exception is for callers that must not hold a thread while they wait (an event loop
+serving thousands of requests): `add_done_callback` and `add_listener` register notifications
+that run on the thread that changed the job (usually the worker), after it released every lock,
+each in its own try (an exception is logged, never raised into the worker). They are meant to
+hand the news over (`loop.call_soon_threadsafe`) and return: they may call the runtime's
+non-blocking methods (submit, cancel, `tokens_since`, `stats`), but a wait for a request's
+result from inside one raises RuntimeError, since the worker it would wait for is the thread
+running it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
 import time
 import weakref
@@ -19,6 +30,11 @@ import torch
 from jfexport.reference.schedulers import FinishReason, StopRule
 
 from ..errors import RequestCancelled, RequestTimeout, SchedulerStopped
+
+log = logging.getLogger(__name__)
+
+# Set while a job's notifications run: a blocking wait there would wait for the thread it is on.
+_notifying = threading.local()
 
 # How often a waiting caller re-checks the deadline and the worker's health, in seconds: the
 # bound on how long a caller can miss a dead worker or a deadline the worker cannot act on.
@@ -38,6 +54,10 @@ class Job:
         self.finished = False
         self.error: BaseException | None = None
         self._alive = alive
+        # Notifications (under `cond`): run once each, outside the lock, by whoever ended the job.
+        self._done_callbacks: list[Callable[[], None]] = []
+        self._listeners: list[Callable[[], None]] = []
+        self._notified_end = False
 
     def cancel(self) -> None:
         """Ask the worker to drop the request; it frees the request's rows at its next iteration."""
@@ -53,36 +73,132 @@ class Job:
             if not self.finished:
                 self.error, self.finished = error, True
                 self.cond.notify_all()
+        self._notify_end()
 
     def complete(self) -> None:
         with self.cond:
             self.finished = True
             self.cond.notify_all()
+        self._notify_end()
+
+    # -- notifications without a waiting thread ------------------------------------------------
+
+    def add_done_callback(self, fn: Callable[[], None]) -> None:
+        """`fn()` once the job ends (done, failed, cancelled, timed out or its worker stopped).
+
+        Runs on the thread that ended it, with no lock held (see the module docstring); at once,
+        here, when the job has already ended. A caller that does not wait must still have its
+        deadline and a dead worker noticed: `poll()` does what a waiting caller would."""
+        with self.cond:
+            if not self._notified_end:
+                self._done_callbacks.append(fn)
+                return
+        _run_notifications([fn])
+
+    def add_listener(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """`fn()` after every update the worker publishes (a chat token, an Euler step) and once at
+        the end, as done callbacks run; returns a function that removes it. A listener reads the
+        state itself (`ChatHandle.tokens_since`): updates may be coalesced, never lost."""
+        with self.cond:
+            ended = self._notified_end
+            if not ended:
+                self._listeners.append(fn)
+        if ended:
+            _run_notifications([fn])
+
+        def remove() -> None:
+            with self.cond:
+                if fn in self._listeners:
+                    self._listeners.remove(fn)
+
+        return remove
+
+    def _notify(self) -> None:
+        """Tell the listeners that something changed (called with no lock held)."""
+        if self._listeners:  # read without the lock: a listener added meanwhile reads the state itself
+            with self.cond:
+                listeners = list(self._listeners)
+            _run_notifications(listeners)
+
+    def _notify_end(self) -> None:
+        """Run the end notifications once, if the job has ended (called with no lock held)."""
+        with self.cond:
+            if not self.finished or self._notified_end:
+                return
+            self._notified_end = True
+            listeners, callbacks = self._listeners, self._done_callbacks
+            self._listeners, self._done_callbacks = [], []
+        _run_notifications(listeners + callbacks)
+
+    @contextlib.contextmanager
+    def waiting(self):
+        """`with job.cond` for a caller that may end the job itself (its deadline, a dead worker):
+        the end notifications run after the lock is released."""
+        try:
+            with self.cond:
+                yield
+        finally:
+            self._notify_end()
+
+    # -- the caller's side ----------------------------------------------------------------------
+
+    def _end_if_overdue(self, now: float) -> None:
+        """Under `cond`: what the worker may be too busy (or dead) to do: the deadline, a dead worker."""
+        if self.finished:
+            return
+        if self.expired(now):
+            self.cancelled = True
+            self.error, self.finished = RequestTimeout(f"{self.kind} request timed out after "
+                                                       f"{self.deadline - self.created:.3g} s"), True
+        elif not self._alive():
+            self.error, self.finished = SchedulerStopped("the scheduler stopped before the request finished"), True
+        if self.finished:
+            self.cond.notify_all()
+
+    def poll(self) -> bool:
+        """Without blocking: end the job if it is past its deadline or its worker is gone, as a
+        waiting caller would; whether it has ended."""
+        with self.waiting():
+            self._end_if_overdue(time.monotonic())
+            return self.finished
 
     def wait_for(self, ready: Callable[[], bool], timeout: float | None = None) -> None:
         """Block (holding `cond` on return) until `ready()` or the job ends; raise its error.
 
         The caller's own deadline is enforced here too, so a worker busy in a long engine call
-        cannot hold a caller past it; a dead worker is noticed within POLL_S.
+        cannot hold a caller past it; a dead worker is noticed within POLL_S. Hold the lock with
+        `waiting()`, so that a job ended here still notifies.
         """
+        if getattr(_notifying, "active", False) and not (ready() or self.finished):
+            raise RuntimeError(f"a {self.kind} request was waited for from inside a request notification, which "
+                               "runs on the scheduler's worker: the wait would never end")
         limit = None if timeout is None else time.monotonic() + timeout
         while not ready():
-            if self.finished:
-                break
             now = time.monotonic()
-            if self.expired(now):
-                self.cancelled = True
-                self.error, self.finished = RequestTimeout(f"{self.kind} request timed out after "
-                                                           f"{self.deadline - self.created:.3g} s"), True
+            self._end_if_overdue(now)
+            if self.finished:
                 break
             if limit is not None and now >= limit:
                 raise TimeoutError(f"{self.kind} request not done within {timeout} s")
-            if not self._alive():
-                self.error, self.finished = SchedulerStopped("the scheduler stopped before the request finished"), True
-                break
             self.cond.wait(POLL_S)
         if self.error is not None and not ready():
             raise self.error
+
+
+def _run_notifications(fns: list[Callable[[], None]]) -> None:
+    """Each in its own try: a failing notification is logged and never reaches the worker."""
+    if not fns:
+        return
+    outer = getattr(_notifying, "active", False)
+    _notifying.active = True
+    try:
+        for fn in fns:
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - a caller's bug must not stop the scheduler
+                log.exception("a request notification failed")
+    finally:
+        _notifying.active = outer
 
 
 class CallJob(Job):
@@ -98,9 +214,10 @@ class CallJob(Job):
         with self.cond:
             self.value, self.finished = value, True
             self.cond.notify_all()
+        self._notify_end()
 
     def result(self) -> object:
-        with self.cond:
+        with self.waiting():
             self.wait_for(lambda: False)
         return self.value
 
@@ -130,6 +247,7 @@ class GenerationJob(Job):
             self.steps_done = steps_done
             if self.watch_progress:
                 self.cond.notify_all()
+        self._notify()
 
     def set_latents(self, latents: torch.Tensor) -> None:
         with self.cond:
@@ -137,11 +255,13 @@ class GenerationJob(Job):
             if not self.decode:
                 self.finished = True
             self.cond.notify_all()
+        self._notify_end() if self.finished else self._notify()
 
     def set_images(self, images: torch.Tensor) -> None:
         with self.cond:
             self.images, self.finished = images, True
             self.cond.notify_all()
+        self._notify_end()
 
 
 @dataclass(eq=False)  # identity: rows hold tensors, and two rows are never the same row
@@ -183,6 +303,7 @@ class ChatJob(Job):
             if all(r.finish_reason is not None for r in self.chat_rows):
                 self.finished = True
             self.cond.notify_all()
+        self._notify_end() if self.finished else self._notify()
         return reason
 
 
@@ -199,6 +320,21 @@ class _Handle:
 
     def done(self) -> bool:
         return self._job.finished
+
+    def add_done_callback(self, fn: Callable[[], None]) -> None:
+        """`fn()` once the request ends, on the scheduler's thread (at once if it has): see `Job.add_done_callback`.
+
+        For callers that must not block a thread per request (an event loop): hand the news over
+        (`loop.call_soon_threadsafe`) and return; the result is then read without waiting."""
+        self._job.add_done_callback(fn)
+
+    def add_listener(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """`fn()` after each new token or step and at the end; returns its remover (`Job.add_listener`)."""
+        return self._job.add_listener(fn)
+
+    def poll(self) -> bool:
+        """Without blocking: whether the request has ended, enforcing its deadline as a waiting caller would."""
+        return self._job.poll()
 
 
 class GenerationHandle(_Handle):
@@ -220,7 +356,7 @@ class GenerationHandle(_Handle):
         limit = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if limit is None else max(0.0, limit - time.monotonic())
-            with job.cond:
+            with job.waiting():
                 job.wait_for(lambda: target() or (on_step is not None and job.steps_done > seen), left)
                 done_steps, ready = job.steps_done, target()
             if on_step is not None:
@@ -259,11 +395,28 @@ class ChatHandle(_Handle):
     def finish_reason(self) -> FinishReason | None:
         return self._row.finish_reason
 
+    def tokens_since(self, start: int) -> tuple[list[int], bool]:
+        """Without blocking: the ids decoded from index `start` on (EOS not included) and whether
+        the answer is over after them. What iterating yields, in pieces: a failed request's error
+        is raised once its tokens are read, and its deadline is enforced here too. For a caller
+        woken by `add_listener` rather than blocked in a wait."""
+        job, row, eos = self._job, self._row, self._job.rule.eos_id
+        with job.waiting():
+            job._end_if_overdue(time.monotonic())
+            tokens = row.tokens[start:]
+            if eos in tokens:
+                return tokens[:tokens.index(eos)], True
+            if not job.finished:
+                return tokens, False
+            if job.error is not None and not tokens:
+                raise job.error
+            return tokens, job.error is None
+
     def __iter__(self) -> Iterator[int]:
         job, row, eos = self._job, self._row, self._job.rule.eos_id
         i = 0
         while True:
-            with job.cond:
+            with job.waiting():
                 job.wait_for(lambda: len(row.tokens) > i)
                 if len(row.tokens) <= i:
                     return
@@ -275,7 +428,7 @@ class ChatHandle(_Handle):
 
     def text(self, timeout: float | None = None) -> str:
         job = self._job
-        with job.cond:
+        with job.waiting():
             job.wait_for(lambda: False, timeout)  # until it ends; raises its error if it failed
         return self.tokenizer.decode(self.token_ids)
 
@@ -288,7 +441,7 @@ def stream_rows(job: ChatJob) -> Iterator[tuple[torch.Tensor, torch.Tensor | Non
     step = 0
     try:
         while True:
-            with job.cond:
+            with job.waiting():
                 job.wait_for(lambda: all(len(r.tokens) > step or r.finish_reason is not None for r in job.chat_rows))
                 if all(len(r.tokens) <= step for r in job.chat_rows):
                     return
