@@ -61,7 +61,7 @@ def build_app(runtime=None, *, api_key: str | None = None, model_id: str = "janu
         log.error("request %s failed", request.state.request_id, exc_info=exc)
         return error_response(api_error_from(exc))
 
-    def authorized(request: Request) -> None:
+    async def authorized(request: Request) -> None:  # async: a sync dependency would take a pool thread per request
         if api_key is None:
             return
         header = request.headers.get("authorization", "")

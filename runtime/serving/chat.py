@@ -1,4 +1,8 @@
-"""POST /v1/chat/completions: one question about one image, whole or streamed as server-sent events."""
+"""POST /v1/chat/completions: one question about one image, whole or streamed as server-sent events.
+
+No thread waits for the answer: the handle's token listener wakes the request's coroutine
+(`bridge.TokenFeed`); decoding the image and submitting run on the service's bounded pool.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +15,12 @@ from PIL import Image
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from .bridge import TokenFeed
 from .detokenize import TextStream
 from .errors import api_error_from, bad_request
 from .images import decode_data_url
 from .openai_schema import ChatCompletionRequest, ChatMessage
 from .service import Limits, Service
-from .threads import TokenPump, in_thread
 
 POLL_S = 0.05  # how often a waiting request checks that its client is still there
 
@@ -65,10 +69,10 @@ class ClientGone(Exception):
 async def chat_completion(request: Request, body: ChatCompletionRequest, service: Service) -> Response:
     start = time.perf_counter()
     service.check_model(body.model)
-    question = await in_thread(lambda: read_question(body.messages, service.limits))
+    question = await service.blocking(lambda: read_question(body.messages, service.limits))
     runtime = service.admit()
     max_tokens = body.max_completion_tokens or body.max_tokens or service.limits.default_max_tokens
-    handle = await in_thread(lambda: runtime.submit_chat(
+    handle = await service.blocking(lambda: runtime.submit_chat(
         question.image, question.text, max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
         seed=body.seed or 0, timeout=service.limits.request_timeout))
     request.state.rows = 1
@@ -104,12 +108,12 @@ class _Answer:
 
     async def deltas(self) -> AsyncIterator[str]:
         """Text deltas until EOS, the token limit or a stop sequence; the handle is cancelled on any early exit."""
-        pump = TokenPump(self.handle)
+        feed = TokenFeed(self.handle)
         metrics = self.service.metrics
         try:
             while True:
                 try:
-                    token = await pump.next(POLL_S)
+                    token = await feed.next(POLL_S)
                 except TimeoutError:
                     if await self.request.is_disconnected():
                         raise ClientGone from None
@@ -129,6 +133,7 @@ class _Answer:
                     self.finish_reason = "stop"
                     return
         finally:
+            feed.close()
             if self.finish_reason is None or self.text.stopped:
                 self.handle.cancel()
             metrics.tokens.labels("prompt").inc(self.prompt_tokens)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 from .errors import APIError
 from .metrics import ServingMetrics
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -18,6 +23,9 @@ class Limits:
     max_image_pixels: int = 4096 * 4096
     request_timeout: float | None = 120.0  # seconds a request may take, queueing included
     default_max_tokens: int = 256
+    # Threads for short blocking work off the event loop (image decoding, submitting, PNG
+    # encoding); waiting for results and tokens holds none.
+    blocking_threads: int = 8
 
 
 class Service:
@@ -30,6 +38,13 @@ class Service:
         self.draining = False
         self.in_flight = 0  # touched on the event loop only
         self.metrics = ServingMetrics(lambda: self.runtime.stats() if self.runtime is not None else None)
+        self._pool: ThreadPoolExecutor | None = None  # started on first use, in the serving process
+
+    def blocking(self, fn: Callable[[], T]) -> "asyncio.Future[T]":
+        """Run short blocking work `fn` on the bounded pool; await the result."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.limits.blocking_threads, thread_name_prefix="jfexport-serve")
+        return asyncio.get_running_loop().run_in_executor(self._pool, fn)
 
     def attach(self, runtime) -> None:
         """Serve `runtime` from now on; call once its engines are loaded and verified."""
