@@ -189,13 +189,14 @@ class JanusFlowRuntime:
     # -- understanding -------------------------------------------------------------------------
 
     def _chat_job(self, images: list[Image.Image], questions: list[str], max_new_tokens: int, temperature: float,
-                  top_p: float, seed: int, keep_logits: bool, timeout: float | None) -> ChatJob:
+                  top_p: float, seed: int, keep_logits: bool, timeout: float | None,
+                  system_prompt: str | None = None) -> ChatJob:
         self._need(UNDERSTANDING_GRAPHS, "understanding")
         if len(images) != len(questions) or not questions:
             raise InputError(f"need one image per question, got {len(images)} images for {len(questions)} questions")
         check_sampling(temperature, top_p, seed, max_new_tokens)
         self._check_rows(len(questions), self.max_rows, f"{len(questions)} question(s)")
-        ids = [self.processor.understanding_ids(q) for q in questions]
+        ids = [self.processor.understanding_ids(q, system_prompt) for q in questions]
         self._check_len(max(map(len, ids)) + max_new_tokens, "question + answer")
         gens = row_generators(seed, len(questions))
         rows = [ChatRow(i, self.processor.pixel_values(img), g) for i, img, g in zip(ids, images, gens)]
@@ -203,30 +204,40 @@ class JanusFlowRuntime:
                        keep_logits, timeout, self.scheduler.alive)
 
     def submit_chat(self, image: Image.Image, question: str, max_new_tokens: int = 512, temperature: float = 0.0,
-                    top_p: float = 0.95, seed: int = 0, timeout: float | None = None) -> ChatHandle:
-        """Queue one question; iterate the handle for token ids as they are decoded."""
-        job = self._chat_job([image], [question], max_new_tokens, temperature, top_p, seed, False, timeout)
+                    top_p: float = 0.95, seed: int = 0, timeout: float | None = None,
+                    system_prompt: str | None = None) -> ChatHandle:
+        """Queue one question; iterate the handle for token ids as they are decoded.
+
+        `system_prompt` replaces the processor's default system prompt for this request (None
+        keeps it; "" is none); it is tokenized as plain text, as the question is."""
+        job = self._chat_job([image], [question], max_new_tokens, temperature, top_p, seed, False, timeout,
+                             system_prompt)
         self.scheduler.submit(job)
         return ChatHandle(job, self.tokenizer, len(job.chat_rows[0].ids))
 
     def chat_stream(self, images: list[Image.Image], questions: list[str], max_new_tokens: int = 512,
                     temperature: float = 0.0, top_p: float = 0.95, seed: int = 0,
                     on_logits: Callable[[torch.Tensor], None] | None = None,
-                    timeout: float | None = None) -> Iterator[torch.Tensor]:
+                    timeout: float | None = None, system_prompt: str | None = None) -> Iterator[torch.Tensor]:
         """Yield the next token [B] of every (image, question) row; rows that ended get EOS.
 
         Row i samples with seed + i. `on_logits([B,V])` runs here, before each yield (rows that
         have ended are NaN). Closing or dropping the iterator cancels the request.
+        `system_prompt`, for every row: as in `submit_chat`.
         """
-        job = self._chat_job(images, questions, max_new_tokens, temperature, top_p, seed, on_logits is not None, timeout)
+        job = self._chat_job(images, questions, max_new_tokens, temperature, top_p, seed, on_logits is not None, timeout,
+                             system_prompt)
         self.scheduler.submit(job)
         for tokens, logits in stream_rows(job):
             if on_logits is not None:
                 on_logits(logits)
             yield tokens
 
-    def chat(self, images: list[Image.Image], questions: list[str], **kwargs) -> list[str]:
-        return answers_from_stream(self.chat_stream(images, questions, **kwargs), len(questions), self.tokenizer)
+    def chat(self, images: list[Image.Image], questions: list[str], *, system_prompt: str | None = None,
+             **kwargs) -> list[str]:
+        """The answers as text; `kwargs` as for `chat_stream`, `system_prompt` as for `submit_chat`."""
+        return answers_from_stream(self.chat_stream(images, questions, system_prompt=system_prompt, **kwargs),
+                                   len(questions), self.tokenizer)
 
     # -- service hooks -------------------------------------------------------------------------
 

@@ -109,11 +109,19 @@ class JanusProcessor:
         except ProcessorInputError as e:
             raise ProcessorInputError(f"{name}: {e}") from None
 
-    def understanding_ids(self, question: str) -> list[int]:
-        """Template, tokenise, then replace the placeholder by BOI + N image ids + EOI."""
+    def understanding_ids(self, question: str, system_prompt: str | None = None) -> list[int]:
+        """Template, tokenise, then replace the placeholder by BOI + N image ids + EOI.
+
+        `system_prompt` replaces the processor's own for this question (None keeps it); it is
+        a request's text, so it is tokenized as plain text, as the question is."""
         tok = self.tokenizer
         question = check_text("question", question)
-        ids = self._encode("question", understanding_parts(question, self.system_prompt, self.tags.image))
+        if system_prompt is None:
+            parts = understanding_parts(question, self.system_prompt, self.tags.image)
+        else:
+            parts = understanding_parts(question, check_text("system_prompt", system_prompt), self.tags.image,
+                                        system_is_user_text=True)
+        ids = self._encode("question", parts)
         if (found := ids.count(tok.image_id)) != 1:
             raise ProcessorInputError(
                 f"question: the prompt must hold the image tag {self.tags.image!r} once, as one token; found {found}"

@@ -17,14 +17,20 @@ SYSTEM_PROMPT = (
 Parts = list[tuple[str, bool]]
 
 
-def understanding_parts(question: str, system_prompt: str = SYSTEM_PROMPT, image_tag: str = "<image_placeholder>") -> Parts:
+def understanding_parts(question: str, system_prompt: str = SYSTEM_PROMPT, image_tag: str = "<image_placeholder>",
+                        system_is_user_text: bool = False) -> Parts:
+    """`system_is_user_text`: the system prompt came from a request, not from the deployment, so
+    it is marked as user text (tag-like strings in it stay plain text, as in the question)."""
     if not question.strip():
         raise ProcessorInputError("empty prompt: the question is empty")
     # The official template strips the whole user message, "<tag>\n{question}", so whitespace
     # leading the question survives; only the trailing whitespace goes. The whole prompt is
     # stripped too, which removes the separator when the system prompt is empty.
+    system = system_prompt.lstrip()
+    turn = f"\n\nUser: {image_tag}\n" if system else f"User: {image_tag}\n"
+    head = [(system, True), (turn, False)] if system_is_user_text else [(system + turn, False)]
     return [
-        (f"{system_prompt}\n\nUser: {image_tag}\n".lstrip(), False),
+        *head,
         (question.rstrip(), True),
         ("\n\nAssistant:", False),
     ]

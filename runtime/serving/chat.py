@@ -29,19 +29,15 @@ POLL_S = 0.05  # how often a waiting request checks that its client is still the
 class Question:
     image: Image.Image
     text: str
+    system_prompt: str | None = None  # None: the model's default
 
 
-def read_question(messages: list[ChatMessage], limits: Limits) -> Question:
-    """The one user message: its text parts joined, and exactly one image.
+SYSTEM_ROLES = ("system", "developer")
 
-    The runtime answers a single question about a single image with the model's own chat
-    template, so system prompts and earlier turns are refused rather than silently dropped.
-    """
-    if len(messages) != 1 or messages[0].role != "user":
-        i = next((i for i, m in enumerate(messages) if m.role != "user"), 1)
-        raise bad_request(f"messages[{i}]", "only one user message is supported (a question about one image; "
-                                            "the model's chat template has no system prompt or earlier turns)")
-    content = messages[0].content
+
+def _text_of(message: ChatMessage) -> tuple[list[str], list[tuple[int, str]]]:
+    """The text parts of a message's content, and its image parts as (part index, url)."""
+    content = message.content
     parts = [] if content is None else [content] if isinstance(content, str) else content
     texts, images = [], []
     for j, part in enumerate(parts):
@@ -51,15 +47,46 @@ def read_question(messages: list[ChatMessage], limits: Limits) -> Question:
             texts.append(part.text)
         else:
             images.append((j, part.image_url.url))
+    return texts, images
+
+
+def read_question(messages: list[ChatMessage], limits: Limits) -> Question:
+    """An optional leading system (or developer) message, then one user message: its text parts
+    joined, and exactly one image.
+
+    The system message replaces the model's default system prompt for this request (text only).
+    The runtime answers a single question about a single image with the model's own chat
+    template, so earlier turns are refused rather than silently dropped.
+    """
+    system_prompt, first = None, 0
+    if messages and messages[0].role in SYSTEM_ROLES:
+        texts, images = _text_of(messages[0])
+        if images:
+            raise bad_request(f"messages[0].content[{images[0][0]}]",
+                              f"a {messages[0].role} message holds text only; send the image in the user message")
+        system_prompt, first = "\n".join(texts), 1
+    for i, message in enumerate(messages[first:], first):
+        if message.role in SYSTEM_ROLES:
+            raise bad_request(f"messages[{i}]", f"only one {message.role} message is supported, as the first message")
+        if message.role != "user":
+            raise bad_request(f"messages[{i}]", f"{message.role} messages (earlier turns) are not supported: the model "
+                                                "answers one user question about one image, with no conversation")
+        if i > first:
+            raise bad_request(f"messages[{i}]", "only one user message is supported (a question about one image; "
+                                                "the model's chat template has no earlier turns)")
+    if len(messages) == first:
+        raise bad_request("messages", "a user message with the question and one image is needed")
+    u = first
+    texts, images = _text_of(messages[u])
     if len(images) != 1:
-        raise bad_request("messages[0].content", f"exactly one image_url part is needed, got {len(images)}")
+        raise bad_request(f"messages[{u}].content", f"exactly one image_url part is needed, got {len(images)}")
     text = "\n".join(texts)
     if not text.strip():
-        raise bad_request("messages[0].content", "the question (text part) is empty")
+        raise bad_request(f"messages[{u}].content", "the question (text part) is empty")
     j, url = images[0]
-    image = decode_data_url(url, f"messages[0].content[{j}].image_url.url", limits.max_image_bytes,
+    image = decode_data_url(url, f"messages[{u}].content[{j}].image_url.url", limits.max_image_bytes,
                             limits.max_image_pixels)
-    return Question(image, text)
+    return Question(image, text, system_prompt)
 
 
 class ClientGone(Exception):
@@ -74,7 +101,7 @@ async def chat_completion(request: Request, body: ChatCompletionRequest, service
     max_tokens = body.max_completion_tokens or body.max_tokens or service.limits.default_max_tokens
     handle = await service.blocking(lambda: runtime.submit_chat(
         question.image, question.text, max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-        seed=body.seed or 0, timeout=service.limits.request_timeout))
+        seed=body.seed or 0, timeout=service.limits.request_timeout, system_prompt=question.system_prompt))
     request.state.rows = 1
     answer = _Answer(request, service, handle, TextStream(runtime.tokenizer, body.stop or []), start)
     if body.stream:
