@@ -109,7 +109,7 @@ def test_hundreds_of_waiting_requests_hold_no_thread_each(busy_server):
     url, proc = busy_server
     # Two questions whose greedy answers differ (one babbles to the limit): each answer must be
     # the one it has alone, whatever ran beside it.
-    questions = [(chat_messages(data_url(shape_image())), 16), (chat_messages(data_url(BABBLE_IMAGE)), 48)]
+    questions = [(chat_messages(data_url(shape_image())), 16), (chat_messages(data_url(BABBLE_IMAGE)), 160)]
 
     async def run():
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
@@ -131,5 +131,5 @@ def test_hundreds_of_waiting_requests_hold_no_thread_each(busy_server):
     assert texts == [alone[i % 2] for i in range(STREAMS)] + [alone[i % 2] for i in range(WHOLE)]
     assert images == [image_alone] * IMAGES
     print(f"server threads: {idle} idle, {peak} at most; {sampler.in_flight} of {total} requests in flight at once")
-    assert sampler.in_flight >= total // 2  # they did wait together: the bound below means something
+    assert sampler.in_flight >= 3 * SPARE_THREADS  # they did wait together: the bound below means something
     assert peak - idle <= SPARE_THREADS, f"{peak} threads under {total} concurrent requests, {idle} idle: a thread per request"
