@@ -93,13 +93,16 @@ class JanusFlowRuntime:
 
     @classmethod
     def from_bundle(cls, bundle, backend: str = "torch", dtype: torch.dtype = torch.float32, device: str = "cpu",
-                    max_queue: int = 64, kv_budget_bytes: int = 4 << 30, fast: bool | None = None) -> "JanusFlowRuntime":
+                    max_queue: int = 64, kv_budget_bytes: int = 4 << 30, fast: bool | None = None,
+                    compile_step: bool = False) -> "JanusFlowRuntime":
         """Engines straight from a loaded model (the `torch` backend).
 
         `fast` (default: on for CUDA) puts the fast torch executors under the scheduler
         (`scheduler.fast_generation`, `scheduler.fast_chat`: direct model calls over static
         buffers, SDPA, k tokens per host round trip, CUDA graphs on CUDA); on CPU they run eagerly,
-        which is how the tests hold them to the engine path.
+        which is how the tests hold them to the engine path. `compile_step` (with `fast`) runs
+        their Euler step through torch.compile: each new (rows, prompt bucket) shape compiles
+        once, so it suits services that warm their shapes up (`bench-torch` times it on and off).
         """
         if backend != "torch":
             raise InputError(f"from_bundle builds the torch backend only; use from_engines(DIR) for {backend!r}")
@@ -115,7 +118,9 @@ class JanusFlowRuntime:
             from .scheduler.fast_paths import install_fast_paths
 
             bundle.model.attention = "sdpa"  # the fused kernels; the engines share the model
-            install_fast_paths(runtime.scheduler, bundle.model, cuda_graphs=on_cuda)
+            install_fast_paths(runtime.scheduler, bundle.model, cuda_graphs=on_cuda, compile_step=compile_step)
+        elif compile_step:
+            raise InputError("compile_step compiles the fast executors' Euler step: it needs fast=True (or CUDA)")
         return runtime
 
     @property

@@ -276,18 +276,18 @@ def test_fast_latents_equal_the_engine_path(pair):
 def test_a_compiler_that_fails_costs_speed_not_requests(pair, caplog):
     """torch.compile with a backend that cannot build the step (as without Triton): the executor
     logs it once and goes on eagerly, with the engine path's latents."""
-    from jfexport.runtime.scheduler.fast_paths import install_fast_paths
+    from jfexport.reference.errors import InputError
     from jfexport.runtime.torch_fast import cfg_euler_step
 
     def no_compiler(graph, inputs):
         raise RuntimeError("this backend builds nothing")
 
     plain, _ = pair
-    bundle = load_preset("tiny")
-    rt = JanusFlowRuntime.from_bundle(bundle, fast=False)
-    bundle.model.attention = "sdpa"
-    install_fast_paths(rt.scheduler, bundle.model, cuda_graphs=False, compile_step=True)
+    with pytest.raises(InputError, match="fast=True"):
+        JanusFlowRuntime.from_bundle(load_preset("tiny"), compile_step=True)  # no fast executor to compile
+    rt = JanusFlowRuntime.from_bundle(load_preset("tiny"), fast=True, compile_step=True)
     gen = rt.scheduler.generation
+    assert isinstance(gen, FastGenerationRows) and gen.compile_step
     gen._euler_step = torch.compile(cfg_euler_step, backend=no_compiler, dynamic=False)
     try:
         with caplog.at_level("WARNING", logger="jfexport.runtime.scheduler.fast_generation"):
