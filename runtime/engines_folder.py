@@ -18,22 +18,31 @@ import torch
 from jfexport.reference.graph_contract import GENERATION_GRAPHS, UNDERSTANDING_GRAPHS
 
 from .backend_choice import choose_backend
-from .folder_files import TOKENIZER_DIR, FileCheck, check_files, confine_tokenizer, served_files, tokenizer_files
+from .folder_files import (TOKENIZER_DIR, FileCheck, check_files, confine_tokenizer, served_files, tokenizer_dir,
+                           tokenizer_files)
 from .manifest_schema import FORMAT, MANIFEST, EnginesError, read_build_manifest, validate_manifest
 
 __all__ = ["FORMAT", "GENERATION_GRAPHS", "MANIFEST", "TOKENIZER_DIR", "UNDERSTANDING_GRAPHS", "CheckedBuild",
-           "EngineSet", "EnginesError", "check_build", "load_engines", "pick_precision", "read_build_manifest"]
+           "EngineSet", "EnginesError", "check_build", "load_engines", "pick_precision", "read_build_manifest",
+           "tokenizer_folder"]
 
 
 
 class EngineSet(dict):
     """Engines by graph name, and how they were opened: `verify` holds them to the bounds of `precision`."""
 
-    def __init__(self, engines: dict, precision: str, device: str, files: dict[str, list[FileCheck]]):
+    def __init__(self, engines: dict, precision: str, device: str, files: dict[str, list[FileCheck]],
+                 tokenizer: Path | None = None):
         super().__init__(engines)
         self.precision = precision  # the build precision chosen (a graph without a typed file serves fp32)
         self.device = device  # where the engines run (cpu when onnxruntime has no CUDA provider)
         self.files = files  # per graph (and "tokenizer"), how each of its files was checked
+        self.tokenizer = tokenizer  # the tokenizer folder checked against the manifest: load the processor from it
+
+
+def tokenizer_folder(folder: str | Path, manifest: dict) -> Path:
+    """Where a build's tokenizer files are: the manifest's `tokenizer_dir` (older builds: `tokenizer/`)."""
+    return Path(folder) / tokenizer_dir(manifest)
 
 
 def pick_precision(manifest: dict, requested: str | None, device: str) -> str:
@@ -70,6 +79,7 @@ class CheckedBuild:
     precision: str
     graphs: tuple[str, ...]  # the graphs to open
     files: dict[str, list[FileCheck]]  # per graph to open (and "tokenizer"), how each of its files was checked
+    tokenizer: Path | None = None  # the tokenizer folder, checked (its files against the manifest's hashes)
 
 
 def check_build(folder: str | Path, backend: str = "auto", precision: str | None = None, device: str | None = None,
@@ -90,11 +100,11 @@ def check_build(folder: str | Path, backend: str = "auto", precision: str | None
         device = ort_device(device)  # before the precision: fp16 is chosen only where it runs on a GPU
     precision = pick_precision(manifest, precision, device)
     listed = {name: served_files(manifest, name, precision, chosen) for name in names}
-    listed["tokenizer"] = tokenizer_files(manifest)
-    confine_tokenizer(folder)
+    tokenizer = confine_tokenizer(folder, manifest)  # repoints a `tokenizer` link a build killed at its commit left
+    listed["tokenizer"] = tokenizer_files(manifest, folder)
     checks = iter(check_files(folder, [f for files in listed.values() for f in files], full=verify_files))
     return CheckedBuild(folder, manifest, chosen, device, precision, tuple(names),
-                        {name: [next(checks) for _ in files] for name, files in listed.items()})
+                        {name: [next(checks) for _ in files] for name, files in listed.items()}, tokenizer)
 
 
 def load_engines(folder: str | Path, backend: str = "auto", precision: str | None = None, device: str | None = None,
@@ -116,4 +126,5 @@ def load_engines(folder: str | Path, backend: str = "auto", precision: str | Non
             from .backends.ort_backend import OrtEngine
 
             engines[name] = OrtEngine(name, build.folder / build.files[name][0].file.name, device=build.device)
-    return EngineSet(engines, build.precision, build.device, build.files), build.manifest, build.backend
+    return (EngineSet(engines, build.precision, build.device, build.files, build.tokenizer), build.manifest,
+            build.backend)

@@ -1,7 +1,7 @@
 """The files a build folder serves: confined to the folder, and checked against the manifest before use.
 
 Confinement: every path the manifest names (graph files, external data, engines, tokenizer) and
-everything under `tokenizer/` must resolve, symlinks followed, inside the folder. This is checked
+everything in the tokenizer folder must resolve, symlinks followed, inside the folder. This is checked
 for all of them before any of them is opened, so a manifest naming `/etc/passwd`,
 `../other/x.onnx` or a symlink out of the folder is refused instead of read or run.
 
@@ -28,14 +28,28 @@ one extra read of every file. That is acceptable once, not on every start of eve
 
 Stamps protect against accidents (damaged disks, copies from the wrong build, mixed-up files), not
 against someone who can write the folder: they could rewrite the manifest as well.
+
+The tokenizer: a build writes its tokenizer files into a folder at a fresh name
+(`tokenizer-<id>/`, the manifest's `tokenizer_dir`), like any other file, so replacing
+`manifest.json` switches graphs and tokenizer together. `tokenizer` (the fixed path older builds
+wrote the files at, and readers of the fixed path still open) is a link to that folder, repointed
+by the build right after the manifest; a manifest without `tokenizer_dir` (older builds) is read
+from `tokenizer/` itself. The files at the fixed path are checked against the manifest too, so a
+copy of the folder that turned the link into a folder is served when its files are the same. A
+link left at the previous build's folder by a build killed between the two renames is repointed
+at the load (under the build lock), so the folder serves the new build whole.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import re
+import secrets
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,7 +60,9 @@ from .manifest_schema import EnginesError
 log = logging.getLogger(__name__)
 
 STAMPS = ".jfexport-verified.json"
-TOKENIZER_DIR = "tokenizer"
+TOKENIZER_DIR = "tokenizer"  # the fixed path: the files themselves (older builds) or a link to `tokenizer_dir`
+TOKENIZER_FOLDER = re.compile(r"tokenizer-[0-9a-f]{12}")  # where a build places its tokenizer files
+BUILD_LOCK = ".jfexport.lock"  # held by a build (export/build_folder.py) while it writes the folder
 _CHUNK = 1 << 24
 
 
@@ -91,10 +107,48 @@ def served_files(manifest: dict, graph: str, precision: str, backend: str) -> li
     return listed
 
 
-def tokenizer_files(manifest: dict) -> list[ListedFile]:
-    """The tokenizer files the manifest records hashes for (builds before it did are confined only)."""
+def tokenizer_dir(manifest: dict) -> str:
+    """The folder (relative to the build folder) the manifest's tokenizer files are in."""
+    return manifest.get("tokenizer_dir", TOKENIZER_DIR)
+
+
+def tokenizer_files(manifest: dict, folder: Path | None = None) -> list[ListedFile]:
+    """The tokenizer files the manifest records hashes for (builds before it did are confined only), where the
+    build placed them and, given the `folder`, also at the fixed path `tokenizer/` that readers open, where that
+    is not a link to the same folder (a copy of the build that turned the link into a folder)."""
     recorded = manifest.get("tokenizer", {})
-    return [ListedFile("tokenizer", f"{TOKENIZER_DIR}/{name}", digest) for name, digest in recorded.items()]
+    where = tokenizer_dir(manifest)
+    listed = [ListedFile("tokenizer", f"{where}/{name}", digest) for name, digest in recorded.items()]
+    if folder is not None and where != TOKENIZER_DIR and \
+            (folder / TOKENIZER_DIR).resolve() != (folder / where).resolve():
+        listed += [ListedFile("tokenizer", f"{TOKENIZER_DIR}/{name}", digest) for name, digest in recorded.items()]
+    return listed
+
+
+def manifest_paths(manifest: dict) -> list[tuple[str, str]]:
+    """(key path, path) of every file a validated manifest names, all graphs and precisions: what a rebuild
+    may reuse or remove."""
+    paths = []
+    for graph, entry in manifest.get("graphs", {}).items():
+        for precision, info in entry.get("files", {}).items():
+            at = f"graphs.{graph}.files.{precision}"
+            paths.append((f"{at}.file", info["file"]))
+            paths += [(f"{at}.external_data[{i}]", e if isinstance(e, str) else e["file"])
+                      for i, e in enumerate(info.get("external_data", []))]
+            if "engine" in info:
+                paths.append((f"{at}.engine.file", info["engine"]["file"]))
+    where = tokenizer_dir(manifest)
+    paths += [(f"tokenizer.{name}", f"{where}/{name}") for name in manifest.get("tokenizer", {})]
+    if "calibration" in manifest:
+        paths.append(("calibration.file", manifest["calibration"]["file"]))
+    return paths
+
+
+def confine_manifest(folder: Path, manifest: dict) -> None:
+    """Refuse (EnginesError naming the key path) a validated manifest any of whose paths leaves the folder."""
+    confine(folder, "tokenizer_dir", tokenizer_dir(manifest))
+    for where, name in manifest_paths(manifest):
+        confine(folder, where, name)
 
 
 def confine(folder: Path, graph: str, name: str) -> Path:
@@ -110,14 +164,83 @@ def confine(folder: Path, graph: str, name: str) -> Path:
     return path
 
 
-def confine_tokenizer(folder: Path) -> None:
-    """The tokenizer folder and every file in it must resolve inside the build folder."""
-    tokenizer = folder / TOKENIZER_DIR
+def _confine_folder(folder: Path, name: str) -> None:
+    tokenizer = folder / name
     if not tokenizer.exists() and not tokenizer.is_symlink():
-        return  # the pipeline names a missing tokenizer itself
-    confine(folder, "tokenizer", TOKENIZER_DIR)
+        return  # missing files are named by the file check (the pipeline names a missing tokenizer.json itself)
+    confine(folder, "tokenizer", name)
     for entry in sorted(tokenizer.iterdir()):
-        confine(folder, "tokenizer", f"{TOKENIZER_DIR}/{entry.name}")
+        confine(folder, "tokenizer", f"{name}/{entry.name}")
+
+
+def confine_tokenizer(folder: Path, manifest: dict | None = None) -> Path:
+    """The tokenizer folder the manifest names, the fixed path `tokenizer/` and every file in them must resolve
+    inside the build folder; a link at the fixed path that a killed build left at its predecessor's tokenizer
+    is repointed. Returns the folder the tokenizer is read from."""
+    where = tokenizer_dir(manifest or {})
+    _confine_folder(folder, where)
+    if where != TOKENIZER_DIR:
+        link = folder / TOKENIZER_DIR
+        if link.is_symlink() and os.readlink(link) != where and TOKENIZER_FOLDER.fullmatch(os.readlink(link)):
+            _repoint_tokenizer_link(folder, where)
+        elif not os.path.lexists(link) and manifest.get("tokenizer"):
+            _repoint_tokenizer_link(folder, where)
+        _confine_folder(folder, TOKENIZER_DIR)
+    return folder / where
+
+
+def point_tokenizer_link(folder: Path, where: str) -> None:
+    """Make `folder/tokenizer` a link to `where` in one rename (the link or nothing may be there, not a folder)."""
+    tmp = folder / f".tokenizer-link-{secrets.token_hex(6)}"
+    os.symlink(where, tmp)
+    try:
+        os.replace(tmp, folder / TOKENIZER_DIR)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _repoint_tokenizer_link(folder: Path, where: str) -> None:
+    """A build killed between replacing the manifest and repointing `tokenizer`: finish it, under the build lock
+    (so no build commits meanwhile) and only while the manifest still names `where`."""
+    from .manifest_schema import MANIFEST
+
+    link = folder / TOKENIZER_DIR
+    rebuild = f"run `jfexport build --out {folder}` again to finish it"
+    try:
+        fd = os.open(folder / BUILD_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise EnginesError(f"{link}: links to another build's tokenizer than the manifest's {where} (a build was "
+                           f"interrupted at its commit) and cannot be repointed ({e.strerror}): {rebuild}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise EnginesError(f"{folder}: a build is writing this folder (lock {folder / BUILD_LOCK}); "
+                               "open it again when the build has finished") from None
+        try:
+            current = json.loads((folder / MANIFEST).read_text()).get("tokenizer_dir")
+        except (OSError, ValueError, AttributeError):
+            current = None
+        if current != where:
+            raise EnginesError(f"{folder}: the build changed while it was opened; open it again")
+        try:
+            point_tokenizer_link(folder, where)
+        except OSError as e:
+            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            raise EnginesError(f"{link}: links to another build's tokenizer than the manifest's {where} (a build "
+                               f"was interrupted at its commit) and cannot be repointed ({e.strerror}): "
+                               f"{rebuild}") from None
+        log.warning("%s: repointed at %s, the tokenizer the manifest names (a build was interrupted at its commit)",
+                    link, where)
+    finally:
+        os.close(fd)
 
 
 def _stamp(st: os.stat_result, sha256: str) -> dict:

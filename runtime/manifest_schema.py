@@ -44,6 +44,8 @@ def read_build_manifest(folder: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise EnginesError(f"{path}: not valid JSON ({e})") from None
+    except (UnicodeDecodeError, RecursionError) as e:  # not UTF-8; nested deeper than the parser recurses
+        raise EnginesError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:80]})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         got = manifest.get("format") if isinstance(manifest, dict) else None
         raise EnginesError(f"{path}: format {got!r}, this runtime reads {FORMAT!r}: rebuild the engines")
@@ -122,6 +124,11 @@ def _list(parent: dict, key: str, where: str, optional: bool = False) -> list:
     return value
 
 
+def _plain_name(value: Any) -> bool:
+    return isinstance(value, str) and value not in ("", ".", "..") and "/" not in value and "\\" not in value \
+        and "\0" not in value
+
+
 def _file_record(parent: dict, where: str) -> None:
     """{file, sha256, size?}: a file a graph is served from, as the build recorded it."""
     _text(parent, "file", where)
@@ -186,8 +193,12 @@ def _tensor_shape(manifest: dict, graph: str, kind: str, tensor: str) -> list | 
     entry = manifest["graphs"].get(graph)
     if entry is None:
         return None
-    for t in entry["spec"][kind]:
+    for i, t in enumerate(entry["spec"][kind]):
         if t["name"] == tensor:
+            # The checks below read up to 4 dims (B, C, H, W); 2 for token sequences (B, N).
+            rank = 2 if tensor in ("z_embeds", "image_embeds") else 4
+            _expect(len(t["shape"]) >= rank, f"graphs.{graph}.spec.{kind}[{i}].shape", f"at least {rank} dims",
+                    t["shape"])
             return t["shape"]
     raise _Invalid(f"graphs.{graph}.spec.{kind}", f"no tensor {tensor!r} (the graph contract names it)")
 
@@ -291,8 +302,11 @@ def _validate(m: dict) -> None:
         _text(backend, "name", "backend", BACKENDS)
     tokenizer = _obj(m, "tokenizer", "", optional=True)  # file name -> sha256; older builds did not record it
     for name, digest in (tokenizer or {}).items():
+        _expect(_plain_name(name), f"tokenizer.{name}", "a file name (no folder)", name)
         _expect(isinstance(digest, str) and _SHA256.fullmatch(digest) is not None, f"tokenizer.{name}",
                 "64 lowercase hex digits", digest)
+    if "tokenizer_dir" in m:  # where the tokenizer files are; older builds: `tokenizer/`
+        _expect(_plain_name(m["tokenizer_dir"]), "tokenizer_dir", "a folder name (no '/' or '..')", m["tokenizer_dir"])
     calibration = _obj(m, "calibration", "", optional=True)  # the INT8 calibration cache, read by builds only
     if calibration is not None:
         _file_record(calibration, "calibration")

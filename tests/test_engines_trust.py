@@ -96,7 +96,8 @@ def other_weights(path: Path, out: Path) -> None:
 def test_first_start_hashes_later_starts_trust_stamps_and_verify_files_hashes_again(folder):
     first, _, _ = load_engines(folder, device="cpu")
     assert set(first) == ALL_GRAPHS
-    assert len(first.files["tokenizer"]) == len(read_manifest(folder)["tokenizer"]) > 0  # tokenizer files too
+    recorded = read_manifest(folder)["tokenizer"]
+    assert {c.file.name.split("/")[-1] for c in first.files["tokenizer"]} == set(recorded) != set()  # tokenizer too
     assert {h for files in hows(first).values() for h in files} == {"sha256"}
     assert (folder / STAMPS).is_file()
     second, _, _ = load_engines(folder, device="cpu")
@@ -265,8 +266,17 @@ def _tokenizer_file_out(folder: Path) -> tuple[str, str]:
     return "tokenizer", "'tokenizer/tokenizer.json'"
 
 
-@pytest.mark.parametrize("escape", [_absolute, _dotdot, _symlink_out, _tokenizer_dir_out, _tokenizer_file_out],
-                         ids=["absolute", "dotdot", "symlink", "tokenizer-dir-symlink", "tokenizer-file-symlink"])
+def _tokenizer_folder_out(folder: Path) -> tuple[str, str]:
+    where = read_manifest(folder)["tokenizer_dir"]
+    (folder / where).rename(folder.parent / where)
+    (folder / where).symlink_to(folder.parent / where)
+    return "tokenizer", f"'{where}'"
+
+
+@pytest.mark.parametrize("escape", [_absolute, _dotdot, _symlink_out, _tokenizer_dir_out, _tokenizer_file_out,
+                                    _tokenizer_folder_out],
+                         ids=["absolute", "dotdot", "symlink", "tokenizer-dir-symlink", "tokenizer-file-symlink",
+                              "tokenizer-folder-symlink"])
 def test_paths_leaving_the_folder_are_refused_before_any_file_is_opened(folder, escape):
     graph, name = escape(folder)
     with pytest.raises(EnginesError, match=rf"^{graph}: .*{name}.*outside the engines folder"):
@@ -414,3 +424,97 @@ def test_cuda_without_the_onnxruntime_provider_falls_back_to_the_cpu(folder, cap
     assert engines["embed_tokens"].run(feeds)["inputs_embeds"].device.type == "cpu"
     direct = OrtEngine("embed_tokens", folder / "embed_tokens.onnx", device="cuda")
     assert direct.device.type == "cpu" and direct.run(feeds)["inputs_embeds"].shape == (1, 1, 64)
+
+
+# 6. the tokenizer folder the manifest names, and the `tokenizer` link readers of the fixed path open
+
+
+@pytest.fixture
+def linked(built, tmp_path) -> Path:
+    """A copy that keeps `tokenizer` a link to the manifest's tokenizer folder, as the build made it."""
+    copy = tmp_path / "linked"
+    shutil.copytree(built, copy, symlinks=True)
+    return copy
+
+
+def test_the_tokenizer_folder_the_manifest_names_is_checked_once_through_its_link(linked):
+    manifest = read_manifest(linked)
+    where = manifest["tokenizer_dir"]
+    assert os.readlink(linked / "tokenizer") == where
+    engines, _, _ = load_engines(linked, device="cpu", graphs=["embed_tokens"])
+    assert [c.file.name for c in engines.files["tokenizer"]] == [f"{where}/{n}" for n in manifest["tokenizer"]]
+    assert engines.tokenizer == linked / where
+    path = linked / "tokenizer" / "tokenizer.json"
+    path.write_text(path.read_text() + " ")
+    with pytest.raises(EnginesError, match=rf"tokenizer: .*{where}/tokenizer.json does not match the manifest"):
+        load_engines(linked, device="cpu", graphs=["embed_tokens"])
+
+
+def test_a_copy_that_turned_the_link_into_a_folder_is_served_when_its_files_match(folder):
+    assert not (folder / "tokenizer").is_symlink()  # shutil.copytree follows links: a folder of copies
+    engines, _, _ = load_engines(folder, device="cpu", graphs=["embed_tokens"])
+    assert {c.file.name.split("/")[0] for c in engines.files["tokenizer"]} == {"tokenizer", read_manifest(folder)["tokenizer_dir"]}
+
+
+def _stale_link(folder: Path) -> str:
+    """What a build killed between its manifest replace and its link leaves: `tokenizer` at another build's."""
+    where = read_manifest(folder)["tokenizer_dir"]
+    stale = "tokenizer-0123456789ab"
+    shutil.copytree(folder / where, folder / stale)
+    (folder / stale / "tokenizer_config.json").write_text("{}")
+    (folder / "tokenizer").unlink()
+    (folder / "tokenizer").symlink_to(stale)
+    return where
+
+
+def test_a_link_left_at_the_previous_tokenizer_is_repointed_under_the_build_lock(linked, caplog):
+    where = _stale_link(linked)
+    with caplog.at_level(logging.WARNING, logger="jfexport.runtime.folder_files"):
+        JanusFlowRuntime.from_engines(linked, tasks=("chat",))
+    assert os.readlink(linked / "tokenizer") == where and "repointed at" in caplog.text
+
+
+def test_a_stale_link_is_not_repointed_while_a_build_holds_the_lock(linked):
+    import fcntl
+
+    _stale_link(linked)
+    fd = os.open(linked / ".jfexport.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(EnginesError, match="a build is writing this folder"):
+            load_engines(linked, device="cpu", graphs=["embed_tokens"])
+    finally:
+        os.close(fd)
+    assert os.readlink(linked / "tokenizer") == "tokenizer-0123456789ab"
+
+
+def test_a_stale_link_in_a_read_only_folder_says_to_rebuild(linked, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    _stale_link(linked)
+    _make_read_only(linked)
+    try:
+        with pytest.raises(EnginesError, match=r"a build was interrupted at its commit.*run `jfexport build --out"):
+            load_engines(linked, device="cpu", graphs=["embed_tokens"])
+    finally:
+        _make_writable(linked)
+
+
+@pytest.mark.parametrize("value,message", [
+    ("../elsewhere", r"tokenizer_dir: expected a folder name \(no '/' or '\.\.'\), got \"\.\./elsewhere\""),
+    ("/etc", r"tokenizer_dir: expected a folder name"),
+    (7, r"tokenizer_dir: expected a folder name"),
+])
+def test_a_tokenizer_dir_that_is_not_a_folder_name_is_refused(folder, value, message):
+    manifest = read_manifest(folder)
+    manifest["tokenizer_dir"] = value
+    write_manifest(folder, manifest)
+    with pytest.raises(EnginesError, match=rf"manifest\.json: {message}"):
+        load_engines(folder, device="cpu")
+
+
+def test_a_tokenizer_file_name_with_a_folder_is_refused(folder):
+    manifest = read_manifest(folder)
+    manifest["tokenizer"]["../../etc/passwd"] = "0" * 64
+    write_manifest(folder, manifest)
+    with pytest.raises(EnginesError, match=r"manifest\.json: tokenizer\.\.\./\.\./etc/passwd: expected a file name"):
+        load_engines(folder, device="cpu")
