@@ -18,7 +18,10 @@ from jfexport.runtime.backend_choice import BackendChoice, choose_backend
 
 from .build_folder import BuildFolder, named_os_error, open_build_folder
 from .exporter import Progress, export_graphs, graph_file_names, manifest_for, weights_sha256
-from .manifest import EnginesError, read_build_manifest, sha256_file, versions
+from jfexport.runtime.folder_files import confine_manifest
+from jfexport.runtime.manifest_schema import validate_manifest
+
+from .manifest import MANIFEST, EnginesError, read_build_manifest, sha256_file, versions
 from .quantize.cache import read_cache, write_cache
 from .quantize.int8_build import QUANTIZED_GRAPHS, build_int8
 from .quantize.requests import Recipe
@@ -62,11 +65,22 @@ def _reusable(entry: dict | None, out: Path, weights: str, wanted: tuple[str, ..
                for r in records)
 
 
-def previous_manifest(out: Path) -> dict | None:
-    try:
-        return read_build_manifest(out)
-    except EnginesError:
+def previous_manifest(out: Path, progress: Progress = lambda msg: None) -> dict | None:
+    """The folder's previous build, if its manifest is one a runtime would serve: schema and every path it names
+    confined to the folder. Anything else is reused from nothing and has none of its files replaced or removed
+    (one warning line, naming the key path at fault)."""
+    if not (out / MANIFEST).exists() and not (out / MANIFEST).is_symlink():
         return None
+    try:
+        manifest = read_build_manifest(out)
+        validate_manifest(manifest, out / MANIFEST)
+        confine_manifest(out, manifest)
+    except EnginesError as e:
+        message = str(e) if str(e).startswith(str(out)) else f"{out / MANIFEST}: {e}"
+        progress(f"warning: {message}; the previous build is not reused (every graph is rebuilt) and none of its "
+                 "files are removed")
+        return None
+    return manifest
 
 
 def build(bundle: ModelBundle, out: Path, fp16: bool = False, backend: str = "auto", limits: Limits | None = None,
@@ -81,7 +95,7 @@ def build(bundle: ModelBundle, out: Path, fp16: bool = False, backend: str = "au
     progress(f"backend: {choice.backend} ({choice.reason})")
     out = Path(out)
     try:
-        with open_build_folder(out, previous_manifest, progress) as session:
+        with open_build_folder(out, lambda folder: previous_manifest(folder, progress), progress) as session:
             return _build_in(session, bundle, fp16, int8, recipe, choice, limits, progress)
     except OSError as e:
         raise named_os_error(out, e) from None
@@ -122,7 +136,7 @@ def _build_in(session: BuildFolder, bundle: ModelBundle, fp16: bool, int8: bool,
                 for extra in info["external_data"]:
                     extra["file"] = prefix + extra["file"]
     manifest = manifest_for(bundle, limits, precisions, {n: entries[n] for n in specs})
-    manifest["tokenizer"] = session.stage_tokenizer(_processor_files(bundle))
+    manifest.update(session.stage_tokenizer(_processor_files(bundle)))  # tokenizer, tokenizer_dir
     if calibration is not None:
         manifest["calibration"] = calibration
     if choice.backend == "tensorrt":

@@ -15,13 +15,21 @@ Why this design (DESIGN.md "What a build folder guarantees"):
   the files it is about to place (with their sha256) and the files it will retire. The next
   build of the folder reads the journals of dead builds: it removes placed files that the live
   manifest does not list (and only while their hash shows they are the ones placed), and
-  retired files that the live manifest no longer lists. The tokenizer is the one file set the
-  runtime reads at a fixed path (`tokenizer/`); where a new build brings a different
-  tokenizer, the old files are kept in staging until the commit and put back by recovery when
-  the commit did not happen.
+  retired files that the live manifest no longer lists.
+- The tokenizer goes the same way: a build that brings other tokenizer files places them in a
+  fresh folder `tokenizer-<id>/`, recorded in the manifest (`tokenizer_dir`), so the manifest
+  replace switches graphs and tokenizer together. The fixed path `tokenizer` that older builds
+  wrote (and readers of the fixed path open) becomes a link to that folder, repointed in one
+  rename just after the manifest; a link a killed build left at its predecessor's tokenizer is
+  repointed by the next load or build (runtime/folder_files.py). The previous tokenizer folder
+  is retired after the commit like any other file. A folder at `tokenizer/` (an older build's
+  layout, or a copy that turned the link into a folder) is replaced by the link once its files,
+  all the build's own, are retired; a file in it no build wrote stops the build, named.
 - Never destructive. A build replaces or removes only files its folder's previous manifest
-  lists (or a dead build's journal recorded as placed). Any other file in DIR is left alone:
-  a name it holds is simply not used.
+  lists (or a dead build's journal recorded as placed), and only files inside DIR reached through
+  no link. Any other file in DIR is left alone: a name it holds is simply not used. A previous
+  manifest that a runtime would refuse (schema, or a path out of the folder) is no previous build
+  at all (export/build.py `previous_manifest`): nothing of it is reused, none of its files removed.
 - Locking. `fcntl.flock` on `DIR/.jfexport.lock`: the kernel drops the lock when its holder
   dies, so a second build is refused with the holder's pid (written in the file), and a pid
   left in the file by a killed build is stale by construction and taken over with a message.
@@ -45,15 +53,16 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from jfexport.reference.errors import JanusFlowError
+from jfexport.runtime.folder_files import (BUILD_LOCK, TOKENIZER_DIR, TOKENIZER_FOLDER, manifest_paths,
+                                           point_tokenizer_link, tokenizer_dir)
 
 from .manifest import MANIFEST, sha256_file, write_manifest
 
-LOCK = ".jfexport.lock"
+LOCK = BUILD_LOCK
 STAGING_PATTERN = re.compile(r"\.jfexport-staging-(\d+)-([0-9a-f]{12})")
 BUILD_SUBFOLDER = re.compile(r"build-[0-9a-f]{12}")
 JOURNAL = "journal.json"
-PREVIOUS = "previous"  # where a replaced tokenizer file waits for the commit, inside staging
-TOKENIZER_DIR = "tokenizer"
+PREVIOUS = "previous"  # where builds before `tokenizer_dir` kept a replaced tokenizer file, inside staging
 Progress = Callable[[str], None]
 
 
@@ -80,18 +89,23 @@ def listed_files(manifest: dict | None) -> set[str]:
     """Every path (relative to the folder) a manifest names: graphs, external data, engines, tokenizer, calibration."""
     if manifest is None:
         return set()
-    names: set[str] = set()
-    for entry in manifest.get("graphs", {}).values():
-        for info in entry.get("files", {}).values():
-            names.add(info["file"])
-            # External data is listed by name, or (as the runtime also reads it) as a {file, sha256} record.
-            names.update(e if isinstance(e, str) else e["file"] for e in info.get("external_data", []))
-            if "engine" in info:
-                names.add(info["engine"]["file"])
-    names.update(f"{TOKENIZER_DIR}/{n}" for n in manifest.get("tokenizer", {}))
-    if "calibration" in manifest:  # the INT8 calibration cache (export/quantize/cache.py)
-        names.add(manifest["calibration"]["file"])
-    return names
+    # External data is listed by name or as a {file, sha256} record; the INT8 calibration cache too.
+    return {name for _, name in manifest_paths(manifest)}
+
+
+def _safe_rel(rel: object) -> bool:
+    """A path a journal or manifest gives that names something inside the folder (no absolute path or `..`)."""
+    return isinstance(rel, str) and rel != "" and not os.path.isabs(rel) and ".." not in Path(rel).parts
+
+
+def _removable(folder: Path, rel: str) -> bool:
+    """`folder/rel` is a file in the folder itself, reached through no link (`tokenizer/x` once `tokenizer` is
+    the link to a new build's tokenizer folder is that build's file, not the retired one)."""
+    if not _safe_rel(rel):
+        return False
+    path = folder / rel
+    parents = [folder / Path(*Path(rel).parts[:i]) for i in range(1, len(Path(rel).parts))]
+    return path.is_file() and not path.is_symlink() and not any(p.is_symlink() for p in parents)
 
 
 def _fsync(path: Path) -> None:
@@ -143,9 +157,16 @@ def locked(folder: Path, progress: Progress) -> Iterator[None]:
 
 def _read_journal(staging: Path) -> dict:
     try:
-        return json.loads((staging / JOURNAL).read_text())
-    except (OSError, json.JSONDecodeError):
+        journal = json.loads((staging / JOURNAL).read_text())
+    except (OSError, ValueError, RecursionError):
         return {}  # killed before its journal was complete: it had placed nothing yet
+    if not isinstance(journal, dict):
+        return {}
+    placed = journal.get("placed")
+    return {"placed": {k: v for k, v in placed.items() if _safe_rel(k) and isinstance(v, str)}
+            if isinstance(placed, dict) else {},
+            **{key: [r for r in journal[key] if _safe_rel(r)] if isinstance(journal.get(key), list) else []
+               for key in ("swapped", "retire")}}
 
 
 def _undo(folder: Path, staging: Path, live: dict | None) -> None:
@@ -154,25 +175,40 @@ def _undo(folder: Path, staging: Path, live: dict | None) -> None:
     keep = listed_files(live)
     live_tokenizer = (live or {}).get("tokenizer", {})
     placed = journal.get("placed", {})
-    for rel in journal.get("swapped", []):
+    for rel in journal.get("swapped", []):  # journals of builds before `tokenizer_dir`
         old = staging / PREVIOUS / rel
         # The live manifest records the new file's hash only if the commit happened.
-        if old.is_file() and live_tokenizer.get(rel.split("/", 1)[1]) != placed.get(rel):
+        if old.is_file() and live_tokenizer.get(rel.split("/", 1)[-1]) != placed.get(rel):
             os.replace(old, folder / rel)
     for rel, sha in placed.items():
         target = folder / rel
-        if rel not in keep and target.is_file() and sha256_file(target) == sha:
+        if rel not in keep and _removable(folder, rel) and sha256_file(target) == sha:
             target.unlink()
     for rel in journal.get("retire", []):
-        if rel not in keep and (folder / rel).is_file():
+        if rel not in keep and _removable(folder, rel):
             (folder / rel).unlink()
     _remove_empty_subfolders(folder)
 
 
 def _remove_empty_subfolders(folder: Path) -> None:
     for path in folder.iterdir():
-        if BUILD_SUBFOLDER.fullmatch(path.name) and path.is_dir() and not any(path.iterdir()):
+        if (BUILD_SUBFOLDER.fullmatch(path.name) or TOKENIZER_FOLDER.fullmatch(path.name)) and not path.is_symlink() \
+                and path.is_dir() and not any(path.iterdir()):
             path.rmdir()
+
+
+def _our_link(link: Path) -> bool:
+    """`tokenizer` is a link a build made (to a `tokenizer-<id>` folder beside it)."""
+    return link.is_symlink() and TOKENIZER_FOLDER.fullmatch(os.readlink(link)) is not None
+
+
+def _repair_tokenizer_link(folder: Path, live: dict | None) -> None:
+    """Point `tokenizer` at the live manifest's tokenizer folder where a killed build left it elsewhere."""
+    where = (live or {}).get("tokenizer_dir")
+    link = folder / TOKENIZER_DIR
+    if where and (_our_link(link) or not os.path.lexists(link)) and not (link.is_symlink()
+                                                                            and os.readlink(link) == where):
+        point_tokenizer_link(folder, where)
 
 
 class BuildFolder:
@@ -186,8 +222,8 @@ class BuildFolder:
         self.staging = folder / f".jfexport-staging-{os.getpid()}-{self.id}"
         self.staging.mkdir()
         self._placed: dict[str, str] = {}
-        self._swapped: list[str] = []
         self._taken = listed_files(previous)
+        self._fixed_files: list[str] | None = None  # files of a folder at `tokenizer` to retire for the link
 
     def _free(self, rel: str) -> bool:
         return rel not in self._taken and not os.path.lexists(self.folder / rel)
@@ -195,7 +231,7 @@ class BuildFolder:
     def _journal(self, retire: list[str]) -> None:
         path = self.staging / JOURNAL
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"placed": self._placed, "swapped": self._swapped, "retire": retire}))
+        tmp.write_text(json.dumps({"placed": self._placed, "retire": retire}))
         _fsync(tmp)
         os.replace(tmp, path)
         _fsync(self.staging)
@@ -219,59 +255,92 @@ class BuildFolder:
         _fsync(self.folder)
         return prefix
 
-    def stage_tokenizer(self, files: dict[str, Path]) -> dict[str, str]:
-        """Copy tokenizer files into staging; returns their sha256 by name for the manifest.
+    def _holds(self, where: str, record: dict[str, str]) -> bool:
+        return all((self.folder / where / name).is_file() and sha256_file(self.folder / where / name) == sha
+                   for name, sha in record.items())
 
-        A tokenizer file already in DIR is replaced only when a previous build of DIR wrote it."""
+    def _plan_fixed_path(self, record: dict[str, str]) -> None:
+        """What becomes of `tokenizer` at the commit: a link (made or repointed), after a folder there has its
+        files retired. A file in that folder is the build's when a previous manifest lists it or it holds the
+        bytes a build wrote under its name; any other file, or a link no build made, stops the build here."""
+        fixed = self.folder / TOKENIZER_DIR
+        self._fixed_files = []
+        if not os.path.lexists(fixed) or _our_link(fixed):
+            return
+        if fixed.is_symlink() or not fixed.is_dir():
+            raise BuildFolderError(f"{fixed}: not a tokenizer folder or link this folder's builds made; "
+                                   "move it away or build into another folder")
         previous = self.previous or {}
         # Builds made before the manifest recorded the tokenizer wrote it all the same.
         legacy = "backend" in previous and "tokenizer" not in previous
-        record = {}
-        (self.staging / TOKENIZER_DIR).mkdir()
-        for name, src in files.items():
-            rel = f"{TOKENIZER_DIR}/{name}"
-            staged = self.staging / rel
-            shutil.copyfile(src, staged)
-            record[name] = sha256_file(staged)
-            live = self.folder / rel
-            if not os.path.lexists(live):
-                continue
-            same = live.is_file() and sha256_file(live) == record[name]
-            ours = live.is_file() and (legacy or rel in self._taken)
-            if not (same or ours):
-                raise BuildFolderError(f"{live}: a tokenizer file this folder's builds did not write; "
+        known = previous.get("tokenizer", {})
+        for entry in sorted(fixed.iterdir()):
+            rel = f"{TOKENIZER_DIR}/{entry.name}"
+            ours = entry.is_file() and not entry.is_symlink() and (
+                rel in self._taken or (legacy and entry.name in record)
+                or sha256_file(entry) in {known.get(entry.name), record.get(entry.name)})
+            if not ours:
+                raise BuildFolderError(f"{entry}: a tokenizer file this folder's builds did not write; "
                                        "move it away or build into another folder")
-        return record
+            self._fixed_files.append(rel)
+
+    def stage_tokenizer(self, files: dict[str, Path]) -> dict:
+        """Copy tokenizer files into staging and place them, as other files, in a fresh `tokenizer-<id>/`
+        (kept where the live tokenizer folder holds the same files); returns the manifest's keys for them:
+        `tokenizer` (sha256 by name) and `tokenizer_dir`."""
+        staged = self.staging / TOKENIZER_DIR
+        staged.mkdir()
+        record = {}
+        for name, src in files.items():
+            shutil.copyfile(src, staged / name)
+            record[name] = sha256_file(staged / name)
+        if not record:
+            return {"tokenizer": {}}
+        previous = self.previous or {}
+        where = tokenizer_dir(previous)
+        if previous.get("tokenizer") == record and self._holds(where, record):
+            if where == TOKENIZER_DIR:
+                return {"tokenizer": record}  # an older build's folder, unchanged: it stays as it is
+            fixed = self.folder / TOKENIZER_DIR
+            if not (fixed.is_dir() and not fixed.is_symlink() and self._holds(TOKENIZER_DIR, record)):
+                self._plan_fixed_path(record)  # else a copy of the same files, served as it is
+            return {"tokenizer": record, "tokenizer_dir": where}
+        self._plan_fixed_path(record)
+        where = f"tokenizer-{self.id}"
+        while os.path.lexists(self.folder / where):
+            where = f"tokenizer-{secrets.token_hex(6)}"
+        for name, sha in record.items():
+            self._placed[f"{where}/{name}"] = sha
+        self._journal([])
+        for name in record:
+            _fsync(staged / name)
+        _fsync(staged)
+        os.rename(staged, self.folder / where)
+        self._taken.update(f"{where}/{name}" for name in record)
+        _fsync(self.folder)
+        return {"tokenizer": record, "tokenizer_dir": where}
 
     def commit(self, manifest: dict) -> None:
-        """Make `manifest` the folder's build: tokenizer files, then the atomic replace, then retire the old files."""
+        """Make `manifest` the folder's build: the atomic replace, the tokenizer link, then retire the old files."""
         retire = sorted(listed_files(self.previous) - listed_files(manifest))
-        changed = []
-        for name, sha in manifest.get("tokenizer", {}).items():
-            live = self.folder / TOKENIZER_DIR / name
-            if not (live.is_file() and sha256_file(live) == sha):
-                changed.append(f"{TOKENIZER_DIR}/{name}")
-        self._swapped = [rel for rel in changed if (self.folder / rel).is_file()]
-        for rel in changed:
-            self._placed[rel] = manifest["tokenizer"][rel.split("/", 1)[1]]
         self._journal(retire)
         self.progress(f"commit: {len(self._placed)} new file(s) in place, replacing {MANIFEST}")
-        if changed:
-            (self.folder / TOKENIZER_DIR).mkdir(exist_ok=True)
-            (self.staging / PREVIOUS / TOKENIZER_DIR).mkdir(parents=True)
-        for rel in self._swapped:
-            os.rename(self.folder / rel, self.staging / PREVIOUS / rel)
-        for rel in changed:
-            _fsync(self.staging / rel)
-            os.rename(self.staging / rel, self.folder / rel)
-        if changed:
-            _fsync(self.folder / TOKENIZER_DIR)
-        write_manifest(self.folder, manifest)
+        write_manifest(self.folder, manifest, scratch=self.staging)
         self.previous = manifest  # from here on, recovery keeps the new build
         self.progress(f"committed: removing {len(retire)} file(s) of the previous build")
+        _repair_tokenizer_link(self.folder, manifest)  # readers of the fixed path: the new tokenizer at once
+        where, fixed = manifest.get("tokenizer_dir"), self.folder / TOKENIZER_DIR
         for rel in retire:
-            if (self.folder / rel).is_file():
+            if _removable(self.folder, rel):
                 (self.folder / rel).unlink()
+        if where and self._fixed_files is not None and fixed.is_dir() and not fixed.is_symlink():
+            # A folder at the fixed path holding the build's files only (checked before placing anything).
+            for rel in self._fixed_files:
+                if _removable(self.folder, rel):
+                    (self.folder / rel).unlink()
+            if not any(fixed.iterdir()):
+                fixed.rmdir()
+                point_tokenizer_link(self.folder, where)
         _remove_empty_subfolders(self.folder)
 
 
@@ -284,6 +353,7 @@ def _clean_leftovers(folder: Path, live: dict | None, own: Path, progress: Progr
         _undo(folder, path, live)
         shutil.rmtree(path)
         progress(f"{path}: removed the staging folder of an interrupted build (pid {match[1]})")
+    _repair_tokenizer_link(folder, live)  # a build killed between its manifest and its tokenizer link
 
 
 @contextmanager

@@ -38,9 +38,12 @@ def versions() -> dict[str, str]:
     return out
 
 
-def write_manifest(folder: Path, data: dict[str, Any]) -> None:
-    """Replace `folder`'s manifest atomically and durably: readers see the old one or the new one, whole."""
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".manifest.", suffix=".json")
+def write_manifest(folder: Path, data: dict[str, Any], scratch: Path | None = None) -> None:
+    """Replace `folder`'s manifest atomically and durably: readers see the old one or the new one, whole.
+
+    The new manifest is written in `scratch` (a build's staging folder, on the same filesystem: a kill
+    leaves it there, for the next build to remove with the staging folder), else in `folder`."""
+    fd, tmp = tempfile.mkstemp(dir=scratch or folder, prefix=".manifest.", suffix=".json")
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, sort_keys=True)

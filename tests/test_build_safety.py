@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -267,3 +268,197 @@ def test_max_seq_beyond_the_models_positions_is_refused(tmp_path):
     res = run_cli("build", "--preset", "tiny", "--max-seq", "2000", "--out", str(tmp_path / "engines"))
     assert res.returncode == 2 and "--max-seq 2000" in res.stderr and "max_position_embeddings 1024" in res.stderr
     assert not (tmp_path / "engines").exists()
+
+
+# The tokenizer is placed like the graphs: a fresh `tokenizer-<id>/` recorded in the manifest, `tokenizer`
+# a link to it. A build with another tokenizer (and one changed weight) that kills itself with SIGKILL right
+# before or right after the rename named in argv[3] ("before"/"after") onto argv[4] (manifest.json, or
+# tokenizer: the link), with the tokenizer folder argv[2].
+KILL_AROUND = """
+import os, signal, sys, torch
+from pathlib import Path
+from jfexport.export.build import build
+from jfexport.reference.bundle import load_preset
+bundle = load_preset("tiny")
+bundle.processor_folder = Path(sys.argv[2])
+with torch.no_grad():
+    bundle.model.vision_gen_enc_aligner.bias.add_(0.5)
+when, target = sys.argv[3], sys.argv[4]
+replace = os.replace
+def killing_replace(src, dst, *args, **kwargs):
+    if Path(dst).name == target and when == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    replace(src, dst, *args, **kwargs)
+    if Path(dst).name == target and when == "after":
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = killing_replace
+build(bundle, sys.argv[1])
+"""
+
+MARKER = "jfexport-test-other-tokenizer"
+
+
+@pytest.fixture
+def other_tokenizer(tmp_path) -> Path:
+    """The tiny preset's tokenizer files with one of them changed (another key in tokenizer_config.json)."""
+    folder = tmp_path / "other-tokenizer"
+    shutil.copytree(load_preset("tiny").processor_folder, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config[MARKER] = True
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _linked_copy(base: Path, out: Path) -> Path:
+    shutil.copytree(base, out, symlinks=True)  # keeps `tokenizer` a link, as the build made it
+    return out
+
+
+def _served_tokenizer_config(folder: Path) -> str:
+    return (folder / "tokenizer" / "tokenizer_config.json").read_text()  # what the runtime's processor reads
+
+
+def test_a_build_places_its_tokenizer_in_a_fresh_folder_recorded_in_the_manifest(base):
+    manifest = json.loads((base / "manifest.json").read_text())
+    where = manifest["tokenizer_dir"]
+    assert where.startswith("tokenizer-") and os.readlink(base / "tokenizer") == where
+    assert sorted(p.name for p in (base / where).iterdir()) == sorted(manifest["tokenizer"])
+
+
+def _build_killed_around(out: Path, tokenizer: Path, when: str, target: str) -> None:
+    res = subprocess.run([sys.executable, "-c", KILL_AROUND, str(out), str(tokenizer), when, target], cwd=REPO,
+                         capture_output=True, text=True)
+    assert res.returncode == -signal.SIGKILL, res.stderr
+
+
+def test_killed_right_before_the_manifest_replace_serves_the_old_build_whole(base, base_latents, other_tokenizer,
+                                                                             tmp_path):
+    out = _linked_copy(base, tmp_path / "engines")
+    before = _snapshot(out)
+    _build_killed_around(out, other_tokenizer, "before", "manifest.json")
+    assert (out / "manifest.json").read_bytes() == (base / "manifest.json").read_bytes()
+    assert torch.equal(_latents(out), base_latents)  # every file checked against the old manifest: served
+    assert MARKER not in _served_tokenizer_config(out)
+    # Everything of the new build is in place, under fresh names, beside the old build: its tokenizer too.
+    placed = set(_snapshot(out)) - set(before)
+    assert any(p.endswith("/tokenizer_config.json") for p in placed) and any(p.endswith(".onnx") for p in placed)
+
+    assert build(load_preset("tiny"), out)["rebuilt"] == []  # the old build, complete; the placed files go
+    after = _snapshot(out)
+    assert after.pop("manifest.json") and before.pop("manifest.json")
+    assert after == before and _staging_folders(out) == []
+
+
+def test_killed_right_after_the_manifest_replace_serves_the_new_build_whole(base, base_latents, other_tokenizer,
+                                                                            tmp_path, caplog):
+    out = _linked_copy(base, tmp_path / "engines")
+    old_dir = json.loads((base / "manifest.json").read_text())["tokenizer_dir"]
+    _build_killed_around(out, other_tokenizer, "after", "manifest.json")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tokenizer_dir"] != old_dir and os.readlink(out / "tokenizer") == old_dir  # the kill's window
+    with caplog.at_level("WARNING", logger="jfexport.runtime.folder_files"):
+        latents = _latents(out)  # the tokenizer and every graph checked against the new manifest
+    assert not torch.equal(latents, base_latents)
+    assert "repointed at" in caplog.text and os.readlink(out / "tokenizer") == manifest["tokenizer_dir"]
+    assert MARKER in _served_tokenizer_config(out)
+
+    bundle = _changed_tiny()
+    bundle.processor_folder = other_tokenizer
+    assert build(bundle, out)["rebuilt"] == []
+    assert not (out / old_dir).exists() and not (out / "gen_encoder.onnx").exists()  # retired by the next build
+    assert _staging_folders(out) == []
+
+
+def test_killed_between_the_manifest_and_the_link_the_next_build_repoints_it(base, other_tokenizer, tmp_path):
+    out = _linked_copy(base, tmp_path / "engines")
+    _build_killed_around(out, other_tokenizer, "after", "manifest.json")
+    bundle = _changed_tiny()
+    bundle.processor_folder = other_tokenizer
+    manifest = build(bundle, out)  # before any runtime opened the folder
+    assert manifest["rebuilt"] == [] and os.readlink(out / "tokenizer") == manifest["tokenizer_dir"]
+    assert MARKER in _served_tokenizer_config(out)
+    JanusFlowRuntime.from_engines(out)
+
+
+def test_an_older_build_with_the_tokenizer_at_the_fixed_path_is_served_and_converted(base, base_latents,
+                                                                                   other_tokenizer, tmp_path):
+    out = _linked_copy(base, tmp_path / "engines")
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "tokenizer").unlink()
+    (out / manifest.pop("tokenizer_dir")).rename(out / "tokenizer")  # the layout builds wrote before
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert torch.equal(_latents(out), base_latents)
+
+    bundle = load_preset("tiny")
+    assert build(bundle, out)["rebuilt"] == [] and not (out / "tokenizer").is_symlink()  # unchanged: kept as is
+    bundle.processor_folder = other_tokenizer
+    manifest = build(bundle, out)
+    assert manifest["rebuilt"] == [] and os.readlink(out / "tokenizer") == manifest["tokenizer_dir"]
+    assert MARKER in _served_tokenizer_config(out)
+    JanusFlowRuntime.from_engines(out)
+
+
+# A rebuild trusts its folder's previous manifest only as far as a runtime would: schema, paths inside.
+
+
+def _all_graphs(folder: Path) -> set[str]:
+    return set(json.loads((folder / "manifest.json").read_text())["graphs"])
+
+
+@pytest.mark.parametrize("change,key", [
+    (lambda m: m["graphs"]["llm_decode"].update(files=["x"]), r"graphs\.llm_decode\.files: expected an object"),
+    (lambda m: m["graphs"]["gen_encoder"]["files"]["fp32"].pop("sha256"),
+     r"graphs\.gen_encoder\.files\.fp32\.sha256: missing"),
+    (lambda m: m["tokenizer"].update({"../../victim": "0" * 64}), r"tokenizer\.\.\./\.\./victim: expected a file"),
+], ids=["wrong-type", "missing-key", "tokenizer-name-escapes"])
+def test_a_malformed_previous_manifest_is_reused_from_nothing(base, tmp_path, change, key):
+    out = tmp_path / "engines"
+    shutil.copytree(base, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    change(manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    victim = tmp_path / "victim"
+    victim.write_text("not the build's")
+    old = _snapshot(out)
+    messages: list[str] = []
+    rebuilt = build(load_preset("tiny"), out, progress=messages.append)["rebuilt"]
+    assert set(rebuilt) == _all_graphs(base)  # nothing reused from the bad records
+    warnings = [m for m in messages if m.startswith("warning:")]
+    assert len(warnings) == 1 and re.search(rf"manifest\.json: {key}", warnings[0]), messages
+    del old["manifest.json"]
+    assert {n: hashlib.sha256((out / n).read_bytes()).hexdigest() for n in old} == old  # every old file still there
+    assert victim.read_text() == "not the build's"
+    JanusFlowRuntime.from_engines(out)
+
+
+def test_previous_manifest_paths_leaving_the_folder_are_neither_reused_nor_removed(base, tmp_path):
+    out = tmp_path / "engines"
+    shutil.copytree(base, out)
+    outside = tmp_path / "outside.onnx"
+    shutil.copy(out / "llm_decode.onnx", outside)  # the right graph with the right hash, outside the folder
+    victim = tmp_path / "victim.onnx"
+    victim.write_bytes(b"someone else's file")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["graphs"]["llm_decode"]["files"]["fp32"]["file"] = "../outside.onnx"
+    manifest["graphs"]["gen_encoder"]["files"]["fp32"]["file"] = str(victim)  # absolute, and stale
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    messages: list[str] = []
+    new = build(_changed_tiny(), out, progress=messages.append)
+    assert set(new["rebuilt"]) == _all_graphs(base)
+    warnings = [m for m in messages if m.startswith("warning:")]
+    assert len(warnings) == 1 and ("graphs.llm_decode.files.fp32.file: the manifest names '../outside.onnx'" in
+                                   warnings[0] or f"graphs.gen_encoder.files.fp32.file: the manifest names '{victim}'"
+                                   in warnings[0]), messages
+    assert victim.read_bytes() == b"someone else's file" and outside.is_file()
+    named = [f["file"] for g in new["graphs"].values() for f in g["files"].values()]
+    assert all(not os.path.isabs(n) and ".." not in Path(n).parts for n in named)
+    assert (out / "llm_decode.onnx").is_file()  # the old build's file stays: no manifest we trust listed it
+    JanusFlowRuntime.from_engines(out)
+
+
+def test_a_rebuild_after_a_graph_file_was_deleted_by_hand_rebuilds_that_graph(base, base_latents, tmp_path):
+    out = tmp_path / "engines"
+    shutil.copytree(base, out)
+    (out / "gen_decoder.onnx").unlink()
+    assert build(load_preset("tiny"), out)["rebuilt"] == ["gen_decoder"]
+    assert torch.equal(_latents(out), base_latents)
