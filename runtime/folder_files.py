@@ -211,12 +211,13 @@ def _repoint_tokenizer_link(folder: Path, where: str) -> None:
     from .manifest_schema import MANIFEST
 
     link = folder / TOKENIZER_DIR
+    state = (f"links to another build's tokenizer than the manifest's {where} (a build was interrupted at its commit)"
+             if os.path.lexists(link) else f"is missing: the link to the manifest's {where}")
     rebuild = f"run `jfexport build --out {folder}` again to finish it"
     try:
         fd = os.open(folder / BUILD_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-        raise EnginesError(f"{link}: links to another build's tokenizer than the manifest's {where} (a build was "
-                           f"interrupted at its commit) and cannot be repointed ({e.strerror}): {rebuild}") from None
+        raise EnginesError(f"{link}: {state} and cannot be repointed ({e.strerror}): {rebuild}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -234,11 +235,8 @@ def _repoint_tokenizer_link(folder: Path, where: str) -> None:
         except OSError as e:
             if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
                 raise
-            raise EnginesError(f"{link}: links to another build's tokenizer than the manifest's {where} (a build "
-                               f"was interrupted at its commit) and cannot be repointed ({e.strerror}): "
-                               f"{rebuild}") from None
-        log.warning("%s: repointed at %s, the tokenizer the manifest names (a build was interrupted at its commit)",
-                    link, where)
+            raise EnginesError(f"{link}: {state} and cannot be repointed ({e.strerror}): {rebuild}") from None
+        log.warning("%s: repointed at %s, the tokenizer the manifest names (%s)", link, where, state)
     finally:
         os.close(fd)
 
