@@ -53,12 +53,12 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from jfexport.reference.errors import JanusFlowError
-from jfexport.runtime.folder_files import (BUILD_LOCK, TOKENIZER_DIR, TOKENIZER_FOLDER, manifest_paths,
-                                           point_tokenizer_link, tokenizer_dir)
+from jfexport.runtime.folder_files import TOKENIZER_DIR, manifest_paths, tokenizer_dir
 
 from .manifest import MANIFEST, sha256_file, write_manifest
 
-LOCK = BUILD_LOCK
+LOCK = ".jfexport.lock"
+TOKENIZER_FOLDER = re.compile(r"tokenizer-[0-9a-f]{12}")  # where a build places its tokenizer files
 STAGING_PATTERN = re.compile(r"\.jfexport-staging-(\d+)-([0-9a-f]{12})")
 BUILD_SUBFOLDER = re.compile(r"build-[0-9a-f]{12}")
 JOURNAL = "journal.json"
@@ -195,6 +195,18 @@ def _remove_empty_subfolders(folder: Path) -> None:
         if (BUILD_SUBFOLDER.fullmatch(path.name) or TOKENIZER_FOLDER.fullmatch(path.name)) and not path.is_symlink() \
                 and path.is_dir() and not any(path.iterdir()):
             path.rmdir()
+
+
+def point_tokenizer_link(folder: Path, where: str) -> None:
+    """Make `folder/tokenizer` a link to `where` in one rename (the link or nothing may be there, not a folder)."""
+    tmp = folder / f".tokenizer-link-{secrets.token_hex(6)}"
+    os.symlink(where, tmp)
+    try:
+        os.replace(tmp, folder / TOKENIZER_DIR)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync(folder)  # the rename is durable
 
 
 def _our_link(link: Path) -> bool:

@@ -18,31 +18,23 @@ import torch
 from jfexport.reference.graph_contract import GENERATION_GRAPHS, UNDERSTANDING_GRAPHS
 
 from .backend_choice import choose_backend
-from .folder_files import (TOKENIZER_DIR, FileCheck, check_files, confine_tokenizer, served_files, tokenizer_dir,
-                           tokenizer_files)
+from .folder_files import TOKENIZER_DIR, FileCheck, check_files, confine_tokenizer, served_files, tokenizer_files
 from .manifest_schema import FORMAT, MANIFEST, EnginesError, read_build_manifest, validate_manifest
 
 __all__ = ["FORMAT", "GENERATION_GRAPHS", "MANIFEST", "TOKENIZER_DIR", "UNDERSTANDING_GRAPHS", "CheckedBuild",
-           "EngineSet", "EnginesError", "check_build", "load_engines", "pick_precision", "read_build_manifest",
-           "tokenizer_folder"]
-
+           "EngineSet", "EnginesError", "check_build", "load_engines", "pick_precision", "read_build_manifest"]
 
 
 class EngineSet(dict):
     """Engines by graph name, and how they were opened: `verify` holds them to the bounds of `precision`."""
 
     def __init__(self, engines: dict, precision: str, device: str, files: dict[str, list[FileCheck]],
-                 tokenizer: Path | None = None):
+                 tokenizer: Path):
         super().__init__(engines)
         self.precision = precision  # the build precision chosen (a graph without a typed file serves fp32)
         self.device = device  # where the engines run (cpu when onnxruntime has no CUDA provider)
         self.files = files  # per graph (and "tokenizer"), how each of its files was checked
         self.tokenizer = tokenizer  # the tokenizer folder checked against the manifest: load the processor from it
-
-
-def tokenizer_folder(folder: str | Path, manifest: dict) -> Path:
-    """Where a build's tokenizer files are: the manifest's `tokenizer_dir` (older builds: `tokenizer/`)."""
-    return Path(folder) / tokenizer_dir(manifest)
 
 
 def pick_precision(manifest: dict, requested: str | None, device: str) -> str:
@@ -79,7 +71,7 @@ class CheckedBuild:
     precision: str
     graphs: tuple[str, ...]  # the graphs to open
     files: dict[str, list[FileCheck]]  # per graph to open (and "tokenizer"), how each of its files was checked
-    tokenizer: Path | None = None  # the tokenizer folder, checked (its files against the manifest's hashes)
+    tokenizer: Path  # the tokenizer folder the manifest names, its files checked against the manifest's hashes
 
 
 def check_build(folder: str | Path, backend: str = "auto", precision: str | None = None, device: str | None = None,
@@ -100,8 +92,8 @@ def check_build(folder: str | Path, backend: str = "auto", precision: str | None
         device = ort_device(device)  # before the precision: fp16 is chosen only where it runs on a GPU
     precision = pick_precision(manifest, precision, device)
     listed = {name: served_files(manifest, name, precision, chosen) for name in names}
-    tokenizer = confine_tokenizer(folder, manifest)  # repoints a `tokenizer` link a build killed at its commit left
-    listed["tokenizer"] = tokenizer_files(manifest, folder)
+    tokenizer = confine_tokenizer(folder, manifest)
+    listed["tokenizer"] = tokenizer_files(manifest)
     checks = iter(check_files(folder, [f for files in listed.values() for f in files], full=verify_files))
     return CheckedBuild(folder, manifest, chosen, device, precision, tuple(names),
                         {name: [next(checks) for _ in files] for name, files in listed.items()}, tokenizer)

@@ -31,25 +31,20 @@ against someone who can write the folder: they could rewrite the manifest as wel
 
 The tokenizer: a build writes its tokenizer files into a folder at a fresh name
 (`tokenizer-<id>/`, the manifest's `tokenizer_dir`), like any other file, so replacing
-`manifest.json` switches graphs and tokenizer together. `tokenizer` (the fixed path older builds
-wrote the files at, and readers of the fixed path still open) is a link to that folder, repointed
-by the build right after the manifest; a manifest without `tokenizer_dir` (older builds) is read
-from `tokenizer/` itself. The files at the fixed path are checked against the manifest too, so a
-copy of the folder that turned the link into a folder is served when its files are the same. A
-link left at the previous build's folder by a build killed between the two renames is repointed
-at the load (under the build lock), so the folder serves the new build whole.
+`manifest.json` switches graphs and tokenizer together, and the runtime reads the tokenizer from
+the folder the manifest names. `tokenizer` (the fixed path older builds wrote the files at) is a
+link to it that the build repoints after the manifest, for people and older readers; the runtime
+neither reads nor repairs it, so a build killed between the two renames leaves a folder that
+serves the new build whole. A manifest without `tokenizer_dir` (older builds) is read from
+`tokenizer/` itself.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import json
 import logging
 import os
-import re
-import secrets
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -61,8 +56,6 @@ log = logging.getLogger(__name__)
 
 STAMPS = ".jfexport-verified.json"
 TOKENIZER_DIR = "tokenizer"  # the fixed path: the files themselves (older builds) or a link to `tokenizer_dir`
-TOKENIZER_FOLDER = re.compile(r"tokenizer-[0-9a-f]{12}")  # where a build places its tokenizer files
-BUILD_LOCK = ".jfexport.lock"  # held by a build (export/build_folder.py) while it writes the folder
 _CHUNK = 1 << 24
 
 
@@ -112,17 +105,11 @@ def tokenizer_dir(manifest: dict) -> str:
     return manifest.get("tokenizer_dir", TOKENIZER_DIR)
 
 
-def tokenizer_files(manifest: dict, folder: Path | None = None) -> list[ListedFile]:
-    """The tokenizer files the manifest records hashes for (builds before it did are confined only), where the
-    build placed them and, given the `folder`, also at the fixed path `tokenizer/` that readers open, where that
-    is not a link to the same folder (a copy of the build that turned the link into a folder)."""
-    recorded = manifest.get("tokenizer", {})
+def tokenizer_files(manifest: dict) -> list[ListedFile]:
+    """The tokenizer files the manifest records hashes for, where the build placed them (builds before it
+    recorded hashes are confined only)."""
     where = tokenizer_dir(manifest)
-    listed = [ListedFile("tokenizer", f"{where}/{name}", digest) for name, digest in recorded.items()]
-    if folder is not None and where != TOKENIZER_DIR and \
-            (folder / TOKENIZER_DIR).resolve() != (folder / where).resolve():
-        listed += [ListedFile("tokenizer", f"{TOKENIZER_DIR}/{name}", digest) for name, digest in recorded.items()]
-    return listed
+    return [ListedFile("tokenizer", f"{where}/{name}", digest) for name, digest in manifest.get("tokenizer", {}).items()]
 
 
 def manifest_paths(manifest: dict) -> list[tuple[str, str]]:
@@ -164,81 +151,16 @@ def confine(folder: Path, graph: str, name: str) -> Path:
     return path
 
 
-def _confine_folder(folder: Path, name: str) -> None:
+def confine_tokenizer(folder: Path, manifest: dict) -> Path:
+    """The tokenizer folder the manifest names, and every file in it, must resolve inside the build folder;
+    returns it (where the tokenizer is read from)."""
+    name = tokenizer_dir(manifest)
     tokenizer = folder / name
-    if not tokenizer.exists() and not tokenizer.is_symlink():
-        return  # missing files are named by the file check (the pipeline names a missing tokenizer.json itself)
-    confine(folder, "tokenizer", name)
-    for entry in sorted(tokenizer.iterdir()):
-        confine(folder, "tokenizer", f"{name}/{entry.name}")
-
-
-def confine_tokenizer(folder: Path, manifest: dict | None = None) -> Path:
-    """The tokenizer folder the manifest names, the fixed path `tokenizer/` and every file in them must resolve
-    inside the build folder; a link at the fixed path that a killed build left at its predecessor's tokenizer
-    is repointed. Returns the folder the tokenizer is read from."""
-    where = tokenizer_dir(manifest or {})
-    _confine_folder(folder, where)
-    if where != TOKENIZER_DIR:
-        link = folder / TOKENIZER_DIR
-        if link.is_symlink() and os.readlink(link) != where and TOKENIZER_FOLDER.fullmatch(os.readlink(link)):
-            _repoint_tokenizer_link(folder, where)
-        elif not os.path.lexists(link) and manifest.get("tokenizer"):
-            _repoint_tokenizer_link(folder, where)
-        _confine_folder(folder, TOKENIZER_DIR)
-    return folder / where
-
-
-def point_tokenizer_link(folder: Path, where: str) -> None:
-    """Make `folder/tokenizer` a link to `where` in one rename (the link or nothing may be there, not a folder)."""
-    tmp = folder / f".tokenizer-link-{secrets.token_hex(6)}"
-    os.symlink(where, tmp)
-    try:
-        os.replace(tmp, folder / TOKENIZER_DIR)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _repoint_tokenizer_link(folder: Path, where: str) -> None:
-    """A build killed between replacing the manifest and repointing `tokenizer`: finish it, under the build lock
-    (so no build commits meanwhile) and only while the manifest still names `where`."""
-    from .manifest_schema import MANIFEST
-
-    link = folder / TOKENIZER_DIR
-    state = (f"links to another build's tokenizer than the manifest's {where} (a build was interrupted at its commit)"
-             if os.path.lexists(link) else f"is missing: the link to the manifest's {where}")
-    rebuild = f"run `jfexport build --out {folder}` again to finish it"
-    try:
-        fd = os.open(folder / BUILD_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise EnginesError(f"{link}: {state} and cannot be repointed ({e.strerror}): {rebuild}") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise EnginesError(f"{folder}: a build is writing this folder (lock {folder / BUILD_LOCK}); "
-                               "open it again when the build has finished") from None
-        try:
-            current = json.loads((folder / MANIFEST).read_text()).get("tokenizer_dir")
-        except (OSError, ValueError, AttributeError):
-            current = None
-        if current != where:
-            raise EnginesError(f"{folder}: the build changed while it was opened; open it again")
-        try:
-            point_tokenizer_link(folder, where)
-        except OSError as e:
-            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
-                raise
-            raise EnginesError(f"{link}: {state} and cannot be repointed ({e.strerror}): {rebuild}") from None
-        log.warning("%s: repointed at %s, the tokenizer the manifest names (%s)", link, where, state)
-    finally:
-        os.close(fd)
+    if tokenizer.exists() or tokenizer.is_symlink():  # missing files are named by the file check
+        confine(folder, "tokenizer", name)
+        for entry in sorted(tokenizer.iterdir()):
+            confine(folder, "tokenizer", f"{name}/{entry.name}")
+    return tokenizer
 
 
 def _stamp(st: os.stat_result, sha256: str) -> dict:

@@ -71,7 +71,7 @@ class JanusFlowRuntime:
         cores cost more than the work (measured on 2 cores, 8 images x 30 steps of the default
         model: 1355 ms with torch's default threads, 159 ms with one). None leaves it alone.
         """
-        from .engines_folder import TOKENIZER_DIR, EnginesError, load_engines
+        from .engines_folder import EnginesError, load_engines
 
         wanted = {g for task in tasks for g in {"generate": GENERATION_GRAPHS, "chat": UNDERSTANDING_GRAPHS}[task]}
         engines, manifest, chosen = load_engines(folder, backend, precision, device, graphs=wanted,
@@ -79,7 +79,7 @@ class JanusFlowRuntime:
 
         model = manifest["model"]
         und = model["config"]["vision_und_enc_config"]["params"]
-        tokenizer_dir = Path(folder) / TOKENIZER_DIR
+        tokenizer_dir = engines.tokenizer  # the folder the manifest names, its files checked
         if not (tokenizer_dir / "tokenizer.json").is_file():
             raise EnginesError(f"{tokenizer_dir}: no tokenizer files in the build folder (rebuild the engines)")
         graphs = manifest["graphs"]
