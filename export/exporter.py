@@ -176,7 +176,7 @@ def export_all(bundle: ModelBundle, out: Path, graphs: list[str] | None = None, 
                     for name in graph_file_names(info):
                         os.replace(session.staging / name, out / name)
             manifest = manifest_for(bundle, limits, precisions, entries)
-            write_manifest(out, manifest)
+            write_manifest(out, manifest, scratch=session.staging)  # a kill leaves no temp file in DIR
     except OSError as e:
         raise named_os_error(out, e) from None
     return manifest
