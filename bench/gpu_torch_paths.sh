@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU benchmark of the torch paths, as run on a lent GPU machine (PyTorch + CUDA, no registry).
 # Usage there, from the repo root: bash bench/gpu_torch_paths.sh OUTDIR [PRESET]
-# Expects wheels in .whl/ (jfexport built from this tree, transformers and diffusers at the pinned
-# versions, importlib_metadata): the machine's own torch is used, everything else is installed
-# into /tmp/site so the pinned library versions are the ones measured.
+# Expects wheels in .whl/ (`bash bench/gpu_wheels.sh` here makes them: jfexport built from this
+# tree, transformers and diffusers at the pinned versions, importlib_metadata; `run` with carry
+# [".whl"]): the machine's own torch is used, everything else is installed into /tmp/site so the
+# pinned library versions are the ones measured.
 # One run: the CUDA tests (graph replay against eager and CPU, FP8 kernel against its emulation,
 # the compiled step under graphs), then bench-torch with every change on and off at batch 1 and 4
 # (official loop, prompt K/V, CUDA graph step, whole loop as one graph, the stages of one step
