@@ -21,7 +21,7 @@ from PIL import Image
 from .errors import ProcessorInputError
 from .image import MAX_PIXELS, check_image_size, preprocess_image, to_rgb
 from .request_checks import check_text
-from .templates import SYSTEM_PROMPT, Parts, generation_parts, understanding_parts
+from .templates import SEP2, SYSTEM_PROMPT, Parts, check_turns, conversation_parts, generation_parts, understanding_parts
 from .tokenizer import JanusTokenizer, Tags, load_tokenizer, read_json
 
 
@@ -130,9 +130,55 @@ class JanusProcessor:
         # The begin-of-image slot receives the image embedding: a second one breaks the layout.
         if tok.image_start_id in ids:
             raise ProcessorInputError(f"question: must not contain the begin-of-image tag {self.tags.image_start!r}")
+        return self._expand_image(ids)
+
+    def _expand_image(self, ids: list[int]) -> list[int]:
+        """The placeholder replaced by BOI + N image ids + EOI (the official `add_image_token`)."""
+        tok = self.tokenizer
         at = ids.index(tok.image_id)
         block = [tok.image_start_id] + [tok.image_id] * self.num_image_tokens + [tok.image_end_id]
         return ids[:at] + block + ids[at + 1:]
+
+    def conversation_ids(self, turns, image_turn: int = 0, system_prompt: str | None = None,
+                         names=None) -> list[int]:
+        """Ids of a whole conversation in the official multi-turn format (`templates.conversation_parts`).
+
+        `turns`: (role, text) pairs, "user"/"assistant", alternating, starting and ending with
+        the user's question; the one image sits in the user turn `image_turn` (the first by
+        default). The text of every turn, and a `system_prompt` given here, is tokenized as plain
+        text; the template's separators (the EOS closing each assistant turn) stay special ids.
+        One user turn gives exactly `understanding_ids(text, system_prompt)`. `names[i]` names
+        turn i in errors (default `turns[i]`).
+        """
+        tok = self.tokenizer
+        check_turns(turns, image_turn, names)
+        name = (lambda i: names[i]) if names is not None else (lambda i: f"turns[{i}]")
+        turns = [(role, check_text(name(i), text)) for i, (role, text) in enumerate(turns)]
+        if system_prompt is None:
+            parts = conversation_parts(turns, image_turn, self.system_prompt, self.tags.image, names=names)
+        else:
+            parts = conversation_parts(turns, image_turn, check_text("system_prompt", system_prompt), self.tags.image,
+                                       system_is_user_text=True, names=names)
+        ids = self._encode("conversation", parts)
+
+        def culprit(*tags: str) -> str:
+            return next((name(i) for i, (_, text) in enumerate(turns) if any(t in text for t in tags)), "conversation")
+
+        if (found := ids.count(tok.image_id)) != 1:
+            raise ProcessorInputError(
+                f"{culprit(self.tags.image)}: the prompt must hold the image tag {self.tags.image!r} once, as one "
+                f"token; found {found} (the text of a turn must not contain it)")
+        if tok.image_start_id in ids:
+            raise ProcessorInputError(
+                f"{culprit(self.tags.image_start)}: must not contain the begin-of-image tag {self.tags.image_start!r}")
+        if not self.official_special_text:
+            # Each assistant turn is closed by the template's EOS, and nothing else may be one.
+            closed = sum(role == "assistant" for role, _ in turns)
+            eos = ids.count(tok.eos_id) if tok.encode(SEP2)[1:] == [tok.eos_id] else closed
+            if eos != closed:
+                raise ProcessorInputError(f"conversation: {eos} end-of-sentence tokens for {closed} assistant turn(s); "
+                                          "the text of a turn must not merge with the template's separator")
+        return self._expand_image(ids)
 
     def understanding_batch(self, questions: list[str], images: list[Image.Image]) -> UnderstandingBatch:
         """One image per question; rows left-padded to the longest, as the official batchify."""
