@@ -195,43 +195,77 @@ class JanusFlowRuntime:
 
     def _chat_job(self, images: list[Image.Image], questions: list[str], max_new_tokens: int, temperature: float,
                   top_p: float, seed: int, keep_logits: bool, timeout: float | None,
-                  system_prompt: str | None = None) -> ChatJob:
+                  system_prompt: str | None = None, history: list[tuple[str, str]] | None = None,
+                  image_turn: int = 0) -> ChatJob:
         self._need(UNDERSTANDING_GRAPHS, "understanding")
         if len(images) != len(questions) or not questions:
             raise InputError(f"need one image per question, got {len(images)} images for {len(questions)} questions")
         check_sampling(temperature, top_p, seed, max_new_tokens)
         self._check_rows(len(questions), self.max_rows, f"{len(questions)} question(s)")
-        ids = [self.processor.understanding_ids(q, system_prompt) for q in questions]
-        self._check_len(max(map(len, ids)) + max_new_tokens, "question + answer")
+        if history is None and image_turn == 0:
+            ids = [self.processor.understanding_ids(q, system_prompt) for q in questions]
+            self._check_len(max(map(len, ids)) + max_new_tokens, "question + answer")
+        else:
+            ids = [self._conversation_ids(q, history, image_turn, system_prompt) for q in questions]
+            longest = max(map(len, ids))
+            if longest + max_new_tokens > self.max_len:
+                turns = len(history or ()) + 1
+                raise InputError(
+                    f"history: the conversation ({turns} turns with the question) is {longest} tokens and the answer "
+                    f"may take {max_new_tokens} (max_new_tokens): {longest + max_new_tokens} tokens, the engines "
+                    f"were built for at most {self.max_len} (max_seq); drop earlier turns or ask for fewer tokens")
         gens = row_generators(seed, len(questions))
         rows = [ChatRow(i, self.processor.pixel_values(img), g) for i, img, g in zip(ids, images, gens)]
         return ChatJob(rows, StopRule(self.tokenizer.eos_id, max_new_tokens), float(temperature), float(top_p),
                        keep_logits, timeout, self.scheduler.alive)
 
+    def _conversation_ids(self, question: str, history: list[tuple[str, str]] | None, image_turn: int,
+                          system_prompt: str | None) -> list[int]:
+        history = [] if history is None else history
+        if not isinstance(history, (list, tuple)):
+            raise InputError(f"history: expected a list of (role, text) pairs, got {type(history).__name__}")
+        if len(history) % 2:
+            raise InputError(f"history: must end with an assistant turn (the question is the next user turn); "
+                             f"got {len(history)} turn(s)")
+        names = [f"history[{i}]" for i in range(len(history))] + ["question"]
+        return self.processor.conversation_ids([*history, ("user", question)], image_turn, system_prompt, names)
+
     def submit_chat(self, image: Image.Image, question: str, max_new_tokens: int = 512, temperature: float = 0.0,
                     top_p: float = 0.95, seed: int = 0, timeout: float | None = None,
-                    system_prompt: str | None = None) -> ChatHandle:
+                    system_prompt: str | None = None, history: list[tuple[str, str]] | None = None,
+                    image_turn: int = 0) -> ChatHandle:
         """Queue one question; iterate the handle for token ids as they are decoded.
 
         `system_prompt` replaces the processor's default system prompt for this request (None
-        keeps it; "" is none); it is tokenized as plain text, as the question is."""
+        keeps it; "" is none); it is tokenized as plain text, as the question is.
+
+        `history`: earlier turns of the conversation, (role, text) pairs with role "user" or
+        "assistant", alternating and starting with "user" (so ending with "assistant"); the
+        question is the next user turn. The prompt is the official multi-turn format
+        (`JanusProcessor.conversation_ids`), every turn's text plain text. `image_turn` is the
+        index, in `history + [("user", question)]`, of the user turn that carries the image: the
+        first (0) by default, so with no history the image goes with the question, as without
+        these arguments. The whole conversation plus `max_new_tokens` must fit the engines'
+        `max_seq` (else an InputError naming the sizes); `handle.prompt_tokens` counts it all."""
         job = self._chat_job([image], [question], max_new_tokens, temperature, top_p, seed, False, timeout,
-                             system_prompt)
+                             system_prompt, history, image_turn)
         self.scheduler.submit(job)
         return ChatHandle(job, self.tokenizer, len(job.chat_rows[0].ids))
 
     def chat_stream(self, images: list[Image.Image], questions: list[str], max_new_tokens: int = 512,
                     temperature: float = 0.0, top_p: float = 0.95, seed: int = 0,
                     on_logits: Callable[[torch.Tensor], None] | None = None,
-                    timeout: float | None = None, system_prompt: str | None = None) -> Iterator[torch.Tensor]:
+                    timeout: float | None = None, system_prompt: str | None = None,
+                    history: list[tuple[str, str]] | None = None, image_turn: int = 0) -> Iterator[torch.Tensor]:
         """Yield the next token [B] of every (image, question) row; rows that ended get EOS.
 
         Row i samples with seed + i. `on_logits([B,V])` runs here, before each yield (rows that
         have ended are NaN). Closing or dropping the iterator cancels the request.
-        `system_prompt`, for every row: as in `submit_chat`.
+        `system_prompt`, `history` and `image_turn`, the same for every row: as in `submit_chat`
+        (each row's question follows the same earlier turns, with its own image).
         """
         job = self._chat_job(images, questions, max_new_tokens, temperature, top_p, seed, on_logits is not None, timeout,
-                             system_prompt)
+                             system_prompt, history, image_turn)
         self.scheduler.submit(job)
         for tokens, logits in stream_rows(job):
             if on_logits is not None:
@@ -239,9 +273,11 @@ class JanusFlowRuntime:
             yield tokens
 
     def chat(self, images: list[Image.Image], questions: list[str], *, system_prompt: str | None = None,
-             **kwargs) -> list[str]:
-        """The answers as text; `kwargs` as for `chat_stream`, `system_prompt` as for `submit_chat`."""
-        return answers_from_stream(self.chat_stream(images, questions, system_prompt=system_prompt, **kwargs),
+             history: list[tuple[str, str]] | None = None, image_turn: int = 0, **kwargs) -> list[str]:
+        """The answers as text; `kwargs` as for `chat_stream`; `system_prompt`, `history` and
+        `image_turn` as for `submit_chat`, the same for every row."""
+        return answers_from_stream(self.chat_stream(images, questions, system_prompt=system_prompt, history=history,
+                                                    image_turn=image_turn, **kwargs),
                                    len(questions), self.tokenizer)
 
     # -- service hooks -------------------------------------------------------------------------

@@ -102,7 +102,8 @@ def check_turns(turns, image_turn: int, names=None) -> None:
         if role not in ROLE_NAMES:
             raise ProcessorInputError(f"{name(i)}: the role must be 'user' or 'assistant', got {role!r:.40}")
         if role != want:
-            raise ProcessorInputError(f"{name(i)}: expected a {want} turn here, got {role!r}: turns alternate user, "
+            raise ProcessorInputError(f"{name(i)}: expected {'a user' if want == 'user' else 'an assistant'} turn "
+                                      f"here, got {role!r}: turns alternate user, "
                                       "assistant, ..., starting and ending with a user turn")
     if len(turns) % 2 == 0:
         raise ProcessorInputError(f"{name(len(turns) - 1)}: the conversation must end with a user turn (the question)")
