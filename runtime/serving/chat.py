@@ -1,4 +1,4 @@
-"""POST /v1/chat/completions: one question about one image, whole or streamed as server-sent events.
+"""POST /v1/chat/completions: a conversation about one image, answered whole or streamed as server-sent events.
 
 No thread waits for the answer: the handle's token listener wakes the request's coroutine
 (`bridge.TokenFeed`); decoding the image and submitting run on the service's bounded pool.
@@ -15,6 +15,9 @@ from PIL import Image
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from jfexport.reference.errors import InputError
+from jfexport.reference.processor.request_checks import check_text
+
 from .bridge import TokenFeed
 from .detokenize import TextStream
 from .errors import api_error_from, bad_request
@@ -30,6 +33,8 @@ class Question:
     image: Image.Image
     text: str
     system_prompt: str | None = None  # None: the model's default
+    history: list[tuple[str, str]] | None = None  # earlier (role, text) turns; None: the question alone
+    image_turn: int = 0  # index in history + [question] of the user turn holding the image
 
 
 SYSTEM_ROLES = ("system", "developer")
@@ -50,13 +55,23 @@ def _text_of(message: ChatMessage) -> tuple[list[str], list[tuple[int, str]]]:
     return texts, images
 
 
+def _plain(param: str, text: str) -> str:
+    try:
+        return check_text(param, text)
+    except InputError as e:
+        raise bad_request(param, str(e).removeprefix(f"{param}: ")) from None
+
+
 def read_question(messages: list[ChatMessage], limits: Limits) -> Question:
-    """An optional leading system (or developer) message, then one user message: its text parts
-    joined, and exactly one image.
+    """An optional leading system (or developer) message, then the conversation: user,
+    assistant, user, ..., user; the last user message is the question.
 
     The system message replaces the model's default system prompt for this request (text only).
-    The runtime answers a single question about a single image with the model's own chat
-    template, so earlier turns are refused rather than silently dropped.
+    Earlier turns become the runtime's `history`, in the official JanusFlow multi-turn format;
+    assistant messages hold text only. Exactly one image, in any user message, as the runtime
+    answers about one image per conversation. Roles out of that order (two user messages in a
+    row, a conversation ending with an assistant message, tool messages) are refused, naming the
+    message, rather than reordered or dropped.
     """
     system_prompt, first = None, 0
     if messages and messages[0].role in SYSTEM_ROLES:
@@ -64,29 +79,50 @@ def read_question(messages: list[ChatMessage], limits: Limits) -> Question:
         if images:
             raise bad_request(f"messages[0].content[{images[0][0]}]",
                               f"a {messages[0].role} message holds text only; send the image in the user message")
-        system_prompt, first = "\n".join(texts), 1
-    for i, message in enumerate(messages[first:], first):
-        if message.role in SYSTEM_ROLES:
-            raise bad_request(f"messages[{i}]", f"only one {message.role} message is supported, as the first message")
-        if message.role != "user":
-            raise bad_request(f"messages[{i}]", f"{message.role} messages (earlier turns) are not supported: the model "
-                                                "answers one user question about one image, with no conversation")
-        if i > first:
-            raise bad_request(f"messages[{i}]", "only one user message is supported (a question about one image; "
-                                                "the model's chat template has no earlier turns)")
+        system_prompt, first = _plain("messages[0].content", "\n".join(texts)), 1
     if len(messages) == first:
         raise bad_request("messages", "a user message with the question and one image is needed")
-    u = first
-    texts, images = _text_of(messages[u])
-    if len(images) != 1:
-        raise bad_request(f"messages[{u}].content", f"exactly one image_url part is needed, got {len(images)}")
-    text = "\n".join(texts)
-    if not text.strip():
-        raise bad_request(f"messages[{u}].content", "the question (text part) is empty")
-    j, url = images[0]
-    image = decode_data_url(url, f"messages[{u}].content[{j}].image_url.url", limits.max_image_bytes,
-                            limits.max_image_pixels)
-    return Question(image, text, system_prompt)
+    turns: list[tuple[str, str]] = []
+    image: tuple[int, int, str] | None = None  # (message index, part index, url)
+    for i, message in enumerate(messages[first:], first):
+        want = "user" if (i - first) % 2 == 0 else "assistant"
+        if message.role in SYSTEM_ROLES:
+            raise bad_request(f"messages[{i}]", f"only one {message.role} message is supported, as the first message")
+        if message.role not in ("user", "assistant"):
+            raise bad_request(f"messages[{i}]", f"{message.role} messages are not supported: the conversation is "
+                                                "user and assistant messages, alternating")
+        if message.role != want:
+            raise bad_request(f"messages[{i}]", f"expected {'a user' if want == 'user' else 'an assistant'} message "
+                                                f"here, got {message.role}: after an optional system message, user "
+                                                "and assistant messages alternate, starting and ending with user")
+        texts, images = _text_of(message)
+        if images and message.role == "assistant":
+            raise bad_request(f"messages[{i}].content[{images[0][0]}]",
+                              "an assistant message holds text only; send the image in a user message")
+        for j, url in images:
+            if image is not None:
+                raise bad_request(f"messages[{i}].content[{j}]",
+                                  f"a second image (the first is messages[{image[0]}].content[{image[1]}]): the model "
+                                  "answers about exactly one image per conversation")
+            image = (i, j, url)
+        text = _plain(f"messages[{i}].content", "\n".join(texts))
+        # An empty turn has no official rendering (the template glues the next turn to it); the
+        # user message holding the image may be the image alone, unless it is the question.
+        if not text.strip() and not (images and i < len(messages) - 1):
+            what = "the question (text part)" if i == len(messages) - 1 else f"the {message.role} message's text"
+            raise bad_request(f"messages[{i}].content", f"{what} is empty")
+        turns.append((message.role, text))
+    last = len(messages) - 1
+    if messages[last].role != "user":
+        raise bad_request(f"messages[{last}]", "the conversation must end with a user message (the question)")
+    if image is None:
+        raise bad_request(f"messages[{first}].content",
+                          "exactly one image_url part is needed (in a user message, usually the first), got 0")
+    i, j, url = image
+    decoded = decode_data_url(url, f"messages[{i}].content[{j}].image_url.url", limits.max_image_bytes,
+                              limits.max_image_pixels)
+    history = turns[:-1] or None
+    return Question(decoded, turns[-1][1], system_prompt, history, i - first)
 
 
 class ClientGone(Exception):
@@ -101,7 +137,8 @@ async def chat_completion(request: Request, body: ChatCompletionRequest, service
     max_tokens = body.max_completion_tokens or body.max_tokens or service.limits.default_max_tokens
     handle = await service.blocking(lambda: runtime.submit_chat(
         question.image, question.text, max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-        seed=body.seed or 0, timeout=service.limits.request_timeout, system_prompt=question.system_prompt))
+        seed=body.seed or 0, timeout=service.limits.request_timeout, system_prompt=question.system_prompt,
+        history=question.history, image_turn=question.image_turn))
     request.state.rows = 1
     answer = _Answer(request, service, handle, TextStream(runtime.tokenizer, body.stop or []), start)
     if body.stream:
