@@ -138,9 +138,13 @@ class JanusFlowRuntime:
         if rows > limit:
             raise InputError(f"{what} needs {rows} batch rows, the engines were built for at most {limit}")
 
-    def _check_len(self, length: int, what: str) -> None:
-        if length > self.max_len:
-            raise InputError(f"{what} is {length} tokens, the engines were built for at most {self.max_len}")
+    def _check_len(self, length: int, what: str, answer: int = 0) -> None:
+        """`length` prompt tokens (and room for `answer` new ones) must fit the engines' max_seq."""
+        if length + answer <= self.max_len:
+            return
+        room = f" and the answer may take {answer} (max_new_tokens): {length + answer} tokens," if answer else ","
+        raise InputError(f"{what} is {length} tokens{room} the engines were built for at most {self.max_len} "
+                         "(max_seq)")
 
     # -- text-to-image -------------------------------------------------------------------------
 
@@ -204,16 +208,11 @@ class JanusFlowRuntime:
         self._check_rows(len(questions), self.max_rows, f"{len(questions)} question(s)")
         if history is None and image_turn == 0:
             ids = [self.processor.understanding_ids(q, system_prompt) for q in questions]
-            self._check_len(max(map(len, ids)) + max_new_tokens, "question + answer")
+            what = "question"
         else:
             ids = [self._conversation_ids(q, history, image_turn, system_prompt) for q in questions]
-            longest = max(map(len, ids))
-            if longest + max_new_tokens > self.max_len:
-                turns = len(history or ()) + 1
-                raise InputError(
-                    f"history: the conversation ({turns} turns with the question) is {longest} tokens and the answer "
-                    f"may take {max_new_tokens} (max_new_tokens): {longest + max_new_tokens} tokens, the engines "
-                    f"were built for at most {self.max_len} (max_seq); drop earlier turns or ask for fewer tokens")
+            what = f"history: the conversation ({len(history or ()) + 1} turns with the question)"
+        self._check_len(max(map(len, ids)), what, max_new_tokens)
         gens = row_generators(seed, len(questions))
         rows = [ChatRow(i, self.processor.pixel_values(img), g) for i, img, g in zip(ids, images, gens)]
         return ChatJob(rows, StopRule(self.tokenizer.eos_id, max_new_tokens), float(temperature), float(top_p),
