@@ -11,7 +11,9 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 from PIL import Image, ImageDraw
@@ -99,3 +101,16 @@ class ServerProcess:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+@contextmanager
+def running_server(args: list[str], log: Path, env: dict | None = None) -> Iterator[tuple[str, ServerProcess]]:
+    """`jfexport serve ARGS --port P` on a free port: (its URL, the process) once it is ready; stopped after."""
+    port = free_port()
+    proc = ServerProcess(["serve", *args, "--port", str(port)], log, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        proc.wait_ready(url)
+        yield url, proc
+    finally:
+        proc.stop()

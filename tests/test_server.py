@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from .serve_helpers import (QUESTION, ServerProcess, build_engines, chat_messages, data_url, free_port, metric,
-                            shape_image)
+                            running_server, shape_image)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -40,30 +40,17 @@ def engines(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(engines, tmp_path_factory):
-    port = free_port()
-    proc = ServerProcess(["serve", "--engines", str(engines), "--port", str(port), "--max-queue", "1",
-                          "--request-timeout", str(TIMEOUT_S), "--grace", "20", "--max-body-mb", "2",
-                          "--max-image-mb", "1"], tmp_path_factory.mktemp("server") / "server.log",
-                         env={"JFEXPORT_API_KEY": API_KEY})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        proc.wait_ready(url)
-        yield url, proc
-    finally:
-        proc.stop()
+    with running_server(["--engines", str(engines), "--max-queue", "1", "--request-timeout", str(TIMEOUT_S),
+                         "--grace", "20", "--max-body-mb", "2", "--max-image-mb", "1"],
+                        tmp_path_factory.mktemp("server") / "server.log", env={"JFEXPORT_API_KEY": API_KEY}) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
 def impatient_server(engines, tmp_path_factory):
-    port = free_port()
-    proc = ServerProcess(["serve", "--engines", str(engines), "--port", str(port), "--request-timeout", "1"],
-                         tmp_path_factory.mktemp("impatient") / "server.log")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        proc.wait_ready(url)
+    with running_server(["--engines", str(engines), "--request-timeout", "1"],
+                        tmp_path_factory.mktemp("impatient") / "server.log") as (url, _):
         yield url
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .serve_helpers import ServerProcess, build_engines, chat_messages, data_url, free_port, metric, shape_image
+from .serve_helpers import build_engines, chat_messages, data_url, metric, running_server, shape_image
 from .test_server import BABBLE_IMAGE
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -34,15 +34,9 @@ SPARE_THREADS = 16
 @pytest.fixture(scope="module")
 def busy_server(tmp_path_factory):
     engines = build_engines(tmp_path_factory)
-    port = free_port()
-    proc = ServerProcess(["serve", "--engines", str(engines), "--port", str(port), "--max-queue", "512",
-                          "--request-timeout", "300"], tmp_path_factory.mktemp("busy") / "server.log")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        proc.wait_ready(url)
-        yield url, proc
-    finally:
-        proc.stop()
+    with running_server(["--engines", str(engines), "--max-queue", "512", "--request-timeout", "300"],
+                        tmp_path_factory.mktemp("busy") / "server.log") as running:
+        yield running
 
 
 def threads_of(pid: int) -> int:
