@@ -7,6 +7,7 @@ confined to the folder; nothing is served before its file matches the manifest (
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -19,7 +20,10 @@ from jfexport.reference.graph_contract import GENERATION_GRAPHS, UNDERSTANDING_G
 
 from .backend_choice import choose_backend
 from .folder_files import TOKENIZER_DIR, FileCheck, check_files, confine_tokenizer, served_files, tokenizer_files
+from .int8_arithmetic import LEGACY_WEIGHT_MAX, MATMUL_TOLERANCE, WEIGHT_MAX, cpu_name, describe_cpu, matmul_error
 from .manifest_schema import FORMAT, MANIFEST, EnginesError, read_build_manifest, validate_manifest
+
+log = logging.getLogger(__name__)
 
 __all__ = ["FORMAT", "GENERATION_GRAPHS", "MANIFEST", "TOKENIZER_DIR", "UNDERSTANDING_GRAPHS", "CheckedBuild",
            "EngineSet", "EnginesError", "check_build", "load_engines", "pick_precision", "read_build_manifest"]
@@ -47,6 +51,26 @@ def pick_precision(manifest: dict, requested: str | None, device: str) -> str:
         flag = {"fp16": "--fp16", "int8": "--int8"}.get(requested, f"--{requested}")
         raise EnginesError(f"the engines were built for {available}, not {requested} (rebuild with {flag})")
     return requested
+
+
+def check_int8_arithmetic(folder: Path, manifest: dict) -> None:
+    """Refuse INT8 engines whose weights this CPU's ONNX Runtime kernels cannot multiply exactly
+    (runtime/int8_arithmetic.py): they would serve silently degraded results. A CPU other than the
+    build's is re-checked here, never trusted by name."""
+    record = manifest.get("int8")
+    weight_max = record["weight_max"] if record else LEGACY_WEIGHT_MAX
+    built_on = cpu_name(record["cpu"]) if record else "an unrecorded CPU (a build older than the INT8 CPU record)"
+    here = describe_cpu()
+    error = matmul_error(weight_max)
+    if error > MATMUL_TOLERANCE:
+        raise EnginesError(
+            f"{folder}: the INT8 engines were built on {built_on} with weights up to +-{weight_max}; on this CPU, "
+            f"{cpu_name(here)}, ONNX Runtime multiplies such weights {error:.1%} off exact integer arithmetic (its int16 "
+            f"pair sums saturate), so they would serve degraded results. Rebuild with `jfexport build --int8` "
+            f"(weights within +-{WEIGHT_MAX}, exact on every CPU), or serve --precision fp32")
+    if record and record["cpu"].get("isa") != here["isa"]:
+        log.info("%s: INT8 engines built on %s, served on %s: INT8 arithmetic re-checked, exact", folder, built_on,
+                 cpu_name(here))
 
 
 def _select_graphs(manifest: dict, graphs: Iterable[str] | None, folder: Path) -> list[str]:
@@ -91,6 +115,8 @@ def check_build(folder: str | Path, backend: str = "auto", precision: str | None
 
         device = ort_device(device)  # before the precision: fp16 is chosen only where it runs on a GPU
     precision = pick_precision(manifest, precision, device)
+    if precision == "int8" and chosen == "onnxruntime" and torch.device(device).type == "cpu":
+        check_int8_arithmetic(folder, manifest)
     listed = {name: served_files(manifest, name, precision, chosen) for name in names}
     tokenizer = confine_tokenizer(folder, manifest)
     listed["tokenizer"] = tokenizer_files(manifest)

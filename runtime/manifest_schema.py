@@ -310,6 +310,16 @@ def _validate(m: dict) -> None:
     calibration = _obj(m, "calibration", "", optional=True)  # the INT8 calibration cache, read by builds only
     if calibration is not None:
         _file_record(calibration, "calibration")
+    int8 = _obj(m, "int8", "", optional=True)  # the INT8 scheme and the CPU it was checked on; older builds: none
+    if int8 is not None:
+        weight_max = _pos_int(int8, "weight_max", "int8")
+        _expect(weight_max is not None and weight_max <= 127, "int8.weight_max", "an int in 1..127", weight_max)
+        cpu = _obj(int8, "cpu", "int8")
+        for key in ("machine", "model", "isa"):
+            _text(cpu, key, "int8.cpu")
+        gate = _obj(int8, "gate", "int8", optional=True)
+        for i, name in enumerate(_list(gate, "kept_fp32", "int8.gate") if gate is not None else []):
+            _expect(name in GRAPH_NAMES, f"int8.gate.kept_fp32[{i}]", "a graph of the contract", name)
     graphs = _obj(m, "graphs", "")
     _expect(len(graphs) > 0, "graphs", "at least one graph", graphs)
     for name, entry in graphs.items():

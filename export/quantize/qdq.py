@@ -8,8 +8,10 @@ quantization wants it and ONNX Runtime's CPU provider fuses into MatMulIntegerTo
                                                            MatMul --> y (fp32)
     W_int8 --DequantizeLinear(s_w[N], 0, axis=1)----------+
 
-Weights are symmetric per output channel (axis 1 of [K, N]), activations symmetric per tensor,
-every zero point an int8 0. Each layer gets its own Q/DQ pair, also where several layers read one
+Weights are symmetric per output channel (axis 1 of [K, N]) within +-WEIGHT_MAX = 64, not the full
+int8 range: ONNX Runtime's x86 kernels without VNNI sum pairs of u8 x s8 products in a saturating
+int16, which full-range weights overflow (runtime/int8_arithmetic.py measures it; the manifest records
+the bound). Activations are symmetric per tensor, full range; every zero point an int8 0. Each layer gets its own Q/DQ pair, also where several layers read one
 activation (q/k/v projections, gate/up) with one scale: ONNX Runtime fuses the pair into the MatMul
 (MatMulIntegerToFloat) only when the Q and the DQ serve that one MatMul. A shared pair leaves those
 layers unfused, dequantizing their weights on every call (measured: llm_decode of the `small`
@@ -28,7 +30,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-INT8_MAX = 127
+from jfexport.runtime.int8_arithmetic import WEIGHT_MAX
+
+INT8_MAX = 127  # activations: the full symmetric int8 range
 # Graphs whose tensors pass this are written with ONNX external data (protobuf's 2 GB limit), as the
 # exporter does (export/onnx_export.py): the full-size LLM graphs stay above it even in INT8 (fp32 LM head).
 EXTERNAL_DATA_FROM = 2**31 - (64 << 20)
@@ -63,10 +67,10 @@ def activation_scale(amax: float) -> np.float32:
 
 
 def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(int8 weights, fp32 scale per output channel) of a [K, N] weight."""
+    """(int8 weights within +-WEIGHT_MAX, fp32 scale per output channel) of a [K, N] weight."""
     amax = np.abs(w).max(axis=0)
-    scale = np.where(amax > 0, amax / INT8_MAX, 1.0).astype(np.float32)
-    return np.clip(np.rint(w / scale), -INT8_MAX, INT8_MAX).astype(np.int8), scale
+    scale = np.where(amax > 0, amax / WEIGHT_MAX, 1.0).astype(np.float32)
+    return np.clip(np.rint(w / scale), -WEIGHT_MAX, WEIGHT_MAX).astype(np.int8), scale
 
 
 def fake_quant(x: np.ndarray, scale: np.float32) -> np.ndarray:
