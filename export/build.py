@@ -19,11 +19,13 @@ from jfexport.runtime.backend_choice import BackendChoice, choose_backend
 from .build_folder import BuildFolder, named_os_error, open_build_folder
 from .exporter import Progress, export_graphs, graph_file_names, manifest_for, weights_sha256
 from jfexport.runtime.folder_files import confine_manifest
+from jfexport.runtime.int8_arithmetic import MATMUL_TOLERANCE, WEIGHT_MAX, cpu_name, describe_cpu, matmul_error
 from jfexport.runtime.manifest_schema import validate_manifest
 
 from .manifest import MANIFEST, EnginesError, read_build_manifest, sha256_file, versions
 from .quantize.cache import read_cache, write_cache
 from .quantize.int8_build import QUANTIZED_GRAPHS, build_int8
+from .quantize.int8_gate import end_to_end_gate
 from .quantize.requests import Recipe
 from .specs import Limits, graph_specs
 
@@ -33,6 +35,10 @@ DEFAULT_MAX_SEQ = 4096
 
 
 class BuildLimitsError(JanusFlowError):
+    pass
+
+
+class Int8ArithmeticError(JanusFlowError):
     pass
 
 
@@ -109,12 +115,19 @@ def _build_in(session: BuildFolder, bundle: ModelBundle, fp16: bool, int8: bool,
     prev = session.previous
     same_tools = prev is not None and prev.get("versions") == versions() and prev.get("limits") == {
         "max_batch": limits.max_batch, "max_seq": limits.max_seq}
+    # INT8 files of another weight scheme (older builds: full-range weights, see runtime/int8_arithmetic.py) are
+    # never reused; graphs the previous gate kept fp32 need no INT8 file to be reused.
+    int8_record = (prev or {}).get("int8") if same_tools else None
+    same_int8 = int8_record is not None and int8_record["weight_max"] == WEIGHT_MAX
+    kept_fp32 = set(int8_record.get("gate", {}).get("kept_fp32", [])) if same_int8 else set()
     entries: dict[str, dict] = {}
     stale: list[str] = []
     for name, spec in specs.items():
         weights = weights_sha256(name, bundle)
         old = prev["graphs"].get(name) if same_tools else None
-        wanted = tuple(p for p in precisions if p in spec.precisions)
+        wanted = tuple(p for p in precisions if p in spec.precisions and not (p == "int8" and name in kept_fp32))
+        if "int8" in wanted and not same_int8:
+            old = None
         if _reusable(old, out, weights, wanted, spec.to_json()):
             entries[name] = copy.deepcopy(old)  # the TensorRT step edits entries; the previous manifest must not change
             # Files of a precision this build does not make are not listed (and so retired at the commit).
@@ -127,7 +140,7 @@ def _build_in(session: BuildFolder, bundle: ModelBundle, fp16: bool, int8: bool,
     if stale:
         typed = tuple(p for p in precisions if p != "int8")  # INT8 graphs are made from the fp32 ones below
         entries.update(export_graphs(bundle, session.staging, stale, typed, limits, progress))
-    calibration = _int8_step(session, bundle, limits, entries, stale, recipe, progress) if int8 else None
+    calibration, int8_record = _int8_step(session, bundle, limits, entries, stale, recipe, progress) if int8 else (None, None)
     if stale:
         for name in stale:
             for info in entries[name]["files"].values():
@@ -139,6 +152,7 @@ def _build_in(session: BuildFolder, bundle: ModelBundle, fp16: bool, int8: bool,
     manifest.update(session.stage_tokenizer(_processor_files(bundle)))  # tokenizer, tokenizer_dir
     if calibration is not None:
         manifest["calibration"] = calibration
+        manifest["int8"] = int8_record
     if choice.backend == "tensorrt":
         from .tensorrt_build import build_engines
 
@@ -155,29 +169,48 @@ def _build_in(session: BuildFolder, bundle: ModelBundle, fp16: bool, int8: bool,
 
 
 def _int8_step(session: BuildFolder, bundle: ModelBundle, limits: Limits, entries: dict[str, dict], stale: list[str],
-               recipe: Recipe, progress: Progress) -> dict | None:
-    """INT8 files of the stale quantized graphs into staging (listed in `entries`, placed with the
-    others), and the calibration cache's manifest record (the file placed here when it changed)."""
-    previous = (session.previous or {}).get("calibration")
+               recipe: Recipe, progress: Progress) -> tuple[dict, dict]:
+    """INT8 files of the stale quantized graphs into staging (listed in `entries`, placed with the others),
+    held to the end-to-end gate; returns the calibration cache's manifest record (the file placed here when
+    it changed) and the `int8` record (weight scheme, the CPU it was checked on, the gate's verdict)."""
+    prev = session.previous or {}
     names = [n for n in stale if n in QUANTIZED_GRAPHS]
-    if not names and previous is not None:
-        return {**previous, "calibrated": []}
+    if not names and prev.get("calibration") is not None and prev.get("int8") is not None:
+        return {**prev["calibration"], "calibrated": []}, prev["int8"]
+    cpu, arithmetic = describe_cpu(), matmul_error(WEIGHT_MAX)
+    if arithmetic > MATMUL_TOLERANCE:
+        raise Int8ArithmeticError(f"int8: on this CPU, {cpu_name(cpu)}, ONNX Runtime's INT8 MatMul is {arithmetic:.1%} off "
+                                  f"exact integer arithmetic even with weights within +-{WEIGHT_MAX}: INT8 engines "
+                                  "cannot be built here (build without --int8)")
     fp32_files = {n: (session.staging if n in stale else session.folder) / e["files"]["fp32"]["file"]
                   for n, e in entries.items()}
-    cached = read_cache(session.folder, previous)
+    cached = read_cache(session.folder, prev.get("calibration"))
     graphs = build_int8(bundle, limits, fp32_files, names, {n: entries[n]["weights_sha256"] for n in names},
                         session.staging, cached, recipe, progress)
     for name, graph in graphs.items():
         entries[name]["files"]["int8"] = graph.file
+    int8_files = {n: (session.staging if n in graphs else session.folder) / e["files"]["int8"]["file"]
+                  for n, e in entries.items() if "int8" in e["files"]}
+    gate = end_to_end_gate(bundle, limits, fp32_files, int8_files, progress)
+    for name in gate.kept_fp32:
+        info = entries[name]["files"].pop("int8")
+        if name in graphs:  # staged by this build: not placed, not listed (a reused file is retired at the commit)
+            for written in (info["file"], *(e["file"] for e in info["external_data"])):
+                (session.staging / written).unlink()
+    # Kept fp32 by this gate or, for graphs this build reused, by an earlier one.
+    kept_fp32 = [n for n in QUANTIZED_GRAPHS if n in entries and "int8" not in entries[n]["files"]]
+    int8_record = {"weight_max": WEIGHT_MAX, "cpu": cpu, "arithmetic_rel_rms": arithmetic,
+                   "gate": {**gate.to_json(), "kept_fp32": kept_fp32}}
     kept = {n: e for n, e in cached.items() if n in entries and n not in graphs}
     path = write_cache(session.staging, {**kept, **{n: g.cache for n, g in graphs.items()}})
     digest = sha256_file(path)
     calibrated = [n for n, g in graphs.items() if g.calibrated]
+    previous = prev.get("calibration")
     if previous is not None and previous["sha256"] == digest:
         path.unlink()  # same ranges: the file in place stays, untouched
-        return {**previous, "calibrated": calibrated}
+        return {**previous, "calibrated": calibrated}, int8_record
     prefix = session.place([path.name])
-    return {"file": prefix + path.name, "sha256": digest, "calibrated": calibrated, "recipe": recipe.key()}
+    return {"file": prefix + path.name, "sha256": digest, "calibrated": calibrated, "recipe": recipe.key()}, int8_record
 
 
 def _processor_files(bundle: ModelBundle) -> dict[str, Path]:

@@ -67,15 +67,34 @@ def loaded_precision(runtime: JanusFlowRuntime) -> str:
     return precision
 
 
-def verify(runtime: JanusFlowRuntime, reference: ReferencePipeline, steps: int = 30,
-           cfg: float = 2.0, seed: int = 0, new_tokens: int | None = None) -> list[Check]:
-    """The checks, first the precision whose bounds apply (the one the engines were loaded at);
-    `new_tokens` defaults to the precision's (NEW_TOKENS)."""
-    precision = loaded_precision(runtime)
-    new_tokens = NEW_TOKENS[precision] if new_tokens is None else new_tokens
+@dataclass
+class Outputs:
+    """What one pipeline computed for verify's fixed requests."""
+
+    latents: torch.Tensor  # final latents of PROMPTS
+    images: torch.Tensor  # those latents decoded, in [-1, 1]
+    tokens: torch.Tensor  # [steps, rows] greedy answers to QUESTIONS
+    logits: list[torch.Tensor]  # per step, [rows, V]
+
+
+def measure(pipe: JanusFlowRuntime | ReferencePipeline, steps: int = 30, cfg: float = 2.0, seed: int = 0,
+            new_tokens: int = 16) -> Outputs:
+    """Run verify's requests through `pipe` (engines, or the PyTorch reference)."""
+    latents = pipe.generate_latents(PROMPTS, steps=steps, cfg=cfg, seed=seed)
+    if isinstance(pipe, ReferencePipeline):
+        images = decode_latents(pipe.bundle.vae, latents.to(pipe.dtype)).float()
+    else:
+        images = pipe.engines["vae_decoder"].run({"latents": latents})["images"].float()
+    chat_images = [Image.new("RGB", (96, 64), (220, 30, 30)), Image.new("RGB", (64, 96), (30, 30, 220))]
+    logits: list[torch.Tensor] = []
+    tokens = torch.stack(list(pipe.chat_stream(chat_images, QUESTIONS, max_new_tokens=new_tokens, on_logits=logits.append)))
+    return Outputs(latents, images, tokens, logits)
+
+
+def compare(precision: str, got: Outputs, ref: Outputs, steps: int = 30, new_tokens: int | None = None) -> list[Check]:
+    """The checks of `got` (engines loaded at `precision`) against `ref`, first the precision whose bounds apply."""
     checks: list[Check] = [Check("precision (as loaded)", precision, "sets bounds", True)]
-    z_rt = runtime.generate_latents(PROMPTS, steps=steps, cfg=cfg, seed=seed)
-    z_ref = reference.generate_latents(PROMPTS, steps=steps, cfg=cfg, seed=seed)
+    z_rt, z_ref = got.latents, ref.latents
     err = (z_rt - z_ref).abs().max().item()
     atol = LATENT_ATOL[precision]
     checks.append(Check(f"latent max abs ({steps} steps)", err, f"<= {atol}" if atol else "reported",
@@ -83,18 +102,11 @@ def verify(runtime: JanusFlowRuntime, reference: ReferencePipeline, steps: int =
     if precision == "int8":
         rel = ((z_rt - z_ref).norm() / z_ref.norm()).item()
         checks.append(Check("latent rel RMS", rel, f"<= {INT8_MAX_LATENT_REL}", rel <= INT8_MAX_LATENT_REL))
-    img_rt = runtime.engines["vae_decoder"].run({"latents": z_rt})["images"].float()
-    img_ref = decode_latents(reference.bundle.vae, z_ref.to(reference.dtype)).float()
-    value = psnr(img_rt, img_ref)
+    value = psnr(got.images, ref.images)
     checks.append(Check("image PSNR (dB)", value, f">= {MIN_PSNR_DB[precision]}", value >= MIN_PSNR_DB[precision]))
-
-    images = [Image.new("RGB", (96, 64), (220, 30, 30)), Image.new("RGB", (64, 96), (30, 30, 220))]
-    logits_rt: list[torch.Tensor] = []
-    logits_ref: list[torch.Tensor] = []
-    tok_rt = torch.stack(list(runtime.chat_stream(images, QUESTIONS, max_new_tokens=new_tokens, on_logits=logits_rt.append)))
-    tok_ref = torch.stack(list(reference.chat_stream(images, QUESTIONS, max_new_tokens=new_tokens, on_logits=logits_ref.append)))
+    tok_rt, tok_ref, logits_rt, logits_ref = got.tokens, ref.tokens, got.logits, ref.logits
     # Rows that have ended carry all-NaN logits by contract (`chat_stream`); any other non-finite value fails.
-    finite = all(bool(torch.isfinite(t).all()) for t in (z_rt, img_rt)) and all(
+    finite = all(bool(torch.isfinite(t).all()) for t in (z_rt, got.images)) and all(
         bool((torch.isfinite(x).all(1) | torch.isnan(x).all(1)).all()) for x in logits_rt)
     checks.append(Check("no NaN/Inf", "none" if finite else "found", "none", finite))
     steps_both = min(len(logits_rt), len(logits_ref))
@@ -103,7 +115,7 @@ def verify(runtime: JanusFlowRuntime, reference: ReferencePipeline, steps: int =
         agree = (tok_rt[:n] == tok_ref[:n]).float().mean().item() if n else 0.0
         # Answers of different lengths (one stopped at EOS) disagree over the difference.
         agree *= n / max(tok_rt.shape[0], tok_ref.shape[0], 1)
-        checks.append(Check(f"greedy token agreement ({new_tokens})", agree, f">= {INT8_MIN_TOKEN_AGREEMENT}",
+        checks.append(Check(f"greedy token agreement ({new_tokens or NEW_TOKENS['int8']})", agree, f">= {INT8_MIN_TOKEN_AGREEMENT}",
                             agree >= INT8_MIN_TOKEN_AGREEMENT))
         differ = (tok_rt[:n] != tok_ref[:n]).any(dim=1).nonzero()
         steps_both = min(steps_both, int(differ[0]) + 1 if len(differ) else steps_both)
@@ -117,6 +129,17 @@ def verify(runtime: JanusFlowRuntime, reference: ReferencePipeline, steps: int =
     bound = 1e-3 if precision == "fp32" else 0.5
     checks.append(Check("logits max abs", logit_err, f"<= {bound}", logit_err <= bound))
     return checks
+
+
+def verify(runtime: JanusFlowRuntime, reference: JanusFlowRuntime | ReferencePipeline, steps: int = 30,
+           cfg: float = 2.0, seed: int = 0, new_tokens: int | None = None) -> list[Check]:
+    """The checks, first the precision whose bounds apply (the one the engines were loaded at);
+    `new_tokens` defaults to the precision's (NEW_TOKENS). `reference` is the PyTorch reference, or
+    fp32 engines already held to it (the INT8 build's own gate)."""
+    precision = loaded_precision(runtime)
+    new_tokens = NEW_TOKENS[precision] if new_tokens is None else new_tokens
+    return compare(precision, measure(runtime, steps, cfg, seed, new_tokens),
+                   measure(reference, steps, cfg, seed, new_tokens), steps, new_tokens)
 
 
 PLAIN_VALUES = {"image PSNR (dB)": ".1f", f"greedy token agreement ({NEW_TOKENS['int8']})": ".3f"}  # else .3e

@@ -93,11 +93,14 @@ class Samples:
         return [(phase, f) for (g, phase), feeds in sorted(self.kept.items()) if g == graph for f in feeds]
 
 
-def _calibration_runtime(bundle: ModelBundle, limits: Limits, fp32_files: dict[str, Path]):
+def files_runtime(bundle: ModelBundle, limits: Limits, files: dict[str, Path], precision: str = "fp32"):
+    """A runtime over ONNX Runtime sessions of `files` (graph name -> path, any folder), its engines
+    labelled `precision` (the bounds `verify` holds them to)."""
     from jfexport.runtime.backends.ort_backend import OrtEngine
+    from jfexport.runtime.engines_folder import EngineSet
     from jfexport.runtime.pipelines import JanusFlowRuntime
 
-    engines = {n: OrtEngine(n, p) for n, p in fp32_files.items() if n != "vae_decoder"}
+    engines = EngineSet({n: OrtEngine(n, p) for n, p in files.items()}, precision, "cpu", {}, Path())
     latent = bundle.latent_size
     return JanusFlowRuntime(engines, bundle.processor, (bundle.latent_channels, latent, latent),
                             bundle.config.image_grid(latent), bundle.image_size, limits.max_seq, limits.max_batch,
@@ -108,7 +111,7 @@ def record_requests(bundle: ModelBundle, limits: Limits, fp32_files: dict[str, P
                     observers: dict[str, RangeObserver], samples: Samples | None, check_only: bool) -> None:
     """Run the recipe's requests (all, or the parity part) through the fp32 graphs, feeding what each
     quantized graph receives to its range observer and to `samples`."""
-    runtime = _calibration_runtime(bundle, limits, fp32_files)
+    runtime = files_runtime(bundle, limits, {n: p for n, p in fp32_files.items() if n != "vae_decoder"})
     phase = ["generate"]
 
     def observe(name: str, feeds) -> None:
