@@ -8,8 +8,8 @@ build (each already held to the PyTorch reference at export: latents within 1e-5
 measured once.
 
 When the check fails, the graphs responsible stay fp32 (their INT8 files are not written): each INT8
-graph is checked alone, beside fp32 others, and those failing alone are dropped; the rest are checked
-together again. If that still fails (no graph fails alone, but together they do), or every graph
+graph that can move the failing checks (only the LLM's, when only the answers fail) is checked alone,
+beside fp32 others, and those failing alone are dropped; the rest are checked together again. If that still fails (no graph fails alone, but together they do), or every graph
 fails alone, the build fails naming the graphs and the checks: nothing is committed.
 """
 
@@ -21,6 +21,7 @@ from typing import Callable
 
 from jfexport.reference.bundle import ModelBundle
 from jfexport.reference.errors import JanusFlowError
+from jfexport.reference.graph_contract import UNDERSTANDING_GRAPHS
 from jfexport.runtime.verify import NEW_TOKENS, Check, Outputs, compare, measure
 
 from ..specs import Limits
@@ -29,6 +30,7 @@ from .int8_build import files_runtime
 Progress = Callable[[str], None]
 STEPS = 30  # verify's defaults: the gate holds the engines to exactly what `jfexport verify` checks
 CFG = 2.0
+ANSWER_CHECKS = ("greedy token", "logits")  # verify's checks of the answers (the rest check the images)
 
 
 class Int8GateError(JanusFlowError):
@@ -79,10 +81,14 @@ def end_to_end_gate(bundle: ModelBundle, limits: Limits, fp32_files: dict[str, P
     if all(c.ok for c in checks):
         progress(f"int8: end-to-end check passed ({_summary(checks)})")
         return GateResult([], checks, {})
-    progress(f"int8: end-to-end check failed: {_failed(checks)}; checking each INT8 graph alone")
-    alone = {g: check([g]) for g in graphs}
-    culprits = [g for g in graphs if not all(c.ok for c in alone[g])]
-    for g in graphs:
+    # Answers run no generation graph: when only the answer checks fail, only the LLM's graphs are suspects (the
+    # final check of the graphs kept in INT8, together, covers everything again).
+    suspects = [g for g in graphs if g in UNDERSTANDING_GRAPHS] if {c.name for c in checks if not c.ok} <= \
+        {c.name for c in checks if c.name.startswith(ANSWER_CHECKS)} else graphs
+    progress(f"int8: end-to-end check failed: {_failed(checks)}; checking {', '.join(suspects)} alone in INT8")
+    alone = {g: check([g]) for g in suspects}
+    culprits = [g for g in suspects if not all(c.ok for c in alone[g])]
+    for g in suspects:
         progress(f"int8: {g} alone in INT8: " + (_failed(alone[g]) if g in culprits else f"passes ({_summary(alone[g])})"))
     rest = [g for g in graphs if g not in culprits]
     if not rest:
