@@ -46,6 +46,18 @@ def bundled(tmp_path_factory):
     return out, manifest
 
 
+@pytest.fixture(scope="module")
+def decoder_case(built):
+    """(bundle, fp32 graph files, held-in samples, gen_decoder's calibrated ranges, its linear layers) of the tiny build."""
+    out, manifest = built
+    bundle = load_preset("tiny")
+    fp32 = {n: out / e["files"]["fp32"]["file"] for n, e in manifest["graphs"].items()}
+    samples = Samples(Recipe().samples_per_graph)
+    record_requests(bundle, build_limits(bundle), fp32, Recipe(), {}, samples, check_only=True)
+    ranges = json.loads((out / CACHE_FILE).read_text())["graphs"]["gen_decoder"]["ranges"]
+    return bundle, fp32, samples, ranges, linear_layers(onnx.load(str(fp32["gen_decoder"])))
+
+
 def _verify(out, reference_bundle) -> dict:
     runtime = JanusFlowRuntime.from_engines(out, precision="int8")
     try:
@@ -201,14 +213,9 @@ def test_int8_engines_of_another_cpu_are_rechecked_and_served(built, tmp_path, c
     assert "Neoverse-V1 (aarch64, arm64-dotprod)" in caplog.text and "re-checked, exact" in caplog.text
 
 
-def test_the_gate_keeps_a_graph_that_fails_alone_fp32_and_refuses_when_none_passes(built, tmp_path):
+def test_the_gate_keeps_a_graph_that_fails_alone_fp32_and_refuses_when_none_passes(built, decoder_case, tmp_path):
     out, manifest = built
-    bundle = load_preset("tiny")
-    fp32 = {n: out / e["files"]["fp32"]["file"] for n, e in manifest["graphs"].items()}
-    samples = Samples(Recipe().samples_per_graph)
-    record_requests(bundle, build_limits(bundle), fp32, Recipe(), {}, samples, check_only=True)
-    ranges = json.loads((out / CACHE_FILE).read_text())["graphs"]["gen_decoder"]["ranges"]
-    layers = linear_layers(onnx.load(str(fp32["gen_decoder"])))
+    bundle, fp32, samples, ranges, layers = decoder_case
     victim = next(layer for layer in layers if layer.name == "vision_gen_dec_aligner")
     # A range 1000x too small clips the aligner's inputs. The layer threshold and the graph's parity bound are
     # disabled here, so only the end-to-end gate stands between this graph and a build.
@@ -253,14 +260,8 @@ def test_a_rebuild_takes_the_ranges_from_the_cache(built, tmp_path):
         pick_precision(plain, "int8", "cpu")
 
 
-def test_a_layer_whose_error_breaks_the_graph_is_named_and_nothing_is_written(built, tmp_path):
-    out, manifest = built
-    bundle = load_preset("tiny")
-    fp32 = {n: out / e["files"]["fp32"]["file"] for n, e in manifest["graphs"].items()}
-    samples = Samples(Recipe().samples_per_graph)
-    record_requests(bundle, build_limits(bundle), fp32, Recipe(), {}, samples, check_only=True)
-    ranges = json.loads((out / CACHE_FILE).read_text())["graphs"]["gen_decoder"]["ranges"]
-    layers = linear_layers(onnx.load(str(fp32["gen_decoder"])))
+def test_a_layer_whose_error_breaks_the_graph_is_named_and_nothing_is_written(decoder_case, tmp_path):
+    _, fp32, samples, ranges, layers = decoder_case
     victim = next(layer for layer in layers if layer.name == "vision_gen_dec_aligner")  # every output reads it
     absurd = {**ranges, victim.activation: ranges[victim.activation] * 1e-3}  # clips nearly every value
     target = tmp_path / "gen_decoder.int8.onnx"
