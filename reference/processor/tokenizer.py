@@ -16,6 +16,7 @@ decoded text to transformers' `PreTrainedTokenizerFast` on the same files.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import re
@@ -108,14 +109,21 @@ class JanusTokenizer:
         text = "".join(t for t, _ in parts)
         if not plain_user_text or self._added_pattern is None:
             return self.encode(text)
-        user, at = [], 0
+        starts, ends, at = [], [], 0
         for piece, is_user in parts:
             if is_user:
-                user.append((at, at + len(piece)))
+                starts.append(at)
+                ends.append(at + len(piece))
             at += len(piece)
+
+        def touches_user_text(m: re.Match) -> bool:
+            # The user spans are sorted and disjoint: the one ending first after m's start decides
+            # (a bisection, not a scan of every span per match, which is quadratic in the turns).
+            k = bisect.bisect_right(ends, m.start())
+            return k < len(starts) and starts[k] < m.end()
+
         # Matches of the template's own tags stay special; those touching user text do not.
-        hostile = [m for m in self._added_pattern.finditer(text)
-                   if any(m.start() < end and start < m.end() for start, end in user)]
+        hostile = [m for m in self._added_pattern.finditer(text) if touches_user_text(m)]
         if not hostile:
             return self.encode(text)
         ids, done = [self.bos_id], 0
