@@ -505,6 +505,52 @@ def test_sigterm_past_the_grace_answers_503_and_exits_0_promptly(engines, tmp_pa
         assert r.headers["retry-after"] and "shutting down" in error["message"]
 
 
+def test_sigterm_while_preparation_runs_on_the_pool_exits_promptly(engines, tmp_path):
+    """Conversations at the bounds keep the pool's threads tokenizing for seconds; a thread cannot be
+    stopped, so past the grace the requests get their 503 and the process exits without them."""
+    grace = 0.5
+    port = free_port()
+    proc = ServerProcess(["serve", "--engines", str(engines), "--port", str(port), "--grace", str(grace)],
+                         tmp_path / "server.log")
+    url = f"http://127.0.0.1:{port}"
+    body = json.dumps({"messages": _long_conversation(999, "w " * 130), "max_tokens": 1}).encode()
+    responses: list[httpx.Response] = []
+
+    def heavy() -> None:
+        try:
+            responses.append(httpx.post(f"{url}/v1/chat/completions", content=body, timeout=60,
+                                        headers={"content-type": "application/json"}))
+        except httpx.TransportError:
+            pass
+
+    try:
+        proc.wait_ready(url)
+        threads = [threading.Thread(target=heavy) for _ in range(16)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 20
+        while metric(httpx.get(f"{url}/metrics").text, "jfexport_requests_in_flight") < 8:
+            assert time.monotonic() < deadline, "the requests did not start"
+            time.sleep(0.02)
+        signalled = time.monotonic()
+        proc.proc.send_signal(signal.SIGTERM)
+        code = proc.proc.wait(60)
+        exited = time.monotonic() - signalled
+        for t in threads:
+            t.join(10)
+        log = proc.log()
+    finally:
+        proc.stop()
+    assert code == 0 and exited < grace + 1, (code, exited, log[-2000:])
+    # Each answered (a refusal of its length if its preparation ended in time, else the drain's 503):
+    # none waited for a plain-text 500 from uvicorn's shutdown.
+    assert responses and {r.status_code for r in responses} <= {400, 503}, [r.text[:200] for r in responses]
+    assert 503 in {r.status_code for r in responses}
+    for r in responses:
+        _named_4xx(r, (400, 503))
+    assert "request thread(s) still busy" in log
+
+
 # --- configuration checked before anything is loaded --------------------------------------------
 
 
