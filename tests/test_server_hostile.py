@@ -468,36 +468,48 @@ def test_a_bug_is_a_json_500_that_closes_its_connection_and_is_counted_as_500(en
 # --- SIGTERM after the grace: a 503 in OpenAI's format and a prompt exit ---------------------------
 
 
-def test_sigterm_past_the_grace_answers_503_and_exits_0_promptly(engines, tmp_path):
-    grace = 2.0
+def _sigterm_with_requests_in_flight(engines, tmp_path, grace: float, path: str, body: bytes, requests: int,
+                                     in_flight: int) -> tuple[int, float, str, list[httpx.Response]]:
+    """A server of its own given SIGTERM once `in_flight` of `requests` POSTs of `body` are in flight:
+    (its exit code, seconds from the signal to its exit, its log, the answers that came back)."""
     port = free_port()
     proc = ServerProcess(["serve", "--engines", str(engines), "--port", str(port), "--grace", str(grace)],
                          tmp_path / "server.log")
     url = f"http://127.0.0.1:{port}"
     responses: list[httpx.Response] = []
+
+    def send() -> None:
+        try:
+            responses.append(httpx.post(f"{url}{path}", content=body, timeout=60,
+                                        headers={"content-type": "application/json"}))
+        except httpx.TransportError:  # counted by its absence from the answers
+            pass
+
     try:
         proc.wait_ready(url)
-
-        def long_request(path: str, body: dict) -> None:
-            responses.append(httpx.post(f"{url}{path}", json=body, timeout=60))
-
-        bodies = [("/v1/images/generations", {"prompt": "a red circle", "n": 4, "steps": 1000})] * 2
-        threads = [threading.Thread(target=long_request, args=b) for b in bodies]
+        threads = [threading.Thread(target=send) for _ in range(requests)]
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 10
-        while metric(httpx.get(f"{url}/metrics").text, "jfexport_requests_in_flight") < 2:
+        deadline = time.monotonic() + 20
+        while metric(httpx.get(f"{url}/metrics").text, "jfexport_requests_in_flight") < in_flight:
             assert time.monotonic() < deadline, "the requests did not start"
-            time.sleep(0.05)
+            time.sleep(0.02)
         signalled = time.monotonic()
         proc.proc.send_signal(signal.SIGTERM)
-        code = proc.proc.wait(grace + 10)
+        code = proc.proc.wait(grace + 60)
         exited = time.monotonic() - signalled
         for t in threads:
             t.join(10)
-        log = proc.log()
+        return code, exited, proc.log(), responses
     finally:
         proc.stop()
+
+
+def test_sigterm_past_the_grace_answers_503_and_exits_0_promptly(engines, tmp_path):
+    grace = 2.0
+    body = json.dumps({"prompt": "a red circle", "n": 4, "steps": 1000}).encode()
+    code, exited, log, responses = _sigterm_with_requests_in_flight(engines, tmp_path, grace, "/v1/images/generations",
+                                                                    body, requests=2, in_flight=2)
     assert code == 0 and exited < grace + 1, (code, exited, log[-2000:])
     assert len(responses) == 2
     for r in responses:
@@ -509,38 +521,9 @@ def test_sigterm_while_preparation_runs_on_the_pool_exits_promptly(engines, tmp_
     """Conversations at the bounds keep the pool's threads tokenizing for seconds; a thread cannot be
     stopped, so past the grace the requests get their 503 and the process exits without them."""
     grace = 0.5
-    port = free_port()
-    proc = ServerProcess(["serve", "--engines", str(engines), "--port", str(port), "--grace", str(grace)],
-                         tmp_path / "server.log")
-    url = f"http://127.0.0.1:{port}"
     body = json.dumps({"messages": _long_conversation(999, "w " * 130), "max_tokens": 1}).encode()
-    responses: list[httpx.Response] = []
-
-    def heavy() -> None:
-        try:
-            responses.append(httpx.post(f"{url}/v1/chat/completions", content=body, timeout=60,
-                                        headers={"content-type": "application/json"}))
-        except httpx.TransportError:
-            pass
-
-    try:
-        proc.wait_ready(url)
-        threads = [threading.Thread(target=heavy) for _ in range(16)]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 20
-        while metric(httpx.get(f"{url}/metrics").text, "jfexport_requests_in_flight") < 8:
-            assert time.monotonic() < deadline, "the requests did not start"
-            time.sleep(0.02)
-        signalled = time.monotonic()
-        proc.proc.send_signal(signal.SIGTERM)
-        code = proc.proc.wait(60)
-        exited = time.monotonic() - signalled
-        for t in threads:
-            t.join(10)
-        log = proc.log()
-    finally:
-        proc.stop()
+    code, exited, log, responses = _sigterm_with_requests_in_flight(engines, tmp_path, grace, "/v1/chat/completions",
+                                                                    body, requests=16, in_flight=8)
     assert code == 0 and exited < grace + 1, (code, exited, log[-2000:])
     # Each answered (a refusal of its length if its preparation ended in time, else the drain's 503):
     # none waited for a plain-text 500 from uvicorn's shutdown.
