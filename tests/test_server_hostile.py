@@ -333,6 +333,29 @@ def test_heavy_requests_do_not_starve_a_normal_question(server, http):
     assert sorted(set(statuses)) == [400], statuses
 
 
+def test_the_request_timeout_covers_the_preparation(engines, tmp_path):
+    """Sixteen conversations at the bounds need seconds of tokenizing on this machine; a 1 s request
+    timeout answers each that is not prepared by then with a 504, not after its preparation."""
+    body = json.dumps({"messages": _long_conversation(999, "w " * 130), "max_tokens": 1}).encode()
+    with running_server(["--engines", str(engines), "--request-timeout", "1"], tmp_path / "server.log") as (url, _):
+        answers: list[httpx.Response] = []
+
+        def send() -> None:
+            answers.append(httpx.post(f"{url}/v1/chat/completions", content=body, timeout=60,
+                                      headers={"content-type": "application/json"}))
+
+        threads = [threading.Thread(target=send) for _ in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert len(answers) == 16 and {r.status_code for r in answers} <= {400, 504}, [r.status_code for r in answers]
+    timed_out = [r for r in answers if r.status_code == 504]
+    assert timed_out, "every preparation ended within 1 s: the case was not reached"
+    error = timed_out[0].json()["error"]
+    assert error["code"] == "timeout" and "preparing it took over 1 s" in error["message"]
+
+
 # --- slow and greedy clients --------------------------------------------------------------------
 
 
