@@ -234,6 +234,10 @@ def _cross_checks(manifest: dict, model: dict) -> None:
             _same("model.latent_channels", channels, f"graphs.{graph} {tensor} shape[1]", shape[1])
             _same("model.latent_size", latent, f"graphs.{graph} {tensor} shape[2]", shape[2])
             _same("model.latent_size", latent, f"graphs.{graph} {tensor} shape[3]", shape[3])
+    images = _tensor_shape(manifest, "vae_decoder", "outputs", "images")
+    if images is not None:  # the side of a generated image, which the server states as the one `size`
+        _same("model.image_size", model["image_size"], "graphs.vae_decoder images shape[2]", images[2])
+        _same("model.image_size", model["image_size"], "graphs.vae_decoder images shape[3]", images[3])
     pixels = _tensor_shape(manifest, "vision_encoder", "inputs", "pixel_values")
     if pixels is not None:
         params = model["config"]["vision_und_enc_config"]["params"]

@@ -316,7 +316,10 @@ SCHEMA_CASES = [
     (_set("model.grid", 0), r"model\.grid: expected a positive int, got 0"),
     (_set("model.grid", 9), r"model\.grid: 9 does not match graphs\.gen_encoder\.spec\.extra\.grid \(8\)"),
     (_set("model.latent_size", 12), r"model\.latent_size: 12 does not match graphs\.gen_encoder latents shape\[2\] \(16\)"),
-    (_set("model.image_size", 384), None),  # the vision tower's own image_size wins, as in the runtime
+    # The understanding side is the vision tower's own image_size (checked below); model.image_size is the
+    # generated images' side, which the VAE decoder's graph fixes and the server answers `size` by.
+    (_set("model.image_size", 384), r"model\.image_size: 384 does not match graphs\.vae_decoder images shape\[2\] "
+                                    r"\(64\)"),
     (_set("model.config.vision_und_enc_config.params.image_size", 96),
      r"model\.config\.vision_und_enc_config\.params\.image_size: 96 does not match graphs\.vision_encoder pixel_values"),
     (_set("graphs.llm_decode.files", ["x"]), r"graphs\.llm_decode\.files: expected an object, got list"),
@@ -332,6 +335,8 @@ SCHEMA_CASES = [
     (_set("precisions", ["fp8"]), r"precisions\[0\]: expected one of fp32, fp16, bf16(, int8)?, got \"fp8\""),
     (_set("limits.max_seq", 4096), r"limits\.max_seq: 4096 exceeds what the model supports: "
                                    r"model\.config\.language_config\.max_position_embeddings is 1024"),
+    (_set("model.image_size", 10**6), r"model\.image_size: 1000000 does not match graphs\.vae_decoder images "
+                                      r"shape\[2\] \(64\)"),
 ]
 
 

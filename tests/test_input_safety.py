@@ -172,6 +172,7 @@ GENERATION_OK = dict(n=1, steps=30, cfg=2.0, seed=0)
 
 @pytest.mark.parametrize("name, value", [
     ("temperature", NAN), ("temperature", INF), ("temperature", -0.1), ("temperature", "0.5"), ("temperature", True),
+    ("temperature", 1e-39), ("temperature", 1e-38), ("temperature", 9e-6),  # logits / t overflow float32 to NaN
     ("top_p", 0.0), ("top_p", 1.0001), ("top_p", -0.5), ("top_p", NAN), ("top_p", INF),
     ("seed", -1), ("seed", MAX_SEED + 1), ("seed", 2**64), ("seed", 1.0), ("seed", "3"), ("seed", True),
     ("max_new_tokens", -1), ("max_new_tokens", 2.0), ("max_new_tokens", None), ("max_new_tokens", MAX_NEW_TOKENS + 1),
@@ -193,8 +194,19 @@ def test_bad_generation_parameters_are_named(name, value):
         check_generation(**{**GENERATION_OK, name: value})
 
 
+def test_the_smallest_temperature_samples_without_nan():
+    from jfexport.reference.processor.request_checks import MIN_TEMPERATURE
+    from jfexport.reference.schedulers.decoding import sample_next
+
+    logits = torch.tensor([[300.0, -300.0, 299.99]])
+    assert torch.isnan(torch.softmax(logits / 1e-38, dim=-1)).any()  # why the range stops at MIN_TEMPERATURE
+    token = sample_next(logits, MIN_TEMPERATURE, 1.0, torch.Generator().manual_seed(0))
+    assert token.tolist() == [0]
+
+
 def test_edge_parameters_are_accepted():
-    for temperature, top_p, seed, tokens in [(0, 1, 0, 0), (0.0, 1e-9, MAX_SEED, MAX_NEW_TOKENS), (5, 0.5, np.int64(7), np.int32(3))]:
+    for temperature, top_p, seed, tokens in [(0, 1, 0, 0), (0.0, 1e-9, MAX_SEED, MAX_NEW_TOKENS), (5, 0.5, np.int64(7), np.int32(3)),
+                                             (1e-5, 1, 0, 1)]:
         check_sampling(temperature, top_p, seed, tokens)
     for n, steps, cfg, seed in [(1, 1, 0, 0), (MAX_IMAGES_PER_PROMPT, MAX_STEPS, MAX_CFG, MAX_SEED), (2, 30, 1, 5)]:
         check_generation(n, steps, cfg, seed)

@@ -6,6 +6,9 @@ Two replicas on this 2-core machine; requests go through Ray's HTTP proxy on 127
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import os
 import signal
 import threading
@@ -139,3 +142,67 @@ def test_killed_replica_is_replaced_and_no_client_hangs(ray_server):
             break
         time.sleep(1)
     assert len(replicas) == 2 and victim not in replicas, replicas
+
+
+def test_hostile_input_through_the_proxy_is_the_same_named_4xx(ray_server):
+    """What the plain server answers with a named 4xx, Ray's proxy passes on as is (not its plain-text 500)."""
+    url, proc = ray_server
+    broken = data_url(shape_image()).replace("iVBORw0KGgo", "iVBORw0KGgp", 1)  # a PNG whose signature is off by a bit
+    bmp = io.BytesIO()
+    shape_image().save(bmp, format="BMP")
+    truncated = io.BytesIO()
+    shape_image().save(truncated, format="PNG")
+    cases = [
+        ("/v1/chat/completions", {"messages": chat_messages(broken), "max_tokens": 1}, 400,
+         "messages[0].content[0].image_url.url"),
+        ("/v1/chat/completions", {"messages": chat_messages(
+            "data:image/bmp;base64," + base64.b64encode(bmp.getvalue()).decode()), "max_tokens": 1}, 400,
+         "messages[0].content[0].image_url.url"),
+        ("/v1/chat/completions", {"messages": chat_messages(
+            "data:image/png;base64," + base64.b64encode(truncated.getvalue()[:120]).decode()), "max_tokens": 1}, 400,
+         "messages[0].content[0].image_url.url"),
+        ("/v1/images/generations", {"prompt": "x", "size": "\ud800"}, 400, "size"),
+        ("/v1/chat/completions", {"messages": chat_messages(data_url(shape_image())), "temperature": 1e-39}, 400,
+         "temperature"),
+    ]
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for path, body, status, param in cases:
+            r = client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+            assert r.status_code == status and r.headers["content-type"].startswith("application/json"), r.text[:300]
+            assert r.json()["error"]["param"] == param
+    assert "Traceback" not in proc.log()
+
+
+def test_ray_ports_beyond_the_loopback_are_reported(ray_server):
+    from jfexport.runtime.serving.ray_local import _descendants, _listening
+
+    _, proc = ray_server
+    exposed = _listening(_descendants(proc.proc.pid))
+    line = next((x for x in proc.log().splitlines() if "Ray listens beyond 127.0.0.1" in x), "")
+    # Ray binds its control ports on all interfaces whatever it is told: the log says which.
+    gcs = [p for _, p, name in exposed if name.startswith("gcs_server")]
+    assert bool(line) == bool(exposed), (line, exposed)
+    assert all(f":{p} (gcs_server)" in line for p in gcs), (line, gcs)
+
+
+def test_sigterm_lets_in_flight_requests_finish(ray_server):
+    """Last: it stops the module's Ray Serve. Requests in flight at the signal are answered in full."""
+    url, proc = ray_server
+    results: list[tuple[int, float]] = []
+
+    def long_request() -> None:
+        r = httpx.post(f"{url}/v1/images/generations", json={"prompt": "a red circle", "n": 2, "steps": 300},
+                       timeout=120)
+        results.append((r.status_code, time.monotonic()))
+
+    threads = [threading.Thread(target=long_request) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    signalled = time.monotonic()
+    proc.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(120)
+    assert proc.proc.wait(120) == 0, proc.log()[-3000:]
+    assert [status for status, _ in results] == [200] * 3, results
+    assert all(end > signalled for _, end in results)  # they were in flight when the signal came

@@ -115,6 +115,20 @@ def test_a_stop_sequence_split_over_tokens_is_never_emitted():
     assert deltas[2:] == [" ", "", "", ""]
 
 
+def test_held_back_text_is_the_longest_stop_prefix_ending_the_text():
+    """The one-pass (KMP) hold-back against its definition, over small alphabets where prefixes overlap most."""
+    import random
+
+    from jfexport.runtime.serving.detokenize import _Stop
+
+    rng = random.Random(7)
+    for _ in range(5000):
+        stop = "".join(rng.choice("ab") for _ in range(rng.randint(1, 9)))
+        text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 14)))
+        naive = max((n for n in range(len(stop) - 1, 0, -1) if text.endswith(stop[:n])), default=0)
+        assert _Stop(stop).partial_at_end(text) == naive, (stop, text)
+
+
 def test_a_held_back_prefix_is_released_when_it_is_not_a_stop():
     deltas, text = _stream([1, 2, 3, 7], ["is red"])
     assert not text.stopped and "".join(deltas) + text.finish() == "The shape is\n"

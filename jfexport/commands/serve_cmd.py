@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,28 +13,79 @@ import click
 from .options import DEFAULT_ENGINES, precision_option
 
 
+class _Positive(click.ParamType):
+    """A finite number > 0 (click's FloatRange lets nan and inf through)."""
+
+    name = "number"
+
+    def convert(self, value, param, ctx):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number) or number <= 0:
+            self.fail(f"must be a finite number > 0, got {value}", param, ctx)
+        return number
+
+
+POSITIVE = _Positive()
+API_KEY_ENV = "JFEXPORT_API_KEY"
+
+
+def _api_key(ctx, param, value):
+    # An empty key would accept `Authorization: Bearer ` with an empty token: protected in name only.
+    # (click reads an empty variable as unset: the server would be open while its operator meant it closed).
+    if value is None and os.environ.get(API_KEY_ENV) is not None:
+        value = os.environ[API_KEY_ENV]
+        source = API_KEY_ENV
+    else:
+        source = "--api-key"
+    if value is not None and not value.strip():
+        raise click.BadParameter(f"{source} is empty: give a key, or unset it to serve without one", ctx, param)
+    return value
+
+
 @click.command("serve")
 @click.option("--engines", type=click.Path(path_type=Path), default=None,
               help=f"Build folder of `jfexport build` (default: {DEFAULT_ENGINES}, built first if missing).")
 @precision_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 to listen on all).")
-@click.option("--port", default=8000, show_default=True, help="TCP port to listen on.")
-@click.option("--api-key", envvar="JFEXPORT_API_KEY", default=None,
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="TCP port to listen on.")
+@click.option("--api-key", envvar=API_KEY_ENV, default=None, callback=_api_key,
               help="Require `Authorization: Bearer KEY` on /v1 (default: $JFEXPORT_API_KEY; none = open).")
 @click.option("--model-name", default="janusflow", show_default=True, help="The model id the API reports and accepts.")
-@click.option("--max-queue", default=64, show_default=True, help="Requests the scheduler admits; past it, 429.")
-@click.option("--request-timeout", default=120.0, show_default=True, help="Seconds per request, queueing included; 504 past it.")
-@click.option("--grace", default=30.0, show_default=True, help="SIGTERM: seconds in-flight requests get to finish.")
-@click.option("--max-body-mb", default=8.0, show_default=True, help="Largest request body; 413 past it.")
-@click.option("--max-image-mb", default=4.0, show_default=True, help="Largest encoded image in a request; 413 past it.")
+@click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Requests the scheduler admits; past it, 429.")
+@click.option("--request-timeout", type=POSITIVE, default=120.0, show_default=True,
+              help="Seconds per request, queueing included; 504 past it.")
+@click.option("--grace", type=click.FloatRange(0, 3600), default=30.0, show_default=True,
+              help="SIGTERM: seconds in-flight requests get to finish.")
+@click.option("--max-body-mb", type=POSITIVE, default=8.0, show_default=True, help="Largest request body; 413 past it.")
+@click.option("--max-image-mb", type=POSITIVE, default=4.0, show_default=True,
+              help="Largest encoded image in a request; 413 past it.")
+@click.option("--header-timeout", type=POSITIVE, default=10.0, show_default=True,
+              help="Seconds a request's headers may take to arrive; 408 and the connection closed past it.")
+@click.option("--body-timeout", type=POSITIVE, default=60.0, show_default=True,
+              help="Seconds a request's body may take to arrive; 408 past it.")
+@click.option("--max-connections", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Open connections; past it a new one gets 503 and is closed (logged).")
 @click.option("--ray", "use_ray", is_flag=True, help="Run the Ray Serve application on a local Ray instance instead.")
-@click.option("--replicas", default=1, show_default=True, help="--ray: replicas, each holding one runtime.")
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
+              help="--ray: replicas, each holding one runtime.")
 def serve_cmd(engines, precision, host, port, api_key, model_name, max_queue, request_timeout, grace,
-              max_body_mb, max_image_mb, use_ray, replicas):
+              max_body_mb, max_image_mb, header_timeout, body_timeout, max_connections, use_ray, replicas):
     """Serve the engines over the OpenAI API: chat completions with an image, image generations.
 
     The engines run on the backend the build was made for (TensorRT or ONNX Runtime).
     """
+    if not model_name.strip():
+        raise click.BadParameter("must not be empty", param_hint="--model-name")
+    from jfexport.runtime.serving.server import listen
+
+    try:  # before building or loading anything: a port in use is said at once
+        listen(host, port).close()
+    except OSError as e:
+        raise click.ClickException(str(e.strerror)) from None
     if engines is None:
         engines = DEFAULT_ENGINES
         if not (engines / "manifest.json").is_file():
@@ -47,10 +100,15 @@ def serve_cmd(engines, precision, host, port, api_key, model_name, max_queue, re
                 "max_queue": max_queue, "api_key": api_key, "model": model_name, "request_timeout": request_timeout,
                 "max_body_mb": max_body_mb, "max_image_mb": max_image_mb, "grace": grace}
         sys.exit(serve_on_ray(args, host, port))
-    from jfexport.runtime.serving.server import serve
+    from jfexport.runtime.serving.server import exit_now, serve
     from jfexport.runtime.serving.service import Limits
 
     limits = Limits(max_body_bytes=int(max_body_mb * 2**20), max_image_bytes=int(max_image_mb * 2**20),
-                    request_timeout=request_timeout)
-    sys.exit(serve(engines, host, port, precision=precision, api_key=api_key, model_id=model_name,
-                   limits=limits, max_queue=max_queue, grace=grace))
+                    request_timeout=request_timeout, header_timeout=header_timeout, body_timeout=body_timeout,
+                    max_connections=max_connections)
+    try:
+        code = serve(engines, host, port, precision=precision, api_key=api_key, model_id=model_name,
+                     limits=limits, max_queue=max_queue, grace=grace)
+    except OSError as e:  # taken since the check above; still before anything loaded
+        raise click.ClickException(str(e.strerror)) from None
+    exit_now(code)

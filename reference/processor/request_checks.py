@@ -9,7 +9,7 @@ Accepted ranges (inclusive unless stated):
 | parameter | accepted |
 |---|---|
 | text (prompt, question) | `str` encodable as UTF-8 (no lone surrogates); bytes are refused, decode them first |
-| `temperature` | finite real >= 0 (0 = greedy) |
+| `temperature` | 0 (greedy) or a finite real >= MIN_TEMPERATURE |
 | `top_p` | finite real in (0, 1] |
 | `seed` | int in 0 .. 2**63 - 1 (fits every torch/numpy generator; torch itself takes [-2**63, 2**64 - 1]) |
 | `max_new_tokens` | int in 0 .. MAX_NEW_TOKENS |
@@ -29,6 +29,9 @@ from numbers import Real
 from .errors import ProcessorInputError, RequestError
 
 MAX_SEED = 2**63 - 1
+# Logits are divided by the temperature in float32: far below this the quotient overflows to inf
+# and the softmax gives NaN probabilities. Sampling this cold is greedy decoding in all but name.
+MIN_TEMPERATURE = 1e-5
 # Four times JanusFlow-1.3B's 16384-position context: a longer answer cannot be decoded anyway,
 # and a runtime sizes its KV cache from this number.
 MAX_NEW_TOKENS = 65536
@@ -79,8 +82,11 @@ def check_seed(seed: object) -> int:
 
 def check_sampling(temperature: object, top_p: object, seed: object, max_new_tokens: object) -> None:
     """Parameters of understanding (text) decoding."""
-    if _real("temperature", temperature) < 0:
+    t = _real("temperature", temperature)
+    if t < 0:
         raise RequestError(f"temperature: must be >= 0 (0 decodes greedily), got {temperature}")
+    if 0 < t < MIN_TEMPERATURE:
+        raise RequestError(f"temperature: must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {temperature}")
     p = _real("top_p", top_p)
     if not 0 < p <= 1:
         raise RequestError(f"top_p: must be in (0, 1], got {p}")

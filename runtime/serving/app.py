@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-import logging
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,8 +19,6 @@ from .middleware import ServingMiddleware
 from .openai_schema import ChatCompletionRequest, ImageGenerationRequest, validation_error
 from .service import Limits, Service
 
-log = logging.getLogger(__name__)
-
 
 def build_app(runtime=None, *, api_key: str | None = None, model_id: str = "janusflow", limits: Limits = Limits(),
               replica_id: str | None = None) -> FastAPI:
@@ -36,9 +33,9 @@ def build_app(runtime=None, *, api_key: str | None = None, model_id: str = "janu
     app = FastAPI(title="jfexport", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
 
-    def error_response(error: APIError) -> JSONResponse:
+    def error_response(error: APIError) -> Response:
         service.count_error(error)
-        return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
+        return Response(error.json(), status_code=error.status, headers=error.headers(), media_type="application/json")
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -54,11 +51,6 @@ def build_app(runtime=None, *, api_key: str | None = None, model_id: str = "janu
 
     @app.exception_handler(JanusFlowError)
     async def _runtime_error(request: Request, exc: JanusFlowError):
-        return error_response(api_error_from(exc))
-
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, exc: Exception):
-        log.error("request %s failed", request.state.request_id, exc_info=exc)
         return error_response(api_error_from(exc))
 
     async def authorized(request: Request) -> None:  # async: a sync dependency would take a pool thread per request

@@ -20,10 +20,10 @@ from jfexport.reference.processor.request_checks import check_text
 
 from .bridge import TokenFeed
 from .detokenize import TextStream
-from .errors import api_error_from, bad_request
+from .errors import APIError, api_error_from, bad_request
 from .images import decode_data_url
-from .openai_schema import ChatCompletionRequest, ChatMessage
-from .service import Limits, Service
+from .openai_schema import MAX_TEXT_CHARS, ChatCompletionRequest, ChatMessage
+from .service import Limits, Service, left
 
 POLL_S = 0.05  # how often a waiting request checks that its client is still there
 
@@ -53,6 +53,15 @@ def _text_of(message: ChatMessage) -> tuple[list[str], list[tuple[int, str]]]:
         else:
             images.append((j, part.image_url.url))
     return texts, images
+
+
+def check_text_size(messages: list[ChatMessage]) -> None:
+    """413 when the conversation's text together is over MAX_TEXT_CHARS: before it costs a tokenizer pass."""
+    total = sum(len(c) if isinstance(c := m.content, str) else
+                sum(len(p.text) for p in c if p.type == "text") if c else 0 for m in messages)
+    if total > MAX_TEXT_CHARS:
+        raise APIError(413, f"messages: {total} characters of text, at most {MAX_TEXT_CHARS} are accepted",
+                       param="messages", code="text_too_large")
 
 
 def _plain(param: str, text: str) -> str:
@@ -132,13 +141,17 @@ class ClientGone(Exception):
 async def chat_completion(request: Request, body: ChatCompletionRequest, service: Service) -> Response:
     start = time.perf_counter()
     service.check_model(body.model)
-    question = await service.blocking(lambda: read_question(body.messages, service.limits))
+    check_text_size(body.messages)
+    deadline = service.deadline()
+    question = await service.blocking(lambda: read_question(body.messages, service.limits), deadline)
     runtime = service.admit()
     max_tokens = body.max_completion_tokens or body.max_tokens or service.limits.default_max_tokens
+    # The scheduler's timeout is what is left of the request's: preparing it counted too.
     handle = await service.blocking(lambda: runtime.submit_chat(
         question.image, question.text, max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-        seed=body.seed or 0, timeout=service.limits.request_timeout, system_prompt=question.system_prompt,
-        history=question.history, image_turn=question.image_turn))
+        seed=body.seed or 0, timeout=left(deadline), system_prompt=question.system_prompt,
+        history=question.history, image_turn=question.image_turn), deadline)
+    service.track(handle)
     request.state.rows = 1
     answer = _Answer(request, service, handle, TextStream(runtime.tokenizer, body.stop or []), start)
     if body.stream:

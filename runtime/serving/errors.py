@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 from jfexport.reference.errors import InputError, JanusFlowError
@@ -24,10 +25,21 @@ class APIError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    def json(self) -> bytes:
+        """The body as JSON in ASCII: a message may quote the client's text, lone surrogates included,
+        which UTF-8 cannot encode (they stay escaped: the answer is still valid JSON)."""
+        return json.dumps(self.body(), ensure_ascii=True).encode("ascii")
+
     def headers(self) -> dict[str, str]:
         if self.retry_after is None:
             return {}
         return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+
+
+def shown(value: object, limit: int = 40) -> str:
+    """A client's value quoted in an error message: ASCII-escaped and cut to `limit` characters."""
+    text = ascii(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def bad_request(param: str, message: str) -> APIError:

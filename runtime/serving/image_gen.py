@@ -14,10 +14,10 @@ from starlette.responses import JSONResponse, Response
 
 from .bridge import when_done
 from .chat import POLL_S
-from .errors import bad_request
+from .errors import bad_request, shown
 from .images import png_base64
 from .openai_schema import ImageGenerationRequest
-from .service import Service
+from .service import Service, left
 
 
 async def image_generation(request: Request, body: ImageGenerationRequest, service: Service) -> Response:
@@ -25,10 +25,12 @@ async def image_generation(request: Request, body: ImageGenerationRequest, servi
     runtime = service.admit()
     side = runtime.image_size
     if body.size not in (None, f"{side}x{side}"):
-        raise bad_request("size", f"this model generates {side}x{side} images only, not {body.size}")
+        raise bad_request("size", f"this model generates {side}x{side} images only, not {shown(body.size)}")
+    deadline = service.deadline()
     handle = await service.blocking(lambda: runtime.submit_generate(
         body.prompt, n=body.n, steps=body.steps, cfg=body.cfg_scale, seed=body.seed or 0,
-        timeout=service.limits.request_timeout))
+        timeout=left(deadline)), deadline)
+    service.track(handle)
     request.state.rows = body.n
     done = when_done(handle)
     try:
@@ -40,6 +42,6 @@ async def image_generation(request: Request, body: ImageGenerationRequest, servi
         if not handle.done():  # the client left, or the server is stopping
             handle.cancel()
     # The request has ended: result() returns at once (or raises its error); the PNGs take a moment.
-    images = await service.blocking(lambda: [png_base64(image) for image in handle.result(timeout=0)])
+    images = await service.blocking(lambda: [png_base64(image) for image in handle.result(timeout=0)], deadline)
     service.metrics.images.inc(len(images))
     return JSONResponse({"created": int(time.time()), "data": [{"b64_json": b64} for b64 in images]})

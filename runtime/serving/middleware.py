@@ -1,4 +1,5 @@
-"""The ASGI layer around the routes: request ids, body size limit, in-flight count, access log.
+"""The ASGI layer around the routes: request ids, body size and time limits, in-flight count, the
+last-resort 500, access log.
 
 Pure ASGI (not Starlette's BaseHTTPMiddleware) so that streamed answers pass through unbuffered
 and a client's disconnect still reaches the route.
@@ -6,15 +7,16 @@ and a client's disconnect still reaches the route.
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
 import time
 import uuid
 
-from .errors import APIError
+from .errors import APIError, api_error_from
 from .service import Service
 
 access_log = logging.getLogger("jfexport.access")
+log = logging.getLogger("jfexport.serve")
 
 # Routes that run the model: counted in flight (the SIGTERM drain waits for them) and logged.
 MODEL_ROUTES = {"/v1/chat/completions": "chat", "/v1/images/generations": "image"}
@@ -40,7 +42,12 @@ class ServingMiddleware:
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
-                message = {**message, "headers": [*message.get("headers", []), *extra_headers]}
+                headers = [*message.get("headers", []), *extra_headers]
+                # After a bug the connection's state is not trusted: the client is told to open a new one
+                # rather than finding this one reset under its next request.
+                if status[0] == 500 and (b"connection", b"close") not in headers:
+                    headers.append((b"connection", b"close"))
+                message = {**message, "headers": headers}
             await send(message)
 
         model_route = scope["path"] in MODEL_ROUTES
@@ -51,11 +58,19 @@ class ServingMiddleware:
         if scope["method"] == "POST":
             receive = await self._buffered_body(receive, headers, send_with_headers)
             if receive is None:
-                return self._log(scope, state, 413, start)
+                return self._log(scope, state, status[0], start)
         if model_route:
             self.service.request_started()
         try:
             await self.app(scope, receive, send_with_headers)
+        except Exception as exc:
+            # Answered here, not by Starlette's last-resort handler, which answers and then re-raises to
+            # uvicorn: that drops the connection and leaves the status unknown (logged as 499).
+            log.error("request %s failed", request_id, exc_info=exc)
+            if status[0]:  # the answer had begun (a stream): nothing to add, the connection ends
+                status[0] = 500
+            else:
+                await self._send_error(send_with_headers, api_error_from(exc))
         finally:
             if model_route:
                 self.service.request_finished(state["kind"], status[0] or 499, time.perf_counter() - start)
@@ -63,14 +78,22 @@ class ServingMiddleware:
 
     async def _buffered_body(self, receive, headers, send):
         """Read the whole body up to the limit (413 past it), then replay it to the route."""
-        limit = self.service.limits.max_body_bytes
+        limits = self.service.limits
+        limit = limits.max_body_bytes
         declared = headers.get(b"content-length")
         chunks, size, more = [], 0, True
         if declared is not None and declared.isdigit() and int(declared) > limit:
             more = False
             size = int(declared)
+        deadline = time.monotonic() + limits.body_timeout
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                await self._send_error(send, APIError(408, f"the request body did not arrive within "
+                                                           f"{limits.body_timeout:g} s", param="body",
+                                                      code="body_timeout"))
+                return None
             if message["type"] == "http.disconnect":
                 return _replay(message, receive)
             chunks.append(message.get("body", b""))
@@ -85,7 +108,7 @@ class ServingMiddleware:
     async def _send_error(self, send, error: APIError) -> None:
         """An error answered before the app saw the request (its body unread: the connection closes)."""
         self.service.count_error(error)
-        body = json.dumps(error.body()).encode()
+        body = error.json()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                    (b"connection", b"close"), *((k.lower().encode(), v.encode()) for k, v in error.headers().items())]
         await send({"type": "http.response.start", "status": error.status, "headers": headers})

@@ -10,7 +10,18 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .errors import APIError
+from jfexport.reference.processor.request_checks import MIN_TEMPERATURE
+
+from .errors import APIError, shown
+
+# Bounds checked before any work: a request past them costs its parsing only. Far past what the
+# model's context holds (a turn costs several tokens; a token is a few characters), so a real
+# conversation never meets them.
+MAX_MESSAGES = 1000
+MAX_PARTS = 64  # content parts in one message
+MAX_TEXT_CHARS = 1 << 18  # a prompt, and all text of a conversation together
+MAX_STOPS = 4
+MAX_STOP_CHARS = 256
 
 SEED = Field(None, ge=0, lt=2**63, description="Random seed; the same seed gives the same result (default 0).")
 
@@ -39,7 +50,7 @@ ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
+    content: str | Annotated[list[ContentPart], Field(max_length=MAX_PARTS)] | None = None
     name: str | None = None
 
 
@@ -49,7 +60,7 @@ class StreamOptions(_Body):
 
 class ChatCompletionRequest(_Body):
     model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     # Greedy by default (OpenAI's default is 1.0): the bundled models answer best greedily.
@@ -66,13 +77,20 @@ class ChatCompletionRequest(_Body):
     @classmethod
     def _stop_sequences(cls, v):
         stops = [v] if isinstance(v, str) else (v or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("up to 4 non-empty stop sequences")
+        if len(stops) > MAX_STOPS or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"up to {MAX_STOPS} non-empty stop sequences of at most {MAX_STOP_CHARS} characters")
         return stops
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v):
+        if 0 < v < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {v}")
+        return v
 
 
 class ImageGenerationRequest(_Body):
-    prompt: str = Field(min_length=1)
+    prompt: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
     model: str | None = None
     n: int = Field(1, ge=1, le=16)
     size: str | None = None
@@ -104,8 +122,12 @@ _UNION_LABELS = {"str", "int", "float", "bool", "none"}
 
 def validation_error(errors: list[dict]) -> APIError:
     """The first pydantic/FastAPI validation error as a 400 naming its field."""
-    first = max(errors, key=lambda e: len(e.get("loc", ())))  # the deepest is the most specific
+    # The deepest is the most specific; at one depth, in a union, the member of the right type tells
+    # what is wrong (a list of too many parts, not "should be a valid string").
+    first = max(errors, key=lambda e: (len(e.get("loc", ())), not str(e.get("type", "")).endswith("_type")))
     param = param_name(tuple(first.get("loc", ())))
+    if not (param.isascii() and param.isprintable() and len(param) <= 80):  # an unknown field's name is the client's
+        param = shown(param, 80)
     if first.get("type") == "extra_forbidden":
         return APIError(400, f"Unrecognized request argument supplied: {param}", param=param)
     if first.get("type") == "json_invalid":

@@ -19,6 +19,7 @@ over the replicas and replaces one that dies or fails its health check.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -62,6 +63,17 @@ def _gpus(value: Any) -> float:
     return 1.0 if torch.cuda.is_available() else 0.0
 
 
+def _positive(args: dict[str, Any], key: str, default: float) -> float:
+    """args[key] as a finite number > 0 (the app refuses to start otherwise, naming the argument)."""
+    try:
+        value = float(args.get(key, default))
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}: expected a number, got {args[key]!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{key}: must be a finite number > 0, got {args[key]!r}")
+    return value
+
+
 def build_app(args: dict[str, Any]) -> serve.Application:
     """The app builder of `serve run` / `serve deploy`.
 
@@ -78,12 +90,15 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     if gpus := _gpus(args.get("num_gpus")):
         actor_options["num_gpus"] = gpus
     defaults = Limits()
-    limits = Limits(max_body_bytes=int(float(args.get("max_body_mb", defaults.max_body_bytes / 2**20)) * 2**20),
-                    max_image_bytes=int(float(args.get("max_image_mb", defaults.max_image_bytes / 2**20)) * 2**20),
-                    request_timeout=float(args.get("request_timeout", defaults.request_timeout)))
+    limits = Limits(max_body_bytes=int(_positive(args, "max_body_mb", defaults.max_body_bytes / 2**20) * 2**20),
+                    max_image_bytes=int(_positive(args, "max_image_mb", defaults.max_image_bytes / 2**20) * 2**20),
+                    request_timeout=_positive(args, "request_timeout", defaults.request_timeout))
+    api_key = args.get("api_key", os.environ.get("JFEXPORT_API_KEY"))
+    if api_key is not None and not str(api_key).strip():
+        raise ValueError("api_key (or JFEXPORT_API_KEY) is empty: give a key, or leave it unset to serve without one")
     deployment = JanusFlowDeployment.options(num_replicas=int(args.get("replicas", 1)), ray_actor_options=actor_options,
                                              graceful_shutdown_timeout_s=float(args.get("grace", 30)))
     return deployment.bind(
         str(args["engines"]), args.get("backend", "auto"), args.get("precision"), int(args.get("max_queue", 64)),
-        args.get("api_key", os.environ.get("JFEXPORT_API_KEY")), args.get("model", "janusflow"), limits,
+        api_key, args.get("model", "janusflow"), limits,
     )

@@ -1,14 +1,17 @@
 """`jfexport serve`: uvicorn over the app, engines loaded in the background, SIGTERM drains.
 
 SIGTERM (or Ctrl-C): new requests get 503 and /ready turns 503 while the listener stays open,
-in-flight requests get up to the grace period to finish, then the server exits 0. A second
-Ctrl-C exits at once.
+in-flight requests get up to the grace period to finish; those still running then get a 503
+(OpenAI's error JSON) and the server exits 0 within about a second. A second Ctrl-C exits at once.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -16,10 +19,14 @@ from pathlib import Path
 import uvicorn
 
 from .app import build_app
+from .connections import guarded_protocol
 from .loading import load_runtime
 from .service import Limits, Service
 
 log = logging.getLogger("jfexport.serve")
+
+# After the grace: how long aborted requests get to send their 503, and uvicorn its last writes.
+ABORT_S = 0.5
 
 
 class DrainingServer(uvicorn.Server):
@@ -28,6 +35,7 @@ class DrainingServer(uvicorn.Server):
         self.service = service
         self.grace = grace
         self.drain_deadline: float | None = None
+        self.aborted_at: float | None = None
         self.failed = False
 
     def handle_exit(self, sig: int, frame) -> None:
@@ -42,9 +50,14 @@ class DrainingServer(uvicorn.Server):
 
     async def on_tick(self, counter: int) -> bool:
         if self.drain_deadline is not None and not self.should_exit:
-            if self.service.in_flight == 0 or time.monotonic() >= self.drain_deadline:
-                if self.service.in_flight:
-                    log.warning("grace period over: %d request(s) still in flight", self.service.in_flight)
+            now = time.monotonic()
+            if self.service.in_flight and now >= self.drain_deadline and self.aborted_at is None:
+                # Each gets its 503 from its own coroutine: uvicorn's shutdown would cancel them
+                # instead, and a cancelled request answers a plain-text 500.
+                log.warning("grace period over: %d request(s) still in flight get a 503", self.service.in_flight)
+                self.service.abort()
+                self.aborted_at = now
+            if self.service.in_flight == 0 or (self.aborted_at is not None and now >= self.aborted_at + ABORT_S):
                 self.should_exit = True
         return await super().on_tick(counter)
 
@@ -62,21 +75,57 @@ class DrainingServer(uvicorn.Server):
         threading.Thread(target=load, daemon=True, name="jfexport-load").start()
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything loads: a port in use is reported at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(engines: Path, host: str = "127.0.0.1", port: int = 8000, *, backend: str = "auto",
           precision: str | None = None, api_key: str | None = None, model_id: str = "janusflow",
           limits: Limits = Limits(), max_queue: int = 64, grace: float = 30.0) -> int:
-    """Serve until a signal; the exit code (0 after a drain, 1 when the engines failed to load)."""
+    """Serve until a signal; the exit code (0 after a drain, 1 when the engines failed to load).
+
+    Raises OSError before loading anything when host:port cannot be listened on.
+    """
+    sock = listen(host, port)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("jfexport.access", "jfexport.serve"):  # the access log is INFO whatever the CLI's -v
         logging.getLogger(name).setLevel(logging.INFO)
     app = build_app(None, api_key=api_key, model_id=model_id, limits=limits)
     service: Service = app.state.service
-    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=5, timeout_keep_alive=5)
+    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", http=guarded_protocol(limits),
+                            h11_max_incomplete_event_size=limits.max_header_bytes, timeout_graceful_shutdown=1,
+                            timeout_keep_alive=5)
     server = DrainingServer(config, service, grace)
     server.load_in_background(engines, backend, precision, max_queue)
     log.warning("listening on http://%s:%d (model %r from %s)", host, port, model_id, engines)
-    server.run()
+    server.run(sockets=[sock])
     if service.runtime is not None:
         service.runtime.close()
+    loading = any(t.name == "jfexport-load" for t in threading.enumerate())
+    if service.busy_threads or loading:
+        log.warning("stopping with %d request thread(s) still busy%s: the process should exit without waiting for "
+                    "them (exit_now)", service.busy_threads, " and the engines still loading" if loading else "")
     return 1 if server.failed else 0
+
+
+def exit_now(code: int) -> None:
+    """End the serving process with `code` once `serve` returned, without the interpreter's teardown.
+
+    That teardown would wait for threads in the middle of a request's preparation or of loading
+    (they cannot be stopped; a loader in native code can even abort the process), and frees the
+    engines one object at a time: seconds, after a drain that promised to end within its grace.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
-from .errors import APIError
+from .errors import APIError, shown
 from .metrics import ServingMetrics
 
 T = TypeVar("T")
@@ -26,6 +28,18 @@ class Limits:
     # Threads for short blocking work off the event loop (image decoding, submitting, PNG
     # encoding); waiting for results and tokens holds none.
     blocking_threads: int = 8
+    # Slow clients: seconds for a request's headers to arrive (from the connection's first byte,
+    # or from the end of the previous answer on a kept-alive one) and for its whole body.
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    max_header_bytes: int = 64 << 10
+    # Open connections; past it a new one gets a 503 and is closed (and the refusal is logged).
+    max_connections: int = 512
+
+
+def left(deadline: float | None) -> float | None:
+    """Seconds from now to `deadline` (a `Service.deadline()`), at least a millisecond; None for none."""
+    return None if deadline is None else max(1e-3, deadline - time.monotonic())
 
 
 class Service:
@@ -39,12 +53,72 @@ class Service:
         self.in_flight = 0  # touched on the event loop only
         self.metrics = ServingMetrics(lambda: self.runtime.stats() if self.runtime is not None else None)
         self._pool: ThreadPoolExecutor | None = None  # started on first use, in the serving process
+        self._busy = 0  # pool threads running a request's work (any thread)
+        self._busy_lock = threading.Lock()
+        self._handles: weakref.WeakSet = weakref.WeakSet()  # the runtime handles of requests in flight
+        self._aborted: asyncio.Future | None = None  # resolved once in-flight requests are given up
 
-    def blocking(self, fn: Callable[[], T]) -> "asyncio.Future[T]":
-        """Run short blocking work `fn` on the bounded pool; await the result."""
+    def deadline(self) -> float | None:
+        """When a request arriving now times out (time.monotonic()), None without a request timeout."""
+        timeout = self.limits.request_timeout
+        return None if timeout is None else time.monotonic() + timeout
+
+    async def blocking(self, fn: Callable[[], T], deadline: float | None = None) -> T:
+        """Run short blocking work `fn` on the bounded pool and await its result.
+
+        The wait ends early with the request's 504 at `deadline` (from `deadline()`), and with a 503
+        once `abort()` gives up on in-flight requests; the thread still finishes `fn` (a thread
+        cannot be stopped) and its result is dropped.
+        """
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.limits.blocking_threads, thread_name_prefix="jfexport-serve")
-        return asyncio.get_running_loop().run_in_executor(self._pool, fn)
+        loop = asyncio.get_running_loop()
+        if self._aborted is None:
+            self._aborted = loop.create_future()
+        if self._aborted.done():
+            raise self.aborted_error()
+
+        def counted() -> T:
+            with self._busy_lock:
+                self._busy += 1
+            try:
+                return fn()
+            finally:
+                with self._busy_lock:
+                    self._busy -= 1
+
+        work = loop.run_in_executor(self._pool, counted)
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        done, _ = await asyncio.wait({work, self._aborted}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if work in done:
+            return work.result()
+        work.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody awaits it any more
+        if self._aborted in done:
+            raise self.aborted_error()
+        raise APIError(504, f"the request timed out (preparing it took over {self.limits.request_timeout:g} s)",
+                       "timeout_error", code="timeout")
+
+    @property
+    def busy_threads(self) -> int:
+        """Pool threads still running a request's work (a process exiting now would wait for them)."""
+        return self._busy
+
+    def track(self, handle) -> None:
+        """Count `handle` (a runtime request) among those `abort()` cancels."""
+        self._handles.add(handle)
+
+    def abort(self) -> None:
+        """Give up on every request in flight (the drain's grace is over): each answers a 503. On the loop."""
+        if self._aborted is None:
+            self._aborted = asyncio.get_running_loop().create_future()
+        if not self._aborted.done():
+            self._aborted.set_result(None)
+        for handle in list(self._handles):
+            handle.cancel()
+
+    def aborted_error(self) -> APIError:
+        return APIError(503, "the server is shutting down and gave up on this request; retry on another replica",
+                        "server_error", code="shutting_down", retry_after=1)
 
     def attach(self, runtime) -> None:
         """Serve `runtime` from now on; call once its engines are loaded and verified."""
@@ -67,7 +141,7 @@ class Service:
 
     def check_model(self, model: str | None) -> None:
         if model not in (None, "", self.model_id):
-            raise APIError(404, f"The model {model!r} does not exist; this server serves {self.model_id!r}",
+            raise APIError(404, f"The model {shown(model)} does not exist; this server serves {self.model_id!r}",
                            param="model", code="model_not_found")
 
     def count_error(self, error: APIError) -> None:

@@ -1,0 +1,140 @@
+"""uvicorn's h11 protocol with what a server on a network needs against slow or greedy clients.
+
+uvicorn bounds the header size (`h11_max_incomplete_event_size`) and idle kept-alive connections
+(`timeout_keep_alive`), but not how long headers may take to arrive nor how many connections are
+open: 1,100 clients sending headers a byte at a time would hold every file descriptor. This
+protocol adds a header deadline (408, then close) and a connection cap (503, then close), logs
+both refusals (at most once a second, with a count) and answers an over-long header block with
+431 rather than a bare 400. Refusals are OpenAI's error JSON, as every other error of the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from .service import Limits
+
+log = logging.getLogger("jfexport.serve")
+
+_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large",
+            503: b"Service Unavailable"}
+
+
+def _raw_error(status: int, message: str, code: str) -> bytes:
+    """A whole HTTP/1.1 error response, for a connection that has sent no complete request to answer."""
+    body = json.dumps({"error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error",
+                                 "param": None, "code": code}}).encode()
+    head = (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n"
+            % (status, _REASONS[status], len(body)))
+    if status == 503:
+        head += b"retry-after: 1\r\n"
+    return head + b"\r\n" + body
+
+
+# How long a refused connection stays half-open after its answer: closing a socket with unread input
+# resets it, and the reset can overtake the answer in flight; reading for a moment first lets it land.
+LINGER_S = 1.0
+
+
+def _answer_and_close(loop: asyncio.AbstractEventLoop, transport: asyncio.Transport, response: bytes) -> None:
+    transport.write(response)
+    if transport.can_write_eof():
+        transport.write_eof()
+        loop.call_later(LINGER_S, transport.close)
+    else:
+        transport.close()
+
+
+class _RateLimitedLog:
+    """One warning a second at most, counting what happened in between (a flood must not flood the log)."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.count = 0
+        self.last = 0.0
+
+    def __call__(self) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.last >= 1.0:
+            log.warning("%s (%d since the last report)", self.what, self.count)
+            self.count, self.last = 0, now
+
+
+def guarded_protocol(limits: Limits) -> type[H11Protocol]:
+    """The protocol class for `uvicorn.Config(http=...)`, with `limits`' header timeout and connection cap."""
+    refused_log = _RateLimitedLog(f"refused a connection: {limits.max_connections} are open (the connection cap)")
+    slow_log = _RateLimitedLog(f"closed a connection whose request headers took over {limits.header_timeout:g} s")
+
+    class GuardedH11Protocol(H11Protocol):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._header_timer: asyncio.TimerHandle | None = None
+            self._refused = False  # answered with an error: what the client still sends is dropped
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            if len(self.connections) >= limits.max_connections:
+                refused_log()
+                self._refused = True
+                _answer_and_close(self.loop, transport, _raw_error(
+                    503, f"the server holds {limits.max_connections} connections, its most; retry later",
+                    "too_many_connections"))
+                return
+            super().connection_made(transport)
+            self._arm_header_timer()
+
+        def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:  # the request's headers are in
+                self._disarm_header_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            # The next request's headers on this kept-alive connection get the same deadline.
+            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+                self._arm_header_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.transport is None:  # refused in connection_made: uvicorn never saw it
+                return
+            self._refused = True
+            self._disarm_header_timer()
+            super().connection_lost(exc)
+
+        def send_400_response(self, msg: str) -> None:
+            self._disarm_header_timer()
+            self._refused = True
+            if len(self.conn.trailing_data[0]) > limits.max_header_bytes:
+                response = _raw_error(431, f"the request's headers are larger than {limits.max_header_bytes} bytes",
+                                      "headers_too_large")
+            else:
+                response = _raw_error(400, "invalid HTTP request", "invalid_http")
+            _answer_and_close(self.loop, self.transport, response)
+
+        def _arm_header_timer(self) -> None:
+            self._disarm_header_timer()
+            self._header_timer = self.loop.call_later(limits.header_timeout, self._headers_too_slow)
+
+        def _disarm_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_too_slow(self) -> None:
+            self._header_timer = None
+            if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+                return
+            slow_log()
+            self._refused = True
+            _answer_and_close(self.loop, self.transport, _raw_error(
+                408, f"the request's headers did not arrive within {limits.header_timeout:g} s", "header_timeout"))
+
+    return GuardedH11Protocol
