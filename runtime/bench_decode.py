@@ -6,6 +6,7 @@ Reports, for a build served in process:
   consecutive batched decode steps of that many rows (a batch observer timestamps each step), so
   rows that end early never dilute the figure;
 - time to first token of each turn of a 3-turn conversation, with and without prefix reuse;
+- one bare `llm_decode` call at 1 row over 16 and 2,000 past tokens, and at 8 rows over 2,000;
 - bytes per decode step as fed (weights once, the past as the cache feeds it: every row `width`
   columns, the new K/V written out and into the cache) against the floor (weights once + each
   row's live K/V once). These are computed from the shapes fed, not read from hardware counters.
@@ -13,10 +14,12 @@ Reports, for a build served in process:
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Callable
 
+import torch
 from PIL import Image
 
 from .bench import machine_info, peak_rss_mib
@@ -27,10 +30,18 @@ COLOURS = ((220, 30, 30), (30, 30, 220), (30, 200, 30), (230, 210, 30), (20, 20,
 TURNS = ("What colour is the shape?", "And where is it in the picture?", "Describe it once more, please.")
 
 
-def _history(runtime, words: int) -> list[tuple[str, str]]:
-    """A conversation history of about `words` tokens before the question."""
-    text = " ".join(["the red shape sits at the top left of a plain picture"] * max(1, words // 12))
-    return [("user", "Look at this picture."), ("assistant", text)]
+def _history(runtime, tokens: int) -> list[tuple[str, str]]:
+    """A conversation history that brings the question's prompt to about `tokens` tokens."""
+    sentence = "the red shape sits at the top left of a plain picture"
+
+    def turns(reps: int) -> list[tuple[str, str]]:
+        return [("user", "Look at this picture."), ("assistant", " ".join([sentence] * reps))]
+
+    def length(reps: int) -> int:
+        return len(runtime.processor.conversation_ids([*turns(reps), ("user", QUESTION)]))
+
+    base, per = length(1), length(2) - length(1)
+    return turns(max(1, 1 + (tokens - base) // per))
 
 
 class _StepClock:
@@ -83,32 +94,59 @@ def _bytes(cache, weights: int | None, rows: int, live: int) -> dict[str, int]:
     return out
 
 
-def _turns(runtime) -> list[float]:
-    """Time to first token (ms) of each turn of one conversation, each following the answers before."""
-    history: list[tuple[str, str]] = []
-    ttft = []
-    image = Image.new("RGB", (64, 64), COLOURS[0])
-    for question in TURNS:
-        start = time.perf_counter()
-        handle = runtime.submit_chat(image, question, max_new_tokens=24, history=history or None)
-        it = iter(handle)
-        next(it)
-        ttft.append(round((time.perf_counter() - start) * 1e3, 1))
-        for _ in it:
-            pass
-        history += [("user", question), ("assistant", handle.text(timeout=600))]
-    return ttft
+def _bare_calls(runtime, hidden: int) -> list[dict[str, object]]:
+    """One `llm_decode` call (T=1) over a past held as the K/V cache holds it (contiguous, fed in
+    place, new K/V bound to staging buffers): median of 5 after a warm-up."""
+    cache = runtime.scheduler.chat.cache
+    engine = runtime.engines["llm_decode"]
+    lay = cache.layout
+    out = []
+    for rows, past in ((1, 16), (1, 2000), (8, 2000)):
+        kv = torch.zeros((rows, lay.kv_heads, past, lay.head_dim), dtype=lay.dtype)
+        feeds = {"inputs_embeds": torch.randn(rows, 1, hidden), "attention_mask": torch.ones(rows, past + 1, dtype=torch.long),
+                 "position_ids": torch.full((rows, 1), past), **{n: kv for n in cache.past(0)}}
+        names = ("logits", *cache.staging(rows))
+        times = []
+        for i in range(6):
+            start = time.perf_counter()
+            engine.run(feeds, outputs=cache.staging(rows), names=names)
+            if i:
+                times.append((time.perf_counter() - start) * 1e3)
+        out.append({"rows": rows, "past": past, "ms": round(statistics.median(times), 2)})
+    return out
 
 
-def bench_decode(open_runtime: Callable[..., object], weights: int | None = None, tokens: int = 48,
-                 long_words: int = 1300, progress: Callable[[str], None] = lambda msg: None) -> dict[str, object]:
-    """`open_runtime(prefix_cache_bytes=...)` gives a runtime over the engines under test; `weights`:
-    bytes of `llm_decode`'s weights (its graph files), for the bytes-per-step floor."""
+def _turns(runtime, conversations: int = 3) -> list[float]:
+    """Time to first token (ms) of each turn of a conversation, each turn following the answers
+    before it: the median over `conversations` conversations, each about its own image."""
+    per_turn: list[list[float]] = [[] for _ in TURNS]
+    for c in range(conversations):
+        history: list[tuple[str, str]] = []
+        image = Image.new("RGB", (64, 64), COLOURS[c % len(COLOURS)])
+        for t, question in enumerate(TURNS):
+            start = time.perf_counter()
+            handle = runtime.submit_chat(image, question, max_new_tokens=24, history=history or None)
+            it = iter(handle)
+            next(it)
+            per_turn[t].append((time.perf_counter() - start) * 1e3)
+            for _ in it:
+                pass
+            history += [("user", question), ("assistant", handle.text(timeout=600))]
+    return [round(statistics.median(ms), 1) for ms in per_turn]
+
+
+def bench_decode(open_runtime: Callable[..., object], hidden: int, weights: int | None = None, tokens: int = 48,
+                 long_context: int = 1600, progress: Callable[[str], None] = lambda msg: None) -> dict[str, object]:
+    """`open_runtime(prefix_cache_bytes=...)` gives a runtime over the engines under test; `hidden`: the
+    LLM's hidden size; `weights`: bytes of `llm_decode`'s weights (its graph files), for the floor."""
+    load_before = os.getloadavg()
     runtime = open_runtime()
     try:
         runtime.chat([Image.new("RGB", (64, 64))], [QUESTION], max_new_tokens=4)  # warm-up
+        bare = _bare_calls(runtime, hidden)
+        progress(f"llm_decode calls: {bare}")
         decode = []
-        for history in (None, _history(runtime, long_words)):
+        for history in (None, _history(runtime, long_context)):
             for rows in (1, 4, 8):
                 decode.append(_decode_rate(runtime, rows, history, tokens, weights, progress))
         with_reuse = _turns(runtime)
@@ -132,5 +170,5 @@ def bench_decode(open_runtime: Callable[..., object], weights: int | None = None
             ratios[f"long_over_short_step_{rows}_rows"] = round(lg / s, 2)
     ratios["turn2_ttft_over_turn1_with_reuse"] = round(with_reuse[1] / with_reuse[0], 2)
     ratios["turn2_ttft_over_turn1_without_reuse"] = round(without_reuse[1] / without_reuse[0], 2)
-    return {"decode": decode, "ttft_ms_per_turn": {"with_prefix_reuse": with_reuse, "without": without_reuse},
-            "ratios": ratios, "tokens": tokens, "peak_rss_mib": round(peak_rss_mib(), 1), "machine": machine_info()}
+    return {"decode": decode, "llm_decode_call_ms": bare, "ttft_ms_per_turn": {"with_prefix_reuse": with_reuse, "without": without_reuse},
+            "ratios": ratios, "tokens": tokens, "load_average_1min": {"start": load_before[0], "end": os.getloadavg()[0]}, "peak_rss_mib": round(peak_rss_mib(), 1), "machine": machine_info()}

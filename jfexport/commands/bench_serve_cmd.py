@@ -78,7 +78,8 @@ def _bench_decode(engines: Path, precision: str | None, max_new_tokens: int, jso
     files = manifest["graphs"]["llm_decode"]["files"][pick_precision(manifest, precision, "cpu")]
     weights = files["size"] + sum(e.get("size", 0) for e in files.get("external_data", []) if isinstance(e, dict))
     results = bench_decode(lambda **kw: JanusFlowRuntime.from_engines(engines, precision=precision, tasks=("chat",), **kw),
-                           weights, max_new_tokens, progress=lambda m: click.echo(m, err=True))
+                           manifest["graphs"]["llm_decode"]["spec"]["extra"]["hidden"], weights, max_new_tokens,
+                           progress=lambda m: click.echo(m, err=True))
     results["engines"] = str(engines)
     text = json.dumps(results, indent=2)
     click.echo(text)
