@@ -6,7 +6,8 @@ Reports, for a build served in process:
   consecutive batched decode steps of that many rows (a batch observer timestamps each step), so
   rows that end early never dilute the figure;
 - time to first token of each turn of a 3-turn conversation, with and without prefix reuse;
-- one bare `llm_decode` call at 1 row over 16 and 2,000 past tokens, and at 8 rows over 2,000;
+- one bare `llm_decode` call at 1 row over 16 and 2,000 past tokens, and at 8 rows over 2,000
+  (or the longest past the build allows);
 - bytes per decode step as fed (weights once, the past as the cache feeds it: every row `width`
   columns, the new K/V written out and into the cache) against the floor (weights once + each
   row's live K/V once). These are computed from the shapes fed, not read from hardware counters.
@@ -41,7 +42,7 @@ def _history(runtime, tokens: int) -> list[tuple[str, str]]:
         return len(runtime.processor.conversation_ids([*turns(reps), ("user", QUESTION)]))
 
     base, per = length(1), length(2) - length(1)
-    return turns(max(1, 1 + (tokens - base) // per))
+    return turns(max(1, 1 + (min(tokens, runtime.max_len - 64) - base) // per))  # room for the answer
 
 
 class _StepClock:
@@ -57,22 +58,25 @@ class _StepClock:
         return statistics.median(gaps) if gaps else None
 
 
-def _decode_rate(runtime, rows: int, history, tokens: int, weights: int | None,
-                 progress: Callable[[str], None]) -> dict[str, object]:
+def _decode_steps(runtime, rows: int, history, tokens: int) -> tuple[float | None, int]:
+    """(median ms between two consecutive decode steps of `rows` rows, prompt tokens) of one batch."""
     clock = _StepClock(runtime)
     images = [Image.new("RGB", (64, 64), COLOURS[i % len(COLOURS)]) for i in range(rows)]
     handles = [runtime.submit_chat(img, QUESTION, max_new_tokens=tokens, temperature=1.0, seed=i, history=history)
                for i, img in enumerate(images)]
     for h in handles:
         h.text(timeout=600)
-    step = clock.step_ms(rows)
-    context = handles[0].prompt_tokens
-    chat = runtime.scheduler.chat
-    result = {"rows": rows, "context_tokens": context, "tokens": tokens,
-              "step_ms": None if step is None else round(step, 2),
-              "tokens_per_s": None if step is None else round(rows * 1e3 / step, 1)}
-    progress(f"decode: {rows} row(s), {context} tokens of context: {result['tokens_per_s']} tokens/s")
-    cache = chat.cache
+    return clock.step_ms(rows), handles[0].prompt_tokens
+
+
+def _decode_rate(rows: int, context: int, steps: list[float], tokens: int, cache, weights: int | None,
+                 progress: Callable[[str], None]) -> dict[str, object]:
+    best, median = min(steps), statistics.median(steps)
+    result = {"rows": rows, "context_tokens": context, "tokens": tokens, "runs": len(steps),
+              "step_ms_min": round(best, 2), "step_ms_median": round(median, 2),
+              "tokens_per_s_best": round(rows * 1e3 / best, 1), "tokens_per_s_median": round(rows * 1e3 / median, 1)}
+    progress(f"decode: {rows} row(s), {context} tokens of context: {result['tokens_per_s_best']} tokens/s "
+             f"(best of {len(steps)}; median {result['tokens_per_s_median']})")
     if cache is not None:
         result["bytes_per_step"] = _bytes(cache, weights, rows, context + tokens // 2)
     return result
@@ -94,35 +98,39 @@ def _bytes(cache, weights: int | None, rows: int, live: int) -> dict[str, int]:
     return out
 
 
-def _bare_calls(runtime, hidden: int) -> list[dict[str, object]]:
+def _bare_calls(runtime, hidden: int, rounds: int) -> list[dict[str, object]]:
     """One `llm_decode` call (T=1) over a past held as the K/V cache holds it (contiguous, fed in
-    place, new K/V bound to staging buffers): median of 5 after a warm-up."""
+    place, new K/V bound to staging buffers): 5 calls after a warm-up per round, rounds interleaved."""
     cache = runtime.scheduler.chat.cache
     engine = runtime.engines["llm_decode"]
     lay = cache.layout
-    out = []
-    for rows, past in ((1, 16), (1, 2000), (8, 2000)):
-        kv = torch.zeros((rows, lay.kv_heads, past, lay.head_dim), dtype=lay.dtype)
-        feeds = {"inputs_embeds": torch.randn(rows, 1, hidden), "attention_mask": torch.ones(rows, past + 1, dtype=torch.long),
-                 "position_ids": torch.full((rows, 1), past), **{n: kv for n in cache.past(0)}}
-        names = ("logits", *cache.staging(rows))
-        times = []
-        for i in range(6):
-            start = time.perf_counter()
-            engine.run(feeds, outputs=cache.staging(rows), names=names)
-            if i:
-                times.append((time.perf_counter() - start) * 1e3)
-        out.append({"rows": rows, "past": past, "ms": round(statistics.median(times), 2)})
-    return out
+    longest = min(2000, runtime.max_len - 1)  # the past a build allows
+    shapes = ((1, 16), (1, longest), (8, longest))
+    times: dict[tuple[int, int], list[float]] = {shape: [] for shape in shapes}
+    for _ in range(rounds):
+        for rows, past in shapes:
+            kv = torch.zeros((rows, lay.kv_heads, past, lay.head_dim), dtype=lay.dtype)
+            feeds = {"inputs_embeds": torch.randn(rows, 1, hidden),
+                     "attention_mask": torch.ones(rows, past + 1, dtype=torch.long),
+                     "position_ids": torch.full((rows, 1), past), **{n: kv for n in cache.past(0)}}
+            names = ("logits", *cache.staging(rows))
+            for i in range(6):
+                start = time.perf_counter()
+                engine.run(feeds, outputs=cache.staging(rows), names=names)
+                if i:
+                    times[(rows, past)].append((time.perf_counter() - start) * 1e3)
+    return [{"rows": r, "past": p, "ms_min": round(min(t), 2), "ms_median": round(statistics.median(t), 2)}
+            for (r, p), t in times.items()]
 
 
-def _turns(runtime, conversations: int = 3) -> list[float]:
+def _turns(runtime, conversations: int = 3) -> dict[str, list[float]]:
     """Time to first token (ms) of each turn of a conversation, each turn following the answers
-    before it: the median over `conversations` conversations, each about its own image."""
+    before it: the best and the median over `conversations` conversations, each about its own image."""
     per_turn: list[list[float]] = [[] for _ in TURNS]
     for c in range(conversations):
         history: list[tuple[str, str]] = []
-        image = Image.new("RGB", (64, 64), COLOURS[c % len(COLOURS)])
+        # An image no earlier request showed: the first turn starts cold, with prefix reuse or without.
+        image = Image.new("RGB", (64, 64), (15 + 40 * c, 90, 170))
         for t, question in enumerate(TURNS):
             start = time.perf_counter()
             handle = runtime.submit_chat(image, question, max_new_tokens=24, history=history or None)
@@ -132,23 +140,35 @@ def _turns(runtime, conversations: int = 3) -> list[float]:
             for _ in it:
                 pass
             history += [("user", question), ("assistant", handle.text(timeout=600))]
-    return [round(statistics.median(ms), 1) for ms in per_turn]
+    return {"min": [round(min(ms), 1) for ms in per_turn], "median": [round(statistics.median(ms), 1) for ms in per_turn]}
 
 
 def bench_decode(open_runtime: Callable[..., object], hidden: int, weights: int | None = None, tokens: int = 48,
-                 long_context: int = 1600, progress: Callable[[str], None] = lambda msg: None) -> dict[str, object]:
+                 long_context: int = 1600, rounds: int = 3,
+                 progress: Callable[[str], None] = lambda msg: None) -> dict[str, object]:
     """`open_runtime(prefix_cache_bytes=...)` gives a runtime over the engines under test; `hidden`: the
-    LLM's hidden size; `weights`: bytes of `llm_decode`'s weights (its graph files), for the floor."""
+    LLM's hidden size; `weights`: bytes of `llm_decode`'s weights (its graph files), for the floor.
+
+    Every configuration runs `rounds` times, the rounds interleaved, so that a burst of load from
+    other processes does not land on one configuration only: the best run is the machine's figure,
+    the median says how noisy it was."""
     load_before = os.getloadavg()
     runtime = open_runtime()
     try:
         runtime.chat([Image.new("RGB", (64, 64))], [QUESTION], max_new_tokens=4)  # warm-up
-        bare = _bare_calls(runtime, hidden)
+        bare = _bare_calls(runtime, hidden, rounds)
         progress(f"llm_decode calls: {bare}")
-        decode = []
-        for history in (None, _history(runtime, long_context)):
-            for rows in (1, 4, 8):
-                decode.append(_decode_rate(runtime, rows, history, tokens, weights, progress))
+        configs = [(rows, history) for history in (None, _history(runtime, long_context)) for rows in (1, 4, 8)]
+        steps: dict[int, list[float]] = {i: [] for i in range(len(configs))}
+        contexts: dict[int, int] = {}
+        for _ in range(rounds):
+            for i, (rows, history) in enumerate(configs):
+                step, contexts[i] = _decode_steps(runtime, rows, history, tokens)
+                if step is not None:
+                    steps[i].append(step)
+        cache = runtime.scheduler.chat.cache
+        decode = [_decode_rate(rows, contexts[i], steps[i], tokens, cache, weights, progress)
+                  for i, (rows, _) in enumerate(configs) if steps[i]]
         with_reuse = _turns(runtime)
     finally:
         runtime.close()
@@ -158,17 +178,20 @@ def bench_decode(open_runtime: Callable[..., object], hidden: int, weights: int 
         without_reuse = _turns(plain)
     finally:
         plain.close()
-    progress(f"time to first token per turn: {without_reuse} ms without prefix reuse, {with_reuse} ms with it")
+    progress(f"time to first token per turn (best): {without_reuse['min']} ms without prefix reuse, "
+             f"{with_reuse['min']} ms with it")
     by = {(d["rows"], d["context_tokens"] > 600): d for d in decode}
     ratios = {}
-    short_1, short_8 = by[(1, False)]["tokens_per_s"], by[(8, False)]["tokens_per_s"]
-    if short_1 and short_8:
-        ratios["8_rows_over_1_short"] = round(short_8 / short_1, 2)
-    for rows in (1, 8):
-        s, lg = by[(rows, False)]["step_ms"], by[(rows, True)]["step_ms"]
-        if s and lg:
-            ratios[f"long_over_short_step_{rows}_rows"] = round(lg / s, 2)
-    ratios["turn2_ttft_over_turn1_with_reuse"] = round(with_reuse[1] / with_reuse[0], 2)
-    ratios["turn2_ttft_over_turn1_without_reuse"] = round(without_reuse[1] / without_reuse[0], 2)
-    return {"decode": decode, "llm_decode_call_ms": bare, "ttft_ms_per_turn": {"with_prefix_reuse": with_reuse, "without": without_reuse},
-            "ratios": ratios, "tokens": tokens, "load_average_1min": {"start": load_before[0], "end": os.getloadavg()[0]}, "peak_rss_mib": round(peak_rss_mib(), 1), "machine": machine_info()}
+    for stat in ("min", "median"):
+        ratios[f"8_rows_over_1_short_{stat}"] = round(by[(1, False)][f"step_ms_{stat}"] * 8
+                                                      / by[(8, False)][f"step_ms_{stat}"], 2)
+        for rows in (1, 8):
+            ratios[f"long_over_short_step_{rows}_rows_{stat}"] = round(
+                by[(rows, True)][f"step_ms_{stat}"] / by[(rows, False)][f"step_ms_{stat}"], 2)
+        for name, turns in (("with_reuse", with_reuse), ("without_reuse", without_reuse)):
+            ratios[f"turn2_ttft_over_turn1_{name}_{stat}"] = round(turns[stat][1] / turns[stat][0], 2)
+    return {"decode": decode, "llm_decode_call_ms": bare,
+            "ttft_ms_per_turn": {"with_prefix_reuse": with_reuse, "without": without_reuse},
+            "ratios": ratios, "tokens": tokens, "rounds": rounds,
+            "load_average_1min": {"start": load_before[0], "end": os.getloadavg()[0]},
+            "peak_rss_mib": round(peak_rss_mib(), 1), "machine": machine_info()}

@@ -188,3 +188,22 @@ def test_a_format_1_build_is_refused_with_a_rebuild_message(built, tmp_path):
     with pytest.raises(EnginesError, match=r"jfexport-manifest/1.*returns past \+ new K/V.*rebuild the engines "
                                            r"\(`jfexport build --out "):
         JanusFlowRuntime.from_engines(old)
+
+
+def test_the_decode_benchmark_reports_every_figure(built):
+    from jfexport.runtime.bench_decode import bench_decode
+
+    manifest = json.loads((built / "manifest.json").read_text())
+    results = bench_decode(lambda **kw: JanusFlowRuntime.from_engines(built, tasks=("chat",), **kw),
+                           manifest["graphs"]["llm_decode"]["spec"]["extra"]["hidden"], weights=10**6, tokens=6,
+                           long_context=400, rounds=1)
+    rows = {(d["rows"], d["context_tokens"] > 200) for d in results["decode"]}
+    assert rows == {(r, long) for r in (1, 4, 8) for long in (False, True)}
+    for d in results["decode"]:
+        assert d["tokens_per_s_best"] > 0 and d["bytes_per_step"]["ratio_to_floor"] >= 1.0
+        assert d["bytes_per_step"]["kv_format1_estimate"] > d["bytes_per_step"]["kv_as_fed"]
+    turns = results["ttft_ms_per_turn"]
+    assert len(turns["with_prefix_reuse"]["min"]) == len(turns["without"]["min"]) == 3
+    assert {"8_rows_over_1_short_min", "turn2_ttft_over_turn1_with_reuse_min"} <= set(results["ratios"])
+    longest = manifest["limits"]["max_seq"] - 1  # the tiny build's: 1023
+    assert [(c["rows"], c["past"]) for c in results["llm_decode_call_ms"]] == [(1, 16), (1, longest), (8, longest)]
