@@ -69,10 +69,10 @@ def _decode_steps(runtime, rows: int, history, tokens: int) -> tuple[float | Non
     return clock.step_ms(rows), handles[0].prompt_tokens
 
 
-def _decode_rate(rows: int, context: int, steps: list[float], tokens: int, cache, weights: int | None,
+def _decode_rate(rows: int, kind: str, context: int, steps: list[float], tokens: int, cache, weights: int | None,
                  progress: Callable[[str], None]) -> dict[str, object]:
     best, median = min(steps), statistics.median(steps)
-    result = {"rows": rows, "context_tokens": context, "tokens": tokens, "runs": len(steps),
+    result = {"rows": rows, "context": kind, "context_tokens": context, "tokens": tokens, "runs": len(steps),
               "step_ms_min": round(best, 2), "step_ms_median": round(median, 2),
               "tokens_per_s_best": round(rows * 1e3 / best, 1), "tokens_per_s_median": round(rows * 1e3 / median, 1)}
     progress(f"decode: {rows} row(s), {context} tokens of context: {result['tokens_per_s_best']} tokens/s "
@@ -158,17 +158,18 @@ def bench_decode(open_runtime: Callable[..., object], hidden: int, weights: int 
         runtime.chat([Image.new("RGB", (64, 64))], [QUESTION], max_new_tokens=4)  # warm-up
         bare = _bare_calls(runtime, hidden, rounds)
         progress(f"llm_decode calls: {bare}")
-        configs = [(rows, history) for history in (None, _history(runtime, long_context)) for rows in (1, 4, 8)]
+        configs = [(rows, kind, history) for kind, history in (("short", None), ("long", _history(runtime, long_context)))
+                   for rows in (1, 4, 8)]
         steps: dict[int, list[float]] = {i: [] for i in range(len(configs))}
         contexts: dict[int, int] = {}
         for _ in range(rounds):
-            for i, (rows, history) in enumerate(configs):
+            for i, (rows, _, history) in enumerate(configs):
                 step, contexts[i] = _decode_steps(runtime, rows, history, tokens)
                 if step is not None:
                     steps[i].append(step)
         cache = runtime.scheduler.chat.cache
-        decode = [_decode_rate(rows, contexts[i], steps[i], tokens, cache, weights, progress)
-                  for i, (rows, _) in enumerate(configs) if steps[i]]
+        decode = [_decode_rate(rows, kind, contexts[i], steps[i], tokens, cache, weights, progress)
+                  for i, (rows, kind, _) in enumerate(configs) if steps[i]]
         with_reuse = _turns(runtime)
     finally:
         runtime.close()
@@ -180,7 +181,7 @@ def bench_decode(open_runtime: Callable[..., object], hidden: int, weights: int 
         plain.close()
     progress(f"time to first token per turn (best): {without_reuse['min']} ms without prefix reuse, "
              f"{with_reuse['min']} ms with it")
-    by = {(d["rows"], d["context_tokens"] > 600): d for d in decode}
+    by = {(d["rows"], d["context"] == "long"): d for d in decode}
     ratios = {}
     for stat in ("min", "median"):
         ratios[f"8_rows_over_1_short_{stat}"] = round(by[(1, False)][f"step_ms_{stat}"] * 8
