@@ -281,8 +281,8 @@ class ChatSlots:
         """A row that ended: its K/V (prompt and every answer token fed back) are kept for a follow-up
         turn, then its slot is freed."""
         i = self.rows.index(active)
-        if self.prefixes.budget_bytes:
-            count = self.cache.lengths[i]
+        count = self.cache.lengths[i]
+        if count * self.cache.layout.token_bytes <= self.prefixes.budget_bytes:  # else it would not be kept
             ids = (active.row.ids + active.row.tokens)[:count]
             self.prefixes.store(active.image, ids, self.cache.copy_out(i, count))
         self._remove(i)
