@@ -55,6 +55,6 @@ def meaningful(name: str, output: torch.Tensor, feeds: dict[str, torch.Tensor]) 
     mask = feeds["attention_mask"].bool()
     if name == "hidden_states":
         return output[mask[:, -output.shape[1]:]]
-    if name.startswith("present."):
-        return output.transpose(1, 2)[mask]
+    if name.startswith(("present.", "new.")):
+        return output.transpose(1, 2)[mask[:, -output.shape[2]:]]
     return output

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from jfexport.reference.bundle import ModelBundle
-from jfexport.reference.graph_contract import GRAPH_NAMES, kv_names
+from jfexport.reference.graph_contract import GRAPH_NAMES, NEW, PAST, PRESENT, kv_names
 
 from .graph_spec import Dim, GraphSpec, TensorSpec
 
@@ -53,13 +53,14 @@ def graph_specs(bundle: ModelBundle, limits: Limits = Limits()) -> dict[str, Gra
             "llm_prefill",
             [TensorSpec("inputs_embeds", f32, ("B", "S", d)), TensorSpec("attention_mask", i64, ("B", "S")),
              TensorSpec("position_ids", i64, ("B", "S"))],
-            [TensorSpec("hidden_states", f32, ("B", "S", d)), TensorSpec("logits", f32, ("B", v)), *kv("present", "S")],
+            [TensorSpec("hidden_states", f32, ("B", "S", d)), TensorSpec("logits", f32, ("B", v)), *kv(PRESENT, "S")],
             {"B": B, "S": S}, precisions=int8, extra=llm_extra),
         "llm_decode": GraphSpec(
             "llm_decode",
             [TensorSpec("inputs_embeds", f32, ("B", "T", d)), TensorSpec("attention_mask", i64, ("B", "P + T")),
-             TensorSpec("position_ids", i64, ("B", "T")), *kv("past", "P")],
-            [TensorSpec("hidden_states", f32, ("B", "T", d)), TensorSpec("logits", f32, ("B", v)), *kv("present", "P + T")],
+             TensorSpec("position_ids", i64, ("B", "T")), *kv(PAST, "P")],
+            # Only the new tokens' K/V: the runtime writes them into its cache in place (DESIGN.md).
+            [TensorSpec("hidden_states", f32, ("B", "T", d)), TensorSpec("logits", f32, ("B", v)), *kv(NEW, "T")],
             {"B": B, "T": T, "P": P}, precisions=int8, extra=llm_extra),
         "gen_encoder": GraphSpec(
             "gen_encoder",

@@ -6,7 +6,7 @@ tensors through this module, so a rename cannot leave one side behind.
 
 from __future__ import annotations
 
-from typing import Mapping, TypeVar
+from typing import Mapping
 
 GRAPH_NAMES = ("vision_encoder", "embed_tokens", "llm_prefill", "llm_decode", "gen_encoder", "gen_decoder", "vae_decoder")
 # What each task runs: a build serves chat without its VAE and images without its vision encoder.
@@ -16,11 +16,14 @@ UNDERSTANDING_GRAPHS = ("vision_encoder", "embed_tokens", "llm_prefill", "llm_de
 LLM_INPUTS = ("inputs_embeds", "attention_mask", "position_ids")
 LLM_OUTPUTS = ("hidden_states", "logits")
 
-T = TypeVar("T")
+# K/V tensor prefixes. `llm_prefill` outputs the prompt's K/V as PRESENT; `llm_decode` reads the cache
+# as PAST and outputs only the K/V of its own new tokens as NEW (the runtime writes them into the
+# cache in place: no graph returns past + new).
+PAST, PRESENT, NEW = "past", "present", "new"
 
 
 def kv_name(prefix: str, layer: int, part: str) -> str:
-    """`past.3.key`, `present.0.value`: prefix is "past" (inputs) or "present" (outputs)."""
+    """`past.3.key`, `new.0.value`: prefix is one of PAST (inputs), PRESENT or NEW (outputs)."""
     return f"{prefix}.{layer}.{part}"
 
 
@@ -29,10 +32,5 @@ def kv_names(prefix: str, layers: int) -> tuple[str, ...]:
     return tuple(kv_name(prefix, i, part) for i in range(layers) for part in ("key", "value"))
 
 
-def present_as_past(outputs: Mapping[str, T]) -> dict[str, T]:
-    """An LLM graph's `present.*` outputs renamed as the `past.*` inputs of the next call."""
-    return {"past" + k[len("present"):]: v for k, v in outputs.items() if k.startswith("present.")}
-
-
-def count_layers(outputs: Mapping[str, object]) -> int:
-    return sum(1 for k in outputs if k.startswith("present.") and k.endswith(".key"))
+def count_layers(tensors: Mapping[str, object], prefix: str = PRESENT) -> int:
+    return sum(1 for k in tensors if k.startswith(prefix + ".") and k.endswith(".key"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .graph_contract import GRAPH_NAMES, LLM_INPUTS, LLM_OUTPUTS, kv_names
+from .graph_contract import GRAPH_NAMES, LLM_INPUTS, LLM_OUTPUTS, NEW, PAST, PRESENT, kv_names
 from .modules.janusflow import JanusFlowModel
 
 # State-dict prefixes (of JanusFlowModel, or of the VAE for vae_decoder) of the weights each graph
@@ -81,8 +81,9 @@ def build_graph(name: str, model: JanusFlowModel, vae=None) -> nn.Module:
 class LLMGraph(nn.Module):
     """Prefill (no past) or decode (flat past K/V after the three fixed inputs).
 
-    -> hidden_states [B,T,D] after the final norm, logits [B,V] of the last position only,
-    then present.{i}.key, present.{i}.value for every layer.
+    -> hidden_states [B,T,D] after the final norm, logits [B,V] of the last position only, then
+    per layer key and value: prefill's `present.*` (the prompt's K/V), decode's `new.*` (the K/V of
+    its T new tokens only: the runtime writes them into its cache, which it feeds back as `past.*`).
     """
 
     def __init__(self, model: JanusFlowModel, with_past: bool):
@@ -90,14 +91,14 @@ class LLMGraph(nn.Module):
         self.model = model
         self.with_past = with_past
         layers = model.config.language.num_hidden_layers
-        self.input_names = LLM_INPUTS + (kv_names("past", layers) if with_past else ())
-        self.output_names = LLM_OUTPUTS + kv_names("present", layers)
+        self.input_names = LLM_INPUTS + (kv_names(PAST, layers) if with_past else ())
+        self.output_names = LLM_OUTPUTS + kv_names(NEW if with_past else PRESENT, layers)
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, *past_flat: torch.Tensor):
         past = list(zip(past_flat[0::2], past_flat[1::2])) if self.with_past else None
-        hidden, present, _ = self.model.llm(inputs_embeds, attention_mask, position_ids, past)
+        hidden, kv, _ = self.model.llm(inputs_embeds, attention_mask, position_ids, past, new_only=self.with_past)
         logits = self.model.logits(hidden[:, -1])
-        return (hidden, logits, *[t for kv in present for t in kv])
+        return (hidden, logits, *[t for pair in kv for t in pair])
 
 
 class GenEncoderGraph(nn.Module):

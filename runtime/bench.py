@@ -34,12 +34,13 @@ class StageTimer:
 class _TimedEngine:
     def __init__(self, engine: Engine, timer: StageTimer):
         self.name = engine.name
+        self.device = getattr(engine, "device", torch.device("cpu"))  # where the K/V cache is allocated
         self._engine = engine
         self._timer = timer
 
-    def run(self, feeds, outputs=None):
+    def run(self, feeds, outputs=None, names=None):
         start = time.perf_counter()
-        result = self._engine.run(feeds, outputs)
+        result = self._engine.run(feeds, outputs, names)
         if any(t.is_cuda for t in result.values()):
             torch.cuda.synchronize()
         self._timer.times[self.name].append(time.perf_counter() - start)

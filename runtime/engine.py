@@ -6,7 +6,7 @@ feeds to the dtype their graph declares, so pipelines can hand over fp32 tensors
 
 from __future__ import annotations
 
-from typing import Mapping, Protocol
+from typing import Mapping, Protocol, Sequence
 
 import torch
 
@@ -18,6 +18,8 @@ __all__ = ["Engine", "GRAPH_NAMES"]
 class Engine(Protocol):
     name: str
 
-    def run(self, feeds: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Run on `feeds`; write into `outputs` where given and the backend can (else they are ignored)."""
+    def run(self, feeds: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor] | None = None,
+            names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Run on `feeds`; write into `outputs` where given and the backend can (else they are ignored).
+        `names`: the outputs wanted (default all); the others are not fetched where the backend can skip them."""
         ...

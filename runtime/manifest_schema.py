@@ -21,7 +21,12 @@ from jfexport.reference.errors import JanusFlowError
 from jfexport.reference.graph_contract import GRAPH_NAMES
 
 MANIFEST = "manifest.json"
-FORMAT = "jfexport-manifest/1"
+# Format 2: `llm_decode` outputs only the new tokens' K/V (`new.*`) and the runtime writes them into its
+# cache in place. Format 1 builds return past + new (`present.*`) from llm_decode: they are refused, not
+# adapted, since serving them would bring back the per-token copy of the whole past.
+FORMAT = "jfexport-manifest/2"
+_OLD_FORMATS = {"jfexport-manifest/1": "its llm_decode returns past + new K/V (`present.*`), this runtime's "
+                                       "returns only the new K/V (`new.*`) and updates its cache in place"}
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
 BACKENDS = ("onnxruntime", "tensorrt")
@@ -48,7 +53,9 @@ def read_build_manifest(folder: str | Path) -> dict:
         raise EnginesError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:80]})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         got = manifest.get("format") if isinstance(manifest, dict) else None
-        raise EnginesError(f"{path}: format {got!r}, this runtime reads {FORMAT!r}: rebuild the engines")
+        why = f" ({_OLD_FORMATS[got]})" if got in _OLD_FORMATS else ""
+        raise EnginesError(f"{path}: format {got!r}, this runtime reads {FORMAT!r}{why}: rebuild the engines "
+                           f"(`jfexport build --out {folder}`)")
     return manifest
 
 

@@ -27,11 +27,14 @@ from jfexport.reference.schedulers import StopRule, answers_from_stream, row_gen
 from .engine import Engine
 from .errors import check_finite
 from .scheduler import ChatHandle, GenerationHandle, Scheduler
+from .scheduler.kv_cache import KVLayout
 from .scheduler.requests import CallJob, ChatJob, ChatRow, GenerationJob, stream_rows
 
 # Longest sequence when the engines declare none (the torch backend): K/V slots are this long.
 DEFAULT_MAX_LEN = 4096
 DEFAULT_MAX_ROWS = 16
+# K/V kept for follow-up turns of conversations (prefix reuse), least recently used out.
+DEFAULT_PREFIX_CACHE_BYTES = 1 << 30
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -43,7 +46,8 @@ class JanusFlowRuntime:
     def __init__(self, engines: Mapping[str, Engine], processor: JanusProcessor, latent_shape: tuple[int, int, int],
                  grid: int, image_size: int, max_len: int = DEFAULT_MAX_LEN, max_rows: int = DEFAULT_MAX_ROWS,
                  backend: str = "torch", max_queue: int = 64, kv_budget_bytes: int = 4 << 30,
-                 torch_threads: int | None = None):
+                 torch_threads: int | None = None, kv_layout: KVLayout | None = None,
+                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES):
         self.engines = engines
         self.processor = processor
         self.latent_shape = latent_shape  # (C, h, w) of one latent
@@ -52,7 +56,10 @@ class JanusFlowRuntime:
         self.max_len = max_len  # longest sequence (prompt + generated tokens) the engines accept
         self.max_rows = max_rows  # batch rows the engines accept (CFG doubles generation rows)
         self.backend = backend
-        self.scheduler = Scheduler(engines, processor, grid, max_rows, max_len, max_queue, kv_budget_bytes, torch_threads)
+        # `kv_layout` sizes the K/V cache now (from_engines and from_bundle know it); without it the
+        # cache is sized at the first prefill. `prefix_cache_bytes`: K/V kept for follow-up turns (0: none).
+        self.scheduler = Scheduler(engines, processor, grid, max_rows, max_len, max_queue, kv_budget_bytes, torch_threads,
+                                   kv_layout, prefix_cache_bytes)
         # The worker thread holds the scheduler, not the runtime: a dropped runtime (or the end of
         # the interpreter, before native thread pools are torn down) stops its worker.
         weakref.finalize(self, self.scheduler.close)
@@ -61,7 +68,8 @@ class JanusFlowRuntime:
     def from_engines(cls, folder, backend: str = "auto", precision: str | None = None, device: str | None = None,
                      max_queue: int = 64, kv_budget_bytes: int = 4 << 30,
                      tasks: tuple[str, ...] = ("generate", "chat"), torch_threads: int | None = 1,
-                     verify_files: bool = False) -> "JanusFlowRuntime":
+                     verify_files: bool = False,
+                     prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES) -> "JanusFlowRuntime":
         """A build folder (`jfexport build`): its manifest, graphs and tokenizer. `tasks` limits the
         graphs opened: chat needs no VAE, generation no vision encoder. Every file served is checked
         against the manifest (`verify_files`: a full hash now, else as `load_engines` decides).
@@ -88,13 +96,16 @@ class JanusFlowRuntime:
                                                num_image_tokens=n_tokens)
         latent = model["latent_size"]
         limits = manifest["limits"]
+        layout = KVLayout.from_spec(graphs["llm_decode"]["spec"], engines.precision) if "llm_decode" in engines else None
         return cls(engines, processor, (model["latent_channels"], latent, latent), model["grid"], model["image_size"],
-                   limits["max_seq"], limits["max_batch"], chosen, max_queue, kv_budget_bytes, torch_threads)
+                   limits["max_seq"], limits["max_batch"], chosen, max_queue, kv_budget_bytes, torch_threads, layout,
+                   prefix_cache_bytes)
 
     @classmethod
     def from_bundle(cls, bundle, backend: str = "torch", dtype: torch.dtype = torch.float32, device: str = "cpu",
                     max_queue: int = 64, kv_budget_bytes: int = 4 << 30, fast: bool | None = None,
-                    compile_step: bool = False) -> "JanusFlowRuntime":
+                    compile_step: bool = False,
+                    prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES) -> "JanusFlowRuntime":
         """Engines straight from a loaded model (the `torch` backend).
 
         `fast` (default: on for CUDA) puts the fast torch executors under the scheduler
@@ -111,8 +122,11 @@ class JanusFlowRuntime:
         size = bundle.latent_size
         grid = bundle.config.image_grid(size)
         max_len = min(bundle.config.language.max_position_embeddings, DEFAULT_MAX_LEN)
+        lang = bundle.config.language
+        layout = KVLayout(lang.num_hidden_layers, lang.num_key_value_heads, lang.head_dim, dtype)
         runtime = cls(torch_engines(bundle, dtype, device), bundle.processor, (bundle.latent_channels, size, size), grid,
-                      bundle.image_size, max_len, DEFAULT_MAX_ROWS, "torch", max_queue, kv_budget_bytes)
+                      bundle.image_size, max_len, DEFAULT_MAX_ROWS, "torch", max_queue, kv_budget_bytes, None, layout,
+                      prefix_cache_bytes)
         on_cuda = torch.device(device).type == "cuda"
         if on_cuda if fast is None else fast:
             from .scheduler.fast_paths import install_fast_paths

@@ -16,8 +16,7 @@ rows); serving runs the same ideas per step of the scheduler (`scheduler.fast_ge
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Callable, Iterator
 
 import torch
 
@@ -27,34 +26,10 @@ from jfexport.reference.schedulers import FlowEulerCFGScheduler, StopRule, cfg_v
 
 from .backends.torch_backend import exact_fp32
 from .errors import check_finite
+from .lru import LRU
 from .trt_plan import prompt_bucket
 
 log = logging.getLogger(__name__)
-K = TypeVar("K")
-V = TypeVar("V")
-# Captured graphs kept per path: each holds its static buffers (the prompt K/V among them).
-MAX_CAPTURES = 8
-
-
-class LRU(Generic[K, V]):
-    def __init__(self, size: int = MAX_CAPTURES):
-        self.size = size
-        self._items: OrderedDict[K, V] = OrderedDict()
-
-    def get(self, key: K) -> V | None:
-        value = self._items.get(key)
-        if value is not None:
-            self._items.move_to_end(key)
-        return value
-
-    def put(self, key: K, value: V) -> None:
-        self._items[key] = value
-        self._items.move_to_end(key)
-        while len(self._items) > self.size:
-            self._items.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 def capture_graph(step: Callable[[], None]) -> torch.cuda.CUDAGraph:

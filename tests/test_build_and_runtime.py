@@ -13,7 +13,7 @@ from jfexport.export.build import build
 from jfexport.reference.bundle import load_preset
 from jfexport.reference.errors import InputError
 from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
-from jfexport.runtime.engines_folder import EnginesError
+from jfexport.runtime.engines_folder import FORMAT, EnginesError
 from jfexport.runtime.pipelines import JanusFlowRuntime
 
 from .conftest import run_cli
@@ -74,7 +74,7 @@ def test_broken_build_folders_are_named(built, tmp_path):
     (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(EnginesError, match="rebuild"):
         JanusFlowRuntime.from_engines(other)
-    manifest["format"] = "jfexport-manifest/1"
+    manifest["format"] = FORMAT
     (other / "manifest.json").write_text(json.dumps(manifest))
     (other / "gen_decoder.onnx").unlink()
     with pytest.raises(EnginesError, match="gen_decoder.onnx"):

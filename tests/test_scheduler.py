@@ -184,10 +184,10 @@ class _Recording:
     def __init__(self, engine, widest: dict[str, int]):
         self.engine, self.widest, self.name = engine, widest, engine.name
 
-    def run(self, feeds, outputs=None):
+    def run(self, feeds, outputs=None, names=None):
         rows = next(iter(feeds.values())).shape[0]
         self.widest[self.name] = max(self.widest.get(self.name, 0), rows)
-        return self.engine.run(feeds, outputs)
+        return self.engine.run(feeds, outputs, names)
 
 
 def test_a_full_queue_is_refused_at_once(build_dir):
@@ -213,13 +213,13 @@ class _Poisoned:
     def __init__(self, engine, marked, action: str):
         self.engine, self.marked, self.action, self.name = engine, marked, action, engine.name
 
-    def run(self, feeds, outputs=None):
+    def run(self, feeds, outputs=None, names=None):
         rows = self.marked(feeds)
         if rows.any() and self.action == "raise":
             raise RuntimeError(f"{self.name}: injected engine failure")
         if rows.any() and self.action == "die":
             raise KeyboardInterrupt  # not an Exception: nothing may catch it but the scheduler's last guard
-        out = self.engine.run(feeds, outputs)
+        out = self.engine.run(feeds, outputs, names)
         if rows.any() and self.action == "nan":
             out = dict(out)
             first = next(iter(out))

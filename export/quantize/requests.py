@@ -75,9 +75,9 @@ class Recorder:
         self._engine = engine
         self._observe = observe
 
-    def run(self, feeds: Mapping[str, torch.Tensor], outputs=None):
+    def run(self, feeds: Mapping[str, torch.Tensor], outputs=None, names=None):
         self._observe(self.name, {k: v.detach().to("cpu", copy=True) for k, v in feeds.items()})
-        return self._engine.run(feeds, outputs)
+        return self._engine.run(feeds, outputs, names)
 
 
 def run_requests(runtime, recipe: Recipe, image_size: int, check_only: bool, max_rows: int,

@@ -30,11 +30,18 @@ from .output_files import check_json_target, write_json
 @click.option("--url", default=None,
               help="Load a running server (`jfexport serve`, or the Ray Serve app) over HTTP instead of --engines.")
 @click.option("--api-key", envvar="JFEXPORT_API_KEY", default=None, help="--url: the server's key (default: $JFEXPORT_API_KEY).")
-def bench_serve_cmd(engines, precision, clients, requests_, mix, steps, cfg, max_new_tokens, json_path, url, api_key):
+@click.option("--decode", is_flag=True,
+              help="Instead: decode tokens/s at 1, 4 and 8 rows at short and long context, time to first token of a "
+                   "3-turn conversation with and without prefix reuse, K/V bytes per step against the floor.")
+def bench_serve_cmd(engines, precision, clients, requests_, mix, steps, cfg, max_new_tokens, json_path, url, api_key,
+                    decode):
     """Concurrent clients through the scheduler and through one request at a time, in one run.
 
     With --url, the same workload goes to a server over HTTP (chat streamed, for time to first token).
     """
+    if decode:
+        _bench_decode(engines, precision, max_new_tokens, json_path)
+        return
     from jfexport.runtime.bench_serve import Workload, bench_serve
     from jfexport.runtime.pipelines import JanusFlowRuntime
 
@@ -55,6 +62,25 @@ def bench_serve_cmd(engines, precision, clients, requests_, mix, steps, cfg, max
         finally:
             runtime.close()
         results["engines"] = str(engines)
+    text = json.dumps(results, indent=2)
+    click.echo(text)
+    if json_path is not None:
+        write_json(json_path, text)
+
+
+def _bench_decode(engines: Path, precision: str | None, max_new_tokens: int, json_path: Path | None) -> None:
+    from jfexport.runtime.bench_decode import bench_decode
+    from jfexport.runtime.engines_folder import pick_precision, read_build_manifest
+    from jfexport.runtime.pipelines import JanusFlowRuntime
+
+    check_json_target(json_path)
+    manifest = read_build_manifest(engines)
+    files = manifest["graphs"]["llm_decode"]["files"][pick_precision(manifest, precision, "cpu")]
+    weights = files["size"] + sum(e.get("size", 0) for e in files.get("external_data", []) if isinstance(e, dict))
+    results = bench_decode(lambda **kw: JanusFlowRuntime.from_engines(engines, precision=precision, tasks=("chat",), **kw),
+                           manifest["graphs"]["llm_decode"]["spec"]["extra"]["hidden"], weights, max_new_tokens,
+                           progress=lambda m: click.echo(m, err=True))
+    results["engines"] = str(engines)
     text = json.dumps(results, indent=2)
     click.echo(text)
     if json_path is not None:

@@ -84,10 +84,11 @@ class JanusFlowModel(nn.Module):
         past: list[KV] | None = None,
         output_hidden_layer: int | None = None,
         write_slots: torch.Tensor | None = None,
+        new_only: bool = False,
     ) -> tuple[torch.Tensor, list[KV], torch.Tensor | None]:
         return llama_forward(
             self.language_model, inputs_embeds, attention_mask, position_ids, self.config.language.rope_theta, past,
-            output_hidden_layer, self.attention, write_slots,
+            output_hidden_layer, self.attention, write_slots, new_only,
         )
 
     def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -53,16 +53,17 @@ def attention_bias(attention_mask: torch.Tensor, num_new: int, dtype: torch.dtyp
                    query_slots: torch.Tensor | None = None) -> torch.Tensor:
     """Additive [B,1,T,P+T] bias: causal over absolute positions plus the 2-D key padding mask.
 
-    The T queries sit at the end of the key sequence, or at `query_slots` [T] when the keys are a
-    static buffer. A finite minimum (not -inf) keeps fully padded query rows finite under left padding.
+    The T queries sit at the end of the key sequence, or at `query_slots` [B,T] (each row's own
+    columns) when the keys are a static buffer. A finite minimum (not -inf) keeps fully padded
+    query rows finite under left padding.
     """
     total = attention_mask.shape[1]
     if query_slots is None:
-        q_pos = torch.arange(num_new, device=attention_mask.device)[:, None] + (total - num_new)
+        q_pos = (torch.arange(num_new, device=attention_mask.device)[:, None] + (total - num_new))[None]
     else:
-        q_pos = query_slots[:, None]
-    k_pos = torch.arange(total, device=attention_mask.device)[None, :]
-    visible = (k_pos <= q_pos)[None] & attention_mask[:, None, :].bool()
+        q_pos = query_slots[:, :, None]
+    k_pos = torch.arange(total, device=attention_mask.device)[None, None, :]
+    visible = (k_pos <= q_pos) & attention_mask[:, None, :].bool()
     neg = torch.finfo(dtype).min
     return torch.where(visible, 0.0, neg).to(dtype)[:, None]
 
@@ -77,6 +78,7 @@ def llama_forward(
     output_hidden_layer: int | None = None,
     attention: str = "math",
     write_slots: torch.Tensor | None = None,
+    new_only: bool = False,
 ) -> tuple[torch.Tensor, list[KV], torch.Tensor | None]:
     """Run the decoder stack.
 
@@ -86,9 +88,14 @@ def llama_forward(
     `output_hidden_layer` if asked — REPA reads it during training). `attention="math"` spells
     the softmax out in fp32 (what graphs export); "sdpa" uses PyTorch's fused kernels (GPU path).
 
-    With `write_slots` [T], `past` holds static buffers [B,Hkv,L,Dh] spanning the whole
-    attention_mask [B,L]: the new K/V are written into them in place at those slots and attention
-    reads the full buffers (unfilled slots masked), so shapes never change between decode steps.
+    With `write_slots` ([T], or [B,T] for per-row columns), `past` holds static buffers [B,Hkv,L,Dh] spanning the whole
+    attention_mask [B,L]: row b's new K/V are written into them in place at its slots and attention
+    reads the full buffers (later columns hidden causally), so shapes never change between steps.
+
+    With `new_only` (the `llm_decode` graph), the returned K/V are the T new columns only, and
+    attention takes the past and the new keys as two blocks of one softmax: past + new is never
+    concatenated, so the past is read once per layer and never copied (DESIGN.md: the cache is
+    updated in place by the runtime).
     """
     cfg = model.config
     body = model.model
@@ -97,6 +104,8 @@ def llama_forward(
     head_dim = cfg.hidden_size // heads
     dtype = inputs_embeds.dtype
     cos, sin = rope_tables(position_ids, head_dim, rope_theta, dtype)
+    if write_slots is not None and write_slots.dim() == 1:
+        write_slots = write_slots.expand(bsz, num_new)
     bias = attention_bias(attention_mask, num_new, dtype, write_slots)
     h = inputs_embeds
     present: list[KV] = []
@@ -110,25 +119,54 @@ def llama_forward(
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         if write_slots is not None:
-            k = past[i][0].index_copy_(2, write_slots, k)
-            v = past[i][1].index_copy_(2, write_slots, v)
-        elif past is not None:
+            columns = write_slots[:, None, :, None].expand(bsz, kv_heads, num_new, head_dim)
+            k = past[i][0].scatter_(2, columns, k)
+            v = past[i][1].scatter_(2, columns, v)
+        elif past is not None and not new_only:
             k = torch.cat([past[i][0], k], dim=2)
             v = torch.cat([past[i][1], v], dim=2)
         present.append((k, v))
-        if kv_heads != heads:
-            k = k.repeat_interleave(heads // kv_heads, dim=1)
-            v = v.repeat_interleave(heads // kv_heads, dim=1)
-        if attention == "sdpa":
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        if new_only:
+            out = _two_block_attention(q, past[i], (k, v), bias, dtype)
         else:
-            scores = torch.matmul(q, k.transpose(2, 3)) * head_dim**-0.5 + bias
-            # Upcast before the softmax (not softmax(dtype=...)): exported, that form becomes an
-            # fp16 Softmax followed by a Cast, losing the fp32 island.
-            out = torch.matmul(F.softmax(scores.float(), dim=-1).to(dtype), v)
+            out = _attention(q, k, v, bias, dtype, attention)
         out = out.transpose(1, 2).reshape(bsz, num_new, heads * head_dim)
         h = h + attn.o_proj(out)
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         if output_hidden_layer is not None and i + 1 == output_hidden_layer:
             captured = h
     return body.norm(h), present, captured
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype,
+               attention: str) -> torch.Tensor:
+    heads, kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[3]
+    if kv_heads != heads:
+        k = k.repeat_interleave(heads // kv_heads, dim=1)
+        v = v.repeat_interleave(heads // kv_heads, dim=1)
+    if attention == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    scores = torch.matmul(q, k.transpose(2, 3)) * head_dim**-0.5 + bias
+    # Upcast before the softmax (not softmax(dtype=...)): exported, that form becomes an
+    # fp16 Softmax followed by a Cast, losing the fp32 island.
+    return torch.matmul(F.softmax(scores.float(), dim=-1).to(dtype), v)
+
+
+def _grouped(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[B,H,T,X] -> [B,Hkv,(H/Hkv)*T,X]: query head h reads K/V head h // (H/Hkv), as repeat_interleave
+    would arrange it, without repeating the K/V."""
+    b, h, t, width = x.shape
+    return x.reshape(b, kv_heads, (h // kv_heads) * t, width)
+
+
+def _two_block_attention(q: torch.Tensor, past: KV, new: KV, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """softmax([q.past_k, q.new_k] / sqrt(Dh) + bias) . [past_v; new_v] -> [B,H,T,Dh], in the math
+    path's order (matmul, scale, bias, fp32 softmax), computed per block so that no K/V is copied."""
+    b, heads, t, head_dim = q.shape
+    kv_heads, p = past[0].shape[1], past[0].shape[2]
+    qg = _grouped(q, kv_heads)
+    scores = torch.cat([torch.matmul(qg, past[0].transpose(2, 3)).reshape(b, heads, t, p),
+                        torch.matmul(qg, new[0].transpose(2, 3)).reshape(b, heads, t, t)], dim=-1)
+    probs = F.softmax((scores * head_dim**-0.5 + bias).float(), dim=-1).to(dtype)
+    out = torch.matmul(_grouped(probs[..., :p], kv_heads), past[1]) + torch.matmul(_grouped(probs[..., p:], kv_heads), new[1])
+    return out.reshape(b, heads, t, head_dim)

@@ -1,8 +1,11 @@
 """The `onnxruntime` backend: one InferenceSession per graph.
 
-CPU: tensors cross as zero-copy numpy views. CUDA (onnxruntime-gpu): IO binding on torch device
-buffers, with outputs written into caller-provided buffers where given (the KV cache's
-`present` views), so nothing is copied between host and device per call. A GPU machine whose
+CPU: tensors cross as zero-copy numpy views. Where the caller hands over output buffers or asks for
+some outputs only (the K/V cache's decode step, the Euler step), the call goes through IO binding:
+inputs are bound over the caller's memory (the cache's contiguous `past` views, never copied),
+outputs written straight into the caller's buffers (allocated once by the cache), and outputs
+not asked for are not fetched. CUDA (onnxruntime-gpu): IO binding on torch device buffers
+always, so nothing is copied between host and device per call. A GPU machine whose
 onnxruntime has no CUDA provider (the plain `onnxruntime` wheel) runs the engines on the CPU and
 says so once, rather than refusing to serve.
 """
@@ -11,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -63,31 +66,40 @@ class OrtEngine:
             raise RuntimeFailure(f"{self.name}: missing input(s) {missing}")
         return {n: feeds[n].to(device=self.device, dtype=dt).contiguous() for n, dt in self.input_dtypes.items()}
 
-    def run(self, feeds: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def run(self, feeds: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor] | None = None,
+            names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         inputs = self._inputs(feeds)
-        if self.device.type == "cpu":
+        wanted = self.output_names if names is None else [n for n in self.output_names if n in names]
+        if self.device.type == "cpu" and not outputs and names is None:
             results = self.session.run(self.output_names, {n: t.numpy() for n, t in inputs.items()})
             return {n: torch.from_numpy(np.ascontiguousarray(r)) for n, r in zip(self.output_names, results)}
-        return self._run_bound(inputs, outputs or {})
+        return self._run_bound(inputs, outputs or {}, wanted)
 
-    def _run_bound(self, inputs: dict[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _run_bound(self, inputs: dict[str, torch.Tensor], outputs: Mapping[str, torch.Tensor],
+                   wanted: list[str]) -> dict[str, torch.Tensor]:
         binding = self.session.io_binding()
-        index = self.device.index or 0
+        kind, index = self.device.type, self.device.index or 0
         for name, t in inputs.items():
-            binding.bind_input(name, "cuda", index, _np_dtype(t.dtype), tuple(t.shape), t.data_ptr())
-        for name in self.output_names:
-            buf = outputs.get(name)
-            if buf is not None and buf.is_contiguous():
-                binding.bind_output(name, "cuda", index, _np_dtype(buf.dtype), tuple(buf.shape), buf.data_ptr())
+            if kind == "cpu":
+                # An OrtValue over the tensor's own memory: the K/V past is read where the cache keeps it.
+                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(t.numpy()))
             else:
-                binding.bind_output(name, "cuda", index)
+                binding.bind_input(name, kind, index, _np_dtype(t.dtype), tuple(t.shape), t.data_ptr())
+        given = {n: b for n, b in outputs.items() if n in wanted and b.is_contiguous() and b.device == self.device}
+        for name in wanted:
+            buf = given.get(name)
+            if buf is not None:
+                binding.bind_output(name, kind, index, _np_dtype(buf.dtype), tuple(buf.shape), buf.data_ptr())
+            else:
+                binding.bind_output(name, kind, index)
         self.session.run_with_iobinding(binding)
-        produced = dict(zip(self.output_names, binding.get_outputs()))
+        produced = dict(zip(wanted, binding.get_outputs()))
         result: dict[str, torch.Tensor] = {}
-        for name in self.output_names:
-            buf = outputs.get(name)
-            if buf is not None and buf.is_contiguous():
-                result[name] = buf
+        for name in wanted:
+            if name in given:
+                result[name] = given[name]
+            elif kind == "cpu":
+                result[name] = torch.from_numpy(produced[name].numpy())
             else:
                 result[name] = torch.from_dlpack(produced[name])  # OrtValue implements __dlpack__
         return result

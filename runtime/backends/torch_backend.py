@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -26,14 +26,15 @@ class TorchEngine:
         self.dtype = dtype
         self.device = device
 
-    def run(self, feeds: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def run(self, feeds: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor] | None = None,
+            names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         args = []
         for name in self.module.input_names:
             x = feeds[name].to(self.device)
             args.append(x.to(self.dtype) if x.is_floating_point() else x)
         with torch.inference_mode(), exact_fp32(self.dtype):
             results = self.module(*args)
-        return dict(zip(self.module.output_names, results))
+        return {n: r for n, r in zip(self.module.output_names, results) if names is None or n in names}
 
 
 def torch_engines(bundle: ModelBundle, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> dict[str, TorchEngine]:

@@ -2,12 +2,22 @@
 engine per graph, output buffers preallocated at the profile maxima, `set_tensor_address` and
 `execute_async_v3` on the current torch stream, and activation memory shared by all engines
 (they run one after another on one stream, so one scratch buffer of the largest size serves all).
+
+The K/V cache contract (manifest format 2, docs/kv_cache.md) on TensorRT: `llm_decode`'s `past.*`
+inputs are bound by address to the cache's own memory (a contiguous [rows, Hkv, C, Dh] view of
+one buffer allocated at load: `set_tensor_address` on it, no copy), and its `new.*` outputs to the
+cache's staging buffers [rows, Hkv, T, Dh], from which the runtime writes each row's columns into
+the cache. Assumed: the engine reads its inputs and never writes them (TensorRT's contract for
+input tensors), inputs stay valid until the stream has run the enqueued work (the runtime
+synchronises before it writes the cache again), and output addresses do not alias inputs. Every
+output gets an address (TensorRT requires it); those not asked for (`names`) go to this engine's
+own buffers and are not returned.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
@@ -29,6 +39,8 @@ class _SharedActivations:
 
 
 class TrtEngine:
+    device = torch.device("cuda")
+
     def __init__(self, name: str, path: Path, profiles: list[dict]):
         import tensorrt as trt
 
@@ -78,7 +90,8 @@ class TrtEngine:
             self._out_buffers[name] = buf
         return buf[:numel].view(shape)
 
-    def run(self, feeds: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def run(self, feeds: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor] | None = None,
+            names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         stream = torch.cuda.current_stream()
         inputs = {n: feeds[n].to(device="cuda", dtype=self.dtypes[n]).contiguous() for n in self.inputs}
         if self.profiles:
@@ -97,7 +110,8 @@ class TrtEngine:
             given = (outputs or {}).get(n)
             out = given if given is not None and tuple(given.shape) == shape and given.is_contiguous() else self._output(n, shape)
             self.context.set_tensor_address(n, out.data_ptr())
-            result[n] = out
+            if names is None or n in names:
+                result[n] = out
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeFailure(f"{self.name}: TensorRT execution failed")
         return result

@@ -3,24 +3,28 @@
 Admitted questions are prefilled together; every iteration then decodes one token for every
 active row in one `llm_decode` call, and a row leaves at EOS or its limit, freeing its slot.
 
-K/V storage is allocated once, at the first prefill: per layer one key and one value tensor
-[slots, Hkv, max_len, Dh]. Rows are stored right-aligned on a common end column `end` (row r
-holds its `length` tokens at columns [end - length, end)), so the `past` of all rows is the one
-strided view [:rows, :, end - L : end] with L the longest row, and each step writes every row's
-new K/V at column `end`. Columns left of a row's tokens are masked; they hold finite values only
-(the store starts zeroed and a row that produced NaN is zeroed before it leaves), because a
-masked NaN would still poison the attention product. When `end` reaches `max_len` the rows are
-shifted back to the start. A leaving row's slot is filled by the last row, keeping slots dense.
+K/V live in one `KVCache` (kv_cache.py), allocated once: row i of the batch is slot i, its tokens
+left-aligned at columns [0, length). The decode step feeds the cache's contiguous view of the
+first `rows` slots as `past` (no gather, no copy) and gets back only the new K/V (`new.*`),
+which the cache writes at each row's next column. A leaving row's slot is filled by the last row,
+keeping slots dense.
+
+A question whose conversation starts with the tokens (and image) of an earlier request reuses
+that request's K/V (`PrefixCache`): its slot is filled from the stored prefix and only the new
+tokens run, through `llm_decode` with the prefix as past; time to first token then grows with the
+new tokens, not with the conversation.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import torch
 
-from jfexport.reference.graph_contract import count_layers, kv_name
+from jfexport.reference.graph_contract import NEW, kv_names
 from jfexport.reference.pipelines.layout import understanding_positions
 from jfexport.reference.schedulers import sample_next
 
@@ -28,8 +32,10 @@ from jfexport.reference.errors import InputError
 
 from ..engine import Engine
 from ..errors import NonFiniteOutput
+from .kv_cache import COLUMN_BUCKET, KVCache, KVLayout, PrefixCache
 from .requests import ChatJob, ChatRow
 
+log = logging.getLogger(__name__)
 
 def splice_image_embeds(text_embeds: torch.Tensor, image_embeds: torch.Tensor, images_seq_mask: torch.Tensor,
                         images_emb_mask: torch.Tensor) -> torch.Tensor:
@@ -41,11 +47,16 @@ def splice_image_embeds(text_embeds: torch.Tensor, image_embeds: torch.Tensor, i
     return out
 
 
+def image_hash(pixels: torch.Tensor) -> str:
+    """Content hash of a row's preprocessed image: the prefix cache's key beside the token ids."""
+    return hashlib.sha256(pixels.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
 @dataclass(eq=False)  # identity: rows hold tensors, and two rows are never the same row
 class _Active:
     job: ChatJob
     row: ChatRow
-    length: int  # tokens in the cache
+    image: str  # image_hash of the row's pixels
     produced: int = 0
 
     @property
@@ -57,15 +68,25 @@ Failure = tuple[ChatJob, BaseException]
 
 
 class ChatSlots:
+    column_bucket = COLUMN_BUCKET
+
     def __init__(self, engines: Mapping[str, Engine], processor, max_rows: int, max_len: int,
-                 kv_budget_bytes: int, observe: Callable[[str, int], None]):
+                 kv_budget_bytes: int, observe: Callable[[str, int], None], kv_layout: KVLayout | None = None,
+                 prefix_cache_bytes: int = 0):
         self.engines, self.processor = engines, processor
         self.max_rows, self.max_len, self.kv_budget_bytes = max_rows, max_len, kv_budget_bytes
         self.observe = observe
-        self.store: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self.slots = max_rows  # lowered to what the K/V budget holds once the store's layout is known
+        self.kv_layout = kv_layout
+        # Sized from the manifest when it is known; else (engines handed over bare) at the first prefill.
+        self.cache: KVCache | None = self._make_cache(kv_layout) if kv_layout is not None else None
+        self.prefixes = PrefixCache(prefix_cache_bytes)
+        self.slots = self.cache.slots if self.cache is not None else max_rows
         self.rows: list[_Active] = []
-        self.end = 0
+
+    def _make_cache(self, layout: KVLayout) -> KVCache:
+        device = getattr(self.engines.get("llm_decode"), "device", "cpu")
+        return KVCache.within_budget(layout, self.max_rows, self.max_len, self.kv_budget_bytes, device,
+                                     self.column_bucket)
 
     @property
     def active_rows(self) -> int:
@@ -86,33 +107,80 @@ class ChatSlots:
     # -- prefill -----------------------------------------------------------------------------
 
     def prefill(self, jobs: list[ChatJob]) -> list[Failure]:
-        """Prefill the new rows of `jobs` together, choose their first tokens, give them slots."""
-        pairs = [(job, row) for job in jobs for row in job.chat_rows]
-        batch = self.processor.understanding_rows([r.ids for _, r in pairs], [r.pixels for _, r in pairs])
+        """Prefill the new rows of `jobs` (together, or from a stored prefix), choose their first tokens,
+        give them slots."""
+        pairs = [(job, row, image_hash(row.pixels)) for job in jobs for row in job.chat_rows]
+        if self.cache is not None:
+            self._check_room(len(pairs))
+        failed: dict[ChatJob, BaseException] = {}
+        fresh = []
+        for job, row, image in pairs:
+            hit = self._stored_prefix(row, image)
+            if hit is None or not self._prefill_from(job, row, image, hit[0].kv, hit[1], failed):
+                fresh.append((job, row, image))
+        if fresh:
+            self._prefill_fresh(fresh, failed)
+        return list(failed.items())
+
+    def _check_room(self, count: int) -> None:
+        # Only a first prefill can meet this where the cache is sized then: the admission counts slots.
+        if len(self.rows) + count > self.slots:
+            raise InputError(f"{count} questions at once, the K/V cache holds {self.slots} rows "
+                             "(raise kv_budget_bytes or ask fewer at once)")
+
+    def _stored_prefix(self, row: ChatRow, image: str):
+        """(stored prefix, tokens reused) for a row whose start an earlier request computed, or None.
+        The image must lie within the reused part: the new tokens run without the vision encoder."""
+        if not self.prefixes.budget_bytes:
+            return None
+        tok = self.processor.tokenizer
+        last_image = len(row.ids) - 1 - row.ids[::-1].index(tok.image_id) if tok.image_id in row.ids else -1
+        return self.prefixes.longest(image, row.ids, at_least=last_image + 1)
+
+    def _prefill_fresh(self, pairs: list[tuple[ChatJob, ChatRow, str]], failed: dict) -> None:
+        batch = self.processor.understanding_rows([r.ids for _, r, _ in pairs], [r.pixels for _, r, _ in pairs])
         out, mask = self._prefill_outputs(batch)
         self.observe("prefill", len(pairs))
-        if self.store is None:
-            self._allocate(out)
-        if len(self.rows) + len(pairs) > self.slots:
-            # Only the first prefill can meet this: the K/V budget is known once the store is sized.
-            raise InputError(f"{len(pairs)} questions at once, the K/V cache holds {self.slots} rows "
-                             "(raise kv_budget_bytes or ask fewer at once)")
+        if self.cache is None:
+            self.cache = self._make_cache(KVLayout.from_present(out))
+            self.slots = self.cache.slots
+            self._check_room(len(pairs))
         logits = out["logits"].float()
         width = mask.shape[1]
         lengths = mask.sum(dim=1).tolist()
-        failed: dict[ChatJob, BaseException] = {}
-        for i, (job, _) in enumerate(pairs):
+        for i, (job, _, _) in enumerate(pairs):
             if job not in failed and not torch.isfinite(logits[i]).all():
                 failed[job] = NonFiniteOutput("llm_prefill: output 'logits' has NaN/Inf values for this request")
-        for i, (job, row) in enumerate(pairs):
+        for i, (job, row, image) in enumerate(pairs):
             if job in failed:
                 continue
             n = int(lengths[i])
-            self._place(out, i, width - n, n)
-            active = _Active(job, row, n)
+            slot = self.cache.acquire()
+            self.cache.put(slot, 0, out, i, width - n, n)
+            active = _Active(job, row, image)
             self.rows.append(active)
             self._emit(active, logits[i])
-        return list(failed.items())
+
+    def _prefill_from(self, job: ChatJob, row: ChatRow, image: str, kv, count: int, failed: dict) -> bool:
+        """A row whose first `count` tokens' K/V are stored: only the rest runs, over that past. False
+        where the engine cannot run them so (a TensorRT build's decode profiles take T = 1 or the
+        image tokens' T only): the row is then prefilled in full, with the same result."""
+        slot = self.cache.acquire()
+        active = _Active(job, row, image)
+        self.rows.append(active)
+        self.cache.copy_in(slot, kv, count)
+        try:
+            logits = self._forward([slot], [row.ids[count:]])[0]
+        except Exception:  # noqa: BLE001 - a whole prefill follows, which raises again if the request is at fault
+            log.warning("prefix reuse failed for this row; it is prefilled in full", exc_info=True)
+            self._remove(self.rows.index(active))
+            return False
+        if not torch.isfinite(logits).all():
+            failed[job] = NonFiniteOutput("llm_decode: output 'logits' has NaN/Inf values for this request")
+            self._zero(job)
+            return True
+        self._emit(active, logits)
+        return True
 
     def _prefill_outputs(self, batch) -> tuple[Mapping[str, torch.Tensor], torch.Tensor]:
         """(llm_prefill outputs, attention mask [n, width]) of a processor batch (a hook: the fast
@@ -128,58 +196,22 @@ class ChatSlots:
                                     "position_ids": understanding_positions(mask)})
         return out, mask
 
-    def _allocate(self, out: Mapping[str, torch.Tensor]) -> None:
-        k0 = out[kv_name("present", 0, "key")]
-        layers, heads, head_dim = count_layers(out), k0.shape[1], k0.shape[3]
-        per_row = 2 * layers * heads * self.max_len * head_dim * k0.element_size()
-        self.slots = max(1, min(self.max_rows, self.kv_budget_bytes // per_row))
-        shape = (self.slots, heads, self.max_len, head_dim)
-        self.store = [(torch.zeros(shape, dtype=k0.dtype, device=k0.device),
-                       torch.zeros(shape, dtype=k0.dtype, device=k0.device)) for _ in range(layers)]
-
-    def _place(self, out: Mapping[str, torch.Tensor], i: int, start: int, n: int) -> None:
-        """Row i of a prefill output (its tokens at columns [start, start+n)) into the next free slot."""
-        if self.end < n:
-            self._move(self.end, n)
-        slot, end = len(self.rows), self.end
-        for layer, (k, v) in enumerate(self.store):
-            for store, part in ((k, "key"), (v, "value")):
-                store[slot, :, : end - n].zero_()
-                store[slot, :, end - n: end] = out[kv_name("present", layer, part)][i, :, start: start + n]
-
-    def _move(self, old_end: int, new_end: int) -> None:
-        """Shift the filled columns of all active rows so that they end at `new_end`."""
-        width = max((a.length for a in self.rows), default=0)
-        if width:
-            rows = len(self.rows)
-            for k, v in self.store:
-                for store in (k, v):
-                    store[:rows, :, new_end - width: new_end] = store[:rows, :, old_end - width: old_end].clone()
-        self.end = new_end
-
     def _remove(self, i: int) -> None:
+        self.cache.release(i)
         last = len(self.rows) - 1
-        width = max(a.length for a in self.rows)
-        if i != last:
-            for k, v in self.store:
-                for store in (k, v):
-                    store[i, :, self.end - width: self.end] = store[last, :, self.end - width: self.end]
-            self.rows[i] = self.rows[last]
+        self.rows[i] = self.rows[last]
         self.rows.pop()
-        if not self.rows:
-            self.end = 0
 
     # -- decode ------------------------------------------------------------------------------
 
     def step(self) -> list[Failure]:
         """One token for every active row; a failing batched call is retried job by job so that
         only the request at fault fails."""
-        if self.end == self.max_len:
-            self._move(self.end, max(a.length for a in self.rows))
         rows = list(self.rows)
         failures: dict[ChatJob, BaseException] = {}
+        last = [[a.last_token] for a in rows]
         try:
-            logits = dict(zip(range(len(rows)), self._forward(list(range(len(rows))))))
+            logits = dict(zip(range(len(rows)), self._forward(list(range(len(rows))), last)))
         except Exception as batch_error:  # noqa: BLE001 - the error is the result of the requests at fault
             jobs = list(dict.fromkeys(a.job for a in rows))
             logits = {}
@@ -189,15 +221,11 @@ class ChatSlots:
                     break
                 idx = [i for i, a in enumerate(rows) if a.job is job]
                 try:
-                    logits.update(zip(idx, self._forward(idx)))
+                    logits.update(zip(idx, self._forward(idx, [last[i] for i in idx])))
                 except Exception as e:  # noqa: BLE001 - the error is the request's result
                     failures[job] = e
-        self.end += 1
         for i, active in enumerate(rows):
-            if i not in logits:
-                continue
-            active.length += 1
-            if not torch.isfinite(logits[i]).all():
+            if i in logits and not torch.isfinite(logits[i]).all():
                 failures.setdefault(active.job, NonFiniteOutput("llm_decode: output 'logits' has NaN/Inf values "
                                                                 f"at token {active.produced + 1} of this request"))
         for job in failures:
@@ -207,38 +235,38 @@ class ChatSlots:
                 self._emit(active, logits[i])
         return list(failures.items())
 
-    def _forward(self, idx: list[int]) -> torch.Tensor:
-        """llm_decode over the slots `idx`, writing their new K/V at column `end`; -> logits [len(idx),V]."""
-        rows = [self.rows[i] for i in idx]
-        width = max(a.length for a in rows)
-        end = self.end
-        device = self.store[0][0].device
-        prefix = idx == list(range(len(idx)))
-        # The active slots are a dense prefix: their past is a view; a retried subset is gathered.
-        select = slice(0, len(idx)) if prefix else torch.tensor(idx, device=device)
-        past = {}
-        for layer, (k, v) in enumerate(self.store):
-            past[kv_name("past", layer, "key")] = k[select, :, end - width: end]
-            past[kv_name("past", layer, "value")] = v[select, :, end - width: end]
-        lengths = torch.tensor([a.length for a in rows], device=device)
-        columns = torch.arange(width + 1, device=device)
-        mask = (columns[None, :] >= (width - lengths)[:, None]).long()
-        tokens = torch.tensor([[a.last_token] for a in rows], device=device)
-        embeds = self.engines["embed_tokens"].run({"input_ids": tokens})["inputs_embeds"]
+    def _forward(self, slots: list[int], tokens: list[list[int]]) -> torch.Tensor:
+        """llm_decode of `tokens` (the same count T per row) over the K/V of `slots`, whose new K/V
+        the cache then holds; -> logits [len(slots),V] of each row's last token."""
+        cache = self.cache
+        t = len(tokens[0])
+        cache.fit(max(cache.lengths[s] for s in slots) + t)
+        n = len(slots)
+        dense = slots == list(range(n))
+        if dense:
+            past = cache.past(n)
+        elif n == 1:
+            past = {name: view[slots[0]: slots[0] + 1] for name, view in cache.past(cache.rows).items()}
+        else:  # a retried subset: gathered (the failure path only)
+            index = torch.tensor(slots, device=cache.device)
+            past = {name: view.index_select(0, index) for name, view in cache.past(cache.rows).items()}
+        lengths = [cache.lengths[s] for s in slots]
+        device = cache.device
+        mask = cache.mask(lengths, t)
+        positions = torch.tensor(lengths, device=device)[:, None] + torch.arange(t, device=device)[None, :]
+        embeds = self.engines["embed_tokens"].run({"input_ids": torch.tensor(tokens, device=device)})["inputs_embeds"]
+        new = kv_names(NEW, cache.layout.layers)
         out = self.engines["llm_decode"].run({"inputs_embeds": embeds, "attention_mask": mask,
-                                              "position_ids": lengths[:, None], **past})
-        self.observe("chat", len(rows))
-        for layer, (k, v) in enumerate(self.store):
-            k[select, :, end] = out[kv_name("present", layer, "key")][:, :, -1].to(k.device)
-            v[select, :, end] = out[kv_name("present", layer, "value")][:, :, -1].to(v.device)
+                                              "position_ids": positions, **past},
+                                             outputs=cache.staging(n) if t == 1 else None, names=("logits", *new))
+        self.observe("chat", n)
+        cache.append(slots, out)
         return out["logits"].float()
 
     def _zero(self, job: ChatJob) -> None:
         for i, a in enumerate(self.rows):
             if a.job is job:
-                for k, v in self.store:
-                    k[i].zero_()
-                    v[i].zero_()
+                self.cache.zero(i)
 
     def _emit(self, active: _Active, logits: torch.Tensor) -> None:
         """Choose the row's next token; a row that has ended leaves its slot at once."""
@@ -247,7 +275,17 @@ class ChatSlots:
         active.produced += 1
         reason = job.push(row, token, logits.cpu() if job.keep_logits else None, active.produced)
         if reason is not None:
-            self._remove(self.rows.index(active))
+            self._leave(active)
+
+    def _leave(self, active: _Active) -> None:
+        """A row that ended: its K/V (prompt and every answer token fed back) are kept for a follow-up
+        turn, then its slot is freed."""
+        i = self.rows.index(active)
+        count = self.cache.lengths[i]
+        if count * self.cache.layout.token_bytes <= self.prefixes.budget_bytes:  # else it would not be kept
+            ids = (active.row.ids + active.row.tokens)[:count]
+            self.prefixes.store(active.image, ids, self.cache.copy_out(i, count))
+        self._remove(i)
 
     def _choose(self, active: _Active, logits: torch.Tensor) -> int:
         """The row's next token from its logits [V] (a hook: the fast path chooses on the device)."""

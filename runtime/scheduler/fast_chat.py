@@ -3,10 +3,10 @@
 `ChatSlots` decodes one token per iteration through the engines and chooses it on the host. Here
 prefill runs over static buffers (`fast_prefill`), and an iteration decodes a chunk of k tokens
 for every active row without returning to the host: `model.llm(..., write_slots=...)` writes
-each token's K/V in place into the `ChatSlots` store (all
-rows at the common column `end + j`, which is what `write_slots` supports), attention reads the
-store's columns [0, hi) with a [rows, hi] mask (the rows' left padding; causality hides the
-columns not yet written), and the next token is chosen on the device (`sample_next_device`
+each token's K/V in place into the `ChatSlots` K/V cache (row r at its own next column, which is
+its position: rows are left-aligned), attention reads the cache's columns [0, width) (causality
+hides each row's columns past its position, so the mask is all ones), and the next token is
+chosen on the device (`sample_next_device`
 with uniforms drawn beforehand from each row's own generator, then `stop_rows`). Only the
 chunk's tokens [rows, k] come back, and the host pushes them through the job (whose `StopRule`
 decides why a row ends); tokens after a row's EOS are padding and never reach the caller. A
@@ -14,7 +14,7 @@ row's j-th token always uses its generator's j-th draw, so its tokens do not dep
 or companions.
 
 Shapes are fixed per (row bucket, k, hi, logits kept, all rows greedy): rows are padded to a power of two (the
-padding rows decode into free slots) and hi is rounded up to `DECODE_BUCKET`, so on CUDA each
+padding rows decode into free slots) and hi, the cache's width, is a multiple of `DECODE_BUCKET`, so on CUDA each
 chunk is captured once as a CUDA graph and replayed (bounded LRU). If a chunk raises, that
 iteration falls back to the engine path, which retries job by job to find the request at fault.
 """
@@ -31,8 +31,10 @@ from jfexport.reference.schedulers import row_uniforms, sample_next_device, stop
 from ..backends.torch_backend import exact_fp32
 from ..engine import Engine
 from ..errors import NonFiniteOutput
-from ..torch_fast import DECODE_BUCKET, LRU, capture_or_none
+from ..lru import LRU
+from ..torch_fast import DECODE_BUCKET, capture_or_none
 from .chat_batch import ChatSlots, Failure, _Active
+from .kv_cache import KVLayout
 from .fast_prefill import PrefillGraphs
 from .requests import ChatJob
 
@@ -55,8 +57,8 @@ class _Chunk:
             return torch.zeros(shape, dtype=dtype, device=device)
 
         self.rows, self.k, self.hi, self.all_greedy = rows, k, hi, all_greedy
-        self.token, self.position, self.start = z(rows), z(rows), z(rows)
-        self.slot = z(1)
+        self.token, self.position = z(rows), z(rows)
+        self.mask = torch.ones((rows, hi), dtype=torch.long, device=device)
         self.temperature, self.top_p = z(rows, dtype=torch.float32), z(rows, dtype=torch.float32)
         self.uniforms = z(rows, k, dtype=torch.float32)
         self.limit, self.produced, self.eos = z(rows), z(rows), z(rows)
@@ -80,9 +82,12 @@ class _Chunk:
 
 
 class FastChatSlots(ChatSlots):
+    column_bucket = DECODE_BUCKET  # each cache width is a shape captured once
+
     def __init__(self, engines: Mapping[str, Engine], processor, max_rows: int, max_len: int, kv_budget_bytes: int,
-                 observe: Callable[[str, int], None], model, cuda_graphs: bool, chunk: int = DEFAULT_CHUNK):
-        super().__init__(engines, processor, max_rows, max_len, kv_budget_bytes, observe)
+                 observe: Callable[[str, int], None], model, cuda_graphs: bool, chunk: int = DEFAULT_CHUNK,
+                 kv_layout: KVLayout | None = None, prefix_cache_bytes: int = 0):
+        super().__init__(engines, processor, max_rows, max_len, kv_budget_bytes, observe, kv_layout, prefix_cache_bytes)
         self.model = model
         self.cuda_graphs = cuda_graphs
         self.chunk = chunk
@@ -105,19 +110,18 @@ class FastChatSlots(ChatSlots):
                                       torch.tensor([job.top_p], device=dev), u)[0])
 
     def step(self) -> list[Failure]:
-        k = min(self.chunk, max(a.job.rule.max_new_tokens - a.produced for a in self.rows))
-        if self.end + k > self.max_len:
-            self._move(self.end, max(a.length for a in self.rows))
-        k = min(k, self.max_len - self.end)
+        cache = self.cache
+        longest = max(cache.lengths)
+        k = min(self.chunk, max(a.job.rule.max_new_tokens - a.produced for a in self.rows), self.max_len - longest)
+        cache.fit(longest + k)
         rows = list(self.rows)
         try:
             tokens, first_bad, logits = self._decode(rows, k)
         except Exception:  # noqa: BLE001 - the engine path below finds the request at fault
             log.warning("fast chat chunk failed; this iteration runs on the engine path", exc_info=True)
             return super().step()
-        self.end += k
-        for active in rows:
-            active.length += k
+        for i in range(len(rows)):
+            cache.lengths[i] += k
         failures: dict[ChatJob, BaseException] = {}
         for i, active in enumerate(rows):
             if first_bad[i] >= 0:
@@ -138,16 +142,18 @@ class FastChatSlots(ChatSlots):
             active.produced += 1
             reason = job.push(active.row, token, logits[j] if job.keep_logits else None, active.produced)
             if reason is not None:
-                self._remove(self.rows.index(active))
+                # Its columns past the end token hold the chunk's padding tokens: only `count` are kept.
+                self.cache.lengths[self.rows.index(active)] -= len(tokens) - 1 - j
+                self._leave(active)
                 return
 
     def _decode(self, rows: list[_Active], k: int) -> tuple[list[list[int]], list[int], torch.Tensor | None]:
         """k tokens of every row: (tokens [n][k], first non-finite step per row or -1, logits [n,k,V] or None)."""
         n = len(rows)
-        store_k = self.store[0][0]
-        dev = store_k.device
+        cache = self.cache
+        dev = cache.device
         width = _pow2(n) if _pow2(n) <= self.slots else self.slots
-        hi = min(self.max_len, -(-(self.end + k) // DECODE_BUCKET) * DECODE_BUCKET)
+        hi = cache.width
         keep = any(a.job.keep_logits for a in rows)
         greedy = all(a.job.temperature == 0 for a in rows)
         key = (width, k, hi, keep, greedy)
@@ -161,22 +167,18 @@ class FastChatSlots(ChatSlots):
         def padded(values: list, fill, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values + [fill] * pad, dtype=dtype)
 
-        lengths = [a.length for a in rows]
-        # Padding rows see only the column they write (start = end) and are finished from the start.
+        # Padding rows decode at column 0 of free slots and are finished from the start.
         state.load(token=padded([a.last_token for a in rows], 0, torch.long),
-                   position=padded(lengths, 0, torch.long),
-                   start=padded([self.end - n_ for n_ in lengths], self.end, torch.long),
-                   slot=torch.tensor([self.end]),
+                   position=padded(cache.lengths[:n], 0, torch.long),
                    temperature=padded([a.job.temperature for a in rows], 0.0, torch.float32),
                    top_p=padded([a.job.top_p for a in rows], 1.0, torch.float32),
                    uniforms=torch.cat([row_uniforms([a.row.generator for a in rows], k), torch.zeros(pad, k)]),
                    limit=padded([a.job.rule.max_new_tokens - a.produced for a in rows], 1, torch.long),
                    eos=padded([a.job.rule.eos_id for a in rows], 0, torch.long),
                    finished=padded([False] * n, True, torch.bool))
-        dtype = store_k.dtype
-        with torch.inference_mode(), exact_fp32(dtype):
+        with torch.inference_mode(), exact_fp32(cache.layout.dtype):
             if self.cuda_graphs and dev.type == "cuda" and state.graph is None:
-                # The warm-up runs advance the buffers and write K/V at columns >= end, which the
+                # The warm-up runs advance the buffers and write K/V at columns >= each row's length, which the
                 # replay (or the eager run) rewrites from the restored inputs.
                 state.graph = capture_or_none(lambda: self._run(state))
                 self.cuda_graphs = state.graph is not None
@@ -193,12 +195,10 @@ class FastChatSlots(ChatSlots):
 
     def _run(self, s: _Chunk) -> None:
         model = self.model
-        columns = torch.arange(s.hi, device=s.start.device)
-        mask = (columns[None, :] >= s.start[:, None]).long()
-        past = [(k[: s.rows, :, : s.hi], v[: s.rows, :, : s.hi]) for k, v in self.store]
+        past = self.cache.layers(s.rows)
         for j in range(s.k):
             embeds = model.embed_tokens(s.token[:, None])
-            hidden, _, _ = model.llm(embeds, mask, s.position[:, None], past, write_slots=s.slot)
+            hidden, _, _ = model.llm(embeds, s.mask, s.position[:, None], past, write_slots=s.position[:, None])
             logits = model.logits(hidden[:, -1]).float()
             bad = ~s.finished & ~torch.isfinite(logits).all(dim=-1)
             s.first_bad.copy_(torch.where(bad & (s.first_bad < 0), j, s.first_bad))
@@ -209,4 +209,3 @@ class FastChatSlots(ChatSlots):
             s.tokens[:, j] = token
             s.token.copy_(token)
             s.position.add_(1)
-            s.slot.add_(1)

@@ -22,6 +22,6 @@ def install_fast_paths(scheduler: Scheduler, model, cuda_graphs: bool, chunk: in
     fast_gen = FastGenerationRows(gen.engines, gen.pad_id, gen.grid, gen.max_images, gen.observe, model, cuda_graphs,
                                   compile_step)
     fast_chat = FastChatSlots(chat.engines, chat.processor, chat.max_rows, chat.max_len, chat.kv_budget_bytes,
-                              chat.observe, model, cuda_graphs, chunk)
+                              chat.observe, model, cuda_graphs, chunk, chat.kv_layout, chat.prefixes.budget_bytes)
     with scheduler._cond:
         scheduler.generation, scheduler.chat = fast_gen, fast_chat

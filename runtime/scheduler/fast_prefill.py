@@ -16,7 +16,8 @@ import torch
 from jfexport.reference.graph_contract import kv_name
 from jfexport.reference.pipelines.layout import understanding_positions
 
-from ..torch_fast import LRU, capture_or_none
+from ..lru import LRU
+from ..torch_fast import capture_or_none
 
 # Prompt widths are rounded up to this: 628 tokens run as 640 (a power of two would be 1024).
 PREFILL_BUCKET = 128

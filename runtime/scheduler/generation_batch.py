@@ -1,7 +1,8 @@
 """Step-level continuous batching of text-to-image over the graph contract.
 
 Every in-flight image is a row with its own latent, step index, schedule (steps, dt), CFG weight
-and prompt K/V. Each iteration runs one Euler step for all active rows in one `gen_encoder`, one
+and prompt K/V (the conditional row's own; the unconditional row's, which depends on the prompt
+length only, prefilled once per length and shared). Each iteration runs one Euler step for all active rows in one `gen_encoder`, one
 `llm_decode` and one `gen_decoder` call: per-row timesteps, and prompts of different lengths side
 by side, each prompt's K/V right-aligned in the batch's past with its left columns masked and its
 own positions (the step tokens never enter the cache, so a row's past never changes). New
@@ -20,13 +21,14 @@ from typing import Callable, Mapping
 
 import torch
 
-from jfexport.reference.graph_contract import count_layers, kv_name
+from jfexport.reference.graph_contract import PRESENT, count_layers, kv_name
 from jfexport.reference.pipelines.images import to_uint8
 from jfexport.reference.pipelines.layout import cfg_prompt_rows, offset_positions
 from jfexport.reference.processor.processor import left_pad
 from jfexport.reference.schedulers import FlowEulerCFGScheduler, cfg_velocity, euler_step
 
 from ..engine import Engine
+from ..lru import LRU
 from ..errors import NonFiniteOutput
 from .requests import GenerationJob
 
@@ -59,6 +61,9 @@ class _Row:
 
 Failure = tuple[GenerationJob, BaseException]
 
+# Prompt lengths whose unconditional row K/V are kept (each at most max_seq columns).
+UNCOND_LENGTHS = 64
+
 
 class GenerationRows:
     def __init__(self, engines: Mapping[str, Engine], pad_id: int, grid: int, max_images: int,
@@ -70,6 +75,7 @@ class GenerationRows:
         self.to_decode: list[GenerationJob] = []
         self._batch_key: tuple[int, ...] | None = None
         self._batch: tuple[dict, torch.Tensor, torch.Tensor] | None = None
+        self._uncond: LRU[int, list] = LRU(UNCOND_LENGTHS)  # prompt length -> unconditional row K/V, per layer [Hkv,P,Dh]
 
     @property
     def active_rows(self) -> int:
@@ -92,22 +98,34 @@ class GenerationRows:
         cond_ids, cond_mask = left_pad([ids for _, ids in prompts], self.pad_id)
         ids, mask, pad = cfg_prompt_rows(cond_ids, cond_mask, self.pad_id)
         width = ids.shape[1]
-        embeds = self.engines["embed_tokens"].run({"input_ids": ids})["inputs_embeds"]
+        count = len(prompts)
+        lengths = [width - int(pad[p]) for p in range(count)]
+        # The unconditional row (BOS, then masked pads) depends on the prompt's length only: it is
+        # prefilled once per length and shared by every prompt of that length.
+        missing = {n: p for p, n in reversed(list(enumerate(lengths))) if self._uncond.get(n) is None}
+        select = list(range(count)) + [count + p for p in missing.values()]
+        positions = offset_positions(pad, width)[select]
+        embeds = self.engines["embed_tokens"].run({"input_ids": ids[select]})["inputs_embeds"]
         device = embeds.device
         mask = mask.to(device)
-        out = self.engines["llm_prefill"].run({"inputs_embeds": embeds, "attention_mask": mask,
-                                               "position_ids": offset_positions(pad, width).to(device)})
-        self.observe("prefill", ids.shape[0])
-        count = len(prompts)
+        out = self.engines["llm_prefill"].run({"inputs_embeds": embeds, "attention_mask": mask[select],
+                                               "position_ids": positions.to(device)})
+        self.observe("prefill", len(select))
         layers = count_layers(out)
+
+        def columns(row: int, start: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            return [(out[kv_name(PRESENT, i, "key")][row, :, start:], out[kv_name(PRESENT, i, "value")][row, :, start:])
+                    for i in range(layers)]
+
+        for j, (n, p) in enumerate(missing.items()):
+            self._uncond.put(n, [(k.clone(), v.clone()) for k, v in columns(count + j, int(pad[p]))])
         states: list[_Prompt] = []
         for p in range(count):
             # Keep each prompt's own columns: from its BOS on, positions start at 0 there.
             start = int(pad[p])
-            pair = [p, count + p]
-            past = [(out[kv_name("present", i, "key")][pair, :, start:].clone(),
-                     out[kv_name("present", i, "value")][pair, :, start:].clone()) for i in range(layers)]
-            states.append(_Prompt(past, mask[pair, start:]))
+            uncond = self._uncond.get(lengths[p])
+            past = [(torch.stack([k, uk]), torch.stack([v, uv])) for (k, v), (uk, uv) in zip(columns(p, start), uncond)]
+            states.append(_Prompt(past, mask[[p, count + p], start:]))
         p = 0
         for job in jobs:
             schedule = FlowEulerCFGScheduler(job.steps, job.cfg, torch.float32)
@@ -180,8 +198,9 @@ class GenerationRows:
         enc = e["gen_encoder"].run({"latents": z, "timesteps": timesteps})
         t_emb = enc["t_embeds"].repeat(2, 1)
         step_embeds = torch.cat([t_emb[:, None, :], enc["z_embeds"].repeat(2, 1, 1)], dim=1)
+        # Only the hidden states: the step tokens' K/V and logits are not fetched (they never enter the cache).
         hidden = e["llm_decode"].run({"inputs_embeds": step_embeds, "attention_mask": mask, "position_ids": positions,
-                                      **past})["hidden_states"]
+                                      **past}, names=("hidden_states",))["hidden_states"]
         v_raw = e["gen_decoder"].run({"hidden_states": hidden[:, 1:], "skip": enc["skip"].repeat(2, 1, 1, 1),
                                       "t_embeds": t_emb})["velocity"].float()
         shape = (count, 1, 1, 1)

@@ -35,6 +35,7 @@ from ..engine import Engine
 from ..errors import Overloaded, RequestCancelled, RequestTimeout, SchedulerStopped
 from .chat_batch import ChatSlots
 from .generation_batch import GenerationRows
+from .kv_cache import KVLayout
 from .requests import CallJob, ChatJob, GenerationJob, Job
 
 log = logging.getLogger(__name__)
@@ -45,12 +46,14 @@ Failure = tuple[Job, BaseException]
 
 class Scheduler:
     def __init__(self, engines: Mapping[str, Engine], processor, grid: int, max_rows: int, max_len: int,
-                 max_queue: int = 64, kv_budget_bytes: int = 4 << 30, torch_threads: int | None = None):
+                 max_queue: int = 64, kv_budget_bytes: int = 4 << 30, torch_threads: int | None = None,
+                 kv_layout: KVLayout | None = None, prefix_cache_bytes: int = 0):
         self.max_queue = max_queue
         self._torch_threads = torch_threads
         self._observers: list[Observer] = []
         self.generation = GenerationRows(engines, processor.tokenizer.pad_id, grid, max(1, max_rows // 2), self._observe)
-        self.chat = ChatSlots(engines, processor, max_rows, max_len, kv_budget_bytes, self._observe)
+        self.chat = ChatSlots(engines, processor, max_rows, max_len, kv_budget_bytes, self._observe, kv_layout,
+                              prefix_cache_bytes)
         self._cond = threading.Condition()
         self._queue: collections.deque[Job] = collections.deque()
         self._calls: collections.deque[tuple[Callable[[], object], Job]] = collections.deque()
