@@ -12,6 +12,7 @@ import copy
 import gc
 from pathlib import Path
 
+from jfexport import defaults
 from jfexport.reference.bundle import ModelBundle
 from jfexport.reference.errors import JanusFlowError
 from jfexport.runtime.backend_choice import BackendChoice, choose_backend
@@ -31,7 +32,6 @@ from .specs import Limits, graph_specs
 
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "processor_config.json",
                    "preprocessor_config.json")
-DEFAULT_MAX_SEQ = 4096
 
 
 class BuildLimitsError(JanusFlowError):
@@ -42,7 +42,7 @@ class Int8ArithmeticError(JanusFlowError):
     pass
 
 
-def build_limits(bundle: ModelBundle, max_batch: int = 16, max_seq: int | None = None) -> Limits:
+def build_limits(bundle: ModelBundle, max_batch: int = defaults.MAX_BATCH, max_seq: int | None = None) -> Limits:
     """The build's limits: `max_seq` defaults to the model's positions (at most 4096) and may not exceed them."""
     positions = bundle.config.language.max_position_embeddings
     # The graphs are exported at sample sizes (export/specs.py) that every range must hold, so
@@ -52,7 +52,7 @@ def build_limits(bundle: ModelBundle, max_batch: int = 16, max_seq: int | None =
     if max_seq is not None and max_seq < 12:
         raise BuildLimitsError(f"--max-seq {max_seq}: at least 12 tokens (the export samples 11 after a past of 7)")
     if max_seq is None:
-        return Limits(max_batch, min(DEFAULT_MAX_SEQ, positions))
+        return Limits(max_batch, min(defaults.MAX_SEQ, positions))
     if max_seq > positions:
         raise BuildLimitsError(f"--max-seq {max_seq} exceeds the model's max_position_embeddings {positions} "
                                f"({bundle.source}): build with --max-seq {positions} or less")

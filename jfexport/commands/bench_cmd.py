@@ -8,7 +8,9 @@ from pathlib import Path
 
 import click
 
-from jfexport.runtime.backend_choice import BACKENDS
+from jfexport import defaults
+
+from jfexport.defaults import BACKENDS
 
 from .options import backend_option, load_model, model_options, reference_bundle_for_build
 from .output_files import check_json_target, write_json
@@ -19,12 +21,12 @@ from .output_files import check_json_target, write_json
 @click.option("--engines", type=click.Path(path_type=Path), default=None,
               help="Benchmark this build (its backend); default: the torch backend on the model options.")
 @backend_option(BACKENDS, "Backend to run --engines with (auto: the one it was built for).")
-@click.option("--steps", type=click.IntRange(min=1), default=30, show_default=True, help="Euler steps per image.")
-@click.option("--cfg", default=2.0, show_default=True, help="Classifier-free guidance weight.")
+@click.option("--steps", type=click.IntRange(min=1), default=defaults.STEPS, show_default=True, help="Euler steps per image.")
+@click.option("--cfg", default=defaults.CFG, show_default=True, help="Classifier-free guidance weight.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Images per generation call.")
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed calls before the runs.")
 @click.option("--runs", type=click.IntRange(min=1), default=5, show_default=True, help="Timed calls per measurement.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=defaults.MAX_NEW_TOKENS, show_default=True,
               help="Longest answer of the understanding benchmark.")
 @click.option("--precisions", default=None,
               help="With --engines: benchmark these precisions of the build one after the other in the same run, "

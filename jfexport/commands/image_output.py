@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-
-from PIL import Image
+from typing import TYPE_CHECKING
 
 from .output_files import OutputError, ensure_writable_folder, write_atomically
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 _IMAGE_NAME = re.compile(r"image_(\d+)\.png")
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from jfexport.export.specs import Limits
-from jfexport.runtime.backend_choice import ENGINE_BACKENDS
+from jfexport import defaults
+from jfexport.defaults import ENGINE_BACKENDS
 
 from .image_output import plan_image_paths, write_png
 from .options import (DEFAULT_ENGINES, backend_option, load_model, model_options, open_pipeline, precision_option,
@@ -22,7 +22,7 @@ from .options import (DEFAULT_ENGINES, backend_option, load_model, model_options
                                           "(ranges cached in calibration.json).")
 @backend_option(ENGINE_BACKENDS, "Engines to compile for (auto: TensorRT when it and a GPU are present, else ONNX Runtime).")
 @click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_ENGINES, show_default=True, help="Build folder.")
-@click.option("--max-batch", default=Limits().max_batch, show_default=True, help="Largest batch (rows; CFG doubles images).")
+@click.option("--max-batch", default=defaults.MAX_BATCH, show_default=True, help="Largest batch (rows; CFG doubles images).")
 @click.option("--max-seq", type=int, default=None,
               help="Longest sequence (prompt + generated tokens)  [default: the model's max_position_embeddings, at most "
                    "4096].")
@@ -41,10 +41,10 @@ def build_cmd(checkpoint, vae, preset, fp16, int8, backend, out, max_batch, max_
 @click.command("generate")
 @click.argument("prompts", nargs=-1, required=True)
 @runtime_options
-@click.option("-n", "--num-images", type=click.IntRange(min=1), default=1, show_default=True, help="Images per prompt.")
-@click.option("--steps", type=click.IntRange(min=1), default=30, show_default=True, help="Euler steps of the flow.")
-@click.option("--cfg", default=2.0, show_default=True, help="Classifier-free guidance weight.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the initial noise.")
+@click.option("-n", "--num-images", type=click.IntRange(min=1), default=defaults.IMAGES_PER_PROMPT, show_default=True, help="Images per prompt.")
+@click.option("--steps", type=click.IntRange(min=1), default=defaults.STEPS, show_default=True, help="Euler steps of the flow.")
+@click.option("--cfg", default=defaults.CFG, show_default=True, help="Classifier-free guidance weight.")
+@click.option("--seed", type=click.IntRange(min=0), default=defaults.SEED, show_default=True, help="Seed of the initial noise.")
 @click.option("--numerics", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="torch backend: bf16 reproduces the official demo's rounding (bf16 model, t and dt).")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("out"), show_default=True,
@@ -67,12 +67,12 @@ def generate_cmd(prompts, engines, backend, precision, verify_files, checkpoint,
 @click.argument("question")
 @runtime_options
 @click.option("--image", "image_path", type=click.Path(path_type=Path), required=True, help="The image to ask about.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=defaults.MAX_NEW_TOKENS, show_default=True,
               help="Longest answer, in tokens.")
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
+@click.option("--temperature", type=click.FloatRange(min=0), default=defaults.TEMPERATURE, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=defaults.TOP_P, show_default=True,
               help="Nucleus sampling mass (with --temperature > 0).")
-@click.option("--seed", default=0, show_default=True, help="Sampling seed (with --temperature > 0).")
+@click.option("--seed", type=click.IntRange(min=0), default=defaults.SEED, show_default=True, help="Sampling seed (with --temperature > 0).")
 def chat_cmd(question, engines, backend, precision, verify_files, checkpoint, vae, preset, image_path, max_new_tokens, temperature,
              top_p, seed):
     """Answer QUESTION about an image, streaming the answer."""
@@ -105,7 +105,7 @@ def chat_cmd(question, engines, backend, precision, verify_files, checkpoint, va
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Reference model (default: the one the manifest records).")
 @click.option("--vae", type=click.Path(path_type=Path), default=None, help="diffusers AutoencoderKL folder of the reference.")
-@click.option("--steps", type=click.IntRange(min=1), default=30, show_default=True, help="Euler steps of the end-to-end check.")
+@click.option("--steps", type=click.IntRange(min=1), default=defaults.STEPS, show_default=True, help="Euler steps of the end-to-end check.")
 def verify_cmd(engines, backend, precision, checkpoint, vae, steps):
     """End-to-end parity of built engines with the PyTorch reference."""
     from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline

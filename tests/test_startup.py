@@ -1,0 +1,88 @@
+"""What the CLI imports before it does anything: `--help` no ML library, `chat` and `serve` on an
+engines folder no model code. Each check runs a fresh interpreter: an import made by an earlier
+test in this process would hide one made by the command."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import REPO
+from .serve_helpers import build_engines, free_port, shape_image
+
+HEAVY = ("torch", "transformers", "diffusers", "onnx", "onnxruntime")
+MODEL_CODE = ("transformers", "diffusers", "jfexport.reference.modules")
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory) -> Path:
+    return build_engines(tmp_path_factory)
+
+
+def _imported(stderr: str) -> set[str]:
+    """Modules a `python -X importtime` run imported (one line per import on stderr)."""
+    return {m.group(1) for m in re.finditer(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)$", stderr, re.M)}
+
+
+def _matching(modules: set[str], roots: tuple[str, ...]) -> list[str]:
+    return sorted(m for m in modules if any(m == r or m.startswith(r + ".") for r in roots))
+
+
+def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-X", "importtime", "-m", "jfexport.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO)
+
+
+def test_help_of_the_cli_and_of_every_command_imports_no_ml_library():
+    from jfexport.cli import cli
+
+    for args in ([], *([name] for name in cli.commands)):
+        res = _cli(*args, "--help")
+        assert res.returncode == 0, (args, res.stderr[-2000:])
+        assert "Usage:" in res.stdout
+        assert _matching(_imported(res.stderr), HEAVY) == [], args
+
+
+def test_chat_on_an_engines_folder_imports_no_model_code(engines, tmp_path):
+    image = tmp_path / "shape.png"
+    shape_image().save(image)
+    res = _cli("chat", "--engines", str(engines), "--image", str(image), "What colour is the shape?",
+               "--max-new-tokens", "2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    imported = _imported(res.stderr)
+    assert "jfexport.runtime.pipelines" in imported  # the check saw the command's imports
+    assert _matching(imported, MODEL_CODE) == []
+
+
+def test_serve_on_an_engines_folder_imports_no_model_code(engines, tmp_path):
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "jfexport.cli", "serve", "--engines",
+                                 str(engines), "--port", str(port), "--grace", "1"], cwd=REPO, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                assert proc.poll() is None, log.read_text()[-2000:]
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.25)
+            else:
+                raise AssertionError("the server was not ready within 120 s")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+    imported = _imported(log.read_text(errors="replace"))
+    assert "jfexport.runtime.serving.server" in imported
+    assert _matching(imported, MODEL_CODE) == []
