@@ -8,6 +8,7 @@ import click
 
 from jfexport.commands.bench_cmd import bench_cmd
 from jfexport.commands.bench_serve_cmd import bench_serve_cmd
+from jfexport.commands.bench_startup_cmd import bench_startup_cmd
 from jfexport.commands.bench_torch_cmd import bench_torch_cmd
 from jfexport.commands.eval_cmd import eval_cmd
 from jfexport.commands.export_cmd import export_cmd
@@ -26,7 +27,7 @@ def cli(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
-for _command in (build_cmd, generate_cmd, chat_cmd, verify_cmd, bench_cmd, bench_serve_cmd, bench_torch_cmd, export_cmd, verify_reference_cmd, train_cmd,
+for _command in (build_cmd, generate_cmd, chat_cmd, verify_cmd, bench_cmd, bench_serve_cmd, bench_startup_cmd, bench_torch_cmd, export_cmd, verify_reference_cmd, train_cmd,
                  train_default_cmd, eval_cmd, serve_cmd):
     cli.add_command(_command)
 

@@ -47,9 +47,11 @@ class _TimedEngine:
 
 
 def summarize(samples: list[float]) -> dict[str, float]:
+    """Median, p90 and the spread (min, max) of wall times in seconds, as milliseconds."""
     ordered = sorted(samples)
     p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
-    return {"median_ms": statistics.median(ordered) * 1e3, "p90_ms": p90 * 1e3, "runs": len(ordered)}
+    return {"median_ms": statistics.median(ordered) * 1e3, "p90_ms": p90 * 1e3, "min_ms": ordered[0] * 1e3,
+            "max_ms": ordered[-1] * 1e3, "runs": len(ordered)}
 
 
 def timed_runs(fn: Callable[[], object], warmup: int, runs: int, timer: StageTimer | None = None) -> list[float]:
@@ -104,10 +106,22 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what the platform reports."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_info() -> dict[str, object]:
     info: dict[str, object] = {
         "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)

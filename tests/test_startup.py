@@ -86,3 +86,18 @@ def test_serve_on_an_engines_folder_imports_no_model_code(engines, tmp_path):
     imported = _imported(log.read_text(errors="replace"))
     assert "jfexport.runtime.serving.server" in imported
     assert _matching(imported, MODEL_CODE) == []
+
+
+def test_bench_startup_writes_the_spread_of_each_measurement(engines, tmp_path):
+    import json
+
+    out = tmp_path / "startup.json"
+    res = subprocess.run([sys.executable, "-m", "jfexport.cli", "bench-startup", "--engines", str(engines), "--runs", "1",
+                          "--json", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(out.read_text())
+    for name in ("import_jfexport_cli", "help", "chat_one_token", "serve_to_ready"):
+        m = data[name]
+        assert m["runs"] == 1 and 0 < m["min_ms"] <= m["median_ms"] <= m["max_ms"], name
+    # The import is part of every command's start.
+    assert data["import_jfexport_cli"]["median_ms"] < data["help"]["median_ms"] < data["serve_to_ready"]["median_ms"]
