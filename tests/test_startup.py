@@ -83,9 +83,13 @@ def test_serve_on_an_engines_folder_imports_no_model_code(engines, tmp_path):
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
-    imported = _imported(log.read_text(errors="replace"))
+    text = log.read_text(errors="replace")
+    imported = _imported(text)
     assert "jfexport.runtime.serving.server" in imported
     assert _matching(imported, MODEL_CODE) == []
+    # Routine lines are INFO: a WARNING from the server is worth a look.
+    assert "INFO jfexport.serve: listening on" in text and "INFO jfexport.serve: ready:" in text
+    assert "WARNING jfexport.serve" not in text
 
 
 def test_bench_startup_writes_the_spread_of_each_measurement(engines, tmp_path):
