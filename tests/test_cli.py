@@ -68,3 +68,40 @@ def test_bench_torch_runs_on_cpu_at_a_small_preset(tmp_path):
     row = data["generation"]["batch_1"]
     assert row["a_official_eager_recompute"]["floor_ms"] > 0 and row["b_eager_prompt_kv"]["median_ms"] > 0
     assert row["c_cuda_graph_step"] is None  # no CUDA device here
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    from .serve_helpers import build_engines
+
+    return build_engines(tmp_path_factory)
+
+
+def test_generate_more_images_than_one_engine_call_and_say_which_prompt_made_each(engines, tmp_path):
+    import hashlib
+    import json
+
+    prompts = ["a red circle at the top left", "a blue square at the bottom right", "a green triangle in the center"]
+    # 3 prompts x 4 images are 24 rows under CFG; the build's engine calls take 16.
+    res = run_cli("generate", *prompts, "-n", "4", "--steps", "2", "--seed", "3", "--engines", str(engines),
+                  "-o", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    paths = [tmp_path / f"image_{i}.png" for i in range(12)]
+    assert res.stdout.split() == [str(p) for p in paths]
+    manifest = (engines / "manifest.json").read_bytes()
+    for i, path in enumerate(paths):
+        image = Image.open(path)
+        record = json.loads(image.text["jfexport"])
+        assert image.text["Description"] == record["prompt"] == prompts[i // 4]
+        assert (record["index"], record["seed"], record["steps"], record["cfg"]) == (i, 3, 2, 2.0)
+        assert record["request"] == {"prompts": prompts, "n": 4}
+        assert record["manifest_sha256"] == hashlib.sha256(manifest).hexdigest()
+        assert record["model_fingerprint"] == json.loads(manifest)["model"]["fingerprint"]
+    # The record is enough to draw an image again: the same request, alone.
+    again = tmp_path / "again"
+    record = json.loads(Image.open(paths[5]).text["jfexport"])
+    res = run_cli("generate", *record["request"]["prompts"], "-n", str(record["request"]["n"]), "--steps",
+                  str(record["steps"]), "--cfg", str(record["cfg"]), "--seed", str(record["seed"]), "--engines",
+                  str(engines), "-o", str(again))
+    assert res.returncode == 0, res.stderr
+    assert Image.open(again / "image_5.png").tobytes() == Image.open(paths[5]).tobytes()

@@ -10,7 +10,7 @@ import click
 from jfexport import defaults
 from jfexport.defaults import ENGINE_BACKENDS
 
-from .image_output import plan_image_paths, write_png
+from .image_output import plan_image_paths, provenance, write_png
 from .options import (DEFAULT_ENGINES, backend_option, load_model, model_options, open_pipeline, precision_option,
                       reference_bundle_for_build, runtime_options)
 
@@ -55,12 +55,29 @@ def generate_cmd(prompts, engines, backend, precision, verify_files, checkpoint,
     """Text-to-image: write PNG files for PROMPTS."""
     paths = plan_image_paths(out, len(prompts) * num_images, overwrite)
     pipe = open_pipeline(engines, backend, precision, checkpoint, vae, preset, numerics, "generate", verify_files)
+    model = _model_record(pipe, engines or DEFAULT_ENGINES, numerics)
     with click.progressbar(length=steps, label="sampling", file=sys.stderr) as bar:
         images = pipe.generate(list(prompts), n=num_images, steps=steps, cfg=cfg, seed=seed,
                                on_step=lambda done, total: bar.update(1))
-    for image, path in zip(images, paths, strict=True):
-        write_png(image, path, overwrite)
+    for index, (image, path) in enumerate(zip(images, paths, strict=True)):
+        write_png(image, path, overwrite, provenance(list(prompts), num_images, index, seed, steps, cfg, model))
         click.echo(str(path))
+
+
+def _model_record(pipe, engines: Path, numerics: str) -> dict:
+    """What made the images: the weights' fingerprint, and for engines the build (its manifest's sha256)."""
+    bundle = getattr(pipe, "bundle", None)
+    if bundle is not None:  # the PyTorch reference
+        return {"model": bundle.source, "model_fingerprint": bundle.fingerprint, "backend": "torch",
+                "numerics": numerics}
+    import hashlib
+    import json
+
+    raw = (engines / "manifest.json").read_bytes()
+    model = json.loads(raw)["model"]
+    return {"model": model["source"], "model_fingerprint": model["fingerprint"], "engines": str(engines),
+            "manifest_sha256": hashlib.sha256(raw).hexdigest(), "backend": pipe.backend,
+            "precision": pipe.engines.precision}
 
 
 @click.command("chat")
