@@ -62,7 +62,7 @@ class JanusFlowRuntime:
     def from_engines(cls, folder, backend: str = "auto", precision: str | None = None, device: str | None = None,
                      max_queue: int = defaults.MAX_QUEUE, kv_budget_bytes: int = defaults.KV_BUDGET_BYTES,
                      tasks: tuple[str, ...] = ("generate", "chat"), torch_threads: int | None = 1,
-                     verify_files: bool = False) -> "JanusFlowRuntime":
+                     verify_files: bool = False, engine_threads: int | None = None) -> "JanusFlowRuntime":
         """A build folder (`jfexport build`): its manifest, graphs and tokenizer. `tasks` limits the
         graphs opened: chat needs no VAE, generation no vision encoder. Every file served is checked
         against the manifest (`verify_files`: a full hash now, else as `load_engines` decides).
@@ -71,12 +71,13 @@ class JanusFlowRuntime:
         small tensors between calls, and its thread pool fighting ONNX Runtime's for the same
         cores cost more than the work (measured on 2 cores, 8 images x 30 steps of the default
         model: 1355 ms with torch's default threads, 159 ms with one). None leaves it alone.
+        `engine_threads`: ONNX Runtime's intra-op threads per graph (None: its default).
         """
         from .engines_folder import EnginesError, load_engines
 
         wanted = {g for task in tasks for g in {"generate": GENERATION_GRAPHS, "chat": UNDERSTANDING_GRAPHS}[task]}
         engines, manifest, chosen = load_engines(folder, backend, precision, device, graphs=wanted,
-                                                 verify_files=verify_files)
+                                                 verify_files=verify_files, threads=engine_threads)
 
         model = manifest["model"]
         und = model["config"]["vision_und_enc_config"]["params"]

@@ -54,6 +54,15 @@ def test_bench_writes_json_with_every_stage(tmp_path):
     understanding = data["understanding"]
     assert 1 <= understanding["tokens_per_answer"] <= 3
     assert 0 < understanding["time_to_first_token"]["median_ms"] and data["peak_rss_mib"] > 0
+    # Honest about what it compares, under which threads, and how much the runs spread.
+    first = res.stderr.splitlines()[0]
+    assert first.startswith("the runtime on the torch backend") and "vs the PyTorch eager reference" in first
+    assert "1 thread each" in first and data["compared"] in first
+    assert data["threads"]["reference_torch"] == data["threads"]["runtime"]["scheduler_torch"] == 1
+    end_to_end = generation["end_to_end"]
+    assert end_to_end["min_ms"] <= end_to_end["median_ms"] <= end_to_end["max_ms"]
+    low, high = generation["speedup_vs_reference_min_max"]
+    assert low <= generation["speedup_vs_reference"] <= high
 
 
 def test_bench_torch_runs_on_cpu_at_a_small_preset(tmp_path):
@@ -105,3 +114,20 @@ def test_generate_more_images_than_one_engine_call_and_say_which_prompt_made_eac
                   str(engines), "-o", str(again))
     assert res.returncode == 0, res.stderr
     assert Image.open(again / "image_5.png").tobytes() == Image.open(paths[5]).tobytes()
+
+
+def test_bench_of_a_build_names_both_sides_and_gives_them_the_same_threads(engines, tmp_path):
+    import json
+
+    out = tmp_path / "bench.json"
+    res = run_cli("bench", "--engines", str(engines), "--precisions", "fp32", "--threads", "2", "--steps", "2",
+                  "--runs", "2", "--warmup", "0", "--max-new-tokens", "3", "--json", str(out))
+    assert res.returncode == 0, res.stderr
+    first = res.stderr.splitlines()[0]
+    assert first.startswith(f"ONNX Runtime engines (fp32) of {engines} vs the PyTorch eager reference")
+    assert "2 threads each" in first and "interleaved" in first
+    data = json.loads(out.read_text())
+    assert data["threads"] == {"reference_torch": 2, "fp32": {"scheduler_torch": 2, "onnxruntime_intra_op": [2]}}
+    for side in (data["precisions"]["fp32"], data["reference_eager"]):
+        timing = side["end_to_end"]
+        assert timing["runs"] == 2 and timing["min_ms"] <= timing["median_ms"] <= timing["max_ms"]

@@ -87,6 +87,12 @@ class Scheduler:
             self._calls.append((fn, job))
             self._cond.notify_all()
 
+    def torch_threads(self) -> int:
+        """torch's intra-op thread count on the worker, where the runtime's torch work runs."""
+        job = CallJob(self.alive)
+        self.call(torch.get_num_threads, job)
+        return job.result()
+
     def add_observer(self, fn: Observer) -> None:
         """`fn(kind, rows)` after every batched engine step, on the worker thread: keep it short."""
         self._observers.append(fn)
