@@ -5,17 +5,14 @@ test in this process would hide one made by the command."""
 from __future__ import annotations
 
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from .conftest import REPO
-from .serve_helpers import build_engines, free_port, shape_image
+from .serve_helpers import build_engines, running_server, shape_image
 
 HEAVY = ("torch", "transformers", "diffusers", "onnx", "onnxruntime")
 MODEL_CODE = ("transformers", "diffusers", "jfexport.reference.modules")
@@ -62,27 +59,10 @@ def test_chat_on_an_engines_folder_imports_no_model_code(engines, tmp_path):
 
 
 def test_serve_on_an_engines_folder_imports_no_model_code(engines, tmp_path):
-    port = free_port()
     log = tmp_path / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "jfexport.cli", "serve", "--engines",
-                                 str(engines), "--port", str(port), "--grace", "1"], cwd=REPO, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                assert proc.poll() is None, log.read_text()[-2000:]
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.25)
-            else:
-                raise AssertionError("the server was not ready within 120 s")
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
+    # PYTHONPROFILEIMPORTTIME=1 is -X importtime: every import on stderr, which the log holds.
+    with running_server(["--engines", str(engines), "--grace", "1"], log, env={"PYTHONPROFILEIMPORTTIME": "1"}):
+        pass
     text = log.read_text(errors="replace")
     imported = _imported(text)
     assert "jfexport.runtime.serving.server" in imported
