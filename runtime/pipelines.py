@@ -138,7 +138,8 @@ class JanusFlowRuntime:
 
     def _check_rows(self, rows: int, limit: int, what: str) -> None:
         if rows > limit:
-            raise InputError(f"{what} needs {rows} batch rows, the engines were built for at most {limit}")
+            raise InputError(f"{what} needs {rows} batch rows, the engines were built for at most {limit}: ask at most "
+                             f"{limit} at once, or rebuild with `jfexport build --max-batch {rows}`")
 
     def _check_len(self, length: int, what: str, answer: int = 0) -> None:
         """`length` prompt tokens (and room for `answer` new ones) must fit the engines' max_seq."""
