@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from .engine import Engine
+from .int8_arithmetic import describe_cpu
 
 
 class StageTimer:
@@ -99,22 +100,10 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def cpu_name() -> str:
-    """The CPU's model name (Linux), else what the platform reports."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info() -> dict[str, object]:
     info: dict[str, object] = {
         "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-        "cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cpu": describe_cpu(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
