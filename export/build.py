@@ -178,7 +178,8 @@ def _build_in(session: BuildFolder, bundle: ModelBundle, fp16: bool, int8: bool,
             engine["file"] = session.place([engine["file"]]) + engine["file"]
     manifest["backend"] = {"name": choice.backend, "reason": choice.reason}
     manifest["rebuilt"] = stale
-    manifest["added"] = {n: list(p) for n, p in added.items()}  # beside kept files of the graph
+    # Beside kept files of the graph (an INT8 file the gate refused was not added).
+    manifest["added"] = {n: ps for n, p in added.items() if (ps := [x for x in p if x in entries[n]["files"]])}
     session.commit(manifest)
     for line in _kept_and_removed(prev, manifest, precisions):
         progress(line)
