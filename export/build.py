@@ -12,6 +12,7 @@ import copy
 import gc
 from pathlib import Path
 
+from jfexport import defaults
 from jfexport.reference.bundle import ModelBundle
 from jfexport.reference.errors import JanusFlowError
 from jfexport.runtime.backend_choice import BackendChoice, choose_backend
@@ -31,7 +32,6 @@ from .specs import Limits, graph_specs
 
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "processor_config.json",
                    "preprocessor_config.json")
-DEFAULT_MAX_SEQ = 4096
 
 
 class BuildLimitsError(JanusFlowError):
@@ -42,7 +42,7 @@ class Int8ArithmeticError(JanusFlowError):
     pass
 
 
-def build_limits(bundle: ModelBundle, max_batch: int = 16, max_seq: int | None = None) -> Limits:
+def build_limits(bundle: ModelBundle, max_batch: int = defaults.MAX_BATCH, max_seq: int | None = None) -> Limits:
     """The build's limits: `max_seq` defaults to the model's positions (at most 4096) and may not exceed them."""
     positions = bundle.config.language.max_position_embeddings
     # The graphs are exported at sample sizes (export/specs.py) that every range must hold, so
@@ -52,7 +52,7 @@ def build_limits(bundle: ModelBundle, max_batch: int = 16, max_seq: int | None =
     if max_seq is not None and max_seq < 12:
         raise BuildLimitsError(f"--max-seq {max_seq}: at least 12 tokens (the export samples 11 after a past of 7)")
     if max_seq is None:
-        return Limits(max_batch, min(DEFAULT_MAX_SEQ, positions))
+        return Limits(max_batch, min(defaults.MAX_SEQ, positions))
     if max_seq > positions:
         raise BuildLimitsError(f"--max-seq {max_seq} exceeds the model's max_position_embeddings {positions} "
                                f"({bundle.source}): build with --max-seq {positions} or less")
@@ -121,33 +121,47 @@ def _build_in(session: BuildFolder, bundle: ModelBundle, fp16: bool, int8: bool,
     same_int8 = int8_record is not None and int8_record["weight_max"] == WEIGHT_MAX
     kept_fp32 = set(int8_record.get("gate", {}).get("kept_fp32", [])) if same_int8 else set()
     entries: dict[str, dict] = {}
-    stale: list[str] = []
+    stale: list[str] = []  # exported anew, every precision
+    added: dict[str, tuple[str, ...]] = {}  # up to date, with precisions this build adds
     for name, spec in specs.items():
         weights = weights_sha256(name, bundle)
         old = prev["graphs"].get(name) if same_tools else None
         wanted = tuple(p for p in precisions if p in spec.precisions and not (p == "int8" and name in kept_fp32))
-        if "int8" in wanted and not same_int8:
-            old = None
-        if _reusable(old, out, weights, wanted, spec.to_json()):
+        if old is not None and "int8" in wanted and not same_int8:
+            # INT8 files of another weight scheme are never reused; the graph's other files may be.
+            old = {**old, "files": {p: f for p, f in old["files"].items() if p != "int8"}}
+        if _reusable(old, out, weights, ("fp32",), spec.to_json()):
             entries[name] = copy.deepcopy(old)  # the TensorRT step edits entries; the previous manifest must not change
             # Files of a precision this build does not make are not listed (and so retired at the commit).
             entries[name]["files"] = {p: f for p, f in entries[name]["files"].items() if p in precisions}
-            progress(f"{name}: up to date")
+            missing = tuple(p for p in wanted if p not in entries[name]["files"])
+            if missing:
+                added[name] = missing
+                progress(f"{name}: {', '.join(entries[name]['files'])} up to date, kept; adding {', '.join(missing)}")
+            else:
+                progress(f"{name}: up to date" + (" (fp32: the SDXL VAE overflows in fp16)"
+                                                  if "fp16" in precisions and "fp16" not in wanted else ""))
         else:
             stale.append(name)
-    if "fp16" in precisions and "vae_decoder" in specs:
-        progress("vae_decoder: built fp32 (the SDXL VAE overflows in fp16)")
+    typed = tuple(p for p in precisions if p != "int8")  # INT8 graphs are made from the fp32 ones below
     if stale:
-        typed = tuple(p for p in precisions if p != "int8")  # INT8 graphs are made from the fp32 ones below
         entries.update(export_graphs(bundle, session.staging, stale, typed, limits, progress))
-    calibration, int8_record = _int8_step(session, bundle, limits, entries, stale, recipe, progress) if int8 else (None, None)
-    if stale:
-        for name in stale:
-            for info in entries[name]["files"].values():
-                prefix = session.place(graph_file_names(info))
-                info["file"] = prefix + info["file"]
-                for extra in info["external_data"]:
-                    extra["file"] = prefix + extra["file"]
+    fp16_only = [n for n, missing in added.items() if "fp16" in missing]
+    if fp16_only:
+        exported = export_graphs(bundle, session.staging, fp16_only, ("fp16",), limits, progress)
+        for name in fp16_only:
+            entries[name]["files"]["fp16"] = exported[name]["files"]["fp16"]
+    quantize = stale + [n for n, missing in added.items() if "int8" in missing]
+    calibration, int8_record = (_int8_step(session, bundle, limits, entries, stale, quantize, recipe, progress)
+                                if int8 else (None, None))
+    for name in specs:
+        new = entries[name]["files"] if name in stale else {p: entries[name]["files"][p] for p in added.get(name, ())
+                                                             if p in entries[name]["files"]}
+        for info in new.values():
+            prefix = session.place(graph_file_names(info))
+            info["file"] = prefix + info["file"]
+            for extra in info["external_data"]:
+                extra["file"] = prefix + extra["file"]
     manifest = manifest_for(bundle, limits, precisions, {n: entries[n] for n in specs})
     manifest.update(session.stage_tokenizer(_processor_files(bundle)))  # tokenizer, tokenizer_dir
     if calibration is not None:
@@ -164,17 +178,42 @@ def _build_in(session: BuildFolder, bundle: ModelBundle, fp16: bool, int8: bool,
             engine["file"] = session.place([engine["file"]]) + engine["file"]
     manifest["backend"] = {"name": choice.backend, "reason": choice.reason}
     manifest["rebuilt"] = stale
+    # Beside kept files of the graph (an INT8 file the gate refused was not added).
+    manifest["added"] = {n: ps for n, p in added.items() if (ps := [x for x in p if x in entries[n]["files"]])}
     session.commit(manifest)
+    for line in _kept_and_removed(prev, manifest, precisions):
+        progress(line)
     return manifest
 
 
+def _kept_and_removed(prev: dict | None, manifest: dict, precisions: tuple[str, ...]) -> list[str]:
+    """What the build kept of the previous one, and the graph files it removed, by precision."""
+    if prev is None:
+        return []
+    files = {(n, p) for n, g in manifest["graphs"].items() for p in g["files"]}
+    before = {(n, p) for n, g in prev.get("graphs", {}).items() for p in g.get("files", {})}
+    kept_files = {(n, p) for n, p in before & files
+                  if prev["graphs"][n]["files"][p].get("sha256") == manifest["graphs"][n]["files"][p].get("sha256")}
+    lines = []
+    for label, pairs in (("kept", kept_files), ("removed", before - files)):
+        for precision in ("fp32", "fp16", "int8"):
+            names = sorted(n for n, p in pairs if p == precision)
+            if not names:
+                continue
+            asked = precision in precisions
+            why = "" if label == "kept" or asked else f" (not asked for: build with --{precision} to keep them)"
+            lines.append(f"{label} {precision}: {', '.join(names)}{why}")
+    return lines
+
+
 def _int8_step(session: BuildFolder, bundle: ModelBundle, limits: Limits, entries: dict[str, dict], stale: list[str],
-               recipe: Recipe, progress: Progress) -> tuple[dict, dict]:
-    """INT8 files of the stale quantized graphs into staging (listed in `entries`, placed with the others),
-    held to the end-to-end gate; returns the calibration cache's manifest record (the file placed here when
-    it changed) and the `int8` record (weight scheme, the CPU it was checked on, the gate's verdict)."""
+               quantize: list[str], recipe: Recipe, progress: Progress) -> tuple[dict, dict]:
+    """INT8 files of the quantized graphs among `quantize` into staging (listed in `entries`, placed with
+    the others; the fp32 graphs of `stale` are in staging, the others in the folder), held to the
+    end-to-end gate; returns the calibration cache's manifest record (the file placed here when it
+    changed) and the `int8` record (weight scheme, the CPU it was checked on, the gate's verdict)."""
     prev = session.previous or {}
-    names = [n for n in stale if n in QUANTIZED_GRAPHS]
+    names = [n for n in quantize if n in QUANTIZED_GRAPHS]
     if not names and prev.get("calibration") is not None and prev.get("int8") is not None:
         return {**prev["calibration"], "calibrated": []}, prev["int8"]
     cpu, arithmetic = describe_cpu(), matmul_error(WEIGHT_MAX)

@@ -25,7 +25,7 @@ from .onnx_export import export_graph
 from .precision import to_fp16_, use_explicit_softmax
 from .specs import Limits, graph_specs
 from .trt_ops import check_file
-from .validate import Case, compare, reference_cases, validation_dims
+from .validate import compare, reference_cases, validation_dims
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -82,7 +82,8 @@ def export_graphs(
     progress: Progress = lambda msg: None,
 ) -> dict[str, dict]:
     """Export, validate and check `names` into the existing folder `out` (a build's staging folder);
-    returns their manifest entries, file names relative to `out`.
+    returns their manifest entries, file names relative to `out`. `precisions` without fp32 adds
+    typed graphs beside fp32 graphs a build keeps; every graph is checked against the fp32 model.
 
     The bundle's model is converted to fp16 in place when fp16 is asked for: export consumes it.
     """
@@ -95,10 +96,11 @@ def export_graphs(
             "files": {}}
         for n in names
     }
-    cases: dict[str, list[Case]] = {}
+    cases = {name: reference_cases(build_graph(name, bundle.model, bundle.vae), specs[name],
+                                   validation_dims(specs[name])) for name in names}
     staging = Path(tempfile.mkdtemp(prefix=".staging.", dir=out))
     try:
-        for precision in ("fp32", *[p for p in precisions if p != "fp32"]):
+        for precision in sorted(precisions, key=lambda p: p != "fp32"):
             if precision == "fp16":
                 to_fp16_(bundle.model)
             for name in names:
@@ -107,8 +109,6 @@ def export_graphs(
                     progress(f"{name}: stays fp32 in an {precision} build (fp16 overflows the SDXL VAE)")
                     continue
                 module = build_graph(name, bundle.model, bundle.vae)
-                if name not in cases:
-                    cases[name] = reference_cases(module, spec, validation_dims(spec))
                 start = time.perf_counter()
                 progress(f"{name} [{precision}]: exporting")
                 path = export_graph(module, spec, precision, staging)

@@ -8,6 +8,7 @@ import click
 
 from jfexport.commands.bench_cmd import bench_cmd
 from jfexport.commands.bench_serve_cmd import bench_serve_cmd
+from jfexport.commands.bench_startup_cmd import bench_startup_cmd
 from jfexport.commands.bench_torch_cmd import bench_torch_cmd
 from jfexport.commands.eval_cmd import eval_cmd
 from jfexport.commands.export_cmd import export_cmd
@@ -26,30 +27,39 @@ def cli(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
-for _command in (build_cmd, generate_cmd, chat_cmd, verify_cmd, bench_cmd, bench_serve_cmd, bench_torch_cmd, export_cmd, verify_reference_cmd, train_cmd,
+for _command in (build_cmd, generate_cmd, chat_cmd, verify_cmd, bench_cmd, bench_serve_cmd, bench_startup_cmd, bench_torch_cmd, export_cmd, verify_reference_cmd, train_cmd,
                  train_default_cmd, eval_cmd, serve_cmd):
     cli.add_command(_command)
 
 
-def main(group: click.Group = cli, args: list[str] | None = None) -> None:
-    """Run `group` as a user's command: user errors become a message and exit code 2.
+USER_ERROR = 2  # a usage error, bad input, a file or build at fault, a failed check: what the user can fix
+INTERRUPTED = 130
 
-    Only JanusFlowError and click's own errors are user errors. Anything else (ValueError,
-    OSError, ...) is a bug in jfexport and propagates with its traceback.
+
+def main(group: click.Group = cli, args: list[str] | None = None) -> None:
+    """Run `group` as a user's command. Exit codes: 0 done; 2 a usage error (the usage line, then
+    `error: ...`) or a user error (`error: ...` alone: JanusFlowError, a failed check); 130 Ctrl-C;
+    1 a bug: anything else (ValueError, OSError, ...) propagates with its traceback.
     """
     try:
-        code = group.main(args, standalone_mode=False)
+        code = group.main(args, prog_name="jfexport", standalone_mode=False)
         if isinstance(code, int) and code:
             sys.exit(code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
-        sys.exit(130)
+        sys.exit(INTERRUPTED)
+    except click.UsageError as e:
+        if e.ctx is not None:
+            click.echo(e.ctx.get_usage(), err=True)
+            click.echo(f"Try '{e.ctx.command_path} --help' for help.", err=True)
+        click.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(USER_ERROR)
     except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+        click.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(USER_ERROR)
     except JanusFlowError as e:
         click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        sys.exit(USER_ERROR)
 
 
 if __name__ == "__main__":

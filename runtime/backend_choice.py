@@ -9,9 +9,7 @@ import torch
 
 from .errors import RuntimeFailure
 
-BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
-# What a build folder is compiled for and run by: torch runs the reference model, not a build.
-ENGINE_BACKENDS = ("auto", "onnxruntime", "tensorrt")
+from jfexport.defaults import BACKENDS, ENGINE_BACKENDS  # noqa: F401 - re-exported: where callers look for them
 
 TENSORRT_INSTALL = (
     "TensorRT is not installed. Install it on a machine with an NVIDIA GPU from NVIDIA's package index "

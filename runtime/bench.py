@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from .engine import Engine
+from .int8_arithmetic import describe_cpu
 
 
 class StageTimer:
@@ -48,50 +49,45 @@ class _TimedEngine:
 
 
 def summarize(samples: list[float]) -> dict[str, float]:
+    """Median, p90 and the spread (min, max) of wall times in seconds, as milliseconds."""
     ordered = sorted(samples)
     p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
-    return {"median_ms": statistics.median(ordered) * 1e3, "p90_ms": p90 * 1e3, "runs": len(ordered)}
+    return {"median_ms": statistics.median(ordered) * 1e3, "p90_ms": p90 * 1e3, "min_ms": ordered[0] * 1e3,
+            "max_ms": ordered[-1] * 1e3, "runs": len(ordered)}
 
 
-def timed_runs(fn: Callable[[], object], warmup: int, runs: int, timer: StageTimer | None = None) -> list[float]:
-    """Wall times of `runs` calls after `warmup` untimed ones (whose stage times are discarded)."""
-    for _ in range(warmup):
-        fn()
-    if timer is not None:
-        timer.clear()
-    out = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return out
+def _one_stream(open_stream: Callable[[], Iterator[torch.Tensor]]) -> tuple[float, int, float | None]:
+    """(time to first token, tokens, decode tokens/s or None) of one answer (the GPU, if any, synchronised)."""
+    start = time.perf_counter()
+    stream = open_stream()
+    next(stream)
+    sync_gpu()
+    first = time.perf_counter()
+    n = sum(1 for _ in stream)
+    sync_gpu()
+    return first - start, n + 1, (n / (time.perf_counter() - first) if n else None)
+
+
+def _stream_summary(samples: list[tuple[float, int, float | None]]) -> dict[str, object]:
+    rates = [r for _, _, r in samples if r is not None]
+    return {"time_to_first_token": summarize([t for t, _, _ in samples]),
+            # Random weights may hit EOS early: the count says how many tokens the rate is over.
+            "tokens_per_answer": statistics.median(n for _, n, _ in samples),
+            "decode_tokens_per_s": statistics.median(rates) if rates else None,
+            "decode_tokens_per_s_min_max": [min(rates), max(rates)] if rates else None}
 
 
 def time_token_stream(open_stream: Callable[[], Iterator[torch.Tensor]], warmup: int, runs: int,
                       timer: StageTimer | None = None) -> dict[str, object]:
-    """Time to first token and decode rate of a token stream (the GPU, if any, is synchronised)."""
-    ttft: list[float] = []
-    rates: list[float] = []
-    counts: list[int] = []
+    """Time to first token and decode rate of a token stream."""
+    samples = []
     for i in range(warmup + runs):
         if i == warmup and timer is not None:
             timer.clear()
-        start = time.perf_counter()
-        stream = open_stream()
-        next(stream)
-        sync_gpu()
-        first = time.perf_counter()
-        n = sum(1 for _ in stream)
-        sync_gpu()
+        result = _one_stream(open_stream)
         if i >= warmup:
-            ttft.append(first - start)
-            counts.append(n + 1)
-            if n:
-                rates.append(n / (time.perf_counter() - first))
-    return {"time_to_first_token": summarize(ttft),
-            # Random weights may hit EOS early: the count says how many tokens the rate is over.
-            "tokens_per_answer": statistics.median(counts),
-            "decode_tokens_per_s": statistics.median(rates) if rates else None}
+            samples.append(result)
+    return _stream_summary(samples)
 
 
 def sync_gpu() -> None:
@@ -108,7 +104,7 @@ def peak_rss_mib() -> float:
 def machine_info() -> dict[str, object]:
     info: dict[str, object] = {
         "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cpu": describe_cpu(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -116,25 +112,55 @@ def machine_info() -> dict[str, object]:
     return info
 
 
-def _bench_runtime(runtime, prompts: list[str], steps: int, cfg: float, warmup: int, runs: int,
-                   stream: Callable[[object], Iterator[torch.Tensor]]) -> dict[str, object]:
-    """Generation end to end and per stage, then understanding, of one runtime."""
-    timer = StageTimer()
-    # In place: the scheduler holds this mapping and must run the timed proxies.
-    runtime.engines.update(timer.wrap(runtime.engines))
-    gen_total = timed_runs(lambda: runtime.generate(prompts, steps=steps, cfg=cfg), warmup, runs, timer)
-    stages = {name: summarize(times) for name, times in timer.times.items() if name != "vision_encoder"}
-    timer.clear()
-    understanding = time_token_stream(lambda: stream(runtime), warmup, runs, timer)
-    return {"end_to_end": summarize(gen_total), "stages_per_call": stages, "understanding": understanding,
-            "understanding_stages_per_call": {name: summarize(times) for name, times in timer.times.items()}}
+def thread_settings(threads: int, runtimes: Mapping[str, object]) -> dict[str, object]:
+    """Give the reference (this thread's torch) `threads` threads, and report what each side runs with,
+    read back from torch and ONNX Runtime (0 there: its default, one per physical core)."""
+    torch.set_num_threads(threads)
+    report: dict[str, object] = {"reference_torch": torch.get_num_threads()}
+    for label, runtime in runtimes.items():
+        sessions = [e.session for e in runtime.engines.values() if hasattr(e, "session")]
+        report[label] = {"scheduler_torch": runtime.scheduler.torch_threads(),
+                         "onnxruntime_intra_op": sorted({s.get_session_options().intra_op_num_threads
+                                                         for s in sessions}) or None}
+    return report
 
 
-def _bench_reference(reference, prompts: list[str], steps: int, cfg: float, warmup: int, runs: int,
-                     stream: Callable[[object], Iterator[torch.Tensor]]) -> dict[str, object]:
-    understanding = time_token_stream(lambda: stream(reference), warmup, runs)
-    return {"end_to_end": summarize(timed_runs(lambda: reference.generate(prompts, steps=steps, cfg=cfg), warmup, runs)),
-            "understanding": understanding}
+def bench_sides(runtimes: Mapping[str, object], reference, prompts: list[str], steps: int, cfg: float, warmup: int,
+                runs: int, stream: Callable[[object], Iterator[torch.Tensor]]) -> dict[str, dict]:
+    """Each runtime (by label) and the reference ("reference"), their runs interleaved: run i of every
+    side before run i + 1 of any, so a slow spell of the machine falls on all sides alike. Generation
+    end to end (and per stage for the runtimes), then understanding."""
+    sides = {**runtimes, "reference": reference}
+    timers = {label: StageTimer() for label in runtimes}
+    for label, timer in timers.items():
+        # In place: the scheduler holds this mapping and must run the timed proxies.
+        runtimes[label].engines.update(timer.wrap(runtimes[label].engines))
+    generation: dict[str, list[float]] = {label: [] for label in sides}
+    for i in range(warmup + runs):
+        for label, pipe in sides.items():
+            if i == warmup and label in timers:
+                timers[label].clear()
+            start = time.perf_counter()
+            pipe.generate(prompts, steps=steps, cfg=cfg)
+            if i >= warmup:
+                generation[label].append(time.perf_counter() - start)
+    results = {label: {"end_to_end": summarize(times)} for label, times in generation.items()}
+    for label, timer in timers.items():
+        results[label]["stages_per_call"] = {n: summarize(t) for n, t in timer.times.items() if n != "vision_encoder"}
+        timer.clear()
+    answers: dict[str, list] = {label: [] for label in sides}
+    for i in range(warmup + runs):
+        for label, pipe in sides.items():
+            if i == warmup and label in timers:
+                timers[label].clear()
+            result = _one_stream(lambda: stream(pipe))
+            if i >= warmup:
+                answers[label].append(result)
+    for label in sides:
+        results[label]["understanding"] = _stream_summary(answers[label])
+    for label, timer in timers.items():
+        results[label]["understanding_stages_per_call"] = {n: summarize(t) for n, t in timer.times.items()}
+    return results
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -142,23 +168,29 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def bench_pipelines(runtime, reference, prompt: str, steps: int, cfg: float, batch: int, warmup: int, runs: int,
-                    max_new_tokens: int, question: str, image: Image.Image) -> dict[str, object]:
-    """Measure `runtime` (a JanusFlowRuntime) stage by stage and `reference` end to end."""
+                    max_new_tokens: int, question: str, image: Image.Image, threads: int = 1) -> dict[str, object]:
+    """Measure `runtime` (a JanusFlowRuntime) stage by stage and `reference` end to end, runs interleaved,
+    the reference's torch at `threads` threads (open the runtime with the same)."""
     prompts = [prompt] * batch
 
     def stream(pipeline) -> Iterator[torch.Tensor]:
         return pipeline.chat_stream([image], [question], max_new_tokens=max_new_tokens)
 
-    rt = _bench_runtime(runtime, prompts, steps, cfg, warmup, runs, stream)
-    ref = _bench_reference(reference, prompts, steps, cfg, warmup, runs, stream)
+    threads_used = thread_settings(threads, {"runtime": runtime})
+    both = bench_sides({"runtime": runtime}, reference, prompts, steps, cfg, warmup, runs, stream)
+    rt, ref = both["runtime"], both["reference"]
     understanding, ref_understanding = rt["understanding"], ref["understanding"]
     return {
+        "threads": threads_used,
         "generation": {
             "batch": batch, "steps": steps, "cfg": cfg,
             "end_to_end": rt["end_to_end"],
             "stages_per_call": rt["stages_per_call"],
             "reference_eager_end_to_end": ref["end_to_end"],
             "speedup_vs_reference": ref["end_to_end"]["median_ms"] / rt["end_to_end"]["median_ms"],
+            # The spread of the ratio: slowest reference over fastest runtime run, and the reverse.
+            "speedup_vs_reference_min_max": [ref["end_to_end"]["min_ms"] / rt["end_to_end"]["max_ms"],
+                                             ref["end_to_end"]["max_ms"] / rt["end_to_end"]["min_ms"]],
         },
         "understanding": {
             "max_new_tokens": max_new_tokens,
@@ -175,21 +207,12 @@ def bench_pipelines(runtime, reference, prompt: str, steps: int, cfg: float, bat
     }
 
 
-def _reset_peak_rss() -> bool:
-    """Restart the kernel's peak-RSS count of this process (Linux clear_refs 5); False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_since_reset_mib() -> float | None:
+def _resident_mib() -> float | None:
+    """Resident memory of this process now (Linux VmRSS), None where unknown."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith("VmRSS:"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -198,32 +221,33 @@ def _peak_rss_since_reset_mib() -> float | None:
 
 def bench_precisions(open_runtime: Callable[[str], object], precisions: list[str], files_mib: Mapping[str, float],
                      reference, prompt: str, steps: int, cfg: float, batch: int, warmup: int, runs: int,
-                     max_new_tokens: int, question: str, image: Image.Image) -> dict[str, object]:
-    """Several precisions of one build (`open_runtime(precision)`), one after the other, and the reference
-    eager pipeline, in one run; ratios of each precision against the first one and against the reference.
+                     max_new_tokens: int, question: str, image: Image.Image, threads: int = 1) -> dict[str, object]:
+    """Several precisions of one build (`open_runtime(precision)`, with `threads` threads) and the reference
+    eager pipeline (torch at `threads` threads), runs interleaved; ratios of each precision against the
+    first one and against the reference.
 
-    Each runtime is closed before the next opens, and the process's peak RSS is restarted in between
-    (Linux clear_refs), recorded with the resident memory at that point."""
+    The runtimes are opened one after the other, each recording how much the process's resident
+    memory rose while it opened (Linux), then measured side by side."""
     prompts = [prompt] * batch
 
     def stream(pipeline) -> Iterator[torch.Tensor]:
         return pipeline.chat_stream([image], [question], max_new_tokens=max_new_tokens)
 
-    results: dict[str, dict] = {}
-    for precision in precisions:
-        reset = _reset_peak_rss()
-        start = _peak_rss_since_reset_mib()  # just reset: the resident memory now
-        runtime = open_runtime(precision)
-        try:
-            results[precision] = _bench_runtime(runtime, prompts, steps, cfg, warmup, runs, stream)
-        finally:
+    runtimes: dict[str, object] = {}
+    opened_mib: dict[str, float | None] = {}
+    try:
+        for precision in precisions:
+            before = _resident_mib()
+            runtimes[precision] = open_runtime(precision)
+            after = _resident_mib()
+            opened_mib[precision] = after - before if before is not None and after is not None else None
+        threads_used = thread_settings(threads, runtimes)
+        measured = bench_sides(runtimes, reference, prompts, steps, cfg, warmup, runs, stream)
+    finally:
+        for runtime in runtimes.values():
             runtime.close()
-        # Freed memory is not always returned to the system: a later precision starts from what the earlier
-        # ones left resident, so its peak is only comparable as the rise above its start.
-        results[precision]["rss_mib_at_start"] = start if reset else None
-        results[precision]["peak_rss_mib"] = _peak_rss_since_reset_mib() if reset else None
-        results[precision]["files_mib"] = files_mib[precision]
-    reference_result = _bench_reference(reference, prompts, steps, cfg, warmup, runs, stream)
+    results = {p: {**measured[p], "rss_mib_opened": opened_mib[p], "files_mib": files_mib[p]} for p in precisions}
+    reference_result = measured["reference"]
     base = precisions[0]
 
     def gen_ms(r: dict) -> float:
@@ -242,6 +266,6 @@ def bench_precisions(open_runtime: Callable[[str], object], precisions: list[str
             f"time_to_first_token_speedup_vs_{base}": results[base]["understanding"]["time_to_first_token"]["median_ms"]
             / r["understanding"]["time_to_first_token"]["median_ms"],
         }
-    return {"generation": {"batch": batch, "steps": steps, "cfg": cfg}, "understanding": {"max_new_tokens": max_new_tokens},
-            "precisions": results, "reference_eager": reference_result, "ratios": ratios,
+    return {"threads": threads_used, "generation": {"batch": batch, "steps": steps, "cfg": cfg},
+            "understanding": {"max_new_tokens": max_new_tokens}, "precisions": results, "reference_eager": reference_result, "ratios": ratios,
             "peak_rss_mib": peak_rss_mib(), "machine": machine_info()}

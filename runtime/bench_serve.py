@@ -17,6 +17,8 @@ from typing import Callable
 
 from PIL import Image
 
+from jfexport import defaults
+
 from .bench import machine_info, peak_rss_mib
 
 # Prompts and questions in the bundled model's own vocabulary (its toy shapes data).
@@ -32,9 +34,9 @@ class Workload:
     requests: int = 64
     gen_weight: int = 1
     chat_weight: int = 1
-    steps: int = 30
-    cfg: float = 2.0
-    max_new_tokens: int = 32
+    steps: int = defaults.STEPS
+    cfg: float = defaults.CFG
+    max_new_tokens: int = defaults.MAX_NEW_TOKENS
 
     @classmethod
     def parse_mix(cls, mix: str) -> tuple[int, int]:

@@ -126,11 +126,13 @@ def check_build(folder: str | Path, backend: str = "auto", precision: str | None
 
 
 def load_engines(folder: str | Path, backend: str = "auto", precision: str | None = None, device: str | None = None,
-                 graphs: Iterable[str] | None = None, verify_files: bool = False) -> tuple[EngineSet, dict, str]:
+                 graphs: Iterable[str] | None = None, verify_files: bool = False,
+                 threads: int | None = None) -> tuple[EngineSet, dict, str]:
     """(engines by graph name, manifest, backend name) for a build folder, after `check_build`.
 
     `graphs` opens only those graphs, e.g. GENERATION_GRAPHS; all by default. The EngineSet says the
-    precision and device chosen.
+    precision and device chosen. `threads`: ONNX Runtime's intra-op threads per graph (None: its
+    default, one per physical core).
     """
     build = check_build(folder, backend, precision, device, graphs, verify_files)
     engines = {}
@@ -143,6 +145,7 @@ def load_engines(folder: str | Path, backend: str = "auto", precision: str | Non
         else:
             from .backends.ort_backend import OrtEngine
 
-            engines[name] = OrtEngine(name, build.folder / build.files[name][0].file.name, device=build.device)
+            engines[name] = OrtEngine(name, build.folder / build.files[name][0].file.name, device=build.device,
+                                      threads=threads)
     return (EngineSet(engines, build.precision, build.device, build.files, build.tokenizer), build.manifest,
             build.backend)

@@ -24,6 +24,7 @@ from jfexport.reference.processor import JanusProcessor
 from jfexport.reference.processor.request_checks import check_generation, check_sampling
 from jfexport.reference.schedulers import StopRule, answers_from_stream, row_generators
 
+from jfexport import defaults
 from .engine import Engine
 from .errors import check_finite
 from .scheduler import ChatHandle, GenerationHandle, Scheduler
@@ -31,10 +32,9 @@ from .scheduler.kv_cache import KVLayout
 from .scheduler.requests import CallJob, ChatJob, ChatRow, GenerationJob, stream_rows
 
 # Longest sequence when the engines declare none (the torch backend): K/V slots are this long.
-DEFAULT_MAX_LEN = 4096
-DEFAULT_MAX_ROWS = 16
-# K/V kept for follow-up turns of conversations (prefix reuse), least recently used out.
-DEFAULT_PREFIX_CACHE_BYTES = 1 << 30
+DEFAULT_MAX_LEN = defaults.MAX_SEQ
+DEFAULT_MAX_ROWS = defaults.MAX_BATCH
+DEFAULT_PREFIX_CACHE_BYTES = defaults.PREFIX_CACHE_BYTES
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -45,9 +45,9 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 class JanusFlowRuntime:
     def __init__(self, engines: Mapping[str, Engine], processor: JanusProcessor, latent_shape: tuple[int, int, int],
                  grid: int, image_size: int, max_len: int = DEFAULT_MAX_LEN, max_rows: int = DEFAULT_MAX_ROWS,
-                 backend: str = "torch", max_queue: int = 64, kv_budget_bytes: int = 4 << 30,
-                 torch_threads: int | None = None, kv_layout: KVLayout | None = None,
-                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES):
+                 backend: str = "torch", max_queue: int = defaults.MAX_QUEUE,
+                 kv_budget_bytes: int = defaults.KV_BUDGET_BYTES, torch_threads: int | None = None,
+                 kv_layout: KVLayout | None = None, prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES):
         self.engines = engines
         self.processor = processor
         self.latent_shape = latent_shape  # (C, h, w) of one latent
@@ -66,9 +66,9 @@ class JanusFlowRuntime:
 
     @classmethod
     def from_engines(cls, folder, backend: str = "auto", precision: str | None = None, device: str | None = None,
-                     max_queue: int = 64, kv_budget_bytes: int = 4 << 30,
+                     max_queue: int = defaults.MAX_QUEUE, kv_budget_bytes: int = defaults.KV_BUDGET_BYTES,
                      tasks: tuple[str, ...] = ("generate", "chat"), torch_threads: int | None = 1,
-                     verify_files: bool = False,
+                     verify_files: bool = False, engine_threads: int | None = None,
                      prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES) -> "JanusFlowRuntime":
         """A build folder (`jfexport build`): its manifest, graphs and tokenizer. `tasks` limits the
         graphs opened: chat needs no VAE, generation no vision encoder. Every file served is checked
@@ -78,12 +78,13 @@ class JanusFlowRuntime:
         small tensors between calls, and its thread pool fighting ONNX Runtime's for the same
         cores cost more than the work (measured on 2 cores, 8 images x 30 steps of the default
         model: 1355 ms with torch's default threads, 159 ms with one). None leaves it alone.
+        `engine_threads`: ONNX Runtime's intra-op threads per graph (None: its default).
         """
         from .engines_folder import EnginesError, load_engines
 
         wanted = {g for task in tasks for g in {"generate": GENERATION_GRAPHS, "chat": UNDERSTANDING_GRAPHS}[task]}
         engines, manifest, chosen = load_engines(folder, backend, precision, device, graphs=wanted,
-                                                 verify_files=verify_files)
+                                                 verify_files=verify_files, threads=engine_threads)
 
         model = manifest["model"]
         und = model["config"]["vision_und_enc_config"]["params"]
@@ -103,8 +104,8 @@ class JanusFlowRuntime:
 
     @classmethod
     def from_bundle(cls, bundle, backend: str = "torch", dtype: torch.dtype = torch.float32, device: str = "cpu",
-                    max_queue: int = 64, kv_budget_bytes: int = 4 << 30, fast: bool | None = None,
-                    compile_step: bool = False,
+                    max_queue: int = defaults.MAX_QUEUE, kv_budget_bytes: int = defaults.KV_BUDGET_BYTES,
+                    fast: bool | None = None, compile_step: bool = False,
                     prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES) -> "JanusFlowRuntime":
         """Engines straight from a loaded model (the `torch` backend).
 
@@ -150,7 +151,8 @@ class JanusFlowRuntime:
 
     def _check_rows(self, rows: int, limit: int, what: str) -> None:
         if rows > limit:
-            raise InputError(f"{what} needs {rows} batch rows, the engines were built for at most {limit}")
+            raise InputError(f"{what} needs {rows} batch rows, the engines were built for at most {limit}: ask at most "
+                             f"{limit} at once, or rebuild with `jfexport build --max-batch {rows}`")
 
     def _check_len(self, length: int, what: str, answer: int = 0) -> None:
         """`length` prompt tokens (and room for `answer` new ones) must fit the engines' max_seq."""
@@ -169,27 +171,29 @@ class JanusFlowRuntime:
         if not prompts:
             raise InputError("no prompt given")
         ids = [self.processor.generation_ids(p) for p in prompts]
+        # More images than one engine call takes are fine: the scheduler admits them in parts.
         images = len(prompts) * n
-        self._check_rows(2 * images, 2 * self.scheduler.generation.max_images,
-                         f"{len(prompts)} prompt(s) x {n} image(s) with CFG")
         self._check_len(max(map(len, ids)) - 1 + 1 + self.grid**2, "prompt + image sequence")
         z0 = initial_noise((images, *self.latent_shape), seed, torch.float32)
         return GenerationJob(ids, n, z0, steps, float(cfg), decode, timeout, self.scheduler.alive)
 
-    def submit_generate(self, prompt: str, n: int = 1, steps: int = 30, cfg: float = 2.0, seed: int = 0,
+    def submit_generate(self, prompt: str, n: int = defaults.IMAGES_PER_PROMPT, steps: int = defaults.STEPS,
+                        cfg: float = defaults.CFG, seed: int = defaults.SEED,
                         timeout: float | None = None) -> GenerationHandle:
         """Queue one prompt's `n` images; the handle's `result()` waits for them."""
         job = self._generation_job([prompt], n, steps, cfg, seed, True, timeout)
         self.scheduler.submit(job)
         return GenerationHandle(job, to_pil)
 
-    def generate_latents(self, prompts: list[str], n: int = 1, steps: int = 30, cfg: float = 2.0, seed: int = 0,
+    def generate_latents(self, prompts: list[str], n: int = defaults.IMAGES_PER_PROMPT, steps: int = defaults.STEPS,
+                         cfg: float = defaults.CFG, seed: int = defaults.SEED,
                          on_step: Callable[[int, int], None] | None = None, timeout: float | None = None) -> torch.Tensor:
         job = self._generation_job(prompts, n, steps, cfg, seed, False, timeout)
         self.scheduler.submit(job)
         return GenerationHandle(job, to_pil).latents(on_step=on_step)
 
-    def generate(self, prompts: list[str], n: int = 1, steps: int = 30, cfg: float = 2.0, seed: int = 0,
+    def generate(self, prompts: list[str], n: int = defaults.IMAGES_PER_PROMPT, steps: int = defaults.STEPS,
+                 cfg: float = defaults.CFG, seed: int = defaults.SEED,
                  on_step: Callable[[int, int], None] | None = None, timeout: float | None = None) -> list[Image.Image]:
         """`n` images per prompt, in prompt order; the same for a fixed seed whatever runs beside it."""
         job = self._generation_job(prompts, n, steps, cfg, seed, True, timeout)
@@ -243,8 +247,8 @@ class JanusFlowRuntime:
         names = [f"history[{i}]" for i in range(len(history))] + ["question"]
         return self.processor.conversation_ids([*history, ("user", question)], image_turn, system_prompt, names)
 
-    def submit_chat(self, image: Image.Image, question: str, max_new_tokens: int = 512, temperature: float = 0.0,
-                    top_p: float = 0.95, seed: int = 0, timeout: float | None = None,
+    def submit_chat(self, image: Image.Image, question: str, max_new_tokens: int = defaults.MAX_NEW_TOKENS,
+                    temperature: float = defaults.TEMPERATURE, top_p: float = defaults.TOP_P, seed: int = defaults.SEED, timeout: float | None = None,
                     system_prompt: str | None = None, history: list[tuple[str, str]] | None = None,
                     image_turn: int = 0) -> ChatHandle:
         """Queue one question; iterate the handle for token ids as they are decoded.
@@ -265,8 +269,8 @@ class JanusFlowRuntime:
         self.scheduler.submit(job)
         return ChatHandle(job, self.tokenizer, len(job.chat_rows[0].ids))
 
-    def chat_stream(self, images: list[Image.Image], questions: list[str], max_new_tokens: int = 512,
-                    temperature: float = 0.0, top_p: float = 0.95, seed: int = 0,
+    def chat_stream(self, images: list[Image.Image], questions: list[str], max_new_tokens: int = defaults.MAX_NEW_TOKENS,
+                    temperature: float = defaults.TEMPERATURE, top_p: float = defaults.TOP_P, seed: int = defaults.SEED,
                     on_logits: Callable[[torch.Tensor], None] | None = None,
                     timeout: float | None = None, system_prompt: str | None = None,
                     history: list[tuple[str, str]] | None = None, image_turn: int = 0) -> Iterator[torch.Tensor]:

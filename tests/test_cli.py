@@ -54,6 +54,15 @@ def test_bench_writes_json_with_every_stage(tmp_path):
     understanding = data["understanding"]
     assert 1 <= understanding["tokens_per_answer"] <= 3
     assert 0 < understanding["time_to_first_token"]["median_ms"] and data["peak_rss_mib"] > 0
+    # Honest about what it compares, under which threads, and how much the runs spread.
+    first = res.stderr.splitlines()[0]
+    assert first.startswith("the runtime on the torch backend") and "vs the PyTorch eager reference" in first
+    assert "1 thread each" in first and data["compared"] in first
+    assert data["threads"]["reference_torch"] == data["threads"]["runtime"]["scheduler_torch"] == 1
+    end_to_end = generation["end_to_end"]
+    assert end_to_end["min_ms"] <= end_to_end["median_ms"] <= end_to_end["max_ms"]
+    low, high = generation["speedup_vs_reference_min_max"]
+    assert low <= generation["speedup_vs_reference"] <= high
 
 
 def test_bench_torch_runs_on_cpu_at_a_small_preset(tmp_path):
@@ -68,3 +77,57 @@ def test_bench_torch_runs_on_cpu_at_a_small_preset(tmp_path):
     row = data["generation"]["batch_1"]
     assert row["a_official_eager_recompute"]["floor_ms"] > 0 and row["b_eager_prompt_kv"]["median_ms"] > 0
     assert row["c_cuda_graph_step"] is None  # no CUDA device here
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    from .serve_helpers import build_engines
+
+    return build_engines(tmp_path_factory)
+
+
+def test_generate_more_images_than_one_engine_call_and_say_which_prompt_made_each(engines, tmp_path):
+    import hashlib
+    import json
+
+    prompts = ["a red circle at the top left", "a blue square at the bottom right", "a green triangle in the center"]
+    # 3 prompts x 4 images are 24 rows under CFG; the build's engine calls take 16.
+    res = run_cli("generate", *prompts, "-n", "4", "--steps", "2", "--seed", "3", "--engines", str(engines),
+                  "-o", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    paths = [tmp_path / f"image_{i}.png" for i in range(12)]
+    assert res.stdout.split() == [str(p) for p in paths]
+    manifest = (engines / "manifest.json").read_bytes()
+    for i, path in enumerate(paths):
+        image = Image.open(path)
+        record = json.loads(image.text["jfexport"])
+        assert image.text["Description"] == record["prompt"] == prompts[i // 4]
+        assert (record["index"], record["seed"], record["steps"], record["cfg"]) == (i, 3, 2, 2.0)
+        assert record["request"] == {"prompts": prompts, "n": 4}
+        assert record["manifest_sha256"] == hashlib.sha256(manifest).hexdigest()
+        assert record["model_fingerprint"] == json.loads(manifest)["model"]["fingerprint"]
+    # The record is enough to draw an image again: the same request, alone.
+    again = tmp_path / "again"
+    record = json.loads(Image.open(paths[5]).text["jfexport"])
+    res = run_cli("generate", *record["request"]["prompts"], "-n", str(record["request"]["n"]), "--steps",
+                  str(record["steps"]), "--cfg", str(record["cfg"]), "--seed", str(record["seed"]), "--engines",
+                  str(engines), "-o", str(again))
+    assert res.returncode == 0, res.stderr
+    assert Image.open(again / "image_5.png").tobytes() == Image.open(paths[5]).tobytes()
+
+
+def test_bench_of_a_build_names_both_sides_and_gives_them_the_same_threads(engines, tmp_path):
+    import json
+
+    out = tmp_path / "bench.json"
+    res = run_cli("bench", "--engines", str(engines), "--precisions", "fp32", "--threads", "2", "--steps", "2",
+                  "--runs", "2", "--warmup", "0", "--max-new-tokens", "3", "--json", str(out))
+    assert res.returncode == 0, res.stderr
+    first = res.stderr.splitlines()[0]
+    assert first.startswith(f"ONNX Runtime engines (fp32) of {engines} vs the PyTorch eager reference")
+    assert "2 threads each" in first and "interleaved" in first
+    data = json.loads(out.read_text())
+    assert data["threads"] == {"reference_torch": 2, "fp32": {"scheduler_torch": 2, "onnxruntime_intra_op": [2]}}
+    for side in (data["precisions"]["fp32"], data["reference_eager"]):
+        timing = side["end_to_end"]
+        assert timing["runs"] == 2 and timing["min_ms"] <= timing["median_ms"] <= timing["max_ms"]

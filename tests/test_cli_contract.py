@@ -66,7 +66,22 @@ def test_bug_prints_its_traceback():
 def test_usage_error_exits_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(_throwaway_group(ValueError()), ["no-such-command"])
-    assert exit_info.value.code == 2 and "No such command 'no-such-command'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("Usage: ")
+    assert err.splitlines()[-1] == "error: No such command 'no-such-command'."
+
+
+def test_a_failed_check_is_a_user_error_worded_as_the_others(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(_throwaway_group(click.ClickException("verification failed: latent")), ["fail"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: verification failed: latent\n"
+
+
+def test_an_option_out_of_range_is_a_usage_error_worded_as_the_others():
+    res = run_cli("chat", "--image", "x.png", "q", "--max-new-tokens", "0")
+    assert res.returncode == 2 and res.stderr.startswith("Usage: jfexport chat ")
+    assert res.stderr.splitlines()[-1].startswith("error: Invalid value for '--max-new-tokens'")
 
 
 def test_real_user_error_names_the_file_without_traceback(tmp_path):

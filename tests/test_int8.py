@@ -251,7 +251,10 @@ def test_a_rebuild_takes_the_ranges_from_the_cache(built, tmp_path):
     del legacy["int8"]
     (out / "manifest.json").write_text(json.dumps(legacy))
     upgraded = build(load_preset("tiny"), out, int8=True)
-    assert set(upgraded["rebuilt"]) == set(QUANTIZED_GRAPHS) and upgraded["int8"]["weight_max"] == WEIGHT_MAX
+    # (beside their fp32 files, which stay: only the INT8 step runs again)
+    assert upgraded["rebuilt"] == [] and upgraded["int8"]["weight_max"] == WEIGHT_MAX
+    assert set(upgraded["added"]) | set(upgraded["int8"]["gate"]["kept_fp32"]) == set(QUANTIZED_GRAPHS)
+    assert all(p == ["int8"] for p in upgraded["added"].values())
     # A build without --int8 drops the INT8 files and the cache from the folder.
     plain = build(load_preset("tiny"), out)
     assert plain["precisions"] == ["fp32"] and "calibration" not in plain

@@ -168,6 +168,7 @@ def test_rows_per_engine_call_stay_within_the_build(build_dir):
     for name, engine in list(runtime.engines.items()):
         runtime.engines[name] = _Recording(engine, widest)
     handles = [runtime.submit_generate(PROMPT, n=3, steps=3, seed=i) for i in range(6)]  # 18 images
+    handles.append(runtime.submit_generate(PROMPT, n=9, steps=3))  # 18 rows under CFG: one request, two calls
     chats = [runtime.submit_chat(IMAGE, QUESTION, max_new_tokens=3) for _ in range(20)]
     for h in handles:
         h.result(timeout=60)
@@ -176,8 +177,7 @@ def test_rows_per_engine_call_stay_within_the_build(build_dir):
     runtime.close()
     assert widest["llm_decode"] == runtime.max_rows == 16 and widest["gen_encoder"] <= 8
     assert max(widest.values()) <= 16
-    with pytest.raises(InputError, match="batch rows"):
-        _open("onnxruntime", build_dir).generate_latents([PROMPT], n=9, steps=1)
+    assert len(handles[-1].result()) == 9
 
 
 class _Recording:
@@ -398,3 +398,48 @@ def test_ended_rows_have_nan_logits_and_verify_compares_the_live_ones(runtime):
         assert torch.equal(torch.isnan(logits).all(1), ended[step])
     reference = [torch.nan_to_num(x, nan=1.0) for x in seen]
     assert max(_abs_max(a, b) for a, b in zip(seen, reference)) == 0.0
+
+
+def _narrowed(runtime: JanusFlowRuntime, max_rows: int) -> JanusFlowRuntime:
+    """The same engines behind a runtime that puts at most `max_rows` rows in one engine call."""
+    return JanusFlowRuntime(runtime.engines, runtime.processor, runtime.latent_shape, runtime.grid, runtime.image_size,
+                            runtime.max_len, max_rows, runtime.backend)
+
+
+def test_a_request_larger_than_one_engine_call_equals_one_call(build_dir):
+    """3 prompts x 2 images through 3 images per call (the second prompt's images in two calls, each
+    beside another prompt's) compute the latents and images of the same request in one engine call."""
+    wide = _open("onnxruntime", build_dir)
+    narrow = _narrowed(wide, 6)
+    prompts = [PROMPT, LONG_PROMPT, "a blue square"]
+    widest: dict[str, int] = {}
+    for name, engine in list(narrow.engines.items()):
+        narrow.engines[name] = _Recording(engine, widest)  # the dict both runtimes share
+    try:
+        ragged = narrow.generate_latents(prompts, n=2, steps=3, seed=5)
+        narrow_rows = dict(widest)
+        whole = wide.generate_latents(prompts, n=2, steps=3, seed=5)
+        images_narrow = narrow.generate(prompts, n=2, steps=3, seed=5)
+        images_wide = wide.generate(prompts, n=2, steps=3, seed=5)
+    finally:
+        narrow.close()
+        wide.close()
+    assert narrow_rows["llm_decode"] == 6 and narrow_rows["gen_encoder"] == 3
+    assert widest["llm_decode"] == 12  # the 6 images of the wide runtime in one call
+    assert ragged.shape == whole.shape == (6, *wide.latent_shape)
+    assert (ragged - whole).abs().max().item() < 1e-5
+    assert [im.tobytes() for im in images_narrow] == [im.tobytes() for im in images_wide]
+
+
+def test_a_request_cancelled_between_its_parts_frees_its_rows_and_leaves_the_queue(build_dir):
+    runtime = _narrowed(_open("onnxruntime", build_dir), 2)  # one image per call
+    big = runtime.submit_generate(PROMPT, n=4, steps=100)
+    behind = runtime.submit_generate(PROMPT, n=1, steps=2)
+    _wait(lambda: big.progress[0] >= 1)
+    assert runtime.stats()["queue_depth"] == 2  # three images of `big` wait, and `behind` after them
+    big.cancel()
+    with pytest.raises(RequestCancelled):
+        big.result(timeout=60)
+    assert len(behind.result(timeout=60)) == 1
+    _wait(lambda: runtime.stats()["active_generation_rows"] == 0 and runtime.stats()["queue_depth"] == 0)
+    runtime.close()

@@ -19,6 +19,8 @@ import openai
 import pytest
 from PIL import Image
 
+from jfexport.reference.processor.request_checks import MAX_IMAGES_PER_PROMPT
+
 from .serve_helpers import (QUESTION, ServerProcess, build_engines, chat_messages, data_url, free_port, metric,
                             running_server, shape_image)
 
@@ -326,6 +328,14 @@ def test_image_generation_follows_the_extension_fields(client, runtime):
     assert _png(other.data[0].b64_json).convert("RGB").tobytes() != expected[0].tobytes()
 
 
+def test_more_images_than_one_engine_call_are_served(client, runtime):
+    n = runtime.max_rows // 2 + 1  # one image more than a call of the build takes under CFG
+    r = client.images.generate(model="janusflow", prompt="a blue square", n=n, size="64x64",
+                               response_format="b64_json", extra_body={"steps": 2, "seed": 3})
+    expected = runtime.generate(["a blue square"], n=n, steps=2, seed=3)
+    assert [_png(d.b64_json).convert("RGB").tobytes() for d in r.data] == [im.tobytes() for im in expected]
+
+
 # --- errors ------------------------------------------------------------------------------------
 
 
@@ -378,6 +388,7 @@ def _chat_body(**fields):
     ("/v1/images/generations", {"prompt": "a red circle", "size": "256x256"}, "size"),
     ("/v1/images/generations", {"prompt": "a red circle", "response_format": "url"}, "response_format"),
     ("/v1/images/generations", {"prompt": "a red circle", "n": 0}, "n"),
+    ("/v1/images/generations", {"prompt": "a red circle", "n": MAX_IMAGES_PER_PROMPT + 1}, "n"),
     ("/v1/images/generations", {"prompt": "a red circle", "steps": 0}, "steps"),
     ("/v1/images/generations", {"prompt": ""}, "prompt"),
     ("/v1/images/generations", {"prompt": "a red circle", "cfg": 3}, "cfg"),

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import click
 
-from jfexport.runtime.backend_choice import BACKENDS
+from jfexport import defaults
+
+from jfexport.defaults import BACKENDS
 
 from .options import backend_option, load_model, model_options, reference_bundle_for_build
 from .output_files import check_json_target, write_json
@@ -19,20 +21,26 @@ from .output_files import check_json_target, write_json
 @click.option("--engines", type=click.Path(path_type=Path), default=None,
               help="Benchmark this build (its backend); default: the torch backend on the model options.")
 @backend_option(BACKENDS, "Backend to run --engines with (auto: the one it was built for).")
-@click.option("--steps", type=click.IntRange(min=1), default=30, show_default=True, help="Euler steps per image.")
-@click.option("--cfg", default=2.0, show_default=True, help="Classifier-free guidance weight.")
+@click.option("--steps", type=click.IntRange(min=1), default=defaults.STEPS, show_default=True, help="Euler steps per image.")
+@click.option("--cfg", default=defaults.CFG, show_default=True, help="Classifier-free guidance weight.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Images per generation call.")
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed calls before the runs.")
 @click.option("--runs", type=click.IntRange(min=1), default=5, show_default=True, help="Timed calls per measurement.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=defaults.MAX_NEW_TOKENS, show_default=True,
               help="Longest answer of the understanding benchmark.")
 @click.option("--precisions", default=None,
               help="With --engines: benchmark these precisions of the build one after the other in the same run, "
                    "e.g. fp32,int8 (ratios against the first one and against the reference).")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="CPU threads of each side: ONNX Runtime's intra-op threads and the runtime's torch, and the "
+                   "reference's torch.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the results here.")
 def bench_cmd(checkpoint, vae, preset, engines, backend, steps, cfg, batch, warmup, runs, max_new_tokens, precisions,
-              json_path):
-    """Benchmark the runtime against the reference eager pipeline."""
+              threads, json_path):
+    """Benchmark the runtime against the reference eager pipeline, runs interleaved, same threads each side.
+
+    The first line says what is compared with what; the JSON gives each timing's spread (min, median, max).
+    """
     check_json_target(json_path)  # before the imports below, which take seconds
     wanted = _precision_list(precisions, engines)
     from PIL import Image
@@ -43,24 +51,35 @@ def bench_cmd(checkpoint, vae, preset, engines, backend, steps, cfg, batch, warm
 
     if wanted:
         return _bench_precisions(engines, backend, wanted, checkpoint, vae, steps, cfg, batch, warmup, runs,
-                                 max_new_tokens, json_path)
+                                 max_new_tokens, threads, json_path)
     if engines is not None:
-        runtime = JanusFlowRuntime.from_engines(engines, backend)
+        runtime = JanusFlowRuntime.from_engines(engines, backend, torch_threads=threads, engine_threads=threads)
         bundle = reference_bundle_for_build(engines, checkpoint, vae)
+        side = f"{_ENGINE_NAMES.get(runtime.backend, runtime.backend)} engines ({runtime.engines.precision}) of {engines}"
     else:
         bundle = load_model(checkpoint, vae, preset)
         runtime = JanusFlowRuntime.from_bundle(bundle, "torch")
+        side = "the runtime on the torch backend (PyTorch eager through the scheduler, no engines: pass --engines DIR)"
     backend = runtime.backend
-    click.echo(f"benchmarking {bundle.source} ({backend}): {warmup} warmup + {runs} runs", err=True)
+    compared = _compared(side, bundle.source, threads)
+    click.echo(f"{compared}; runs interleaved, {warmup} warmup + {runs} runs each", err=True)
     reference = ReferencePipeline(bundle)
     image = Image.new("RGB", (bundle.image_size, bundle.image_size), (200, 30, 30))
     result = bench_pipelines(runtime, reference, "a red circle at the top left", steps, cfg, batch, warmup, runs,
-                             max_new_tokens, "What colour is the shape?", image)
-    result = {"model": bundle.source, "backend": backend, "command": " ".join(["jfexport", *sys.argv[1:]]), **result}
+                             max_new_tokens, "What colour is the shape?", image, threads)
+    result = {"compared": compared, "model": bundle.source, "backend": backend,
+              "command": " ".join(["jfexport", *sys.argv[1:]]), **result}
     text = json.dumps(result, indent=2)
     click.echo(text)
     if json_path is not None:
         write_json(json_path, text)
+
+
+_ENGINE_NAMES = {"onnxruntime": "ONNX Runtime", "tensorrt": "TensorRT"}
+
+
+def _compared(side: str, model: str, threads: int) -> str:
+    return f"{side} vs the PyTorch eager reference ({model}), {threads} thread{'s' if threads > 1 else ''} each"
 
 
 def _precision_list(text: str | None, engines: Path | None) -> list[str]:
@@ -87,7 +106,7 @@ def _served_mib(engines: Path, manifest: dict, precision: str) -> float:
 
 
 def _bench_precisions(engines, backend, wanted, checkpoint, vae, steps, cfg, batch, warmup, runs, max_new_tokens,
-                      json_path) -> None:
+                      threads, json_path) -> None:
     from PIL import Image
 
     from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
@@ -98,12 +117,16 @@ def _bench_precisions(engines, backend, wanted, checkpoint, vae, steps, cfg, bat
     manifest = read_build_manifest(engines)
     bundle = reference_bundle_for_build(engines, checkpoint, vae)
     files = {p: _served_mib(engines, manifest, p) for p in wanted}
-    click.echo(f"benchmarking {bundle.source} ({', '.join(wanted)}): {warmup} warmup + {runs} runs", err=True)
+    name = manifest["backend"]["name"]
+    compared = _compared(f"{_ENGINE_NAMES.get(name, name)} engines ({', '.join(wanted)}) of {engines}", bundle.source,
+                         threads)
+    click.echo(f"{compared}; runs interleaved, {warmup} warmup + {runs} runs each", err=True)
     image = Image.new("RGB", (bundle.image_size, bundle.image_size), (200, 30, 30))
-    result = bench_precisions(lambda p: JanusFlowRuntime.from_engines(engines, backend, p), wanted, files,
-                              ReferencePipeline(bundle), "a red circle at the top left", steps, cfg, batch, warmup, runs,
-                              max_new_tokens, "What colour is the shape?", image)
-    result = {"model": bundle.source, "backend": manifest["backend"]["name"],
+    result = bench_precisions(lambda p: JanusFlowRuntime.from_engines(engines, backend, p, torch_threads=threads,
+                                                                      engine_threads=threads),
+                              wanted, files, ReferencePipeline(bundle), "a red circle at the top left", steps, cfg,
+                              batch, warmup, runs, max_new_tokens, "What colour is the shape?", image, threads)
+    result = {"compared": compared, "model": bundle.source, "backend": name,
               "command": " ".join(["jfexport", *sys.argv[1:]]), **result}
     text = json.dumps(result, indent=2)
     click.echo(text)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from jfexport import defaults
+
 from jfexport.reference.errors import InputError
 
 from .options import DEFAULT_ENGINES, precision_option
@@ -22,9 +24,9 @@ from .output_files import check_json_target, write_json
 @click.option("--requests", "requests_", type=click.IntRange(min=1), default=64, show_default=True,
               help="Requests in each run (scheduler run and one-at-a-time run).")
 @click.option("--mix", default="1:1", show_default=True, help="GEN:CHAT weights of the request kinds, e.g. 1:0, 0:1, 1:3.")
-@click.option("--steps", type=click.IntRange(min=1), default=30, show_default=True, help="Euler steps per image.")
-@click.option("--cfg", default=2.0, show_default=True, help="Classifier-free guidance weight.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
+@click.option("--steps", type=click.IntRange(min=1), default=defaults.STEPS, show_default=True, help="Euler steps per image.")
+@click.option("--cfg", default=defaults.CFG, show_default=True, help="Classifier-free guidance weight.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=defaults.MAX_NEW_TOKENS, show_default=True,
               help="Longest answer per question.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the results here.")
 @click.option("--url", default=None,

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from jfexport import defaults
+
 from .options import load_model, model_options
 from .output_files import check_json_target, write_json
 
@@ -19,8 +21,8 @@ from .output_files import check_json_target, write_json
 @click.option("--device", default=None, help="cuda or cpu (default: cuda when available).")
 @click.option("--dtype", type=click.Choice(["bf16", "fp32"]), default=None, help="Default: bf16 on GPU, fp32 on CPU.")
 @click.option("--batches", default="1,4", show_default=True, help="Comma-separated images per call.")
-@click.option("--steps", type=click.IntRange(min=1), default=30, show_default=True, help="Euler steps per image.")
-@click.option("--cfg", default=2.0, show_default=True, help="Classifier-free guidance weight.")
+@click.option("--steps", type=click.IntRange(min=1), default=defaults.STEPS, show_default=True, help="Euler steps per image.")
+@click.option("--cfg", default=defaults.CFG, show_default=True, help="Classifier-free guidance weight.")
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed calls before the runs.")
 @click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True, help="Timed calls per measurement.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True,

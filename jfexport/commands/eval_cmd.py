@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from jfexport import defaults
+
 from .options import ENGINE_PRECISIONS, open_pipeline, runtime_options
 from .output_files import check_json_target, write_json
 
@@ -15,8 +17,8 @@ from .output_files import check_json_target, write_json
 @runtime_options
 @click.option("--images-per-prompt", type=click.IntRange(min=1), default=4, show_default=True,
               help="Images generated per held-out caption.")
-@click.option("--steps", type=click.IntRange(min=1), default=30, show_default=True, help="Euler steps per image.")
-@click.option("--cfg", default=2.0, show_default=True, help="Classifier-free guidance weight.")
+@click.option("--steps", type=click.IntRange(min=1), default=defaults.STEPS, show_default=True, help="Euler steps per image.")
+@click.option("--cfg", default=defaults.CFG, show_default=True, help="Classifier-free guidance weight.")
 @click.option("--against", type=click.Choice(ENGINE_PRECISIONS), default=None,
               help="Also score the build's engines at this precision and fail if --precision's accuracies are more "
                    "than 0.05 below them (e.g. --precision int8 --against fp32).")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-
-from PIL import Image
+from typing import TYPE_CHECKING
 
 from .output_files import OutputError, ensure_writable_folder, write_atomically
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 _IMAGE_NAME = re.compile(r"image_(\d+)\.png")
 
@@ -28,5 +30,24 @@ def plan_image_paths(out: Path, count: int, overwrite: bool) -> list[Path]:
     return [out / f"image_{first + i}.png" for i in range(count)]
 
 
-def write_png(image: Image.Image, path: Path, overwrite: bool) -> None:
-    write_atomically(path, lambda f: image.save(f, format="PNG"), replace=overwrite)
+def write_png(image: Image.Image, path: Path, overwrite: bool, text: dict[str, str] | None = None) -> None:
+    """`text`: PNG text chunks (keyword -> text), where image tools look for what made an image."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in (text or {}).items():
+        info.add_itxt(key, value)  # iTXt: UTF-8, as prompts may be
+    write_atomically(path, lambda f: image.save(f, format="PNG", pnginfo=info), replace=overwrite)
+
+
+def provenance(prompts: list[str], n: int, index: int, seed: int, steps: int, cfg: float, model: dict) -> dict[str, str]:
+    """The text chunks of image `index` of a request: its prompt, and all a rerun needs to draw it again
+    (the noise of image i is row i of the request's noise, so the request's prompts and n, not only its own)."""
+    import json
+
+    from jfexport import __version__
+
+    record = {"prompt": prompts[index // n], "seed": seed, "steps": steps, "cfg": cfg, "index": index,
+              "request": {"prompts": prompts, "n": n}, **model}
+    return {"Description": prompts[index // n], "Software": f"jfexport {__version__}",
+            "jfexport": json.dumps(record, ensure_ascii=False)}

@@ -8,11 +8,7 @@ from typing import Callable
 import click
 
 from jfexport.reference.presets import PRESETS
-from jfexport.runtime.backend_choice import BACKENDS, ENGINE_BACKENDS
-
-DEFAULT_ENGINES = Path("engines/default")
-# What a build holds and what `--precision` picks from it (fp32 graphs are always built).
-ENGINE_PRECISIONS = ("fp32", "fp16", "int8")
+from jfexport.defaults import BACKENDS, ENGINE_PRECISIONS, ENGINES as DEFAULT_ENGINES
 
 
 def backend_option(choices: tuple[str, ...], help: str) -> Callable:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import click
 
-from jfexport.export.specs import Limits
-from jfexport.runtime.backend_choice import ENGINE_BACKENDS
+from jfexport import defaults
+from jfexport.defaults import ENGINE_BACKENDS
 
-from .image_output import plan_image_paths, write_png
+from .image_output import plan_image_paths, provenance, write_png
 from .options import (DEFAULT_ENGINES, backend_option, load_model, model_options, open_pipeline, precision_option,
                       reference_bundle_for_build, runtime_options)
 
@@ -22,7 +22,7 @@ from .options import (DEFAULT_ENGINES, backend_option, load_model, model_options
                                           "(ranges cached in calibration.json).")
 @backend_option(ENGINE_BACKENDS, "Engines to compile for (auto: TensorRT when it and a GPU are present, else ONNX Runtime).")
 @click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_ENGINES, show_default=True, help="Build folder.")
-@click.option("--max-batch", default=Limits().max_batch, show_default=True, help="Largest batch (rows; CFG doubles images).")
+@click.option("--max-batch", default=defaults.MAX_BATCH, show_default=True, help="Largest batch (rows; CFG doubles images).")
 @click.option("--max-seq", type=int, default=None,
               help="Longest sequence (prompt + generated tokens)  [default: the model's max_position_embeddings, at most "
                    "4096].")
@@ -33,18 +33,18 @@ def build_cmd(checkpoint, vae, preset, fp16, int8, backend, out, max_batch, max_
     bundle = load_model(checkpoint, vae, preset)
     manifest = build(bundle, out, fp16=fp16, int8=int8, backend=backend, limits=build_limits(bundle, max_batch, max_seq),
                      progress=lambda msg: click.echo(msg, err=True))
-    rebuilt = manifest["rebuilt"]
-    click.echo(f"built {out} ({manifest['backend']['name']}): "
-               + (f"rebuilt {', '.join(rebuilt)}" if rebuilt else "everything up to date"))
+    done = ([f"rebuilt {', '.join(manifest['rebuilt'])}"] if manifest["rebuilt"] else []) + [
+        f"added {', '.join(precisions)} to {name}" for name, precisions in manifest["added"].items()]
+    click.echo(f"built {out} ({manifest['backend']['name']}): " + ("; ".join(done) or "everything up to date"))
 
 
 @click.command("generate")
 @click.argument("prompts", nargs=-1, required=True)
 @runtime_options
-@click.option("-n", "--num-images", type=click.IntRange(min=1), default=1, show_default=True, help="Images per prompt.")
-@click.option("--steps", type=click.IntRange(min=1), default=30, show_default=True, help="Euler steps of the flow.")
-@click.option("--cfg", default=2.0, show_default=True, help="Classifier-free guidance weight.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the initial noise.")
+@click.option("-n", "--num-images", type=click.IntRange(min=1), default=defaults.IMAGES_PER_PROMPT, show_default=True, help="Images per prompt.")
+@click.option("--steps", type=click.IntRange(min=1), default=defaults.STEPS, show_default=True, help="Euler steps of the flow.")
+@click.option("--cfg", default=defaults.CFG, show_default=True, help="Classifier-free guidance weight.")
+@click.option("--seed", type=click.IntRange(min=0), default=defaults.SEED, show_default=True, help="Seed of the initial noise.")
 @click.option("--numerics", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="torch backend: bf16 reproduces the official demo's rounding (bf16 model, t and dt).")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("out"), show_default=True,
@@ -55,24 +55,41 @@ def generate_cmd(prompts, engines, backend, precision, verify_files, checkpoint,
     """Text-to-image: write PNG files for PROMPTS."""
     paths = plan_image_paths(out, len(prompts) * num_images, overwrite)
     pipe = open_pipeline(engines, backend, precision, checkpoint, vae, preset, numerics, "generate", verify_files)
+    model = _model_record(pipe, engines or DEFAULT_ENGINES, numerics)
     with click.progressbar(length=steps, label="sampling", file=sys.stderr) as bar:
         images = pipe.generate(list(prompts), n=num_images, steps=steps, cfg=cfg, seed=seed,
                                on_step=lambda done, total: bar.update(1))
-    for image, path in zip(images, paths, strict=True):
-        write_png(image, path, overwrite)
+    for index, (image, path) in enumerate(zip(images, paths, strict=True)):
+        write_png(image, path, overwrite, provenance(list(prompts), num_images, index, seed, steps, cfg, model))
         click.echo(str(path))
+
+
+def _model_record(pipe, engines: Path, numerics: str) -> dict:
+    """What made the images: the weights' fingerprint, and for engines the build (its manifest's sha256)."""
+    bundle = getattr(pipe, "bundle", None)
+    if bundle is not None:  # the PyTorch reference
+        return {"model": bundle.source, "model_fingerprint": bundle.fingerprint, "backend": "torch",
+                "numerics": numerics}
+    import hashlib
+    import json
+
+    raw = (engines / "manifest.json").read_bytes()
+    model = json.loads(raw)["model"]
+    return {"model": model["source"], "model_fingerprint": model["fingerprint"], "engines": str(engines),
+            "manifest_sha256": hashlib.sha256(raw).hexdigest(), "backend": pipe.backend,
+            "precision": pipe.engines.precision}
 
 
 @click.command("chat")
 @click.argument("question")
 @runtime_options
 @click.option("--image", "image_path", type=click.Path(path_type=Path), required=True, help="The image to ask about.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=defaults.MAX_NEW_TOKENS, show_default=True,
               help="Longest answer, in tokens.")
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
+@click.option("--temperature", type=click.FloatRange(min=0), default=defaults.TEMPERATURE, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=defaults.TOP_P, show_default=True,
               help="Nucleus sampling mass (with --temperature > 0).")
-@click.option("--seed", default=0, show_default=True, help="Sampling seed (with --temperature > 0).")
+@click.option("--seed", type=click.IntRange(min=0), default=defaults.SEED, show_default=True, help="Sampling seed (with --temperature > 0).")
 def chat_cmd(question, engines, backend, precision, verify_files, checkpoint, vae, preset, image_path, max_new_tokens, temperature,
              top_p, seed):
     """Answer QUESTION about an image, streaming the answer."""
@@ -105,7 +122,7 @@ def chat_cmd(question, engines, backend, precision, verify_files, checkpoint, va
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Reference model (default: the one the manifest records).")
 @click.option("--vae", type=click.Path(path_type=Path), default=None, help="diffusers AutoencoderKL folder of the reference.")
-@click.option("--steps", type=click.IntRange(min=1), default=30, show_default=True, help="Euler steps of the end-to-end check.")
+@click.option("--steps", type=click.IntRange(min=1), default=defaults.STEPS, show_default=True, help="Euler steps of the end-to-end check.")
 def verify_cmd(engines, backend, precision, checkpoint, vae, steps):
     """End-to-end parity of built engines with the PyTorch reference."""
     from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from jfexport import defaults
+
 from .options import DEFAULT_ENGINES, precision_option
 
 
@@ -49,19 +51,22 @@ def _api_key(ctx, param, value):
 @click.option("--engines", type=click.Path(path_type=Path), default=None,
               help=f"Build folder of `jfexport build` (default: {DEFAULT_ENGINES}, built first if missing).")
 @precision_option
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 to listen on all).")
-@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="TCP port to listen on.")
+@click.option("--host", default=defaults.HOST, show_default=True, help="Address to bind (0.0.0.0 to listen on all).")
+@click.option("--port", type=click.IntRange(1, 65535), default=defaults.PORT, show_default=True,
+              help="TCP port to listen on.")
 @click.option("--api-key", envvar=API_KEY_ENV, default=None, callback=_api_key,
               help="Require `Authorization: Bearer KEY` on /v1 (default: $JFEXPORT_API_KEY; none = open).")
-@click.option("--model-name", default="janusflow", show_default=True, help="The model id the API reports and accepts.")
-@click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
+@click.option("--model-name", default=defaults.MODEL_NAME, show_default=True,
+              help="The model id the API reports and accepts.")
+@click.option("--max-queue", type=click.IntRange(min=1), default=defaults.MAX_QUEUE, show_default=True,
               help="Requests the scheduler admits; past it, 429.")
-@click.option("--request-timeout", type=POSITIVE, default=120.0, show_default=True,
+@click.option("--request-timeout", type=POSITIVE, default=defaults.REQUEST_TIMEOUT_S, show_default=True,
               help="Seconds per request, queueing included; 504 past it.")
-@click.option("--grace", type=click.FloatRange(0, 3600), default=30.0, show_default=True,
+@click.option("--grace", type=click.FloatRange(0, 3600), default=defaults.GRACE_S, show_default=True,
               help="SIGTERM: seconds in-flight requests get to finish.")
-@click.option("--max-body-mb", type=POSITIVE, default=8.0, show_default=True, help="Largest request body; 413 past it.")
-@click.option("--max-image-mb", type=POSITIVE, default=4.0, show_default=True,
+@click.option("--max-body-mb", type=POSITIVE, default=defaults.MAX_BODY_MB, show_default=True,
+              help="Largest request body; 413 past it.")
+@click.option("--max-image-mb", type=POSITIVE, default=defaults.MAX_IMAGE_MB, show_default=True,
               help="Largest encoded image in a request; 413 past it.")
 @click.option("--header-timeout", type=POSITIVE, default=10.0, show_default=True,
               help="Seconds a request's headers may take to arrive; 408 and the connection closed past it.")

@@ -11,6 +11,8 @@ from typing import Callable, Iterator, Literal
 import torch
 from PIL import Image
 
+from jfexport import defaults
+
 from ..bundle import ModelBundle
 from ..errors import InputError
 from ..processor.request_checks import check_generation, check_sampling
@@ -40,10 +42,10 @@ class ReferencePipeline:
     def generate_latents(
         self,
         prompts: list[str],
-        n: int = 1,
-        steps: int = 30,
-        cfg: float = 2.0,
-        seed: int = 0,
+        n: int = defaults.IMAGES_PER_PROMPT,
+        steps: int = defaults.STEPS,
+        cfg: float = defaults.CFG,
+        seed: int = defaults.SEED,
         schedule: Schedule = "cached",
         on_step: Callable[[int, int], None] | None = None,
     ) -> torch.Tensor:
@@ -68,10 +70,10 @@ class ReferencePipeline:
         self,
         images: list[Image.Image],
         questions: list[str],
-        max_new_tokens: int = 512,
-        temperature: float = 0.0,
-        top_p: float = 0.95,
-        seed: int = 0,
+        max_new_tokens: int = defaults.MAX_NEW_TOKENS,
+        temperature: float = defaults.TEMPERATURE,
+        top_p: float = defaults.TOP_P,
+        seed: int = defaults.SEED,
         on_logits: Callable[[torch.Tensor], None] | None = None,
     ) -> Iterator[torch.Tensor]:
         """Yield the next token id of every (image, question) row until all rows end."""

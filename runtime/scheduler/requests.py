@@ -223,7 +223,11 @@ class CallJob(Job):
 
 
 class GenerationJob(Job):
-    """One call's images: `prompt_ids[p]` for each prompt, `z[i]` the fp32 latent of image i."""
+    """One call's images: `prompt_ids[p]` for each prompt, `z0[i]` the fp32 initial latent of image i.
+
+    A request may hold more images than one engine call takes: the scheduler admits it in parts
+    (`take_part`), each some images of one prompt, as rows free up. Every image keeps its own noise
+    and its own row, so the result is the one a build with a larger `max_batch` computes."""
 
     kind = "generation"
 
@@ -237,10 +241,26 @@ class GenerationJob(Job):
         self.watch_progress = False
         self.latents: torch.Tensor | None = None
         self.images: torch.Tensor | None = None  # uint8 [N,H,W,3]
+        self.parts: list[GenerationPart] = []  # admitted, in image order (worker thread only)
+        self._next_image = 0
 
     @property
     def rows(self) -> int:
         return len(self.prompt_ids) * self.n
+
+    @property
+    def pending(self) -> int:
+        """Images not admitted yet."""
+        return self.rows - self._next_image
+
+    def take_part(self, images: int) -> "GenerationPart":
+        """The next at most `images` images, all of one prompt (so a part prefills its prompt once)."""
+        start = self._next_image
+        stop = min(start + images, (start // self.n + 1) * self.n)
+        part = GenerationPart(self, start, stop)
+        self.parts.append(part)
+        self._next_image = stop
+        return part
 
     def set_progress(self, steps_done: int) -> None:
         with self.cond:
@@ -262,6 +282,67 @@ class GenerationJob(Job):
             self.images, self.finished = images, True
             self.cond.notify_all()
         self._notify_end()
+
+    # -- what the parts report (worker thread) ---------------------------------------------------
+
+    def _part_progressed(self) -> None:
+        # Image-steps done over all images: parts admitted later make the bar move on, never back.
+        self.set_progress(sum(p.steps_done * p.rows for p in self.parts) // self.rows)
+
+    def _part_finished(self, attribute: str) -> None:
+        if self.pending or any(getattr(p, attribute) is None for p in self.parts):
+            return
+        whole = torch.cat([getattr(p, attribute) for p in self.parts])
+        self.set_latents(whole) if attribute == "latents" else self.set_images(whole)
+
+
+class GenerationPart:
+    """Images [start, stop) of a GenerationJob, all of one prompt: what the generation rows hold.
+
+    It answers as a job does for the rows (prompt, noise, schedule, results) and hands its results,
+    its failure and its cancellation to the request it belongs to."""
+
+    kind = "generation"
+
+    def __init__(self, job: GenerationJob, start: int, stop: int):
+        self.job = job
+        self.prompt_ids = [job.prompt_ids[start // job.n]]
+        self.n = stop - start
+        self.z0 = job.z0[start:stop]
+        self.steps, self.cfg, self.decode = job.steps, job.cfg, job.decode
+        self.steps_done = 0
+        self.latents: torch.Tensor | None = None
+        self.images: torch.Tensor | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.n
+
+    @property
+    def cancelled(self) -> bool:
+        return self.job.cancelled
+
+    @property
+    def finished(self) -> bool:
+        return self.job.finished
+
+    def expired(self, now: float) -> bool:
+        return self.job.expired(now)
+
+    def fail(self, error: BaseException) -> None:
+        self.job.fail(error)
+
+    def set_progress(self, steps_done: int) -> None:
+        self.steps_done = steps_done
+        self.job._part_progressed()
+
+    def set_latents(self, latents: torch.Tensor) -> None:
+        self.latents = latents
+        self.job._part_finished("latents")
+
+    def set_images(self, images: torch.Tensor) -> None:
+        self.images = images
+        self.job._part_finished("images")
 
 
 @dataclass(eq=False)  # identity: rows hold tensors, and two rows are never the same row

@@ -12,7 +12,10 @@ Each iteration, in this order:
 So the engines alternate between one chat token and one Euler step: a question that arrives
 while images are generated waits at most for the step in flight before it is prefilled, and
 images advance while answers stream. Admission is first come, first served within each kind; a
-request that does not fit waits, and so do those behind it (no starvation of large requests).
+question batch that does not fit waits, and so do those behind it (no starvation of large
+requests). An image request takes the rows that are free and the rest of its images join as rows
+free up (in parts, `GenerationPart`), so a request may hold more images than one engine call;
+requests behind it wait until all of its images are admitted.
 
 Failures stay with their request: a batched call that raises is retried request by request, and
 a NaN is attributed to its row. Anything that escapes the loop stops the scheduler and fails
@@ -36,7 +39,7 @@ from ..errors import Overloaded, RequestCancelled, RequestTimeout, SchedulerStop
 from .chat_batch import ChatSlots
 from .generation_batch import GenerationRows
 from .kv_cache import KVLayout
-from .requests import CallJob, ChatJob, GenerationJob, Job
+from .requests import CallJob, ChatJob, GenerationJob, GenerationPart, Job
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +89,12 @@ class Scheduler:
                 raise SchedulerStopped("the scheduler is stopped")
             self._calls.append((fn, job))
             self._cond.notify_all()
+
+    def torch_threads(self) -> int:
+        """torch's intra-op thread count on the worker, where the runtime's torch work runs."""
+        job = CallJob(self.alive)
+        self.call(torch.get_num_threads, job)
+        return job.result()
 
     def add_observer(self, fn: Observer) -> None:
         """`fn(kind, rows)` after every batched engine step, on the worker thread: keep it short."""
@@ -171,8 +180,8 @@ class Scheduler:
             gone = [j for j in self._queue if j.cancelled or j.expired(now)]
             for job in gone:
                 self._queue.remove(job)
-        running = [j for j in self.generation.jobs() | self.chat.jobs() if j.cancelled or j.expired(now)]
-        for job in gone + running:
+        running = {_request(j) for j in self.generation.jobs() | self.chat.jobs() if j.cancelled or j.expired(now)}
+        for job in dict.fromkeys(gone + list(running)):
             self._drop(job, self._ended(job, now))
 
     @staticmethod
@@ -181,9 +190,14 @@ class Scheduler:
             return RequestTimeout(f"{job.kind} request timed out after {job.deadline - job.created:.3g} s")
         return RequestCancelled(f"{job.kind} request cancelled")
 
-    def _drop(self, job: Job, error: BaseException) -> None:
+    def _drop(self, job: Job | GenerationPart, error: BaseException) -> None:
+        job = _request(job)
         if isinstance(job, GenerationJob):
-            self.generation.drop(job)
+            with self._cond:
+                if job in self._queue:  # images still waiting for rows
+                    self._queue.remove(job)
+            for part in job.parts:
+                self.generation.drop(part)
         else:
             self.chat.drop(job)
         job.fail(error)
@@ -214,6 +228,8 @@ class Scheduler:
                 self._settle([(jobs[0], e)])
                 return
             for job in jobs:
+                if job.finished:  # a part of a request that another part failed
+                    continue
                 try:
                     self._settle(phase([job]))
                 except Exception as e:  # noqa: BLE001 - the error is the request's result
@@ -244,9 +260,29 @@ class Scheduler:
 
     def _generation(self) -> None:
         gen = self.generation
-        admitted = self._admit(GenerationJob, lambda job, taken: gen.active_rows + sum(j.rows for j in taken) + job.rows
-                               <= gen.max_images)
+        admitted = self._admit_images(gen.max_images - gen.active_rows)
         if admitted:
             self._isolated(gen.prefill, admitted)
         if gen.rows:
             self._settle(gen.step())
+
+    def _admit_images(self, free: int) -> list[GenerationPart]:
+        """Parts of the queued image requests, first come first served, for `free` rows; a request
+        leaves the queue once all of its images are admitted."""
+        parts: list[GenerationPart] = []
+        with self._cond:
+            for job in list(self._queue):
+                if not isinstance(job, GenerationJob):
+                    continue
+                while free > 0 and job.pending:
+                    parts.append(job.take_part(free))
+                    free -= parts[-1].rows
+                if job.pending:
+                    break
+                self._queue.remove(job)
+        return parts
+
+
+def _request(job: Job | GenerationPart) -> Job:
+    """The request a job of the rows belongs to (a part's request, else the job itself)."""
+    return job.job if isinstance(job, GenerationPart) else job

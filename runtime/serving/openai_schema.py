@@ -10,7 +10,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from jfexport.reference.processor.request_checks import MIN_TEMPERATURE
+from jfexport.reference.processor.request_checks import MAX_IMAGES_PER_PROMPT, MIN_TEMPERATURE
 
 from .errors import APIError, shown
 
@@ -92,7 +92,7 @@ class ChatCompletionRequest(_Body):
 class ImageGenerationRequest(_Body):
     prompt: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
     model: str | None = None
-    n: int = Field(1, ge=1, le=16)
+    n: int = Field(1, ge=1, le=MAX_IMAGES_PER_PROMPT)  # the runtime's bound: any n it takes, in as many calls as needed
     size: str | None = None
     response_format: Literal["b64_json"] = "b64_json"
     user: str | None = None

@@ -101,6 +101,7 @@ def serve_on_ray(args: dict, host: str, port: int) -> int:
     from .ray_app import build_app
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)  # its routine lines (where it listens, stopping) whatever the CLI's -v
     # Ray's own traffic stays on the loopback interface unless the server listens beyond it.
     ray.init(include_dashboard=False, _node_ip_address="127.0.0.1" if host in ("127.0.0.1", "localhost") else None)
     try:
@@ -110,12 +111,12 @@ def serve_on_ray(args: dict, host: str, port: int) -> int:
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-        log.warning("Ray Serve: %s replica(s) on http://%s:%d", args.get("replicas", 1), host, port)
+        log.info("Ray Serve: %s replica(s) on http://%s:%d", args.get("replicas", 1), host, port)
         report_exposed_ports(host)
         while not stop.wait(0.5):  # a timed wait lets the signal handler run promptly
             pass
-        log.warning("stopping Ray Serve: replicas finish their in-flight requests (up to %g s), then the proxy stops",
-                    float(args.get("grace", 30)))
+        log.info("stopping Ray Serve: replicas finish their in-flight requests (up to %g s), then the proxy stops",
+                 float(args.get("grace", 30)))
         serve.delete(APP, _blocking=True)
         serve.shutdown()
     finally:

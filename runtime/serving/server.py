@@ -42,7 +42,7 @@ class DrainingServer(uvicorn.Server):
         # Not uvicorn's handler: it would close the listener at once (connection refused, not 503)
         # and re-raise the signal after shutdown, which exits non-zero.
         if self.drain_deadline is None:
-            log.warning("signal %d: draining (%d in flight, grace %.0f s)", sig, self.service.in_flight, self.grace)
+            log.info("signal %d: draining (%d in flight, grace %.0f s)", sig, self.service.in_flight, self.grace)
             self.service.draining = True
             self.drain_deadline = time.monotonic() + self.grace
         elif sig == signal.SIGINT:
@@ -70,7 +70,7 @@ class DrainingServer(uvicorn.Server):
                 self.failed = self.should_exit = True
                 return
             self.service.attach(runtime)
-            log.warning("ready: %s (%s)", engines, runtime.backend)
+            log.info("ready: %s (%s)", engines, runtime.backend)
 
         threading.Thread(target=load, daemon=True, name="jfexport-load").start()
 
@@ -107,7 +107,7 @@ def serve(engines: Path, host: str = "127.0.0.1", port: int = 8000, *, backend: 
                             timeout_keep_alive=5)
     server = DrainingServer(config, service, grace)
     server.load_in_background(engines, backend, precision, max_queue)
-    log.warning("listening on http://%s:%d (model %r from %s)", host, port, model_id, engines)
+    log.info("listening on http://%s:%d (model %r from %s)", host, port, model_id, engines)
     server.run(sockets=[sock])
     if service.runtime is not None:
         service.runtime.close()
