@@ -191,14 +191,16 @@ def test_sigterm_lets_in_flight_requests_finish(ray_server):
     results: list[tuple[int, float]] = []
 
     def long_request() -> None:
-        r = httpx.post(f"{url}/v1/images/generations", json={"prompt": "a red circle", "n": 2, "steps": 300},
+        # 1000 steps (the bound): 5.4 s alone on the default model, so it spans the signal sent 1.5 s in even on
+        # an idle machine (300 steps took 1.8 s and could end before it).
+        r = httpx.post(f"{url}/v1/images/generations", json={"prompt": "a red circle", "n": 2, "steps": 1000},
                        timeout=120)
         results.append((r.status_code, time.monotonic()))
 
     threads = [threading.Thread(target=long_request) for _ in range(3)]
     for t in threads:
         t.start()
-    time.sleep(2)
+    time.sleep(1.5)
     signalled = time.monotonic()
     proc.proc.send_signal(signal.SIGTERM)
     for t in threads:

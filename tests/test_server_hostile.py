@@ -594,6 +594,6 @@ def test_a_port_in_use_is_reported_before_loading(engines, tmp_path):
         port = taken.getsockname()[1]
         start = time.monotonic()
         res = run_cli("serve", "--engines", str(engines), "--port", str(port), timeout=60)
-    assert res.returncode == 1, (res.returncode, res.stderr[-2000:])  # never 134 (SIGABRT)
+    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])  # a user error (README "Defaults"); never 134
     assert f"cannot listen on 127.0.0.1:{port}" in res.stderr and "in use" in res.stderr
     assert "listening on" not in res.stderr and time.monotonic() - start < 30
