@@ -88,10 +88,11 @@ def cpu_name(cpu: dict) -> str:
     return f"{cpu.get('model', 'unknown')} ({cpu.get('machine', '?')}, {cpu.get('isa', '?')})"
 
 
-def _probe_model(weight_max: int, k: int, n: int) -> bytes:
+def _probe_model(w: np.ndarray) -> bytes:
+    """One Q/DQ MatMul over the int8 weights `w` [K, N], unit scales: the placement the build writes."""
     from onnx import TensorProto, helper, numpy_helper
 
-    w = (np.random.default_rng(0).choice([-1, 1], size=(k, n)) * weight_max).astype(np.int8)
+    k, n = w.shape
     inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.ones(n, np.float32), "w_scale"),
              numpy_helper.from_array(np.zeros(n, np.int8), "w_zero"),
              numpy_helper.from_array(np.float32(1.0), "x_scale"), numpy_helper.from_array(np.array(0, np.int8), "x_zero")]
@@ -114,14 +115,14 @@ def matmul_error(weight_max: int, k: int = 256, n: int = 64) -> float:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # as served: fused kernels
     options.intra_op_num_threads = 1
-    session = ort.InferenceSession(_probe_model(weight_max, k, n), options, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
-    w = (rng.choice([-1, 1], size=(k, n)) * weight_max).astype(np.int64)
+    w = (rng.choice([-1, 1], size=(k, n)) * weight_max).astype(np.int8)
+    session = ort.InferenceSession(_probe_model(w), options, providers=["CPUExecutionProvider"])
     worst = 0.0
     for rows in (1, 8):
         # Activations at the int8 extremes: after the s8 -> u8 shift each is 0 or 255.
         x = rng.choice([-128.0, 127.0], size=(rows, k)).astype(np.float32)
         got = session.run(None, {"x": x})[0].astype(np.float64)
-        exact = (x.astype(np.int64) @ w).astype(np.float64)
+        exact = (x.astype(np.int64) @ w.astype(np.int64)).astype(np.float64)
         worst = max(worst, float(np.sqrt(((got - exact) ** 2).mean() / max((exact ** 2).mean(), 1.0))))
     return worst
