@@ -14,7 +14,7 @@ from pathlib import Path
 
 from jfexport import defaults
 from jfexport.reference.bundle import ModelBundle
-from jfexport.reference.errors import JanusFlowError
+from jfexport.core.errors import JanusFlowError
 from jfexport.runtime.backend_choice import BackendChoice, choose_backend
 
 from .build_folder import BuildFolder, named_os_error, open_build_folder

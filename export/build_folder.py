@@ -52,7 +52,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from jfexport.reference.errors import JanusFlowError
+from jfexport.core.errors import JanusFlowError
 from jfexport.runtime.folder_files import TOKENIZER_DIR, manifest_paths, tokenizer_dir
 
 from .manifest import MANIFEST, sha256_file, write_manifest

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Callable
 
 from jfexport.reference.bundle import ModelBundle
-from jfexport.reference.errors import JanusFlowError
+from jfexport.core.errors import JanusFlowError
 from jfexport.reference.graphs import GRAPH_NAMES, build_graph, graph_weights
 
 from .build_folder import BuildFolderError, named_os_error, open_build_folder
-from .graph_spec import GraphSpec
+from jfexport.core.graph_spec import GraphSpec
 from .manifest import FORMAT, MANIFEST, EnginesError, read_build_manifest, sha256_file, versions, write_manifest
 from .onnx_export import export_graph
 from .precision import to_fp16_, use_explicit_softmax

@@ -15,7 +15,7 @@ import onnx
 import torch
 from torch import nn
 
-from .graph_spec import GraphSpec
+from jfexport.core.graph_spec import GraphSpec
 from .samples import sample_inputs
 
 log = logging.getLogger(__name__)

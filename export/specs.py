@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from jfexport.reference.bundle import ModelBundle
-from jfexport.reference.graph_contract import GRAPH_NAMES, NEW, PAST, PRESENT, kv_names
+from jfexport.core.graph_contract import GRAPH_NAMES, NEW, PAST, PRESENT, kv_names
 
-from .graph_spec import Dim, GraphSpec, TensorSpec
+from jfexport.core.graph_spec import Dim, GraphSpec, TensorSpec
 
 
 @dataclass(frozen=True)

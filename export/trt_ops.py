@@ -10,7 +10,7 @@ from pathlib import Path
 
 import onnx
 
-from jfexport.reference.errors import JanusFlowError
+from jfexport.core.errors import JanusFlowError
 
 DATA = Path(__file__).parent / "data" / "onnx_trt_ops.json"
 _ONNX_TO_TRT = {

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from .graph_spec import GraphSpec
+from jfexport.core.graph_spec import GraphSpec
 from .onnx_export import typed_feeds
 from .samples import meaningful, sample_inputs
 

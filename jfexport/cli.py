@@ -16,7 +16,7 @@ from jfexport.commands.reference_cmds import verify_reference_cmd
 from jfexport.commands.runtime_cmds import build_cmd, chat_cmd, generate_cmd, verify_cmd
 from jfexport.commands.serve_cmd import serve_cmd
 from jfexport.commands.train_cmd import train_cmd, train_default_cmd
-from jfexport.reference.errors import JanusFlowError
+from jfexport.core.errors import JanusFlowError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

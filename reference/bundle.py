@@ -16,12 +16,12 @@ import torch
 from diffusers import AutoencoderKL
 
 from .checkpoint import CONFIG_NAME, load_checkpoint, weight_files
-from .config import JanusFlowConfig
-from .errors import CheckpointError
+from jfexport.core.config import JanusFlowConfig
+from jfexport.core.errors import CheckpointError
 from .init import init_random
 from .modules.janusflow import JanusFlowModel
-from .presets import preset_config, preset_vae_config
-from .processor import JanusProcessor, JanusTokenizer, load_tokenizer
+from jfexport.core.presets import preset_config, preset_vae_config
+from jfexport.core.processor import JanusProcessor, JanusTokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file
 
-from .errors import InputError
+from jfexport.core.errors import InputError
 from .modules.janusflow import JanusFlowModel
 from .pipelines.generation import sample_latents
 from .pipelines.understanding import decode_tokens

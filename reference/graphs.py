@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .graph_contract import GRAPH_NAMES, LLM_INPUTS, LLM_OUTPUTS, NEW, PAST, PRESENT, kv_names
+from jfexport.core.graph_contract import GRAPH_NAMES, LLM_INPUTS, LLM_OUTPUTS, NEW, PAST, PRESENT, kv_names
 from .modules.janusflow import JanusFlowModel
 
 # State-dict prefixes (of JanusFlowModel, or of the VAE for vae_decoder) of the weights each graph

@@ -10,7 +10,7 @@ from typing import Mapping, Protocol, Sequence
 
 import torch
 
-from jfexport.reference.graph_contract import GRAPH_NAMES
+from jfexport.core.graph_contract import GRAPH_NAMES
 
 __all__ = ["Engine", "GRAPH_NAMES"]
 

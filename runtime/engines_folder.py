@@ -16,7 +16,7 @@ import torch
 
 # What each pipeline runs (GENERATION_GRAPHS, UNDERSTANDING_GRAPHS): pass one as `graphs` and a text-to-image
 # service does not open the vision encoder, a chat one not the VAE. One definition, in the graph contract.
-from jfexport.reference.graph_contract import GENERATION_GRAPHS, UNDERSTANDING_GRAPHS
+from jfexport.core.graph_contract import GENERATION_GRAPHS, UNDERSTANDING_GRAPHS
 
 from .backend_choice import choose_backend
 from .folder_files import TOKENIZER_DIR, FileCheck, check_files, confine_tokenizer, served_files, tokenizer_files

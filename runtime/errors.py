@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from jfexport.reference.errors import JanusFlowError
+from jfexport.core.errors import JanusFlowError
 
 
 class RuntimeFailure(JanusFlowError):

@@ -17,8 +17,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from jfexport.reference.errors import JanusFlowError
-from jfexport.reference.graph_contract import GRAPH_NAMES
+from jfexport.core.errors import JanusFlowError
+from jfexport.core.graph_contract import GRAPH_NAMES
 
 MANIFEST = "manifest.json"
 # Format 2: `llm_decode` outputs only the new tokens' K/V (`new.*`) and the runtime writes them into its

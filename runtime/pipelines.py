@@ -17,12 +17,12 @@ from typing import Callable, Iterator, Mapping
 import torch
 from PIL import Image
 
-from jfexport.reference.errors import InputError
-from jfexport.reference.graph_contract import GENERATION_GRAPHS, UNDERSTANDING_GRAPHS
-from jfexport.reference.pipelines.images import initial_noise, to_uint8
-from jfexport.reference.processor import JanusProcessor
-from jfexport.reference.processor.request_checks import check_generation, check_sampling
-from jfexport.reference.schedulers import StopRule, answers_from_stream, row_generators
+from jfexport.core.errors import InputError
+from jfexport.core.graph_contract import GENERATION_GRAPHS, UNDERSTANDING_GRAPHS
+from jfexport.core.images import initial_noise, to_uint8
+from jfexport.core.processor import JanusProcessor
+from jfexport.core.processor.request_checks import check_generation, check_sampling
+from jfexport.core.schedulers import StopRule, answers_from_stream, row_generators
 
 from jfexport import defaults
 from .engine import Engine

@@ -11,7 +11,7 @@ from PIL import Image
 
 from jfexport.export.build import build
 from jfexport.reference.bundle import load_preset
-from jfexport.reference.errors import InputError
+from jfexport.core.errors import InputError
 from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
 from jfexport.runtime.engines_folder import FORMAT, EnginesError
 from jfexport.runtime.pipelines import JanusFlowRuntime

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from jfexport.reference.checkpoint import load_checkpoint, save_checkpoint
-from jfexport.reference.errors import CheckpointError, ConfigError
+from jfexport.core.errors import CheckpointError, ConfigError
 from jfexport.reference.modules.siglip import UNUSED_PREFIX
 
 from .conftest import run_cli

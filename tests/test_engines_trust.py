@@ -27,7 +27,7 @@ from jfexport.runtime.engines_folder import (GENERATION_GRAPHS, UNDERSTANDING_GR
                                              pick_precision)
 from jfexport.runtime.folder_files import STAMPS
 from jfexport.runtime.pipelines import JanusFlowRuntime
-from jfexport.runtime.verify import verify
+from jfexport.tools.verify import verify
 
 from .conftest import run_cli
 

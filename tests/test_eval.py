@@ -83,7 +83,7 @@ def test_bundled_default_model_meets_its_targets():
 
 def test_a_missing_bundled_model_is_named(monkeypatch, tmp_path):
     from jfexport.reference import bundle as bundle_module
-    from jfexport.reference.errors import CheckpointError
+    from jfexport.core.errors import CheckpointError
 
     monkeypatch.setattr(bundle_module, "DEFAULT_MODEL_DIR", tmp_path / "default")
     with pytest.raises(CheckpointError, match="bundled default model is missing"):

@@ -8,7 +8,7 @@ import onnx
 import pytest
 import torch
 
-from jfexport.export.graph_spec import GraphSpec
+from jfexport.core.graph_spec import GraphSpec
 from jfexport.export.specs import graph_specs
 from jfexport.export.trt_ops import check_file, check_model
 from jfexport.export.validate import compare, reference_cases

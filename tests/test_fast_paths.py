@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from jfexport.reference.bundle import load_bundle, load_preset
-from jfexport.reference.schedulers import StopRule, row_generators, row_uniforms, sample_next, sample_next_device, stop_rows
+from jfexport.core.schedulers import StopRule, row_generators, row_uniforms, sample_next, sample_next_device, stop_rows
 from jfexport.runtime.pipelines import JanusFlowRuntime
 from jfexport.runtime.scheduler.fast_chat import FastChatSlots
 from jfexport.runtime.scheduler.fast_generation import FastGenerationRows
@@ -50,7 +50,7 @@ def pair():
     fast.close()
 
 
-# -- device-side token choice and stopping (reference/schedulers) --------------------------------
+# -- device-side token choice and stopping (jfexport/core/schedulers) --------------------------------
 
 def _truncated(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """The top-p distribution [V] written out independently of both samplers."""
@@ -137,7 +137,7 @@ def test_fast_greedy_tokens_equal_the_engine_path_across_chunks(pair):
 
 
 def test_fast_prefill_equals_the_engine_prefill(pair):
-    from jfexport.reference.graph_contract import kv_name
+    from jfexport.core.graph_contract import kv_name
     from jfexport.runtime.scheduler.chat_batch import ChatSlots
 
     plain, fast = pair
@@ -284,8 +284,8 @@ def test_fast_latents_equal_the_engine_path(pair):
 def test_a_compiler_that_fails_costs_speed_not_requests(pair, caplog):
     """torch.compile with a backend that cannot build the step (as without Triton): the executor
     logs it once and goes on eagerly, with the engine path's latents."""
-    from jfexport.reference.errors import InputError
-    from jfexport.runtime.torch_fast import cfg_euler_step
+    from jfexport.core.errors import InputError
+    from jfexport.runtime.scheduler.torch_step import cfg_euler_step
 
     def no_compiler(graph, inputs):
         raise RuntimeError("this backend builds nothing")
@@ -364,7 +364,7 @@ def test_compiled_euler_step_under_cuda_graphs_matches_cpu():
 def test_bench_measures_each_change_on_and_off():
     from torch._dynamo.utils import counters
 
-    from jfexport.runtime.bench_paths import bench_torch_paths
+    from jfexport.tools.bench_paths import bench_torch_paths
 
     bundle = load_preset("tiny")
     compiled_before = counters["stats"]["unique_graphs"]
@@ -397,8 +397,9 @@ def test_bench_measures_each_change_on_and_off():
 
 def test_step_stages_in_order_are_the_euler_step():
     """The benchmark times the stages of `cfg_euler_step` one by one: together they must be that step."""
-    from jfexport.reference.pipelines.images import initial_noise
-    from jfexport.runtime.torch_fast import FastSampler, cfg_euler_step, step_stages
+    from jfexport.core.images import initial_noise
+    from jfexport.runtime.scheduler.torch_step import cfg_euler_step
+    from jfexport.tools.torch_paths import FastSampler, step_stages
 
     bundle = load_preset("tiny")
     model = bundle.model
@@ -418,7 +419,7 @@ def test_step_stages_in_order_are_the_euler_step():
 # -- FP8 ---------------------------------------------------------------------------------------------
 
 def test_fp8_linear_rounds_like_e4m3_and_is_undone():
-    from jfexport.runtime.fp8 import FP8Linear, fp8_matmuls
+    from jfexport.tools.fp8 import FP8Linear, fp8_matmuls
 
     linear = torch.nn.Linear(64, 96, bias=False)
     x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(0))
@@ -441,7 +442,7 @@ def test_fp8_linear_rounds_like_e4m3_and_is_undone():
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                     reason="needs a CUDA GPU with FP8 (compute capability 8.9+)")
 def test_scaled_mm_equals_the_emulation():
-    from jfexport.runtime.fp8 import FP8Linear
+    from jfexport.tools.fp8 import FP8Linear
 
     linear = torch.nn.Linear(256, 512, bias=False).to("cuda", torch.bfloat16)
     x = torch.randn(7, 256, device="cuda", dtype=torch.bfloat16)

@@ -23,13 +23,13 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from jfexport.reference.bundle import TINY_ASSETS, load_bundle, load_vae
 from jfexport.reference.checkpoint import load_checkpoint
-from jfexport.reference.config import JanusFlowConfig
-from jfexport.reference.errors import CheckpointError, ConfigError, InputError
+from jfexport.core.config import JanusFlowConfig
+from jfexport.core.errors import CheckpointError, ConfigError, InputError
 from jfexport.reference.modules.siglip import VisionUnderstandingTower
 from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
-from jfexport.reference.presets import preset_config, preset_vae_config
-from jfexport.reference.processor import JanusProcessor, load_image, load_tokenizer
-from jfexport.reference.processor.request_checks import (
+from jfexport.core.presets import preset_config, preset_vae_config
+from jfexport.core.processor import JanusProcessor, load_image, load_tokenizer
+from jfexport.core.processor.request_checks import (
     MAX_CFG, MAX_IMAGES_PER_PROMPT, MAX_NEW_TOKENS, MAX_SEED, MAX_STEPS, check_generation, check_sampling, check_text,
 )
 from jfexport.reference.training.config import TrainConfig
@@ -195,8 +195,8 @@ def test_bad_generation_parameters_are_named(name, value):
 
 
 def test_the_smallest_temperature_samples_without_nan():
-    from jfexport.reference.processor.request_checks import MIN_TEMPERATURE
-    from jfexport.reference.schedulers.decoding import sample_next
+    from jfexport.core.processor.request_checks import MIN_TEMPERATURE
+    from jfexport.core.schedulers.decoding import sample_next
 
     logits = torch.tensor([[300.0, -300.0, 299.99]])
     assert torch.isnan(torch.softmax(logits / 1e-38, dim=-1)).any()  # why the range stops at MIN_TEMPERATURE

@@ -29,7 +29,7 @@ from jfexport.reference.training.toy_data import split_scenes
 from jfexport.runtime.engines_folder import EnginesError, load_engines, pick_precision
 from jfexport.runtime.int8_arithmetic import LEGACY_WEIGHT_MAX, MATMUL_TOLERANCE, WEIGHT_MAX, describe_cpu, matmul_error
 from jfexport.runtime.pipelines import JanusFlowRuntime
-from jfexport.runtime.verify import verify
+from jfexport.tools.verify import verify
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from PIL import Image
 
 from jfexport.export.build import build
 from jfexport.reference.bundle import load_preset
-from jfexport.reference.graph_contract import NEW, kv_name
+from jfexport.core.graph_contract import NEW, kv_name
 from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
 from jfexport.runtime.engines_folder import FORMAT, EnginesError
 from jfexport.runtime.pipelines import JanusFlowRuntime
@@ -191,7 +191,7 @@ def test_a_format_1_build_is_refused_with_a_rebuild_message(built, tmp_path):
 
 
 def test_the_decode_benchmark_reports_every_figure(built):
-    from jfexport.runtime.bench_decode import bench_decode
+    from jfexport.tools.bench_decode import bench_decode
 
     manifest = json.loads((built / "manifest.json").read_text())
     results = bench_decode(lambda **kw: JanusFlowRuntime.from_engines(built, tasks=("chat",), **kw),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from jfexport.reference.pipelines.layout import understanding_positions
+from jfexport.core.layout import understanding_positions
 
 
 def test_matches_transformers_with_left_padding(tiny_bundle):

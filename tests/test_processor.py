@@ -14,12 +14,12 @@ from transformers import PreTrainedTokenizerFast
 from transformers.image_transforms import normalize, rescale
 
 from jfexport.reference.bundle import TINY_ASSETS
-from jfexport.reference.errors import CheckpointError, InputError
-from jfexport.reference.processor import (
+from jfexport.core.errors import CheckpointError, InputError
+from jfexport.core.processor import (
     SYSTEM_PROMPT, JanusProcessor, generation_prompt, load_image, load_tokenizer, preprocess_image,
     understanding_prompt,
 )
-from jfexport.reference.processor.make_tiny_tokenizer import build
+from jfexport.reference.make_tiny_tokenizer import build
 
 N = 16
 S = 64

@@ -36,8 +36,8 @@ def test_understanding_matches_the_reference(tiny_bundle, fast):
 
 
 def test_fast_sampler_matches_the_reference(tiny_bundle):
-    from jfexport.reference.pipelines.images import initial_noise
-    from jfexport.runtime.torch_fast import FastSampler
+    from jfexport.core.images import initial_noise
+    from jfexport.tools.torch_paths import FastSampler
 
     ref = ReferencePipeline(tiny_bundle).generate_latents(PROMPTS, steps=3, seed=4)
     batch = tiny_bundle.processor.generation_tokens(PROMPTS)
@@ -64,7 +64,7 @@ def _understanding_inputs(bundle, device="cpu"):
 
 def test_static_kv_decoder_matches_the_reference(tiny_bundle):
     from jfexport.reference.pipelines.understanding import decode_tokens
-    from jfexport.runtime.torch_fast import FastDecoder
+    from jfexport.tools.torch_paths import FastDecoder
 
     model = tiny_bundle.model
     embeds, mask = _understanding_inputs(tiny_bundle)
@@ -81,7 +81,7 @@ def test_static_kv_decoder_matches_the_reference(tiny_bundle):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_static_kv_decoder_cuda_graph_matches_eager():
     from jfexport.reference.bundle import load_preset
-    from jfexport.runtime.torch_fast import FastDecoder
+    from jfexport.tools.torch_paths import FastDecoder
 
     bundle = load_preset("tiny")
     bundle.model.to("cuda")
@@ -98,8 +98,8 @@ def test_static_kv_decoder_cuda_graph_matches_eager():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_step_matches_eager_and_is_reused():
     from jfexport.reference.bundle import load_preset
-    from jfexport.reference.pipelines.images import initial_noise
-    from jfexport.runtime.torch_fast import FastSampler
+    from jfexport.core.images import initial_noise
+    from jfexport.tools.torch_paths import FastSampler
 
     bundle = load_preset("tiny")
     model = bundle.model.to("cuda")

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from jfexport.reference.bundle import load_bundle
-from jfexport.reference.errors import InputError
+from jfexport.core.errors import InputError
 from jfexport.runtime.errors import NonFiniteOutput, Overloaded, RequestCancelled, RequestTimeout, SchedulerStopped
 from jfexport.runtime.pipelines import JanusFlowRuntime
 
@@ -385,7 +385,7 @@ def test_a_lone_request_whose_step_raises_fails_and_the_scheduler_goes_on(build_
 
 
 def test_ended_rows_have_nan_logits_and_verify_compares_the_live_ones(runtime):
-    from jfexport.runtime.verify import _abs_max
+    from jfexport.tools.verify import _abs_max
 
     seen: list[torch.Tensor] = []
     images = [IMAGE, Image.new("RGB", (64, 64), (30, 30, 210))]

@@ -19,7 +19,7 @@ import openai
 import pytest
 from PIL import Image
 
-from jfexport.reference.processor.request_checks import MAX_IMAGES_PER_PROMPT
+from jfexport.core.processor.request_checks import MAX_IMAGES_PER_PROMPT
 
 from .serve_helpers import (QUESTION, ServerProcess, build_engines, chat_messages, data_url, free_port, metric,
                             running_server, shape_image)

@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from jfexport.reference.bundle import TINY_ASSETS, load_bundle
-from jfexport.reference.errors import InputError
-from jfexport.reference.processor import SYSTEM_PROMPT, JanusProcessor, understanding_prompt
+from jfexport.core.errors import InputError
+from jfexport.core.processor import SYSTEM_PROMPT, JanusProcessor, understanding_prompt
 from jfexport.runtime.pipelines import JanusFlowRuntime
 
 S, N = 64, 16

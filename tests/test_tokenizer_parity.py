@@ -10,8 +10,8 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 from jfexport.reference.bundle import DEFAULT_MODEL_DIR, TINY_ASSETS
-from jfexport.reference.processor import load_tokenizer
-from jfexport.reference.processor.tokenizer import Tags
+from jfexport.core.processor import load_tokenizer
+from jfexport.core.processor.tokenizer import Tags
 
 TEXTS = [
     "a red circle at the top left", "What colour is the shape?", "  leading and trailing  ", "",

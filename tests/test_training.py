@@ -76,7 +76,7 @@ def test_loop_resumes_and_writes_a_loadable_checkpoint(tmp_path):
 
 
 def test_bad_training_configs(tmp_path):
-    from jfexport.reference.errors import ConfigError
+    from jfexport.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="stage"):
         TrainConfig(out="x", stage=4)

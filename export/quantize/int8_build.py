@@ -27,8 +27,8 @@ import onnxruntime as ort
 import torch
 
 from jfexport.reference.bundle import ModelBundle
-from jfexport.reference.errors import JanusFlowError
-from jfexport.reference.graph_contract import NEW, PAST
+from jfexport.core.errors import JanusFlowError
+from jfexport.core.graph_contract import NEW, PAST
 
 from ..exporter import file_record
 from ..samples import meaningful

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Callable
 
 from jfexport.reference.bundle import ModelBundle
-from jfexport.reference.errors import JanusFlowError
-from jfexport.reference.graph_contract import UNDERSTANDING_GRAPHS
-from jfexport.runtime.verify import NEW_TOKENS, Check, Outputs, compare, measure
+from jfexport.core.errors import JanusFlowError
+from jfexport.core.graph_contract import UNDERSTANDING_GRAPHS
+from jfexport.tools.verify import NEW_TOKENS, Check, Outputs, compare, measure
 
 from ..specs import Limits
 from .int8_build import files_runtime

@@ -46,7 +46,7 @@ def bench_cmd(checkpoint, vae, preset, engines, backend, steps, cfg, batch, warm
     from PIL import Image
 
     from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
-    from jfexport.runtime.bench import bench_pipelines
+    from jfexport.tools.bench import bench_pipelines
     from jfexport.runtime.pipelines import JanusFlowRuntime
 
     if wanted:
@@ -110,7 +110,7 @@ def _bench_precisions(engines, backend, wanted, checkpoint, vae, steps, cfg, bat
     from PIL import Image
 
     from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
-    from jfexport.runtime.bench import bench_precisions
+    from jfexport.tools.bench import bench_precisions
     from jfexport.runtime.engines_folder import read_build_manifest
     from jfexport.runtime.pipelines import JanusFlowRuntime
 

@@ -9,7 +9,7 @@ import click
 
 from jfexport import defaults
 
-from jfexport.reference.errors import InputError
+from jfexport.core.errors import InputError
 
 from .options import DEFAULT_ENGINES, precision_option
 from .output_files import check_json_target, write_json
@@ -44,7 +44,7 @@ def bench_serve_cmd(engines, precision, clients, requests_, mix, steps, cfg, max
     if decode:
         _bench_decode(engines, precision, max_new_tokens, json_path)
         return
-    from jfexport.runtime.bench_serve import Workload, bench_serve
+    from jfexport.tools.bench_serve import Workload, bench_serve
     from jfexport.runtime.pipelines import JanusFlowRuntime
 
     check_json_target(json_path)
@@ -54,7 +54,7 @@ def bench_serve_cmd(engines, precision, clients, requests_, mix, steps, cfg, max
         raise InputError(str(e)) from None
     workload = Workload(clients, requests_, gen, chat, steps, cfg, max_new_tokens)
     if url is not None:
-        from jfexport.runtime.serving.http_load import bench_http
+        from jfexport.tools.http_load import bench_http
 
         results = bench_http(url, workload, api_key, progress=lambda m: click.echo(m, err=True))
     else:
@@ -71,7 +71,7 @@ def bench_serve_cmd(engines, precision, clients, requests_, mix, steps, cfg, max
 
 
 def _bench_decode(engines: Path, precision: str | None, max_new_tokens: int, json_path: Path | None) -> None:
-    from jfexport.runtime.bench_decode import bench_decode
+    from jfexport.tools.bench_decode import bench_decode
     from jfexport.runtime.engines_folder import pick_precision, read_build_manifest
     from jfexport.runtime.pipelines import JanusFlowRuntime
 

@@ -78,7 +78,7 @@ def bench_startup_cmd(engines, runs, json_path):
     """Startup: import of jfexport.cli, `jfexport --help`, a 1-token `chat`, and `serve` until /ready."""
     from PIL import Image
 
-    from jfexport.runtime.bench import machine_info, summarize
+    from jfexport.tools.bench import machine_info, summarize
     from jfexport.runtime.engines_folder import read_build_manifest
 
     check_json_target(json_path)

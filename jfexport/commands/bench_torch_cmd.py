@@ -39,7 +39,7 @@ def bench_torch_cmd(checkpoint, vae, preset, device, dtype, batches, steps, cfg,
     """Time the torch paths and the scheduler's serving variants, each change on and off, with physical floors."""
     import torch
 
-    from jfexport.runtime.bench_paths import bench_torch_paths
+    from jfexport.tools.bench_paths import bench_torch_paths
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():

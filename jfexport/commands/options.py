@@ -7,7 +7,7 @@ from typing import Callable
 
 import click
 
-from jfexport.reference.presets import PRESETS
+from jfexport.core.presets import PRESETS
 from jfexport.defaults import BACKENDS, ENGINE_PRECISIONS, ENGINES as DEFAULT_ENGINES
 
 
@@ -52,7 +52,7 @@ def open_pipeline(engines, backend, precision, checkpoint, vae, preset, numerics
                   verify_files: bool = False):
     """The PyTorch reference (torch backend, or a model given directly) or a runtime over a build;
     `task` ("generate" or "chat") opens only the graphs that task runs."""
-    from jfexport.reference.errors import InputError
+    from jfexport.core.errors import InputError
 
     direct_model = checkpoint is not None or preset is not None
     folder = engines or DEFAULT_ENGINES

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from jfexport.reference.errors import JanusFlowError
+from jfexport.core.errors import JanusFlowError
 
 
 class OutputError(JanusFlowError):

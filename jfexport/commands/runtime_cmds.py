@@ -93,7 +93,7 @@ def _model_record(pipe, engines: Path, numerics: str) -> dict:
 def chat_cmd(question, engines, backend, precision, verify_files, checkpoint, vae, preset, image_path, max_new_tokens, temperature,
              top_p, seed):
     """Answer QUESTION about an image, streaming the answer."""
-    from jfexport.reference.processor import load_image
+    from jfexport.core.processor import load_image
 
     image = load_image(image_path)
     pipe = open_pipeline(engines, backend, precision, checkpoint, vae, preset, task="chat", verify_files=verify_files)
@@ -128,7 +128,7 @@ def verify_cmd(engines, backend, precision, checkpoint, vae, steps):
     from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
     from jfexport.runtime.pipelines import JanusFlowRuntime
     from jfexport.runtime.engines_folder import check_build
-    from jfexport.runtime.verify import format_checks, verify
+    from jfexport.tools.verify import format_checks, verify
 
     # verify is the command that re-establishes trust: every file is hashed, whatever the stamps say.
     checked = check_build(engines, backend, precision, verify_files=True)

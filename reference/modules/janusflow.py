@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import JanusFlowConfig
+from jfexport.core.config import JanusFlowConfig
 from .llama import KV, build_llama, llama_forward
 from .norms import RMSNorm
 from .siglip import VisionUnderstandingTower

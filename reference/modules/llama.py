@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ..config import LanguageConfig
+from jfexport.core.config import LanguageConfig
 
 KV = tuple[torch.Tensor, torch.Tensor]
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
-from ..config import VisionUndConfig
+from jfexport.core.config import VisionUndConfig
 
 # Official key prefix of the tower inside the JanusFlow state dict.
 TOWER_PREFIX = "vision_und_enc_model.vision_tower."

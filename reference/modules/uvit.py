@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
-from ..config import GenDecoderConfig, GenEncoderConfig
+from jfexport.core.config import GenDecoderConfig, GenEncoderConfig
 from .norms import RMSNorm
 
 

@@ -13,8 +13,8 @@ from typing import Callable, Literal
 import torch
 
 from ..modules.janusflow import JanusFlowModel
-from ..schedulers import FlowEulerCFGScheduler
-from .layout import cfg_prompt_rows, offset_positions
+from jfexport.core.schedulers import FlowEulerCFGScheduler
+from jfexport.core.layout import cfg_prompt_rows, offset_positions
 
 Observer = Callable[[str, torch.Tensor], None]
 Schedule = Literal["cached", "recompute"]

@@ -14,11 +14,11 @@ from PIL import Image
 from jfexport import defaults
 
 from ..bundle import ModelBundle
-from ..errors import InputError
-from ..processor.request_checks import check_generation, check_sampling
-from ..schedulers import answers_from_stream, row_generators
+from jfexport.core.errors import InputError
+from jfexport.core.processor.request_checks import check_generation, check_sampling
+from jfexport.core.schedulers import answers_from_stream, row_generators
 from .generation import Schedule, decode_latents, sample_latents
-from .images import initial_noise, to_uint8
+from jfexport.core.images import initial_noise, to_uint8
 from .understanding import decode_tokens
 
 Numerics = Literal["fp32", "bf16"]

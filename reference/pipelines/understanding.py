@@ -7,8 +7,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ..modules.janusflow import JanusFlowModel
-from ..schedulers import StopRule, decode_loop
-from .layout import understanding_positions
+from jfexport.core.schedulers import StopRule, decode_loop
+from jfexport.core.layout import understanding_positions
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from ..errors import ConfigError
+from jfexport.core.errors import ConfigError
 from .stages import STAGES
 
 

@@ -16,7 +16,7 @@ import torch
 
 from ..bundle import ModelBundle, load_bundle
 from ..checkpoint import save_checkpoint
-from ..errors import CheckpointError, ConfigError
+from jfexport.core.errors import CheckpointError, ConfigError
 from .config import TrainConfig
 from .ema import EMA
 from .losses import RepaHead

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..modules.janusflow import JanusFlowModel
-from ..pipelines.layout import left_pad_counts, offset_positions, uncond_rows, understanding_positions
-from ..processor import JanusProcessor
-from ..processor.image import preprocess_image
+from jfexport.core.layout import left_pad_counts, offset_positions, uncond_rows, understanding_positions
+from jfexport.core.processor import JanusProcessor
+from jfexport.core.processor.image import preprocess_image
 from .losses import IGNORE, RepaHead, ar_loss, logit_normal, repa_loss, rf_loss
 
 

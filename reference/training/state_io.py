@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..errors import CheckpointError
+from jfexport.core.errors import CheckpointError
 
 _METADATA_KEY = "jfexport_train_state"
 _SCALARS = (bool, int, float, str, type(None))

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
-from ..presets import preset_vae_config
+from jfexport.core.presets import preset_vae_config
 from .toy_data import render, split_scenes
 
 KL_WEIGHT = 1e-6

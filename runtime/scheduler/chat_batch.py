@@ -24,11 +24,11 @@ from typing import Callable, Mapping
 
 import torch
 
-from jfexport.reference.graph_contract import NEW, kv_names
-from jfexport.reference.pipelines.layout import understanding_positions
-from jfexport.reference.schedulers import sample_next
+from jfexport.core.graph_contract import NEW, kv_names
+from jfexport.core.layout import understanding_positions
+from jfexport.core.schedulers import sample_next
 
-from jfexport.reference.errors import InputError
+from jfexport.core.errors import InputError
 
 from ..engine import Engine
 from ..errors import NonFiniteOutput

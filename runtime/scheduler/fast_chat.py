@@ -26,13 +26,13 @@ from typing import Callable, Mapping
 
 import torch
 
-from jfexport.reference.schedulers import row_uniforms, sample_next_device, stop_rows
+from jfexport.core.schedulers import row_uniforms, sample_next_device, stop_rows
 
 from ..backends.torch_backend import exact_fp32
 from ..engine import Engine
 from ..errors import NonFiniteOutput
 from ..lru import LRU
-from ..torch_fast import DECODE_BUCKET, capture_or_none
+from .torch_step import DECODE_BUCKET, capture_or_none
 from .chat_batch import ChatSlots, Failure, _Active
 from .kv_cache import KVLayout
 from .fast_prefill import PrefillGraphs

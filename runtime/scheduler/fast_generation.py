@@ -25,7 +25,7 @@ import torch
 from ..backends.torch_backend import exact_fp32
 from ..engine import Engine
 from ..lru import LRU
-from ..torch_fast import capture_or_none, cfg_euler_step
+from .torch_step import capture_or_none, cfg_euler_step
 from ..trt_plan import prompt_bucket
 from .generation_batch import GenerationRows, _Row
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import torch
 
-from jfexport.reference.graph_contract import kv_name
-from jfexport.reference.pipelines.layout import understanding_positions
+from jfexport.core.graph_contract import kv_name
+from jfexport.core.layout import understanding_positions
 
 from ..lru import LRU
-from ..torch_fast import capture_or_none
+from .torch_step import capture_or_none
 
 # Prompt widths are rounded up to this: 628 tokens run as 640 (a power of two would be 1024).
 PREFILL_BUCKET = 128

@@ -21,11 +21,11 @@ from typing import Callable, Mapping
 
 import torch
 
-from jfexport.reference.graph_contract import PRESENT, count_layers, kv_name
-from jfexport.reference.pipelines.images import to_uint8
-from jfexport.reference.pipelines.layout import cfg_prompt_rows, offset_positions
-from jfexport.reference.processor.processor import left_pad
-from jfexport.reference.schedulers import FlowEulerCFGScheduler, cfg_velocity, euler_step
+from jfexport.core.graph_contract import PRESENT, count_layers, kv_name
+from jfexport.core.images import to_uint8
+from jfexport.core.layout import cfg_prompt_rows, offset_positions
+from jfexport.core.processor.processor import left_pad
+from jfexport.core.schedulers import FlowEulerCFGScheduler, cfg_velocity, euler_step
 
 from ..engine import Engine
 from ..lru import LRU

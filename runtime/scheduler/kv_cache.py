@@ -31,7 +31,7 @@ from typing import Mapping
 
 import torch
 
-from jfexport.reference.graph_contract import NEW, PAST, PRESENT, count_layers, kv_name
+from jfexport.core.graph_contract import NEW, PAST, PRESENT, count_layers, kv_name
 
 # Columns per slot are a multiple of this.
 COLUMN_BUCKET = 64

@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from jfexport.reference.schedulers import FinishReason, StopRule
+from jfexport.core.schedulers import FinishReason, StopRule
 
 from ..errors import RequestCancelled, RequestTimeout, SchedulerStopped
 

@@ -32,7 +32,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from jfexport.reference.errors import InputError
+from jfexport.core.errors import InputError
 
 from ..engine import Engine
 from ..errors import Overloaded, RequestCancelled, RequestTimeout, SchedulerStopped

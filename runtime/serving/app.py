@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
-from jfexport.reference.errors import JanusFlowError
+from jfexport.core.errors import JanusFlowError
 
 from .chat import chat_completion
 from .errors import APIError, api_error_from

@@ -15,8 +15,8 @@ from PIL import Image
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from jfexport.reference.errors import InputError
-from jfexport.reference.processor.request_checks import check_text
+from jfexport.core.errors import InputError
+from jfexport.core.processor.request_checks import check_text
 
 from .bridge import TokenFeed
 from .detokenize import TextStream

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from jfexport.reference.errors import InputError, JanusFlowError
+from jfexport.core.errors import InputError, JanusFlowError
 from jfexport.runtime.errors import Overloaded, RequestCancelled, RequestTimeout, SchedulerStopped
 
 

@@ -9,8 +9,8 @@ import re
 
 from PIL import Image
 
-from jfexport.reference.processor.errors import ProcessorInputError
-from jfexport.reference.processor.image import check_image_size, to_rgb
+from jfexport.core.processor.errors import ProcessorInputError
+from jfexport.core.processor.image import check_image_size, to_rgb
 
 from .errors import APIError, bad_request
 

@@ -10,7 +10,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from jfexport.reference.processor.request_checks import MAX_IMAGES_PER_PROMPT, MIN_TEMPERATURE
+from jfexport.core.processor.request_checks import MAX_IMAGES_PER_PROMPT, MIN_TEMPERATURE
 
 from .errors import APIError, shown
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from jfexport.reference.config import JanusFlowConfig
+from jfexport.core.config import JanusFlowConfig
 
 
 @dataclass(frozen=True)

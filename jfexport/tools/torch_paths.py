@@ -1,61 +1,30 @@
-"""The fast PyTorch paths for GPUs: bf16, fused attention, prompt K/V computed once, per-step
-constants precomputed, static K/V buffers for decoding, and steps captured as CUDA graphs.
+"""The fast PyTorch paths for GPUs, one whole request batch at a time (the benchmark's
+before-the-scheduler rows): bf16, fused attention, prompt K/V computed once, per-step constants
+precomputed, static K/V buffers for decoding, and steps captured as CUDA graphs.
 
 Generation: what depends only on the step index is hoisted out of the loop (the time embeddings
-of all steps come from one batched call); the Euler step reads and writes static buffers, which
-CUDA-graph capture requires, and is captured once per prompt-length bucket, then replayed by
-every request of that shape. Understanding: `FastDecoder` (below). Replaying a graph removes the
-per-kernel launch overhead that dominates small batches. Captures are kept in small LRU caches
-keyed by bucketed shapes, so memory stays bounded whatever prompt lengths arrive.
-
-`FastSampler` and `FastDecoder` run one whole request batch (the benchmark's before-the-scheduler
-rows); serving runs the same ideas per step of the scheduler (`scheduler.fast_generation`,
-`scheduler.fast_chat`, `scheduler.fast_prefill`), which share `LRU` and the capture helpers here.
+of all steps come from one batched call); the Euler step (`cfg_euler_step`, the serving fast
+path's own) reads and writes static buffers, which CUDA-graph capture requires, and is captured once
+per prompt-length bucket, then replayed by every request of that shape. Understanding:
+`FastDecoder` (below). Captures are kept in small LRU caches keyed by bucketed shapes, so memory
+stays bounded whatever prompt lengths arrive.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Callable, Iterator
 
 import torch
 
+from jfexport.core.layout import cfg_prompt_rows, offset_positions, understanding_positions
+from jfexport.core.schedulers import FlowEulerCFGScheduler, StopRule, cfg_velocity, decode_loop, euler_step
 from jfexport.reference.modules.janusflow import JanusFlowModel
-from jfexport.reference.pipelines.layout import cfg_prompt_rows, offset_positions, understanding_positions
-from jfexport.reference.schedulers import FlowEulerCFGScheduler, StopRule, cfg_velocity, decode_loop, euler_step
-
-from .backends.torch_backend import exact_fp32
-from .errors import check_finite
-from .lru import LRU
-from .trt_plan import prompt_bucket
-
-log = logging.getLogger(__name__)
-
-
-def capture_graph(step: Callable[[], None]) -> torch.cuda.CUDAGraph:
-    """`step` captured as a CUDA graph over the static buffers it reads and writes. It runs twice
-    first on a side stream (kernel selection, allocator warm-up), as capture requires; callers
-    undo or overwrite what those runs wrote."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph
-
-
-def capture_or_none(step: Callable[[], None]) -> torch.cuda.CUDAGraph | None:
-    """`capture_graph(step)`, or None (logged) where a kernel of the step cannot be captured: the
-    caller then runs the step eagerly, so an op that breaks capture costs speed, not requests."""
-    try:
-        return capture_graph(step)
-    except RuntimeError:
-        log.warning("CUDA-graph capture failed; running eagerly", exc_info=True)
-        return None
+from jfexport.runtime.backends.torch_backend import exact_fp32
+from jfexport.runtime.errors import check_finite
+from jfexport.runtime.lru import LRU
+from jfexport.runtime.scheduler.torch_step import (DECODE_BUCKET, capture_graph, cfg_euler_step, gen_decoder, gen_encoder,
+                                                   time_embedding)
+from jfexport.runtime.trt_plan import prompt_bucket
 
 
 class _StepState:
@@ -81,59 +50,26 @@ class _StepState:
             v.copy_(v_new)
 
 
-def _gen_encoder(model: JanusFlowModel, z: torch.Tensor, t_emb: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    dtype = t_emb.dtype
-    x_emb = model.vision_gen_enc_model.features(z.to(dtype), t_emb)
-    t2 = t_emb.repeat(2, 1)
-    return x_emb, t2, torch.cat([t2[:, None, :], model.align_latent_tokens(x_emb).repeat(2, 1, 1)], dim=1)
-
-
-def _gen_decoder(model: JanusFlowModel, hidden: torch.Tensor, x_emb: torch.Tensor, t2: torch.Tensor) -> torch.Tensor:
-    return model.gen_decode(hidden[:, 1:], x_emb.repeat(2, 1, 1, 1), t2).float()
-
-
-def _time_embedding(model: JanusFlowModel, s) -> torch.Tensor:
-    """The step's time embedding: precomputed (`s.t_emb`) or from per-row timesteps (`s.timesteps`),
-    rounded to the model's dtype first as the engine path's gen_encoder input is (and the official
-    loop's bf16 t)."""
-    if s.timesteps is None:
-        return s.t_emb
-    dtype = next(model.parameters()).dtype
-    return model.vision_gen_enc_model.time_embedding(s.timesteps.to(dtype), dtype)
-
-
-def cfg_euler_step(model: JanusFlowModel, s) -> torch.Tensor:
-    """The next latents of one CFG Euler step over static buffers `s` (z [B,...] fp32, t_emb or
-    timesteps, the CFG pairs' mask, positions and prompt K/V [2B,...], cfg and dt [B,1,1,1]): the
-    engine path's gen_encoder, llm_decode, gen_decoder and CFG Euler update, as one function so that
-    it can be captured as a CUDA graph or compiled whole."""
-    x_emb, t2, embeds = _gen_encoder(model, s.z, _time_embedding(model, s))
-    hidden = model.llm(embeds, s.mask, s.positions, s.past)[0]
-    v_raw = _gen_decoder(model, hidden, x_emb, t2)
-    batch = s.z.shape[0]
-    return euler_step(s.z, cfg_velocity(v_raw[:batch], v_raw[batch:], s.cfg), s.dt)
-
-
 def step_stages(model: JanusFlowModel, s) -> list[tuple[str, Callable[[], None]]]:
     """`cfg_euler_step` split into its stages, named as in `cost_model.generation_cost`, for the
     benchmark to time one by one (which stage holds a step back); the last one writes `s.z`."""
     tmp: dict[str, object] = {}
 
-    def gen_encoder() -> None:
-        tmp["enc"] = _gen_encoder(model, s.z, _time_embedding(model, s))
+    def encoder() -> None:
+        tmp["enc"] = gen_encoder(model, s.z, time_embedding(model, s))
 
     def llm_decode() -> None:
         tmp["hidden"] = model.llm(tmp["enc"][2], s.mask, s.positions, s.past)[0]
 
-    def gen_decoder() -> None:
+    def decoder() -> None:
         x_emb, t2, _ = tmp["enc"]
-        tmp["v_raw"] = _gen_decoder(model, tmp["hidden"], x_emb, t2)
+        tmp["v_raw"] = gen_decoder(model, tmp["hidden"], x_emb, t2)
 
     def cfg_euler() -> None:
         v, batch = tmp["v_raw"], s.z.shape[0]
         s.z.copy_(euler_step(s.z, cfg_velocity(v[:batch], v[batch:], s.cfg), s.dt))
 
-    return [("gen_encoder", gen_encoder), ("llm_decode", llm_decode), ("gen_decoder", gen_decoder), ("cfg_euler", cfg_euler)]
+    return [("gen_encoder", encoder), ("llm_decode", llm_decode), ("gen_decoder", decoder), ("cfg_euler", cfg_euler)]
 
 
 class FastSampler:
@@ -235,10 +171,6 @@ class FastSampler:
         graph = capture_graph(run)
         z.copy_(saved)
         return graph
-
-
-# Static K/V lengths are rounded up to this so that requests of similar length share a graph.
-DECODE_BUCKET = 256
 
 
 class _DecodeState:

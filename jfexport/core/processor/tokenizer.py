@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer
 
-from .errors import ProcessorInputError, TokenizerFilesError
+from jfexport.core.processor.errors import ProcessorInputError, TokenizerFilesError
 
 log = logging.getLogger(__name__)
 

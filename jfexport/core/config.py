@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from jfexport.core.errors import ConfigError
 
 MODEL_TYPE = "multi_modality"
 

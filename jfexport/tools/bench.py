@@ -15,8 +15,8 @@ from typing import Callable, Iterator, Mapping
 import torch
 from PIL import Image
 
-from .engine import Engine
-from .int8_arithmetic import describe_cpu
+from jfexport.runtime.engine import Engine
+from jfexport.runtime.int8_arithmetic import describe_cpu
 
 
 class StageTimer:

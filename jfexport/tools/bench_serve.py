@@ -19,7 +19,7 @@ from PIL import Image
 
 from jfexport import defaults
 
-from .bench import machine_info, peak_rss_mib
+from jfexport.tools.bench import machine_info, peak_rss_mib
 
 # Prompts and questions in the bundled model's own vocabulary (its toy shapes data).
 PROMPTS = ("a red circle at the top left", "a blue square at the bottom right", "a green triangle in the center",

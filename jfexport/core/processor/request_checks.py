@@ -26,7 +26,7 @@ import math
 import operator
 from numbers import Real
 
-from .errors import ProcessorInputError, RequestError
+from jfexport.core.processor.errors import ProcessorInputError, RequestError
 
 MAX_SEED = 2**63 - 1
 # Logits are divided by the temperature in float32: far below this the quotient overflows to inf

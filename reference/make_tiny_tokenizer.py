@@ -1,6 +1,6 @@
 """Build the tiny preset's tokenizer deterministically.
 
-Usage: `python -m jfexport.reference.processor.make_tiny_tokenizer OUT_DIR`.
+Usage: `python -m jfexport.reference.make_tiny_tokenizer OUT_DIR`.
 
 A byte-level BPE (any text encodes, nothing is unknown) trained on a small built-in corpus of the
 words a toy shapes dataset and the chat templates use, with the DeepSeek/Janus special tokens.
@@ -16,7 +16,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from .templates import SYSTEM_PROMPT, generation_prompt, understanding_prompt
+from jfexport.core.processor.templates import SYSTEM_PROMPT, generation_prompt, understanding_prompt
 
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
 TAGS = ["<image_placeholder>", "<begin_of_image>", "<end_of_image>", "<｜begin▁of▁generation｜>"]
@@ -99,5 +99,5 @@ def _write_json(path: Path, obj: dict) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m jfexport.reference.processor.make_tiny_tokenizer OUT_DIR")
+        sys.exit("usage: python -m jfexport.reference.make_tiny_tokenizer OUT_DIR")
     build(Path(sys.argv[1]))

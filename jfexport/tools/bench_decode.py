@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from .bench import machine_info, peak_rss_mib
+from jfexport.tools.bench import machine_info, peak_rss_mib
 
 QUESTION = "Describe the picture in detail, please."
 COLOURS = ((220, 30, 30), (30, 30, 220), (30, 200, 30), (230, 210, 30), (20, 20, 20), (240, 240, 240),

@@ -22,8 +22,8 @@ from PIL import Image
 from jfexport.reference.pipelines.generation import decode_latents
 from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
 
-from .engines_folder import EnginesError
-from .pipelines import JanusFlowRuntime
+from jfexport.runtime.engines_folder import EnginesError
+from jfexport.runtime.pipelines import JanusFlowRuntime
 
 PROMPTS = ["a red circle at the top left", "two blue squares"]
 # INT8 bounds (docs/int8.md). Measured with 30 steps: final latent 1.0% / 1.6% (relative RMS) off

@@ -6,7 +6,7 @@ tokenizer can tell the template's own tags from tag-like strings the user typed.
 
 from __future__ import annotations
 
-from .errors import ProcessorInputError
+from jfexport.core.processor.errors import ProcessorInputError
 
 SYSTEM_PROMPT = (
     "You are a helpful language and vision assistant. "

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import ProcessorInputError
+from jfexport.core.processor.errors import ProcessorInputError
 
 # 16.8 MP: a 4096 x 4096 photo decodes to 50 MB of RGB; PIL's own bomb limit (89 MP, error only
 # past 179 MP) lets a 17 kB PNG cost gigabytes. Understanding resizes to 384 px anyway.

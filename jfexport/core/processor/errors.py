@@ -3,7 +3,7 @@ ValueErrors, so callers using the processor as a library can catch the standard 
 
 from __future__ import annotations
 
-from ..errors import CheckpointError, InputError
+from jfexport.core.errors import CheckpointError, InputError
 
 
 class ProcessorInputError(InputError, ValueError):

@@ -35,15 +35,15 @@ from PIL import Image
 
 from jfexport.reference.bundle import ModelBundle
 from jfexport.reference.pipelines.generation import sample_latents
-from jfexport.reference.pipelines.images import initial_noise
+from jfexport.core.images import initial_noise
 
-from .bench import machine_info, summarize, sync_gpu, time_token_stream
-from .cost_model import Cost, floor_ms, generation_cost, llm_cost, vision_cost
-from .fp8 import fp8_matmuls, scaled_mm_available
-from .pipelines import JanusFlowRuntime
-from .scheduler.fast_chat import DEFAULT_CHUNK
-from .scheduler.fast_paths import install_fast_paths
-from .torch_fast import FastDecoder, FastSampler, step_stages, understanding_embeds
+from jfexport.tools.bench import machine_info, summarize, sync_gpu, time_token_stream
+from jfexport.tools.cost_model import Cost, floor_ms, generation_cost, llm_cost, vision_cost
+from jfexport.tools.fp8 import fp8_matmuls, scaled_mm_available
+from jfexport.runtime.pipelines import JanusFlowRuntime
+from jfexport.runtime.scheduler.fast_chat import DEFAULT_CHUNK
+from jfexport.runtime.scheduler.fast_paths import install_fast_paths
+from jfexport.tools.torch_paths import FastDecoder, FastSampler, step_stages, understanding_embeds
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ def bench_torch_paths(bundle: ModelBundle, device: str, dtype: torch.dtype, batc
 
 def _step_breakdown(model, grid: int, ids: torch.Tensor, mask: torch.Tensor, z0: torch.Tensor, steps: int, cfg: float,
                     pad_id: int, warmup: int, runs: int, costs: dict[str, Cost], peaks: tuple[float, float]) -> dict:
-    """Each stage of one eager Euler step (`torch_fast.step_stages`) timed alone, next to its floor;
+    """Each stage of one eager Euler step (`torch_paths.step_stages`) timed alone, next to its floor;
     `sum_ms` against the graphed step says how much of a step is launches rather than kernels."""
     state, t_embs = FastSampler(model, grid).prepare(ids, mask, z0, steps, cfg, pad_id)
     state.t_emb.copy_(t_embs[0].expand_as(state.t_emb))

@@ -14,10 +14,10 @@ from typing import Callable
 
 import httpx
 
-from jfexport.runtime.bench_serve import Calls, Record, Workload, closed_loop, summarize
+from jfexport.tools.bench_serve import Calls, Record, Workload, closed_loop, summarize
 from jfexport.runtime.errors import RuntimeFailure
 
-from .images import png_base64
+from jfexport.runtime.serving.images import png_base64
 
 
 def _error(kind: str, start: float, r: httpx.Response) -> Record:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from .errors import ConfigError
+from jfexport.core.errors import ConfigError
 
 _JANUSFLOW_1_3B: dict[str, Any] = {
     "architectures": ["MultiModalityCausalLM"],
