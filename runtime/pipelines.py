@@ -1,6 +1,6 @@
 """`JanusFlowRuntime`: the serving API over a set of engines (any backend).
 
-Concurrency: one runtime is shared by any number of threads. A scheduler (`runtime.scheduler`)
+Concurrency: one runtime is shared by any number of threads. A scheduler (`runtime.batching`)
 owns the engines on one worker thread and batches all in-flight requests into each engine call:
 images join and leave between Euler steps, questions between tokens. Callers submit and wait;
 requests are validated and tokenised on the caller's thread, and progress callbacks and streams
@@ -27,9 +27,10 @@ from jfexport.core.schedulers import StopRule, answers_from_stream, row_generato
 from jfexport import defaults
 from .engine import Engine
 from .errors import check_finite
-from .scheduler import ChatHandle, GenerationHandle, Scheduler
-from .scheduler.kv_cache import KVLayout
-from .scheduler.requests import CallJob, ChatJob, ChatRow, GenerationJob, stream_rows
+from .batching.handles import ChatHandle, GenerationHandle
+from .batching.scheduler import Scheduler
+from .batching.kv_cache import KVLayout
+from .batching.jobs import CallJob, ChatJob, ChatRow, GenerationJob, stream_rows
 
 # Longest sequence when the engines declare none (the torch backend): K/V slots are this long.
 DEFAULT_MAX_LEN = defaults.MAX_SEQ
@@ -110,7 +111,7 @@ class JanusFlowRuntime:
         """Engines straight from a loaded model (the `torch` backend).
 
         `fast` (default: on for CUDA) puts the fast torch executors under the scheduler
-        (`scheduler.fast_generation`, `scheduler.fast_chat`: direct model calls over static
+        (`batching.fast_generation`, `batching.fast_chat`: direct model calls over static
         buffers, SDPA, k tokens per host round trip, CUDA graphs on CUDA); on CPU they run eagerly,
         which is how the tests hold them to the engine path. `compile_step` (with `fast`) runs
         their Euler step through torch.compile: each new (rows, prompt bucket) shape compiles
@@ -130,7 +131,7 @@ class JanusFlowRuntime:
                       prefix_cache_bytes)
         on_cuda = torch.device(device).type == "cuda"
         if on_cuda if fast is None else fast:
-            from .scheduler.fast_paths import install_fast_paths
+            from .batching.fast_paths import install_fast_paths
 
             bundle.model.attention = "sdpa"  # the fused kernels; the engines share the model
             install_fast_paths(runtime.scheduler, bundle.model, cuda_graphs=on_cuda, compile_step=compile_step)

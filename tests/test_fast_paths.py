@@ -11,9 +11,9 @@ from PIL import Image
 from jfexport.reference.bundle import load_bundle, load_preset
 from jfexport.core.schedulers import StopRule, row_generators, row_uniforms, sample_next, sample_next_device, stop_rows
 from jfexport.runtime.pipelines import JanusFlowRuntime
-from jfexport.runtime.scheduler.fast_chat import FastChatSlots
-from jfexport.runtime.scheduler.fast_generation import FastGenerationRows
-from jfexport.runtime.scheduler.requests import stream_rows
+from jfexport.runtime.batching.fast_chat import FastChatSlots
+from jfexport.runtime.batching.fast_generation import FastGenerationRows
+from jfexport.runtime.batching.jobs import stream_rows
 
 # The scheduler's guarantees, rerun below on the fast executors (the `runtime` fixture of this module).
 from tests.test_scheduler import Rows
@@ -138,7 +138,7 @@ def test_fast_greedy_tokens_equal_the_engine_path_across_chunks(pair):
 
 def test_fast_prefill_equals_the_engine_prefill(pair):
     from jfexport.core.graph_contract import kv_name
-    from jfexport.runtime.scheduler.chat_batch import ChatSlots
+    from jfexport.runtime.batching.chat_batch import ChatSlots
 
     plain, fast = pair
     proc = fast.processor
@@ -233,7 +233,7 @@ def test_rows_decode_up_to_a_full_cache_width():
     """With a short K/V cache (max_len 200) two rows of different lengths decode until the cache's
     width is max_len: on the engine path the width grows bucket by bucket while both rows are
     active (their columns move each time), and both paths give the same tokens."""
-    from jfexport.runtime.scheduler.kv_cache import KVCache
+    from jfexport.runtime.batching.kv_cache import KVCache
 
     results = []
     for fast in (False, True):
@@ -285,7 +285,7 @@ def test_a_compiler_that_fails_costs_speed_not_requests(pair, caplog):
     """torch.compile with a backend that cannot build the step (as without Triton): the executor
     logs it once and goes on eagerly, with the engine path's latents."""
     from jfexport.core.errors import InputError
-    from jfexport.runtime.scheduler.torch_step import cfg_euler_step
+    from jfexport.runtime.batching.torch_step import cfg_euler_step
 
     def no_compiler(graph, inputs):
         raise RuntimeError("this backend builds nothing")
@@ -298,7 +298,7 @@ def test_a_compiler_that_fails_costs_speed_not_requests(pair, caplog):
     assert isinstance(gen, FastGenerationRows) and gen.compile_step
     gen._euler_step = torch.compile(cfg_euler_step, backend=no_compiler, dynamic=False)
     try:
-        with caplog.at_level("WARNING", logger="jfexport.runtime.scheduler.fast_generation"):
+        with caplog.at_level("WARNING", logger="jfexport.runtime.batching.fast_generation"):
             got = rt.generate_latents(PROMPTS, steps=3, seed=5)
         assert (plain.generate_latents(PROMPTS, steps=3, seed=5) - got).abs().max().item() < 1e-5
         assert gen._euler_step is cfg_euler_step
@@ -342,7 +342,7 @@ def test_cuda_graph_chunks_and_steps_match_cpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_compiled_euler_step_under_cuda_graphs_matches_cpu():
-    from jfexport.runtime.scheduler.fast_paths import install_fast_paths
+    from jfexport.runtime.batching.fast_paths import install_fast_paths
 
     cpu = JanusFlowRuntime.from_bundle(load_preset("tiny"), fast=True)
     bundle = load_preset("tiny")
@@ -398,7 +398,7 @@ def test_bench_measures_each_change_on_and_off():
 def test_step_stages_in_order_are_the_euler_step():
     """The benchmark times the stages of `cfg_euler_step` one by one: together they must be that step."""
     from jfexport.core.images import initial_noise
-    from jfexport.runtime.scheduler.torch_step import cfg_euler_step
+    from jfexport.runtime.batching.torch_step import cfg_euler_step
     from jfexport.tools.torch_paths import FastSampler, step_stages
 
     bundle = load_preset("tiny")

@@ -16,7 +16,7 @@ from jfexport.core.graph_contract import NEW, kv_name
 from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
 from jfexport.runtime.engines_folder import FORMAT, EnginesError
 from jfexport.runtime.pipelines import JanusFlowRuntime
-from jfexport.runtime.scheduler.kv_cache import KVCache, KVLayout, PrefixCache
+from jfexport.runtime.batching.kv_cache import KVCache, KVLayout, PrefixCache
 
 COLOURS = [(210, 30, 30), (30, 200, 30), (30, 30, 220), (200, 200, 30), (20, 20, 20), (240, 240, 240),
            (120, 40, 160), (30, 160, 160)]

@@ -12,7 +12,7 @@ from PIL import Image
 from jfexport.reference.bundle import load_bundle
 from jfexport.runtime.errors import RequestCancelled, RequestTimeout, SchedulerStopped
 from jfexport.runtime.pipelines import JanusFlowRuntime
-from jfexport.runtime.scheduler.requests import CallJob
+from jfexport.runtime.batching.jobs import CallJob
 
 PROMPT = "a red circle at the top left"
 IMAGE = Image.new("RGB", (64, 64), (210, 30, 30))  # greedy answers about it run to any token limit

@@ -41,8 +41,8 @@ from jfexport.tools.bench import machine_info, summarize, sync_gpu, time_token_s
 from jfexport.tools.cost_model import Cost, floor_ms, generation_cost, llm_cost, vision_cost
 from jfexport.tools.fp8 import fp8_matmuls, scaled_mm_available
 from jfexport.runtime.pipelines import JanusFlowRuntime
-from jfexport.runtime.scheduler.fast_chat import DEFAULT_CHUNK
-from jfexport.runtime.scheduler.fast_paths import install_fast_paths
+from jfexport.runtime.batching.fast_chat import DEFAULT_CHUNK
+from jfexport.runtime.batching.fast_paths import install_fast_paths
 from jfexport.tools.torch_paths import FastDecoder, FastSampler, step_stages, understanding_embeds
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from jfexport.reference.modules.janusflow import JanusFlowModel
 from jfexport.runtime.backends.torch_backend import exact_fp32
 from jfexport.runtime.errors import check_finite
 from jfexport.runtime.lru import LRU
-from jfexport.runtime.scheduler.torch_step import (DECODE_BUCKET, capture_graph, cfg_euler_step, gen_decoder, gen_encoder,
+from jfexport.runtime.batching.torch_step import (DECODE_BUCKET, capture_graph, cfg_euler_step, gen_decoder, gen_encoder,
                                                    time_embedding)
 from jfexport.runtime.trt_plan import prompt_bucket
 

@@ -33,7 +33,7 @@ from jfexport.core.errors import InputError
 from ..engine import Engine
 from ..errors import NonFiniteOutput
 from .kv_cache import COLUMN_BUCKET, KVCache, KVLayout, PrefixCache
-from .requests import ChatJob, ChatRow
+from .jobs import ChatJob, ChatRow
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from jfexport.core.schedulers import FlowEulerCFGScheduler, cfg_velocity, euler_
 from ..engine import Engine
 from ..lru import LRU
 from ..errors import NonFiniteOutput
-from .requests import GenerationJob
+from .jobs import GenerationJob
 
 
 @dataclass(eq=False)  # identity: rows hold tensors, and two rows are never the same row

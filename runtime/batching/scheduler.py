@@ -39,7 +39,7 @@ from ..errors import Overloaded, RequestCancelled, RequestTimeout, SchedulerStop
 from .chat_batch import ChatSlots
 from .generation_batch import GenerationRows
 from .kv_cache import KVLayout
-from .requests import CallJob, ChatJob, GenerationJob, GenerationPart, Job
+from .jobs import CallJob, ChatJob, GenerationJob, GenerationPart, Job
 
 log = logging.getLogger(__name__)
 

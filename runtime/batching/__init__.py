@@ -1,6 +1,6 @@
 """Continuous batching of concurrent requests over one set of engines (see `scheduler`)."""
 
-from .requests import ChatHandle, GenerationHandle
+from .handles import ChatHandle, GenerationHandle
 from .scheduler import Scheduler
 
 __all__ = ["ChatHandle", "GenerationHandle", "Scheduler"]

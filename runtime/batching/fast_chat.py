@@ -36,7 +36,7 @@ from .torch_step import DECODE_BUCKET, capture_or_none
 from .chat_batch import ChatSlots, Failure, _Active
 from .kv_cache import KVLayout
 from .fast_prefill import PrefillGraphs
-from .requests import ChatJob
+from .jobs import ChatJob
 
 log = logging.getLogger(__name__)
 

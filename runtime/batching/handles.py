@@ -1,0 +1,142 @@
+"""Requests as callers hold them: a handle reads its job (jobs.py) and never runs engine work.
+
+A handle dropped before its request ends cancels it, so nobody computes for a caller that left.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from typing import Callable, Iterator
+
+import torch
+
+from jfexport.core.schedulers import FinishReason
+
+from .jobs import ChatJob, GenerationJob, Job
+
+
+class _Handle:
+    """What both handles share: the job, cancellation and completion."""
+
+    def __init__(self, job: Job):
+        self._job = job
+        # A handle dropped before its request ends cancels it instead of computing for nobody.
+        weakref.finalize(self, job.cancel)
+
+    def cancel(self) -> None:
+        self._job.cancel()
+
+    def done(self) -> bool:
+        return self._job.finished
+
+    def add_done_callback(self, fn: Callable[[], None]) -> None:
+        """`fn()` once the request ends, on the scheduler's thread (at once if it has): see `Job.add_done_callback`.
+
+        For callers that must not block a thread per request (an event loop): hand the news over
+        (`loop.call_soon_threadsafe`) and return; the result is then read without waiting."""
+        self._job.add_done_callback(fn)
+
+    def add_listener(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """`fn()` after each new token or step and at the end; returns its remover (`Job.add_listener`)."""
+        return self._job.add_listener(fn)
+
+    def poll(self) -> bool:
+        """Without blocking: whether the request has ended, enforcing its deadline as a waiting caller would."""
+        return self._job.poll()
+
+
+class GenerationHandle(_Handle):
+    """A submitted text-to-image request."""
+
+    def __init__(self, job: GenerationJob, to_images: Callable[[torch.Tensor], list]):
+        super().__init__(job)
+        self._to_images = to_images
+
+    @property
+    def progress(self) -> tuple[int, int]:
+        return self._job.steps_done, self._job.steps
+
+    def wait(self, timeout: float | None = None, on_step: Callable[[int, int], None] | None = None) -> None:
+        """Until the request is done; `on_step(done, total)` runs here, on the caller's thread."""
+        job, seen = self._job, 0
+        target = (lambda: job.images is not None) if job.decode else (lambda: job.latents is not None)
+        job.watch_progress = on_step is not None
+        limit = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if limit is None else max(0.0, limit - time.monotonic())
+            with job.waiting():
+                job.wait_for(lambda: target() or (on_step is not None and job.steps_done > seen), left)
+                done_steps, ready = job.steps_done, target()
+            if on_step is not None:
+                for k in range(seen + 1, done_steps + 1):
+                    on_step(k, job.steps)
+            seen = done_steps
+            if ready:
+                return
+
+    def latents(self, timeout: float | None = None, on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        self.wait(timeout, on_step)
+        return self._job.latents
+
+    def result(self, timeout: float | None = None, on_step: Callable[[int, int], None] | None = None) -> list:
+        """The PIL images, in prompt order (`n` per prompt)."""
+        if not self._job.decode:
+            raise ValueError("this request was submitted for latents only: use latents()")
+        self.wait(timeout, on_step)
+        return self._to_images(self._job.images)
+
+
+class ChatHandle(_Handle):
+    """A submitted question: iterate it for token ids as they are decoded (EOS is not yielded)."""
+
+    def __init__(self, job: ChatJob, tokenizer, prompt_tokens: int):
+        super().__init__(job)
+        self._row = job.chat_rows[0]
+        self.tokenizer = tokenizer
+        self.prompt_tokens = prompt_tokens
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [t for t in self._row.tokens if t != self._job.rule.eos_id]
+
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        return self._row.finish_reason
+
+    def tokens_since(self, start: int) -> tuple[list[int], bool]:
+        """Without blocking: the ids decoded from index `start` on (EOS not included) and whether
+        the answer is over after them. What iterating yields, in pieces: a failed request's error
+        is raised once its tokens are read, and its deadline is enforced here too. For a caller
+        woken by `add_listener` rather than blocked in a wait."""
+        job, row, eos = self._job, self._row, self._job.rule.eos_id
+        with job.waiting():
+            job._end_if_overdue(time.monotonic())
+            tokens = row.tokens[start:]
+            if eos in tokens:
+                return tokens[:tokens.index(eos)], True
+            if not job.finished:
+                return tokens, False
+            if job.error is not None and not tokens:
+                raise job.error
+            return tokens, job.error is None
+
+    def __iter__(self) -> Iterator[int]:
+        job, row, eos = self._job, self._row, self._job.rule.eos_id
+        i = 0
+        while True:
+            with job.waiting():
+                job.wait_for(lambda: len(row.tokens) > i)
+                if len(row.tokens) <= i:
+                    return
+                token = row.tokens[i]
+            i += 1
+            if token == eos:
+                return
+            yield token
+
+    def text(self, timeout: float | None = None) -> str:
+        job = self._job
+        with job.waiting():
+            job.wait_for(lambda: False, timeout)  # until it ends; raises its error if it failed
+        return self.tokenizer.decode(self.token_ids)
