@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,35 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 OFFICIAL_A = SHARED / "fixtures" / "official-A"
+# Set to make a missing ../shared a failure instead of a skip (a checkout that must run the parity tests).
+REQUIRE_SHARED = os.environ.get("JFEXPORT_REQUIRE_SHARED") == "1"
+_missing_shared: list[str] = []
+
+
+def shared_present(path: Path) -> bool:
+    """Whether a fixture file from ../shared exists. A missing one is named in the run's summary, so
+    parity tests never vanish unnoticed, and fails the test under JFEXPORT_REQUIRE_SHARED=1."""
+    if path.exists():
+        return True
+    _missing_shared.append(str(path))
+    if REQUIRE_SHARED:
+        pytest.fail(f"{path} not found: the official golden fixtures live in ../shared beside the repository "
+                    "(JFEXPORT_REQUIRE_SHARED=1)")
+    return False
+
+
+def need_shared(path: Path) -> None:
+    """Skip a test whose fixture file from ../shared is absent (see `shared_present`)."""
+    if not shared_present(path):
+        pytest.skip(f"{path} not found: the official golden fixtures live in ../shared beside the repository")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _missing_shared:
+        terminalreporter.write_sep("!", "tests against the official implementation were skipped: ../shared is "
+                                        "incomplete (JFEXPORT_REQUIRE_SHARED=1 makes this a failure)", red=True)
+        for path in sorted(set(_missing_shared)):
+            terminalreporter.write_line(f"missing: {path}")
 
 
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -24,8 +54,7 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def official_a_dir(tmp_path_factory) -> Path:
     """config.json + model.safetensors of official-A, regenerated bit-exactly from its manifest."""
-    if not (OFFICIAL_A / "manifest.json").is_file():
-        pytest.skip(f"golden fixtures not found at {OFFICIAL_A}")
+    need_shared(OFFICIAL_A / "manifest.json")
     folder = tmp_path_factory.mktemp("official-A")
     subprocess.run(
         [sys.executable, str(SHARED / "fixtures" / "make_weights.py"), str(OFFICIAL_A / "manifest.json"),
@@ -47,8 +76,7 @@ def official_a_model(official_a_dir):
 def golden_a():
     from jfexport.reference.golden import GoldenFile
 
-    if not (OFFICIAL_A / "golden.safetensors").is_file():
-        pytest.skip(f"golden fixtures not found at {OFFICIAL_A}")
+    need_shared(OFFICIAL_A / "golden.safetensors")
     return GoldenFile(OFFICIAL_A / "golden.safetensors")
 
 

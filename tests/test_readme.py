@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, SHARED
+from .conftest import REPO, SHARED, shared_present
 from .serve_helpers import build_engines, running_server
 
 MARKED = re.compile(r"^<!-- readme-test(?::\s*(?P<options>[^>]*?))?\s*-->\n```(?P<lang>\w+)\n(?P<body>.*?)^```$",
@@ -69,7 +69,7 @@ def _run(block: Block, cwd: Path, port: int | None) -> subprocess.CompletedProce
 
 def test_every_marked_block_runs(folder, tmp_path):
     blocks = readme_blocks()
-    if not (SHARED / "fixtures" / "official-A" / "manifest.json").is_file():
+    if not shared_present(SHARED / "fixtures" / "official-A" / "manifest.json"):
         blocks = [b for b in blocks if "cwd=repo" not in b.options]
     local = [b for b in blocks if "server" not in b.options]
     served = [b for b in blocks if "server" in b.options]
