@@ -320,7 +320,7 @@ rt.chat_stream
 from PIL import Image
 rt.chat([Image.new("RGB", (64, 64))], ["What colour?"], max_new_tokens=2)
 bad = sorted(m for m in sys.modules if m.split(".")[0] in ("transformers", "diffusers")
-             or m.startswith("jfexport.reference.modules"))
+             or m.startswith(("jfexport.reference", "jfexport.tools", "jfexport.export", "jfexport.commands")))
 print("LOADED", bad)
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
