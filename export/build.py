@@ -14,7 +14,7 @@ from pathlib import Path
 
 from jfexport import defaults
 from jfexport.reference.bundle import ModelBundle
-from jfexport.core.errors import JanusFlowError
+from jfexport.core.errors import UserError
 from jfexport.runtime.backend_choice import BackendChoice, choose_backend
 
 from .build_folder import BuildFolder, named_os_error, open_build_folder
@@ -34,11 +34,11 @@ PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "preprocessor_config.json")
 
 
-class BuildLimitsError(JanusFlowError):
+class BuildLimitsError(UserError):
     pass
 
 
-class Int8ArithmeticError(JanusFlowError):
+class Int8ArithmeticError(UserError):
     pass
 
 

@@ -52,7 +52,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from jfexport.core.errors import JanusFlowError
+from jfexport.core.errors import UserError
 from jfexport.runtime.folder_files import TOKENIZER_DIR, manifest_paths, tokenizer_dir
 
 from .manifest import MANIFEST, sha256_file, write_manifest
@@ -66,7 +66,7 @@ PREVIOUS = "previous"  # where builds before `tokenizer_dir` kept a replaced tok
 Progress = Callable[[str], None]
 
 
-class BuildFolderError(JanusFlowError):
+class BuildFolderError(UserError):
     pass
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from jfexport.reference.bundle import ModelBundle
-from jfexport.core.errors import JanusFlowError
+from jfexport.core.errors import UserError
 from jfexport.reference.graphs import GRAPH_NAMES, build_graph, graph_weights
 
 from .build_folder import BuildFolderError, named_os_error, open_build_folder
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 
 
-class ExportError(JanusFlowError):
+class ExportError(UserError):
     pass
 
 

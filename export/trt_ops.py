@@ -10,7 +10,7 @@ from pathlib import Path
 
 import onnx
 
-from jfexport.core.errors import JanusFlowError
+from jfexport.core.errors import UserError
 
 DATA = Path(__file__).parent / "data" / "onnx_trt_ops.json"
 _ONNX_TO_TRT = {
@@ -20,7 +20,7 @@ _ONNX_TO_TRT = {
 }
 
 
-class UnsupportedOperator(JanusFlowError):
+class UnsupportedOperator(UserError):
     pass
 
 

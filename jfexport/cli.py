@@ -16,7 +16,7 @@ from jfexport.commands.reference_cmds import verify_reference_cmd
 from jfexport.commands.runtime_cmds import build_cmd, chat_cmd, generate_cmd, verify_cmd
 from jfexport.commands.serve_cmd import serve_cmd
 from jfexport.commands.train_cmd import train_cmd, train_default_cmd
-from jfexport.core.errors import JanusFlowError
+from jfexport.core.errors import RuntimeFailure, UserError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -33,13 +33,15 @@ for _command in (build_cmd, generate_cmd, chat_cmd, verify_cmd, bench_cmd, bench
 
 
 USER_ERROR = 2  # a usage error, bad input, a file or build at fault, a failed check: what the user can fix
+RUNTIME_FAILURE = 3  # a valid request the runtime could not complete (NaN/Inf output, timeout)
 INTERRUPTED = 130
 
 
 def main(group: click.Group = cli, args: list[str] | None = None) -> None:
     """Run `group` as a user's command. Exit codes: 0 done; 2 a usage error (the usage line, then
-    `error: ...`) or a user error (`error: ...` alone: JanusFlowError, a failed check); 130 Ctrl-C;
-    1 a bug: anything else (ValueError, OSError, ...) propagates with its traceback.
+    `error: ...`) or a user error (`error: ...` alone: UserError, a failed check); 3 a runtime failure
+    (`error: ...` alone: RuntimeFailure); 130 Ctrl-C; 1 a bug: anything else (ValueError, OSError, ...)
+    propagates with its traceback.
     """
     try:
         code = group.main(args, prog_name="jfexport", standalone_mode=False)
@@ -57,9 +59,12 @@ def main(group: click.Group = cli, args: list[str] | None = None) -> None:
     except click.ClickException as e:
         click.echo(f"error: {e.format_message()}", err=True)
         sys.exit(USER_ERROR)
-    except JanusFlowError as e:
+    except UserError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(USER_ERROR)
+    except RuntimeFailure as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(RUNTIME_FAILURE)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import RuntimeFailure
+from .errors import BackendUnavailable
 
 from jfexport.defaults import BACKENDS, ENGINE_BACKENDS  # noqa: F401 - re-exported: where callers look for them
 
@@ -30,13 +30,13 @@ def tensorrt_available() -> bool:
 
 def choose_backend(requested: str) -> BackendChoice:
     if requested not in BACKENDS:
-        raise RuntimeFailure(f"unknown backend {requested!r} (known: {', '.join(BACKENDS)})")
+        raise BackendUnavailable(f"unknown backend {requested!r} (known: {', '.join(BACKENDS)})")
     has_trt, has_gpu = tensorrt_available(), torch.cuda.is_available()
     if requested == "tensorrt":
         if not has_trt:
-            raise RuntimeFailure(TENSORRT_INSTALL)
+            raise BackendUnavailable(TENSORRT_INSTALL)
         if not has_gpu:
-            raise RuntimeFailure("TensorRT needs a CUDA GPU and none is visible (torch.cuda.is_available() is False)")
+            raise BackendUnavailable("TensorRT needs a CUDA GPU and none is visible (torch.cuda.is_available() is False)")
         return BackendChoice("tensorrt", "requested")
     if requested != "auto":
         return BackendChoice(requested, "requested")

@@ -1,14 +1,14 @@
-"""Runtime errors that name the graph and output at fault."""
+"""The runtime's failures (`RuntimeFailure`, jfexport/core/errors.py): each names the graph, output or limit at fault."""
 
 from __future__ import annotations
 
 import torch
 
-from jfexport.core.errors import JanusFlowError
+from jfexport.core.errors import RuntimeFailure, UserError
 
 
-class RuntimeFailure(JanusFlowError):
-    pass
+class BackendUnavailable(UserError):
+    """The backend asked for cannot run here (unknown, not installed, no GPU): the user chooses another."""
 
 
 class NonFiniteOutput(RuntimeFailure):

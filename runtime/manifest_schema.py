@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from jfexport.core.errors import JanusFlowError
+from jfexport.core.errors import UserError
 from jfexport.core.graph_contract import GRAPH_NAMES
 
 MANIFEST = "manifest.json"
@@ -33,7 +33,7 @@ BACKENDS = ("onnxruntime", "tensorrt")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-class EnginesError(JanusFlowError):
+class EnginesError(UserError):
     """A build folder the runtime refuses to serve; the message names the file, graph or key at fault."""
 
 

@@ -17,6 +17,7 @@ from jfexport.export.specs import Limits
 from jfexport.core.errors import InputError
 from jfexport.core.presets import PRESETS
 from jfexport.runtime.backend_choice import BACKENDS, ENGINE_BACKENDS
+from jfexport.runtime.errors import NonFiniteOutput
 
 from .conftest import REPO, run_cli
 
@@ -46,6 +47,13 @@ def test_user_error_is_a_message_with_exit_2(capsys):
         main(_throwaway_group(InputError("--image x.png: not a readable image")), ["fail"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == "error: --image x.png: not a readable image\n"
+
+
+def test_runtime_failure_is_a_message_with_exit_3(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(_throwaway_group(NonFiniteOutput("gen_decoder: output 'velocity' has 3 NaN/Inf values")), ["fail"])
+    assert exit_info.value.code == 3
+    assert capsys.readouterr().err == "error: gen_decoder: output 'velocity' has 3 NaN/Inf values\n"
 
 
 @pytest.mark.parametrize("bug", [ValueError("a bug"), FileNotFoundError(2, "No such file", "/internal/file")])

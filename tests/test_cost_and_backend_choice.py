@@ -8,7 +8,7 @@ from jfexport.core.config import JanusFlowConfig
 from jfexport.core.presets import preset_config
 from jfexport.runtime.backend_choice import choose_backend, tensorrt_available
 from jfexport.tools.cost_model import _llm_params, generation_cost, llm_cost
-from jfexport.runtime.errors import RuntimeFailure
+from jfexport.runtime.errors import BackendUnavailable
 
 FULL = JanusFlowConfig.from_dict(preset_config("janusflow-1.3b"))
 
@@ -35,7 +35,7 @@ def test_decode_bytes_grow_with_the_past():
 def test_without_tensorrt_auto_falls_back_and_explicit_request_says_how_to_install():
     choice = choose_backend("auto")
     assert choice.backend == "onnxruntime" and "TensorRT is not installed" in choice.reason
-    with pytest.raises(RuntimeFailure, match="pypi.nvidia.com"):
+    with pytest.raises(BackendUnavailable, match="pypi.nvidia.com"):
         choose_backend("tensorrt")
-    with pytest.raises(RuntimeFailure, match="unknown backend"):
+    with pytest.raises(BackendUnavailable, match="unknown backend"):
         choose_backend("openvino")

@@ -27,7 +27,7 @@ import onnxruntime as ort
 import torch
 
 from jfexport.reference.bundle import ModelBundle
-from jfexport.core.errors import JanusFlowError
+from jfexport.core.errors import UserError
 from jfexport.core.graph_contract import NEW, PAST
 
 from ..exporter import file_record
@@ -53,11 +53,11 @@ UNREAD = {"generate": ("logits", "new.")}
 Progress = Callable[[str], None]
 
 
-class Int8ParityError(JanusFlowError):
+class Int8ParityError(UserError):
     pass
 
 
-class Int8OperatorError(JanusFlowError):
+class Int8OperatorError(UserError):
     pass
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from jfexport.reference.bundle import ModelBundle
-from jfexport.core.errors import JanusFlowError
+from jfexport.core.errors import UserError
 from jfexport.core.graph_contract import UNDERSTANDING_GRAPHS
 from jfexport.tools.verify import NEW_TOKENS, Check, Outputs, compare, measure
 
@@ -33,7 +33,7 @@ CFG = 2.0
 ANSWER_CHECKS = ("greedy token", "logits")  # verify's checks of the answers (the rest check the images)
 
 
-class Int8GateError(JanusFlowError):
+class Int8GateError(UserError):
     pass
 
 

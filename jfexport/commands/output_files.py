@@ -6,10 +6,10 @@ import os
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from jfexport.core.errors import JanusFlowError
+from jfexport.core.errors import UserError
 
 
-class OutputError(JanusFlowError):
+class OutputError(UserError):
     """An output option names a place the command cannot write."""
 
 

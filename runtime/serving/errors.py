@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from jfexport.core.errors import InputError, JanusFlowError
+from jfexport.core.errors import RuntimeFailure, UserError
 from jfexport.runtime.errors import Overloaded, RequestCancelled, RequestTimeout, SchedulerStopped
 
 
@@ -58,8 +58,8 @@ def api_error_from(exc: BaseException) -> APIError:
     if isinstance(exc, (SchedulerStopped, RequestCancelled)):
         return APIError(503, f"the server is shutting down ({exc}); retry on another replica", "server_error",
                         code="unavailable", retry_after=1)
-    if isinstance(exc, InputError):
+    if isinstance(exc, UserError):
         return APIError(400, str(exc))
-    if isinstance(exc, JanusFlowError):
+    if isinstance(exc, RuntimeFailure):
         return APIError(500, f"the runtime failed: {exc}", "server_error", code="runtime_failure")
     return APIError(500, f"internal error: {type(exc).__name__}", "server_error", code="internal_error")
