@@ -16,7 +16,7 @@ from jfexport.commands.reference_cmds import verify_reference_cmd
 from jfexport.commands.runtime_cmds import build_cmd, chat_cmd, generate_cmd, verify_cmd
 from jfexport.commands.serve_cmd import serve_cmd
 from jfexport.commands.train_cmd import train_cmd, train_default_cmd
-from jfexport.core.errors import RuntimeFailure, UserError
+from jfexport.core.errors import RUNTIME_FAILURE, USER_ERROR, RuntimeFailure, UserError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -32,8 +32,6 @@ for _command in (build_cmd, generate_cmd, chat_cmd, verify_cmd, bench_cmd, bench
     cli.add_command(_command)
 
 
-USER_ERROR = 2  # a usage error, bad input, a file or build at fault, a failed check: what the user can fix
-RUNTIME_FAILURE = 3  # a valid request the runtime could not complete (NaN/Inf output, timeout)
 INTERRUPTED = 130
 
 

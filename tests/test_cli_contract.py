@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -97,6 +98,18 @@ def test_real_user_error_names_the_file_without_traceback(tmp_path):
     res = run_cli("chat", "--image", str(missing), "What colour is the shape?")
     assert res.returncode == 2
     assert res.stderr.startswith("error: ") and str(missing) in res.stderr and "Traceback" not in res.stderr
+
+
+def test_serve_of_a_folder_that_is_no_build_exits_2_naming_it(tmp_path):
+    # The engines load after the port is bound; a bad build is still the user's error, not a bug.
+    (tmp_path / "manifest.json").write_text("{}")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    res = run_cli("serve", "--engines", str(tmp_path), "--port", str(port), timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert f"could not load {tmp_path}" in res.stderr and "manifest.json" in res.stderr
+    assert "Traceback" not in res.stderr
 
 
 def test_steps_below_one_is_a_usage_error_naming_the_option(tmp_path):

@@ -33,3 +33,18 @@ class InputError(UserError):
 
 class RuntimeFailure(JanusFlowError):
     """A valid request the runtime could not complete; the message names the graph, output or limit."""
+
+
+# Process exit codes, one per kind (the CLI and `serve` both end with them).
+BUG = 1
+USER_ERROR = 2
+RUNTIME_FAILURE = 3
+
+
+def exit_code(error: BaseException) -> int:
+    """The exit code a command ends with when `error` stops it."""
+    if isinstance(error, UserError):
+        return USER_ERROR
+    if isinstance(error, RuntimeFailure):
+        return RUNTIME_FAILURE
+    return BUG

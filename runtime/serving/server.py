@@ -18,6 +18,8 @@ from pathlib import Path
 
 import uvicorn
 
+from jfexport.core.errors import BUG, exit_code
+
 from .app import build_app
 from .connections import guarded_protocol
 from .loading import load_runtime
@@ -36,7 +38,7 @@ class DrainingServer(uvicorn.Server):
         self.grace = grace
         self.drain_deadline: float | None = None
         self.aborted_at: float | None = None
-        self.failed = False
+        self.failed = 0  # the exit code of a failed load
 
     def handle_exit(self, sig: int, frame) -> None:
         # Not uvicorn's handler: it would close the listener at once (connection refused, not 503)
@@ -66,8 +68,10 @@ class DrainingServer(uvicorn.Server):
             try:
                 runtime = load_runtime(engines, backend, precision, max_queue)
             except Exception as e:
-                log.error("could not load %s: %s", engines, e)
-                self.failed = self.should_exit = True
+                self.failed = exit_code(e)
+                # A bug shows its traceback; a build or backend at fault is named in one line.
+                log.error("could not load %s: %s", engines, e, exc_info=self.failed == BUG)
+                self.should_exit = True
                 return
             self.service.attach(runtime)
             log.info("ready: %s (%s)", engines, runtime.backend)
@@ -92,7 +96,8 @@ def listen(host: str, port: int) -> socket.socket:
 def serve(engines: Path, host: str = "127.0.0.1", port: int = 8000, *, backend: str = "auto",
           precision: str | None = None, api_key: str | None = None, model_id: str = "janusflow",
           limits: Limits = Limits(), max_queue: int = 64, grace: float = 30.0) -> int:
-    """Serve until a signal; the exit code (0 after a drain, 1 when the engines failed to load).
+    """Serve until a signal; the exit code (0 after a drain; when the engines failed to load, the CLI's
+    code for the error: 2 a user error such as a bad build, 3 a runtime failure, 1 a bug).
 
     Raises OSError before loading anything when host:port cannot be listened on.
     """
@@ -115,7 +120,7 @@ def serve(engines: Path, host: str = "127.0.0.1", port: int = 8000, *, backend: 
     if service.busy_threads or loading:
         log.warning("stopping with %d request thread(s) still busy%s: the process should exit without waiting for "
                     "them (exit_now)", service.busy_threads, " and the engines still loading" if loading else "")
-    return 1 if server.failed else 0
+    return server.failed
 
 
 def exit_now(code: int) -> None:
