@@ -6,8 +6,10 @@ from pathlib import Path
 
 from jfexport.runtime.errors import RuntimeFailure
 
+from .settings import ServeSettings
 
-def load_runtime(engines: str | Path, backend: str = "auto", precision: str | None = None, max_queue: int = 64):
+
+def load_runtime(engines: str | Path, settings: ServeSettings):
     """A JanusFlowRuntime that has generated one image and answered one question.
 
     Loading checks every graph file against the manifest; the two tiny requests also prove the
@@ -15,7 +17,8 @@ def load_runtime(engines: str | Path, backend: str = "auto", precision: str | No
     """
     from jfexport.runtime.pipelines import JanusFlowRuntime
 
-    runtime = JanusFlowRuntime.from_engines(engines, backend=backend, precision=precision, max_queue=max_queue)
+    runtime = JanusFlowRuntime.from_engines(engines, backend=settings.backend, precision=settings.precision,
+                                           max_queue=settings.max_queue)
     try:
         side = runtime.image_size
         images = runtime.generate(["a red circle"], n=1, steps=2, seed=0, timeout=120)
