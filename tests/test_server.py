@@ -363,7 +363,7 @@ def test_output_formats_have_the_same_pixels_for_a_seed(client, runtime):
         else:
             for got, want in zip(images, expected):
                 diff = np.abs(np.asarray(got.convert("RGB"), np.int16) - np.asarray(want, np.int16)).mean()
-                assert 0 < diff < 64, (output_format, compression, diff)
+                assert 0 < diff < 16, (output_format, compression, diff)
 
 
 def test_jpeg_output_compression_trades_size_for_fidelity(http):
