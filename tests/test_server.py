@@ -404,6 +404,7 @@ def test_quality_sets_the_steps_and_explicit_steps_win(client, runtime):
 def test_openai_image_fields_without_effect_are_accepted(client, runtime):
     expected = runtime.generate(["a blue square"], steps=2, seed=4)[0].tobytes()
     for fields in ({"background": "opaque"}, {"background": "auto"}, {"moderation": "low"}, {"user": "user-1234"},
+                   {"size": "auto"}, {"quality": "auto", "steps": 2},
                    {"stream": False, "partial_images": 0}):
         r = client.images.generate(model="janusflow", prompt="a blue square", extra_body={"steps": 2, "seed": 4, **fields})
         assert _decoded(r.data[0].b64_json).convert("RGB").tobytes() == expected, fields

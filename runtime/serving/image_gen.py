@@ -24,7 +24,7 @@ async def image_generation(request: Request, body: ImageGenerationRequest, servi
     service.check_model(body.model)
     runtime = service.admit()
     side = runtime.image_size
-    if body.size not in (None, f"{side}x{side}"):
+    if body.size not in (None, "auto", f"{side}x{side}"):
         raise bad_request("size", f"this model generates {side}x{side} images only, not {shown(body.size)}")
     deadline = service.deadline()
     handle = await service.blocking(lambda: runtime.submit_generate(

@@ -8,6 +8,9 @@ from jfexport.runtime.errors import RuntimeFailure
 
 from .settings import ServeSettings
 
+# Generous: the warm-up is two Euler steps and two tokens; a build slower than this cannot serve anyway.
+WARMUP_TIMEOUT_S = 120
+
 
 def load_runtime(engines: str | Path, settings: ServeSettings):
     """A JanusFlowRuntime that has generated one image and answered one question.
@@ -21,11 +24,11 @@ def load_runtime(engines: str | Path, settings: ServeSettings):
                                            max_queue=settings.max_queue)
     try:
         side = runtime.image_size
-        images = runtime.generate(["a red circle"], n=1, steps=2, seed=0, timeout=120)
+        images = runtime.generate(["a red circle"], n=1, steps=2, seed=0, timeout=WARMUP_TIMEOUT_S)
         if len(images) != 1 or images[0].size != (side, side):
             raise RuntimeFailure(f"{engines}: the warm-up generation returned {len(images)} image(s) of "
                                  f"{[im.size for im in images]}, expected one {side}x{side} image")
-        runtime.chat([images[0]], ["What colour is the shape?"], max_new_tokens=2, timeout=120)
+        runtime.chat([images[0]], ["What colour is the shape?"], max_new_tokens=2, timeout=WARMUP_TIMEOUT_S)
     except BaseException:
         runtime.close()
         raise
