@@ -108,3 +108,17 @@ def test_readme_documents_the_table():
     quality = section.split("| `QUALITY_STEPS` |", 1)[1].split("\n", 1)[0]
     for name, steps in defaults.QUALITY_STEPS.items():
         assert (f"{name} {steps}" if name != "auto" else "auto = `STEPS`") in quality, name
+
+
+def test_readme_serving_table_lists_every_accepted_field():
+    from jfexport.runtime.serving.openai_schema import ChatCompletionRequest, ChatMessage, ImageGenerationRequest
+
+    from .conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    for route, models in (("POST /v1/chat/completions", (ChatCompletionRequest, ChatMessage)),
+                          ("POST /v1/images/generations", (ImageGenerationRequest,))):
+        row = readme.split(f"| `{route}` |", 1)[1].split("\n", 1)[0]
+        for model in models:
+            missing = [name for name in model.model_fields if f"`{name}`" not in row and f"`{name}:" not in row]
+            assert not missing, (route, missing)

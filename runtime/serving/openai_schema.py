@@ -131,8 +131,8 @@ class ChatCompletionRequest(_Body):
     @classmethod
     def _one_answer(cls, v):
         if v != 1:
-            raise Unsupported(f"one answer per request (n=1) is served, not {v}; send {v} requests with seeds "
-                              "seed, seed+1, ...")
+            raise Unsupported(f"one answer per request (n=1) is served, not {v}: send one request per answer, "
+                              "with seeds seed, seed+1, ...")
         return v
 
     @field_validator("logprobs", "top_logprobs")
