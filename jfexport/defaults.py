@@ -37,6 +37,21 @@ REQUEST_TIMEOUT_S = 120.0
 GRACE_S = 30.0
 MAX_BODY_MB = 8.0
 MAX_IMAGE_MB = 4.0
+MAX_IMAGE_PIXELS = 4096 * 4096  # of an image in a chat request, read from its header before decoding
+HEADER_TIMEOUT_S = 10.0  # for a request's headers to arrive; 408 and the connection closed past it
+BODY_TIMEOUT_S = 60.0  # for a request's body to arrive; 408 past it
+MAX_HEADER_KB = 64  # 431 past it
+MAX_CONNECTIONS = 512  # open connections; past it a new one gets 503 and is closed
+# Threads for short blocking work of requests (image decoding, tokenizing, image encoding), off the
+# event loop; waiting for results and tokens holds none.
+BLOCKING_THREADS = 8
+
+# -- the images API -----------------------------------------------------------------------------
+# `quality` as Euler steps (an explicit `steps` wins). Rectified flow's images change little past the
+# demo's 30 steps; fewer steps trade detail for time, linearly.
+QUALITY_STEPS = {"low": 10, "medium": 20, "high": 30, "auto": STEPS}
+OUTPUT_FORMAT = "png"
+OUTPUT_COMPRESSION = 100  # jpeg/webp quality, 0-100; webp at 100 is lossless (the PNG's pixels)
 
 # -- choices ------------------------------------------------------------------------------------
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")

@@ -30,7 +30,8 @@ from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
 from jfexport.core.presets import preset_config, preset_vae_config
 from jfexport.core.processor import JanusProcessor, load_image, load_tokenizer
 from jfexport.core.processor.request_checks import (
-    MAX_CFG, MAX_IMAGES_PER_PROMPT, MAX_NEW_TOKENS, MAX_SEED, MAX_STEPS, check_generation, check_sampling, check_text,
+    MAX_CFG, MAX_IMAGES_PER_PROMPT, MAX_NEW_TOKENS, MAX_SEED, MAX_STEPS, MAX_TEMPERATURE, check_generation,
+    check_sampling, check_text,
 )
 from jfexport.reference.training.config import TrainConfig
 from jfexport.reference.training.loop import train
@@ -173,6 +174,7 @@ GENERATION_OK = dict(n=1, steps=30, cfg=2.0, seed=0)
 @pytest.mark.parametrize("name, value", [
     ("temperature", NAN), ("temperature", INF), ("temperature", -0.1), ("temperature", "0.5"), ("temperature", True),
     ("temperature", 1e-39), ("temperature", 1e-38), ("temperature", 9e-6),  # logits / t overflow float32 to NaN
+    ("temperature", MAX_TEMPERATURE + 1e-9), ("temperature", 5),
     ("top_p", 0.0), ("top_p", 1.0001), ("top_p", -0.5), ("top_p", NAN), ("top_p", INF),
     ("seed", -1), ("seed", MAX_SEED + 1), ("seed", 2**64), ("seed", 1.0), ("seed", "3"), ("seed", True),
     ("max_new_tokens", -1), ("max_new_tokens", 2.0), ("max_new_tokens", None), ("max_new_tokens", MAX_NEW_TOKENS + 1),
@@ -205,7 +207,7 @@ def test_the_smallest_temperature_samples_without_nan():
 
 
 def test_edge_parameters_are_accepted():
-    for temperature, top_p, seed, tokens in [(0, 1, 0, 0), (0.0, 1e-9, MAX_SEED, MAX_NEW_TOKENS), (5, 0.5, np.int64(7), np.int32(3)),
+    for temperature, top_p, seed, tokens in [(0, 1, 0, 0), (0.0, 1e-9, MAX_SEED, MAX_NEW_TOKENS), (MAX_TEMPERATURE, 0.5, np.int64(7), np.int32(3)),
                                              (1e-5, 1, 0, 1)]:
         check_sampling(temperature, top_p, seed, tokens)
     for n, steps, cfg, seed in [(1, 1, 0, 0), (MAX_IMAGES_PER_PROMPT, MAX_STEPS, MAX_CFG, MAX_SEED), (2, 30, 1, 5)]:
@@ -554,3 +556,66 @@ def test_build_limits_below_the_export_samples_are_refused():
         build_limits(bundle, max_batch=2)
     with pytest.raises(BuildLimitsError, match="--max-seq 8"):
         build_limits(bundle, max_seq=8)
+
+
+# --- the HTTP protocol models take their bounds from these checks ------------------------------
+
+def _http_bounds_cases():
+    from jfexport.core.processor import request_checks as rc
+    from jfexport.runtime.serving.openai_schema import ChatCompletionRequest, ImageGenerationRequest
+
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    images = {"prompt": "a red circle"}
+    tiny = 1e-9
+    # (model, required fields, field, the runtime's check of it, probes either side of every bound)
+    return [
+        (ImageGenerationRequest, images, "n", rc.check_images_per_prompt, [0, 1, rc.MAX_IMAGES_PER_PROMPT,
+                                                                            rc.MAX_IMAGES_PER_PROMPT + 1]),
+        (ImageGenerationRequest, images, "steps", rc.check_steps, [0, 1, rc.MAX_STEPS, rc.MAX_STEPS + 1]),
+        (ImageGenerationRequest, images, "cfg_scale", rc.check_cfg, [-tiny, 0.0, rc.MAX_CFG, rc.MAX_CFG + tiny, NAN, INF]),
+        (ImageGenerationRequest, images, "seed", rc.check_seed, [-1, 0, rc.MAX_SEED, rc.MAX_SEED + 1]),
+        (ChatCompletionRequest, chat, "seed", rc.check_seed, [-1, 0, rc.MAX_SEED, rc.MAX_SEED + 1]),
+        (ChatCompletionRequest, chat, "temperature", rc.check_temperature,
+         [-tiny, 0.0, rc.MIN_TEMPERATURE / 2, rc.MIN_TEMPERATURE, rc.MAX_TEMPERATURE, rc.MAX_TEMPERATURE + tiny, NAN]),
+        (ChatCompletionRequest, chat, "top_p", rc.check_top_p, [0.0, tiny, 1.0, 1.0 + tiny, NAN]),
+        # 0 tokens is the one value the runtime takes and the API does not (no answer is no answer).
+        (ChatCompletionRequest, chat, "max_tokens", rc.check_max_new_tokens, [1, rc.MAX_NEW_TOKENS, rc.MAX_NEW_TOKENS + 1]),
+        (ChatCompletionRequest, chat, "max_completion_tokens", rc.check_max_new_tokens,
+         [1, rc.MAX_NEW_TOKENS, rc.MAX_NEW_TOKENS + 1]),
+    ]
+
+
+# Numeric fields with no request check behind them: OpenAI's own ranges, or values refused by name.
+HTTP_ONLY_FIELDS = {("ImageGenerationRequest", "output_compression"), ("ImageGenerationRequest", "partial_images"),
+                    ("ChatCompletionRequest", "n"), ("ChatCompletionRequest", "top_logprobs")}
+
+
+def test_http_bounds_are_the_request_checks():
+    """Every bound a request check states, the protocol models enforce the same, on both sides, and
+    no numeric field of theirs has a bound of its own: a restated bound that drifts fails here."""
+    import pydantic
+
+    from jfexport.core.processor.errors import RequestError
+    from jfexport.runtime.serving.openai_schema import ChatCompletionRequest, ImageGenerationRequest
+
+    cases = _http_bounds_cases()
+    covered = {(model.__name__, field) for model, _, field, _, _ in cases}
+    for model in (ChatCompletionRequest, ImageGenerationRequest):
+        numeric = {name for name, f in model.model_fields.items()
+                   if {int, float} & set(getattr(f.annotation, "__args__", (f.annotation,)))}
+        assert {(model.__name__, name) for name in numeric} <= covered | HTTP_ONLY_FIELDS, model
+    for model, required, field, check, probes in cases:
+        for value in probes:
+            try:
+                check(value)
+                runtime_takes = True
+            except RequestError:
+                runtime_takes = False
+            try:
+                model(**required, **{field: value})
+                http_takes = True
+            except pydantic.ValidationError:
+                http_takes = False
+            assert http_takes == runtime_takes, (model.__name__, field, value)
+    with pytest.raises(pydantic.ValidationError, match="max_tokens"):
+        ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=0)

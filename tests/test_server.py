@@ -15,6 +15,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import openai
 import pytest
 from PIL import Image
@@ -334,6 +335,122 @@ def test_more_images_than_one_engine_call_are_served(client, runtime):
                                response_format="b64_json", extra_body={"steps": 2, "seed": 3})
     expected = runtime.generate(["a blue square"], n=n, steps=2, seed=3)
     assert [_png(d.b64_json).convert("RGB").tobytes() for d in r.data] == [im.tobytes() for im in expected]
+
+
+def _decoded(b64: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    image.load()
+    return image
+
+
+def test_output_formats_have_the_same_pixels_for_a_seed(client, runtime):
+    prompt, fields = "a red circle at the top left", {"steps": 4, "seed": 11}
+    expected = runtime.generate([prompt], n=2, steps=4, seed=11)
+    side = runtime.image_size
+    for output_format, compression, container in [("png", None, "PNG"), ("webp", None, "WEBP"), ("webp", 100, "WEBP"),
+                                                  ("jpeg", 90, "JPEG"), ("webp", 40, "WEBP"), ("jpeg", 0, "JPEG")]:
+        more = {} if compression is None else {"output_compression": compression}
+        r = client.images.generate(model="janusflow", prompt=prompt, n=2, output_format=output_format,
+                                   extra_body={**fields, **more})
+        assert r.output_format == output_format and r.size == f"{side}x{side}" and r.background == "opaque"
+        images = [_decoded(d.b64_json) for d in r.data]
+        assert [(im.format, im.size) for im in images] == [(container, (side, side))] * 2, output_format
+        pixels = [im.convert("RGB").tobytes() for im in images]
+        lossless = output_format == "png" or (output_format == "webp" and compression in (None, 100))
+        # Lossless formats are the runtime's pixels exactly; lossy ones are close to them, not equal.
+        if lossless:
+            assert pixels == [im.tobytes() for im in expected], (output_format, compression)
+        else:
+            for got, want in zip(images, expected):
+                diff = np.abs(np.asarray(got.convert("RGB"), np.int16) - np.asarray(want, np.int16)).mean()
+                assert 0 < diff < 16, (output_format, compression, diff)
+
+
+def test_jpeg_output_compression_trades_size_for_fidelity(http):
+    sizes = []
+    for compression in (5, 95):
+        r = http.post("/v1/images/generations", json={"prompt": "a blue square", "steps": 3, "seed": 2,
+                                                       "output_format": "jpeg", "output_compression": compression})
+        assert r.status_code == 200, r.text
+        sizes.append(len(base64.b64decode(r.json()["data"][0]["b64_json"])))
+    assert sizes[0] < sizes[1]
+
+
+def test_images_usage_counts_the_prompt_and_the_image_tokens(client, runtime):
+    prompt = "a green triangle at the bottom right"
+    r = client.images.generate(model="janusflow", prompt=prompt, n=3, extra_body={"steps": 2})
+    prompt_tokens = len(runtime.processor.generation_ids(prompt)) - 1  # the image tag is dropped by the sampler
+    assert prompt_tokens > len(runtime.tokenizer.encode(prompt))  # the template's tokens are counted too
+    usage = r.usage
+    assert usage.input_tokens == usage.input_tokens_details.text_tokens == prompt_tokens
+    assert usage.input_tokens_details.image_tokens == 0
+    assert usage.output_tokens == 3 * runtime.grid**2
+    assert usage.total_tokens == usage.input_tokens + usage.output_tokens
+
+
+def test_quality_sets_the_steps_and_explicit_steps_win(client, runtime):
+    from jfexport import defaults
+
+    def pixels(**fields):
+        r = client.images.generate(model="janusflow", prompt="a red circle", extra_body={"seed": 5, **fields})
+        return _decoded(r.data[0].b64_json).convert("RGB").tobytes()
+
+    low = defaults.QUALITY_STEPS["low"]
+    assert pixels(quality="low") == runtime.generate(["a red circle"], steps=low, seed=5)[0].tobytes()
+    assert pixels(quality="low", steps=3) == runtime.generate(["a red circle"], steps=3, seed=5)[0].tobytes()
+    assert pixels(quality="low") != pixels(quality="medium")
+
+
+def test_openai_image_fields_without_effect_are_accepted(client, runtime):
+    expected = runtime.generate(["a blue square"], steps=2, seed=4)[0].tobytes()
+    for fields in ({"background": "opaque"}, {"background": "auto"}, {"moderation": "low"}, {"user": "user-1234"},
+                   {"size": "auto"}, {"quality": "auto", "steps": 2},
+                   {"stream": False, "partial_images": 0}):
+        r = client.images.generate(model="janusflow", prompt="a blue square", extra_body={"steps": 2, "seed": 4, **fields})
+        assert _decoded(r.data[0].b64_json).convert("RGB").tobytes() == expected, fields
+
+
+def test_image_detail_and_text_response_format_are_accepted(client, runtime):
+    image = shape_image()
+    expected = runtime.chat([image], [QUESTION], max_new_tokens=12)[0]
+    for detail in ("low", "high", "auto"):
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image),
+                                                                                       "detail": detail}},
+                                                 {"type": "text", "text": QUESTION}]}]
+        r = client.chat.completions.create(model="janusflow", messages=messages, max_tokens=12,
+                                           response_format={"type": "text"}, user="user-1234")
+        assert r.choices[0].message.content == expected, detail
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/images/generations", {"prompt": "a red circle", "background": "transparent"}, "background"),
+    ("/v1/images/generations", {"prompt": "a red circle", "stream": True}, "stream"),
+    ("/v1/images/generations", {"prompt": "a red circle", "partial_images": 2}, "partial_images"),
+    ("/v1/images/generations", {"prompt": "a red circle", "output_compression": 50}, "output_compression"),
+    ("/v1/chat/completions", {"messages": chat_messages("x"), "n": 2}, "n"),
+    ("/v1/chat/completions", {"messages": chat_messages("x"), "logprobs": True}, "logprobs"),
+    ("/v1/chat/completions", {"messages": chat_messages("x"), "top_logprobs": 3}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": chat_messages("x"), "response_format": {"type": "json_object"}},
+     "response_format"),
+    ("/v1/chat/completions", {"messages": chat_messages("x"), "response_format": {
+        "type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}}}, "response_format"),
+])
+def test_openai_fields_not_served_yet_are_a_named_400(http, path, body, param):
+    r = http.post(path, json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["param"], error["code"], error["type"]) == (param, "unsupported_value", "invalid_request_error")
+    assert error["message"].startswith(f"{param}: ")
+
+
+def test_the_openai_client_gets_the_named_refusals(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.generate(model="janusflow", prompt="a red circle", background="transparent")
+    assert e.value.body["param"] == "background" and "transparent" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="janusflow", messages=chat_messages(data_url(shape_image())),
+                                       logprobs=True, top_logprobs=2)
+    assert e.value.body["param"] in ("logprobs", "top_logprobs")
 
 
 # --- errors ------------------------------------------------------------------------------------

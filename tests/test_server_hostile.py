@@ -447,14 +447,14 @@ def test_a_bug_is_a_json_500_that_closes_its_connection_and_is_counted_as_500(en
     from jfexport.runtime.pipelines import JanusFlowRuntime
     from jfexport.runtime.serving.app import build_app
     from jfexport.runtime.serving.connections import guarded_protocol
-    from jfexport.runtime.serving.service import Limits
+    from jfexport.runtime.serving.settings import ServeSettings
 
     runtime = JanusFlowRuntime.from_engines(engines)
     runtime.submit_generate = lambda *args, **kwargs: 1 / 0
     app = build_app(runtime)
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="off",
-                            http=guarded_protocol(Limits()))
+                            http=guarded_protocol(ServeSettings()))
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     lines: list[str] = []

@@ -68,11 +68,11 @@ def _api_key(ctx, param, value):
               help="Largest request body; 413 past it.")
 @click.option("--max-image-mb", type=POSITIVE, default=defaults.MAX_IMAGE_MB, show_default=True,
               help="Largest encoded image in a request; 413 past it.")
-@click.option("--header-timeout", type=POSITIVE, default=10.0, show_default=True,
+@click.option("--header-timeout", type=POSITIVE, default=defaults.HEADER_TIMEOUT_S, show_default=True,
               help="Seconds a request's headers may take to arrive; 408 and the connection closed past it.")
-@click.option("--body-timeout", type=POSITIVE, default=60.0, show_default=True,
+@click.option("--body-timeout", type=POSITIVE, default=defaults.BODY_TIMEOUT_S, show_default=True,
               help="Seconds a request's body may take to arrive; 408 past it.")
-@click.option("--max-connections", type=click.IntRange(min=1), default=512, show_default=True,
+@click.option("--max-connections", type=click.IntRange(min=1), default=defaults.MAX_CONNECTIONS, show_default=True,
               help="Open connections; past it a new one gets 503 and is closed (logged).")
 @click.option("--ray", "use_ray", is_flag=True, help="Run the Ray Serve application on a local Ray instance instead.")
 @click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
@@ -98,22 +98,19 @@ def serve_cmd(engines, precision, host, port, api_key, model_name, max_queue, re
             # In a child process: the server process imports no model code.
             if subprocess.run([sys.executable, "-m", "jfexport.cli", "build", "--out", str(engines)]).returncode:
                 raise click.ClickException(f"building {engines} failed (see above)")
+    options = {"precision": precision, "max_queue": max_queue, "api_key": api_key, "model": model_name,
+               "request_timeout": request_timeout, "max_body_mb": max_body_mb, "max_image_mb": max_image_mb,
+               "grace": grace, "header_timeout": header_timeout, "body_timeout": body_timeout,
+               "max_connections": max_connections}
     if use_ray:
         from jfexport.runtime.serving.ray_local import serve_on_ray
 
-        args = {"engines": str(engines.resolve()), "precision": precision, "replicas": replicas,
-                "max_queue": max_queue, "api_key": api_key, "model": model_name, "request_timeout": request_timeout,
-                "max_body_mb": max_body_mb, "max_image_mb": max_image_mb, "grace": grace}
-        sys.exit(serve_on_ray(args, host, port))
+        sys.exit(serve_on_ray({**options, "engines": str(engines.resolve()), "replicas": replicas}, host, port))
     from jfexport.runtime.serving.server import exit_now, serve
-    from jfexport.runtime.serving.service import Limits
+    from jfexport.runtime.serving.settings import ServeSettings
 
-    limits = Limits(max_body_bytes=int(max_body_mb * 2**20), max_image_bytes=int(max_image_mb * 2**20),
-                    request_timeout=request_timeout, header_timeout=header_timeout, body_timeout=body_timeout,
-                    max_connections=max_connections)
     try:
-        code = serve(engines, host, port, precision=precision, api_key=api_key, model_id=model_name,
-                     limits=limits, max_queue=max_queue, grace=grace)
+        code = serve(engines, host, port, ServeSettings.from_options(options))
     except OSError as e:  # taken since the check above; still before anything loaded
         raise click.ClickException(str(e.strerror)) from None
     exit_now(code)

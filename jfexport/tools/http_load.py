@@ -17,7 +17,7 @@ import httpx
 from jfexport.tools.bench_serve import Calls, Record, Workload, closed_loop, summarize
 from jfexport.runtime.errors import RuntimeFailure
 
-from jfexport.runtime.serving.images import png_base64
+from jfexport.runtime.serving.images import encoded_base64
 
 
 def _error(kind: str, start: float, r: httpx.Response) -> Record:
@@ -40,7 +40,7 @@ def http_calls(client: httpx.Client, model: str, workload: Workload) -> Calls:
 
     def chat(i: int) -> Record:
         image, question = workload.question(i)
-        content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + png_base64(image)}},
+        content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + encoded_base64(image)}},
                    {"type": "text", "text": question}]
         body = {"model": model, "messages": [{"role": "user", "content": content}], "seed": i, "stream": True,
                 "max_tokens": workload.max_new_tokens, "stream_options": {"include_usage": True}}

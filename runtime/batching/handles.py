@@ -57,6 +57,11 @@ class GenerationHandle(_Handle):
     def progress(self) -> tuple[int, int]:
         return self._job.steps_done, self._job.steps
 
+    @property
+    def prompt_tokens(self) -> int:
+        """Tokens of the prompts as the LLM reads them (the template, without the image tag the sampler drops)."""
+        return sum(len(ids) - 1 for ids in self._job.prompt_ids)
+
     def wait(self, timeout: float | None = None, on_step: Callable[[int, int], None] | None = None) -> None:
         """Until the request is done; `on_step(done, total)` runs here, on the caller's thread."""
         job, seen = self._job, 0

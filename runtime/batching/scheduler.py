@@ -32,6 +32,7 @@ from typing import Callable, Mapping
 
 import torch
 
+from jfexport import defaults
 from jfexport.core.errors import InputError
 
 from ..engine import Engine
@@ -49,7 +50,8 @@ Failure = tuple[Job, BaseException]
 
 class Scheduler:
     def __init__(self, engines: Mapping[str, Engine], processor, grid: int, max_rows: int, max_len: int,
-                 max_queue: int = 64, kv_budget_bytes: int = 4 << 30, torch_threads: int | None = None,
+                 max_queue: int = defaults.MAX_QUEUE, kv_budget_bytes: int = defaults.KV_BUDGET_BYTES,
+                 torch_threads: int | None = None,
                  kv_layout: KVLayout | None = None, prefix_cache_bytes: int = 0):
         self.max_queue = max_queue
         self._torch_threads = torch_threads

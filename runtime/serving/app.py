@@ -17,17 +17,18 @@ from .errors import APIError, api_error_from
 from .image_gen import image_generation
 from .middleware import ServingMiddleware
 from .openai_schema import ChatCompletionRequest, ImageGenerationRequest, validation_error
-from .service import Limits, Service
+from .service import Service
+from .settings import ServeSettings
 
 
-def build_app(runtime=None, *, api_key: str | None = None, model_id: str = "janusflow", limits: Limits = Limits(),
-              replica_id: str | None = None) -> FastAPI:
+def build_app(runtime=None, settings: ServeSettings = ServeSettings(), replica_id: str | None = None) -> FastAPI:
     """The server's ASGI app over `runtime` (a JanusFlowRuntime; attach one later via `app.state.service`).
 
-    With `api_key`, the /v1 routes need `Authorization: Bearer <api_key>`; /health, /ready and
-    /metrics stay open for probes and scrapers.
+    With `settings.api_key`, the /v1 routes need `Authorization: Bearer <api_key>`; /health, /ready
+    and /metrics stay open for probes and scrapers.
     """
-    service = Service(model_id, limits, replica_id)
+    service = Service(settings, replica_id)
+    api_key = settings.api_key
     if runtime is not None:
         service.attach(runtime)
     app = FastAPI(title="jfexport", docs_url=None, redoc_url=None, openapi_url=None)

@@ -23,7 +23,8 @@ from .detokenize import TextStream
 from .errors import APIError, api_error_from, bad_request
 from .images import decode_data_url
 from .openai_schema import MAX_TEXT_CHARS, ChatCompletionRequest, ChatMessage
-from .service import Limits, Service, left
+from .service import Service, left
+from .settings import ServeSettings
 
 POLL_S = 0.05  # how often a waiting request checks that its client is still there
 
@@ -71,7 +72,7 @@ def _plain(param: str, text: str) -> str:
         raise bad_request(param, str(e).removeprefix(f"{param}: ")) from None
 
 
-def read_question(messages: list[ChatMessage], limits: Limits) -> Question:
+def read_question(messages: list[ChatMessage], settings: ServeSettings) -> Question:
     """An optional leading system (or developer) message, then the conversation: user,
     assistant, user, ..., user; the last user message is the question.
 
@@ -128,8 +129,8 @@ def read_question(messages: list[ChatMessage], limits: Limits) -> Question:
         raise bad_request(f"messages[{first}].content",
                           "exactly one image_url part is needed (in a user message, usually the first), got 0")
     i, j, url = image
-    decoded = decode_data_url(url, f"messages[{i}].content[{j}].image_url.url", limits.max_image_bytes,
-                              limits.max_image_pixels)
+    decoded = decode_data_url(url, f"messages[{i}].content[{j}].image_url.url", settings.max_image_bytes,
+                              settings.max_image_pixels)
     history = turns[:-1] or None
     return Question(decoded, turns[-1][1], system_prompt, history, i - first)
 
@@ -143,9 +144,9 @@ async def chat_completion(request: Request, body: ChatCompletionRequest, service
     service.check_model(body.model)
     check_text_size(body.messages)
     deadline = service.deadline()
-    question = await service.blocking(lambda: read_question(body.messages, service.limits), deadline)
+    question = await service.blocking(lambda: read_question(body.messages, service.settings), deadline)
     runtime = service.admit()
-    max_tokens = body.max_completion_tokens or body.max_tokens or service.limits.default_max_tokens
+    max_tokens = body.max_completion_tokens or body.max_tokens or service.settings.default_max_tokens
     # The scheduler's timeout is what is left of the request's: preparing it counted too.
     handle = await service.blocking(lambda: runtime.submit_chat(
         question.image, question.text, max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,

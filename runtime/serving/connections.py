@@ -18,7 +18,7 @@ import time
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .service import Limits
+from .settings import ServeSettings
 
 log = logging.getLogger("jfexport.serve")
 
@@ -67,10 +67,10 @@ class _RateLimitedLog:
             self.count, self.last = 0, now
 
 
-def guarded_protocol(limits: Limits) -> type[H11Protocol]:
-    """The protocol class for `uvicorn.Config(http=...)`, with `limits`' header timeout and connection cap."""
-    refused_log = _RateLimitedLog(f"refused a connection: {limits.max_connections} are open (the connection cap)")
-    slow_log = _RateLimitedLog(f"closed a connection whose request headers took over {limits.header_timeout:g} s")
+def guarded_protocol(settings: ServeSettings) -> type[H11Protocol]:
+    """The protocol class for `uvicorn.Config(http=...)`, with the settings' header timeout and connection cap."""
+    refused_log = _RateLimitedLog(f"refused a connection: {settings.max_connections} are open (the connection cap)")
+    slow_log = _RateLimitedLog(f"closed a connection whose request headers took over {settings.header_timeout:g} s")
 
     class GuardedH11Protocol(H11Protocol):
         def __init__(self, *args, **kwargs):
@@ -79,11 +79,11 @@ def guarded_protocol(limits: Limits) -> type[H11Protocol]:
             self._refused = False  # answered with an error: what the client still sends is dropped
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            if len(self.connections) >= limits.max_connections:
+            if len(self.connections) >= settings.max_connections:
                 refused_log()
                 self._refused = True
                 _answer_and_close(self.loop, transport, _raw_error(
-                    503, f"the server holds {limits.max_connections} connections, its most; retry later",
+                    503, f"the server holds {settings.max_connections} connections, its most; retry later",
                     "too_many_connections"))
                 return
             super().connection_made(transport)
@@ -112,8 +112,8 @@ def guarded_protocol(limits: Limits) -> type[H11Protocol]:
         def send_400_response(self, msg: str) -> None:
             self._disarm_header_timer()
             self._refused = True
-            if len(self.conn.trailing_data[0]) > limits.max_header_bytes:
-                response = _raw_error(431, f"the request's headers are larger than {limits.max_header_bytes} bytes",
+            if len(self.conn.trailing_data[0]) > settings.max_header_bytes:
+                response = _raw_error(431, f"the request's headers are larger than {settings.max_header_bytes} bytes",
                                       "headers_too_large")
             else:
                 response = _raw_error(400, "invalid HTTP request", "invalid_http")
@@ -121,7 +121,7 @@ def guarded_protocol(limits: Limits) -> type[H11Protocol]:
 
         def _arm_header_timer(self) -> None:
             self._disarm_header_timer()
-            self._header_timer = self.loop.call_later(limits.header_timeout, self._headers_too_slow)
+            self._header_timer = self.loop.call_later(settings.header_timeout, self._headers_too_slow)
 
         def _disarm_header_timer(self) -> None:
             if self._header_timer is not None:
@@ -135,6 +135,6 @@ def guarded_protocol(limits: Limits) -> type[H11Protocol]:
             slow_log()
             self._refused = True
             _answer_and_close(self.loop, self.transport, _raw_error(
-                408, f"the request's headers did not arrive within {limits.header_timeout:g} s", "header_timeout"))
+                408, f"the request's headers did not arrive within {settings.header_timeout:g} s", "header_timeout"))
 
     return GuardedH11Protocol

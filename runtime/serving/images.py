@@ -1,4 +1,4 @@
-"""Images in and out of the API: `data:` URLs (size-checked before decoding) and base64 PNGs."""
+"""Images in and out of the API: `data:` URLs (size-checked before decoding), and base64 PNG, JPEG or WebP."""
 
 from __future__ import annotations
 
@@ -84,7 +84,17 @@ def decode_data_url(url: str, param: str, max_bytes: int, max_pixels: int) -> Im
             raise bad_request(param, f"not a readable image ({type(e).__name__}: {e})") from None
 
 
-def png_base64(image: Image.Image) -> str:
+def encoded_base64(image: Image.Image, output_format: str = "png", compression: int = 100) -> str:
+    """`image` as base64 `output_format` (png, jpeg or webp). `compression` is OpenAI's
+    output_compression, the lossy formats' quality 0-100; WebP at 100 is lossless, so its pixels are
+    the PNG's."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    if output_format == "png":
+        image.save(buffer, format="PNG")
+    elif output_format == "jpeg":
+        image.save(buffer, format="JPEG", quality=compression)
+    elif output_format == "webp":
+        image.save(buffer, format="WEBP", lossless=compression == 100, quality=compression)
+    else:
+        raise ValueError(f"unknown output format {output_format!r}")
     return base64.b64encode(buffer.getvalue()).decode("ascii")

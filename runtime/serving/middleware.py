@@ -78,20 +78,20 @@ class ServingMiddleware:
 
     async def _buffered_body(self, receive, headers, send):
         """Read the whole body up to the limit (413 past it), then replay it to the route."""
-        limits = self.service.limits
-        limit = limits.max_body_bytes
+        settings = self.service.settings
+        limit = settings.max_body_bytes
         declared = headers.get(b"content-length")
         chunks, size, more = [], 0, True
         if declared is not None and declared.isdigit() and int(declared) > limit:
             more = False
             size = int(declared)
-        deadline = time.monotonic() + limits.body_timeout
+        deadline = time.monotonic() + settings.body_timeout
         while more:
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 await self._send_error(send, APIError(408, f"the request body did not arrive within "
-                                                           f"{limits.body_timeout:g} s", param="body",
+                                                           f"{settings.body_timeout:g} s", param="body",
                                                       code="body_timeout"))
                 return None
             if message["type"] == "http.disconnect":

@@ -6,11 +6,15 @@ Unknown fields are refused, as OpenAI does, so that a misspelt extension field (
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Callable, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from jfexport.core.processor.request_checks import MAX_IMAGES_PER_PROMPT, MIN_TEMPERATURE
+from jfexport import defaults
+from jfexport.core.processor.errors import RequestError
+from jfexport.core.processor.request_checks import (
+    check_cfg, check_images_per_prompt, check_max_new_tokens, check_seed, check_steps, check_temperature, check_top_p,
+)
 
 from .errors import APIError, shown
 
@@ -23,7 +27,32 @@ MAX_TEXT_CHARS = 1 << 18  # a prompt, and all text of a conversation together
 MAX_STOPS = 4
 MAX_STOP_CHARS = 256
 
-SEED = Field(None, ge=0, lt=2**63, description="Random seed; the same seed gives the same result (default 0).")
+
+class Unsupported(ValueError):
+    """A value OpenAI's API defines that this server does not serve: a 400 with code `unsupported_value`."""
+
+
+def checked(check: Callable[[Any, str], Any]) -> AfterValidator:
+    """The field validated by the runtime's own request check (`check(value, name)`), so that the
+    HTTP bounds are the runtime's: they are stated once, in request_checks."""
+
+    def validate(value: Any, info: ValidationInfo) -> Any:
+        if value is None:
+            return value
+        name = info.field_name or "value"
+        try:
+            return check(value, name)
+        except RequestError as e:
+            raise ValueError(str(e).removeprefix(f"{name}: ")) from None
+
+    return AfterValidator(validate)
+
+
+Seed = Annotated[int | None, checked(check_seed),
+                 Field(description="Random seed; the same seed gives the same result (default 0).")]
+# An answer of no token is no answer: OpenAI refuses max_tokens 0, and so does this server (the
+# runtime takes 0 for a prefill alone).
+AnswerTokens = Annotated[int | None, Field(ge=1), checked(check_max_new_tokens)]
 
 
 class _Body(BaseModel):
@@ -37,6 +66,7 @@ class TextPart(_Body):
 
 class ImageURL(_Body):
     url: str
+    # Accepted and ignored: the model has one input resolution (every image is resized to it).
     detail: Literal["auto", "low", "high"] | None = None
 
 
@@ -58,19 +88,27 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
 class ChatCompletionRequest(_Body):
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: AnswerTokens = None
+    max_completion_tokens: AnswerTokens = None
     # Greedy by default (OpenAI's default is 1.0): the bundled models answer best greedily.
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    top_p: float = Field(0.95, gt=0.0, le=1.0)
-    seed: int | None = SEED
+    temperature: Annotated[float, checked(check_temperature)] = defaults.TEMPERATURE
+    top_p: Annotated[float, checked(check_top_p)] = defaults.TOP_P
+    seed: Seed = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Literal[1] = 1
+    response_format: ResponseFormat | None = None
+    n: int = 1
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
     user: str | None = None
 
     @field_validator("stop")
@@ -81,25 +119,80 @@ class ChatCompletionRequest(_Body):
             raise ValueError(f"up to {MAX_STOPS} non-empty stop sequences of at most {MAX_STOP_CHARS} characters")
         return stops
 
-    @field_validator("temperature")
+    @field_validator("response_format")
     @classmethod
-    def _temperature(cls, v):
-        if 0 < v < MIN_TEMPERATURE:
-            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {v}")
+    def _text_only(cls, v):
+        if v is not None and v.type != "text":
+            raise Unsupported(f"only {{\"type\": \"text\"}} is served, not {v.type!r}: this server has no "
+                              "grammar-constrained decoding")
+        return v
+
+    @field_validator("n")
+    @classmethod
+    def _one_answer(cls, v):
+        if v != 1:
+            raise Unsupported(f"one answer per request (n=1) is served, not {v}: send one request per answer, "
+                              "with seeds seed, seed+1, ...")
+        return v
+
+    @field_validator("logprobs", "top_logprobs")
+    @classmethod
+    def _no_logprobs(cls, v, info: ValidationInfo):
+        if v not in (None, False):
+            raise Unsupported(f"{info.field_name} are not returned by this server yet")
         return v
 
 
 class ImageGenerationRequest(_Body):
     prompt: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
     model: str | None = None
-    n: int = Field(1, ge=1, le=MAX_IMAGES_PER_PROMPT)  # the runtime's bound: any n it takes, in as many calls as needed
+    n: Annotated[int, checked(check_images_per_prompt)] = defaults.IMAGES_PER_PROMPT  # any n, in as many calls as needed
     size: str | None = None
     response_format: Literal["b64_json"] = "b64_json"
+    output_format: Literal["png", "jpeg", "webp"] = defaults.OUTPUT_FORMAT
+    output_compression: int | None = Field(None, ge=0, le=100)
+    quality: Literal["low", "medium", "high", "auto"] = "auto"  # defaults.QUALITY_STEPS' keys
+    background: Literal["auto", "opaque", "transparent"] = "auto"
+    moderation: Literal["auto", "low"] = "auto"  # accepted: no moderation model runs here
+    stream: bool = False
+    partial_images: int | None = None
     user: str | None = None
     # Extensions (not in OpenAI's API): the sampler's settings.
-    steps: int = Field(30, ge=1, le=1000, description="Euler steps of the rectified-flow sampler.")
-    cfg_scale: float = Field(2.0, ge=0.0, le=100.0, description="Classifier-free guidance weight (1 = none).")
-    seed: int | None = SEED
+    steps: Annotated[int | None, checked(check_steps),
+                     Field(description="Euler steps of the rectified-flow sampler; default: quality's.")] = None
+    cfg_scale: Annotated[float, checked(check_cfg),
+                         Field(description="Classifier-free guidance weight (1 = none).")] = defaults.CFG
+    seed: Seed = None
+
+    @field_validator("output_compression")
+    @classmethod
+    def _lossy_formats_only(cls, v, info: ValidationInfo):
+        if v not in (None, 100) and info.data.get("output_format") == "png":
+            raise Unsupported(f"{v} applies to jpeg and webp: png is lossless (send output_format jpeg or webp)")
+        return v
+
+    @field_validator("background")
+    @classmethod
+    def _opaque(cls, v):
+        if v == "transparent":
+            raise Unsupported("transparent backgrounds are not generated: the model draws opaque RGB images "
+                              "(send auto or opaque)")
+        return v
+
+    @field_validator("stream", "partial_images")
+    @classmethod
+    def _not_streamed(cls, v, info: ValidationInfo):
+        if v not in (None, False, 0):
+            raise Unsupported(f"streamed image generation ({info.field_name}) is not served yet: the images come "
+                              "in one answer")
+        return v
+
+    def sampler_steps(self) -> int:
+        """`steps` when given, else the Euler steps of `quality`."""
+        return self.steps if self.steps is not None else defaults.QUALITY_STEPS[self.quality]
+
+    def compression(self) -> int:
+        return defaults.OUTPUT_COMPRESSION if self.output_compression is None else self.output_compression
 
 
 def param_name(loc: tuple) -> str:
@@ -134,4 +227,5 @@ def validation_error(errors: list[dict]) -> APIError:
         return APIError(400, f"the body is not valid JSON ({(first.get('ctx') or {}).get('error', first.get('msg'))})",
                         param="body")
     message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
-    return APIError(400, f"{param}: {message}", param=param)
+    unsupported = isinstance((first.get("ctx") or {}).get("error"), Unsupported)
+    return APIError(400, f"{param}: {message}", param=param, code="unsupported_value" if unsupported else None)

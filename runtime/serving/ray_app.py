@@ -19,29 +19,30 @@ over the replicas and replaces one that dies or fails its health check.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
 from ray import serve
 
+from jfexport import defaults
+
 from .app import build_app as build_asgi_app
 from .loading import load_runtime
-from .service import Limits
+from .settings import ServeSettings
 
 DEPLOYMENT = "JanusFlow"
 
 
-@serve.deployment(name=DEPLOYMENT, health_check_period_s=5, health_check_timeout_s=30, graceful_shutdown_timeout_s=30,
-                  max_ongoing_requests=64)
+# max_ongoing_requests: a replica takes as many requests as its scheduler queues by default; past
+# --max-queue the scheduler itself answers 429.
+@serve.deployment(name=DEPLOYMENT, health_check_period_s=5, health_check_timeout_s=30,
+                  graceful_shutdown_timeout_s=defaults.GRACE_S, max_ongoing_requests=defaults.MAX_QUEUE)
 @serve.ingress()
 class JanusFlowDeployment:
-    def __init__(self, engines: str, backend: str = "auto", precision: str | None = None, max_queue: int = 64,
-                 api_key: str | None = None, model_id: str = "janusflow", limits: Limits = Limits()):
-        self.runtime = load_runtime(engines, backend, precision, max_queue)
+    def __init__(self, engines: str, settings: ServeSettings = ServeSettings()):
+        self.runtime = load_runtime(engines, settings)
         replica = serve.get_replica_context().replica_id.unique_id
-        self._asgi_app_built = build_asgi_app(self.runtime, api_key=api_key, model_id=model_id, limits=limits,
-                                              replica_id=f"{replica}:{os.getpid()}")
+        self._asgi_app_built = build_asgi_app(self.runtime, settings, replica_id=f"{replica}:{os.getpid()}")
 
     def __serve_build_asgi_app__(self):
         return self._asgi_app_built
@@ -63,42 +64,22 @@ def _gpus(value: Any) -> float:
     return 1.0 if torch.cuda.is_available() else 0.0
 
 
-def _positive(args: dict[str, Any], key: str, default: float) -> float:
-    """args[key] as a finite number > 0 (the app refuses to start otherwise, naming the argument)."""
-    try:
-        value = float(args.get(key, default))
-    except (TypeError, ValueError):
-        raise ValueError(f"{key}: expected a number, got {args[key]!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{key}: must be a finite number > 0, got {args[key]!r}")
-    return value
-
-
 def build_app(args: dict[str, Any]) -> serve.Application:
     """The app builder of `serve run` / `serve deploy`.
 
     args: engines (folder, required), replicas (default 1; a config file's autoscaling_config
     replaces it), num_gpus ("auto": 1 per replica when this machine has a CUDA GPU), num_cpus
-    (per replica, default 1), backend, precision, max_queue, api_key (default: the
-    JFEXPORT_API_KEY environment variable), model (the model id, default "janusflow"),
-    request_timeout (seconds), max_body_mb, max_image_mb, grace (seconds a stopping replica
-    gives its in-flight requests).
+    (per replica, default 1), and the settings of `ServeSettings.from_options`: backend,
+    precision, max_queue, api_key (default: the JFEXPORT_API_KEY environment variable), model
+    (the model id), request_timeout (seconds), max_body_mb, max_image_mb, grace (seconds a
+    stopping replica gives its in-flight requests). A setting out of range refuses to start, naming it.
     """
     if not args.get("engines"):
         raise ValueError("the Ray Serve app needs engines=DIR (a `jfexport build` folder)")
     actor_options: dict[str, Any] = {"num_cpus": float(args.get("num_cpus", 1))}
     if gpus := _gpus(args.get("num_gpus")):
         actor_options["num_gpus"] = gpus
-    defaults = Limits()
-    limits = Limits(max_body_bytes=int(_positive(args, "max_body_mb", defaults.max_body_bytes / 2**20) * 2**20),
-                    max_image_bytes=int(_positive(args, "max_image_mb", defaults.max_image_bytes / 2**20) * 2**20),
-                    request_timeout=_positive(args, "request_timeout", defaults.request_timeout))
-    api_key = args.get("api_key", os.environ.get("JFEXPORT_API_KEY"))
-    if api_key is not None and not str(api_key).strip():
-        raise ValueError("api_key (or JFEXPORT_API_KEY) is empty: give a key, or leave it unset to serve without one")
+    settings = ServeSettings.from_options({"api_key": os.environ.get("JFEXPORT_API_KEY"), **args})
     deployment = JanusFlowDeployment.options(num_replicas=int(args.get("replicas", 1)), ray_actor_options=actor_options,
-                                             graceful_shutdown_timeout_s=float(args.get("grace", 30)))
-    return deployment.bind(
-        str(args["engines"]), args.get("backend", "auto"), args.get("precision"), int(args.get("max_queue", 64)),
-        api_key, args.get("model", "janusflow"), limits,
-    )
+                                             graceful_shutdown_timeout_s=settings.grace)
+    return deployment.bind(str(args["engines"]), settings)

@@ -9,6 +9,8 @@ import signal
 import threading
 from pathlib import Path
 
+from .settings import ServeSettings
+
 log = logging.getLogger("jfexport.serve")
 
 APP = "janusflow"
@@ -116,7 +118,7 @@ def serve_on_ray(args: dict, host: str, port: int) -> int:
         while not stop.wait(0.5):  # a timed wait lets the signal handler run promptly
             pass
         log.info("stopping Ray Serve: replicas finish their in-flight requests (up to %g s), then the proxy stops",
-                 float(args.get("grace", 30)))
+                 ServeSettings.from_options(args).grace)
         serve.delete(APP, _blocking=True)
         serve.shutdown()
     finally:

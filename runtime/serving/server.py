@@ -18,12 +18,14 @@ from pathlib import Path
 
 import uvicorn
 
+from jfexport import defaults
 from jfexport.core.errors import BUG, exit_code
 
 from .app import build_app
 from .connections import guarded_protocol
 from .loading import load_runtime
-from .service import Limits, Service
+from .service import Service
+from .settings import ServeSettings
 
 log = logging.getLogger("jfexport.serve")
 
@@ -32,10 +34,10 @@ ABORT_S = 0.5
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, service: Service, grace: float):
+    def __init__(self, config: uvicorn.Config, service: Service):
         super().__init__(config)
         self.service = service
-        self.grace = grace
+        self.grace = service.settings.grace
         self.drain_deadline: float | None = None
         self.aborted_at: float | None = None
         self.failed = 0  # the exit code of a failed load
@@ -63,10 +65,10 @@ class DrainingServer(uvicorn.Server):
                 self.should_exit = True
         return await super().on_tick(counter)
 
-    def load_in_background(self, engines: Path, backend: str, precision: str | None, max_queue: int) -> None:
+    def load_in_background(self, engines: Path) -> None:
         def load() -> None:
             try:
-                runtime = load_runtime(engines, backend, precision, max_queue)
+                runtime = load_runtime(engines, self.service.settings)
             except Exception as e:
                 self.failed = exit_code(e)
                 # A bug shows its traceback; a build or backend at fault is named in one line.
@@ -93,9 +95,8 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(engines: Path, host: str = "127.0.0.1", port: int = 8000, *, backend: str = "auto",
-          precision: str | None = None, api_key: str | None = None, model_id: str = "janusflow",
-          limits: Limits = Limits(), max_queue: int = 64, grace: float = 30.0) -> int:
+def serve(engines: Path, host: str = defaults.HOST, port: int = defaults.PORT,
+          settings: ServeSettings = ServeSettings()) -> int:
     """Serve until a signal; the exit code (0 after a drain; when the engines failed to load, the CLI's
     code for the error: 2 a user error such as a bad build, 3 a runtime failure, 1 a bug).
 
@@ -105,14 +106,14 @@ def serve(engines: Path, host: str = "127.0.0.1", port: int = 8000, *, backend: 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("jfexport.access", "jfexport.serve"):  # the access log is INFO whatever the CLI's -v
         logging.getLogger(name).setLevel(logging.INFO)
-    app = build_app(None, api_key=api_key, model_id=model_id, limits=limits)
+    app = build_app(None, settings)
     service: Service = app.state.service
-    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", http=guarded_protocol(limits),
-                            h11_max_incomplete_event_size=limits.max_header_bytes, timeout_graceful_shutdown=1,
+    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", http=guarded_protocol(settings),
+                            h11_max_incomplete_event_size=settings.max_header_bytes, timeout_graceful_shutdown=1,
                             timeout_keep_alive=5)
-    server = DrainingServer(config, service, grace)
-    server.load_in_background(engines, backend, precision, max_queue)
-    log.info("listening on http://%s:%d (model %r from %s)", host, port, model_id, engines)
+    server = DrainingServer(config, service)
+    server.load_in_background(engines)
+    log.info("listening on http://%s:%d (model %r from %s)", host, port, settings.model_id, engines)
     server.run(sockets=[sock])
     if service.runtime is not None:
         service.runtime.close()

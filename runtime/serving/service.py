@@ -1,4 +1,4 @@
-"""What the routes share: the runtime (once loaded and verified), limits, drain state, metrics."""
+"""What the routes share: the runtime (once loaded and verified), settings, drain state, metrics."""
 
 from __future__ import annotations
 
@@ -9,32 +9,13 @@ import threading
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 from .errors import APIError, shown
 from .metrics import ServingMetrics
+from .settings import ServeSettings
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_body_bytes: int = 8 << 20
-    max_image_bytes: int = 4 << 20  # of the encoded image in a data: URL
-    max_image_pixels: int = 4096 * 4096
-    request_timeout: float | None = 120.0  # seconds a request may take, queueing included
-    default_max_tokens: int = 256
-    # Threads for short blocking work off the event loop (image decoding, submitting, PNG
-    # encoding); waiting for results and tokens holds none.
-    blocking_threads: int = 8
-    # Slow clients: seconds for a request's headers to arrive (from the connection's first byte,
-    # or from the end of the previous answer on a kept-alive one) and for its whole body.
-    header_timeout: float = 10.0
-    body_timeout: float = 60.0
-    max_header_bytes: int = 64 << 10
-    # Open connections; past it a new one gets a 503 and is closed (and the refusal is logged).
-    max_connections: int = 512
 
 
 def left(deadline: float | None) -> float | None:
@@ -43,9 +24,9 @@ def left(deadline: float | None) -> float | None:
 
 
 class Service:
-    def __init__(self, model_id: str, limits: Limits, replica_id: str | None = None):
-        self.model_id = model_id
-        self.limits = limits
+    def __init__(self, settings: ServeSettings, replica_id: str | None = None):
+        self.model_id = settings.model_id
+        self.settings = settings
         self.replica_id = replica_id or f"{socket.gethostname()}:{os.getpid()}"
         self.created = int(time.time())
         self.runtime = None
@@ -60,7 +41,7 @@ class Service:
 
     def deadline(self) -> float | None:
         """When a request arriving now times out (time.monotonic()), None without a request timeout."""
-        timeout = self.limits.request_timeout
+        timeout = self.settings.request_timeout
         return None if timeout is None else time.monotonic() + timeout
 
     async def blocking(self, fn: Callable[[], T], deadline: float | None = None) -> T:
@@ -71,7 +52,7 @@ class Service:
         cannot be stopped) and its result is dropped.
         """
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.limits.blocking_threads, thread_name_prefix="jfexport-serve")
+            self._pool = ThreadPoolExecutor(self.settings.blocking_threads, thread_name_prefix="jfexport-serve")
         loop = asyncio.get_running_loop()
         if self._aborted is None:
             self._aborted = loop.create_future()
@@ -95,7 +76,7 @@ class Service:
         work.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody awaits it any more
         if self._aborted in done:
             raise self.aborted_error()
-        raise APIError(504, f"the request timed out (preparing it took over {self.limits.request_timeout:g} s)",
+        raise APIError(504, f"the request timed out (preparing it took over {self.settings.request_timeout:g} s)",
                        "timeout_error", code="timeout")
 
     @property

@@ -9,7 +9,7 @@ Accepted ranges (inclusive unless stated):
 | parameter | accepted |
 |---|---|
 | text (prompt, question) | `str` encodable as UTF-8 (no lone surrogates); bytes are refused, decode them first |
-| `temperature` | 0 (greedy) or a finite real >= MIN_TEMPERATURE |
+| `temperature` | 0 (greedy) or a finite real in MIN_TEMPERATURE .. MAX_TEMPERATURE |
 | `top_p` | finite real in (0, 1] |
 | `seed` | int in 0 .. 2**63 - 1 (fits every torch/numpy generator; torch itself takes [-2**63, 2**64 - 1]) |
 | `max_new_tokens` | int in 0 .. MAX_NEW_TOKENS |
@@ -18,6 +18,9 @@ Accepted ranges (inclusive unless stated):
 | `cfg` | finite real in 0 .. MAX_CFG |
 
 `bool` is refused wherever a number is expected: `True` as a seed or a token count is a caller's bug.
+
+These checks are the one statement of the bounds: the HTTP protocol models run them on their fields
+(`check_*(value, name)` with the field's name), so the server and the runtime cannot disagree.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ MAX_SEED = 2**63 - 1
 # Logits are divided by the temperature in float32: far below this the quotient overflows to inf
 # and the softmax gives NaN probabilities. Sampling this cold is greedy decoding in all but name.
 MIN_TEMPERATURE = 1e-5
+# OpenAI's bound: at 2 the softmax of the bundled models' logits is already close to uniform noise.
+MAX_TEMPERATURE = 2.0
 # Four times JanusFlow-1.3B's 16384-position context: a longer answer cannot be decoded anyway,
 # and a runtime sizes its KV cache from this number.
 MAX_NEW_TOKENS = 65536
@@ -76,29 +81,58 @@ def _real(name: str, value: object) -> float:
     return number
 
 
-def check_seed(seed: object) -> int:
-    return _integer("seed", seed, 0, MAX_SEED)
+def check_seed(seed: object, name: str = "seed") -> int:
+    return _integer(name, seed, 0, MAX_SEED)
+
+
+def check_temperature(temperature: object, name: str = "temperature") -> float:
+    t = _real(name, temperature)
+    if t < 0:
+        raise RequestError(f"{name}: must be >= 0 (0 decodes greedily), got {temperature}")
+    if 0 < t < MIN_TEMPERATURE:
+        raise RequestError(f"{name}: must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {temperature}")
+    if t > MAX_TEMPERATURE:
+        raise RequestError(f"{name}: must be at most {MAX_TEMPERATURE:g}, got {temperature}")
+    return t
+
+
+def check_top_p(top_p: object, name: str = "top_p") -> float:
+    p = _real(name, top_p)
+    if not 0 < p <= 1:
+        raise RequestError(f"{name}: must be in (0, 1], got {p}")
+    return p
+
+
+def check_max_new_tokens(max_new_tokens: object, name: str = "max_new_tokens") -> int:
+    return _integer(name, max_new_tokens, 0, MAX_NEW_TOKENS)
+
+
+def check_images_per_prompt(n: object, name: str = "n") -> int:
+    return _integer(name, n, 1, MAX_IMAGES_PER_PROMPT)
+
+
+def check_steps(steps: object, name: str = "steps") -> int:
+    return _integer(name, steps, 1, MAX_STEPS)
+
+
+def check_cfg(cfg: object, name: str = "cfg") -> float:
+    weight = _real(name, cfg)
+    if not 0 <= weight <= MAX_CFG:
+        raise RequestError(f"{name}: must be in 0 .. {MAX_CFG:g}, got {weight}")
+    return weight
 
 
 def check_sampling(temperature: object, top_p: object, seed: object, max_new_tokens: object) -> None:
     """Parameters of understanding (text) decoding."""
-    t = _real("temperature", temperature)
-    if t < 0:
-        raise RequestError(f"temperature: must be >= 0 (0 decodes greedily), got {temperature}")
-    if 0 < t < MIN_TEMPERATURE:
-        raise RequestError(f"temperature: must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {temperature}")
-    p = _real("top_p", top_p)
-    if not 0 < p <= 1:
-        raise RequestError(f"top_p: must be in (0, 1], got {p}")
+    check_temperature(temperature)
+    check_top_p(top_p)
     check_seed(seed)
-    _integer("max_new_tokens", max_new_tokens, 0, MAX_NEW_TOKENS)
+    check_max_new_tokens(max_new_tokens)
 
 
 def check_generation(n: object, steps: object, cfg: object, seed: object) -> None:
     """Parameters of text-to-image generation."""
-    _integer("n", n, 1, MAX_IMAGES_PER_PROMPT)
-    _integer("steps", steps, 1, MAX_STEPS)
-    weight = _real("cfg", cfg)
-    if not 0 <= weight <= MAX_CFG:
-        raise RequestError(f"cfg: must be in 0 .. {MAX_CFG:g}, got {weight}")
+    check_images_per_prompt(n)
+    check_steps(steps)
+    check_cfg(cfg)
     check_seed(seed)
