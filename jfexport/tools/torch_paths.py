@@ -56,7 +56,6 @@ class FastSampler:
     """
 
     def __init__(self, model: JanusFlowModel, grid: int, cuda_graphs: bool = False, whole_loop: bool = False):
-        self.model = model
         self.executor = TorchGenerationExecutor(model, grid, cuda_graphs or whole_loop)
         self.whole_loop = whole_loop
         # One captured loop per (batch, prompt-width bucket, steps), with its timestep table: requests of
