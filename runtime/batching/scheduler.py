@@ -69,7 +69,8 @@ class Scheduler:
     run it. `observers` is what both report their batches to.
 
     `start=False` makes no worker thread: the caller runs the iterations (`run_iteration`), as a
-    test does to drive the scheduler step by step."""
+    test does to drive the scheduler step by step; nothing may then wait for a result on that
+    thread (`torch_threads`, a handle's `result`), since the iteration it waits for is its own."""
 
     def __init__(self, generation: GenerationRows, chat: ChatSlots, observers: Observers,
                  max_queue: int = defaults.MAX_QUEUE, torch_threads: int | None = None, start: bool = True):
