@@ -138,15 +138,19 @@ class JanusFlowRuntime:
 
         on_cuda = torch.device(device).type == "cuda"
         fast = on_cuda if fast is None else fast
-        if compile_step and not fast:
-            raise InputError("compile_step compiles the fast executors' Euler step: it needs fast=True (or CUDA)")
+        if not fast:
+            if compile_step:
+                raise InputError("compile_step compiles the fast executors' Euler step: it needs fast=True (or CUDA)")
+            if cuda_graphs or chunk is not None:
+                raise InputError(f"{'cuda_graphs' if cuda_graphs else 'chunk'} sets up the fast executors: it needs "
+                                 "fast=True (or CUDA)")
         size = bundle.latent_size
         grid = bundle.config.image_grid(size)
         max_len = min(bundle.config.language.max_position_embeddings, DEFAULT_MAX_LEN)
         lang = bundle.config.language
         layout = KVLayout(lang.num_hidden_layers, lang.num_key_value_heads, lang.head_dim, dtype)
         engines = torch_engines(bundle, dtype, device)
-        executors = {}
+        executors: dict[str, object] = {}
         if fast:
             from .batching.fast_chat import FastChatSlots
             from .batching.torch_generation import TorchGenerationExecutor

@@ -291,8 +291,9 @@ def test_a_compiler_that_fails_costs_speed_not_requests(pair, caplog):
         raise RuntimeError("this backend builds nothing")
 
     plain, _ = pair
-    with pytest.raises(InputError, match="fast=True"):
-        JanusFlowRuntime.from_bundle(load_preset("tiny"), compile_step=True)  # no fast executor to compile
+    for option, message in (("compile_step", "compile_step"), ("cuda_graphs", "cuda_graphs"), ("chunk", "chunk")):
+        with pytest.raises(InputError, match=f"{message} .*fast=True"):  # no fast executor to set up
+            JanusFlowRuntime.from_bundle(load_preset("tiny"), **{option: 4 if option == "chunk" else True})
     rt = JanusFlowRuntime.from_bundle(load_preset("tiny"), fast=True, compile_step=True)
     executor = rt.scheduler.generation.executor
     assert isinstance(executor, TorchGenerationExecutor) and executor.compile_step
