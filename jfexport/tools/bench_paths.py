@@ -128,9 +128,8 @@ def _variants(cuda: bool, chunk: int, fp8: bool, compile_step: bool) -> dict[str
 
 
 def _scheduler_runtime(bundle: ModelBundle, device: str, dtype: torch.dtype, variant: _Variant) -> JanusFlowRuntime:
-    runtime = JanusFlowRuntime.from_bundle(bundle, dtype=dtype, device=device, fast=variant.fast,
-                                           compile_step=variant.compile_step, cuda_graphs=variant.graphs,
-                                           chunk=variant.chunk)
+    fast = {"fast": True, "compile_step": variant.compile_step, "cuda_graphs": variant.graphs, "chunk": variant.chunk}
+    runtime = JanusFlowRuntime.from_bundle(bundle, dtype=dtype, device=device, **(fast if variant.fast else {"fast": False}))
     bundle.model.attention = "sdpa"  # every serving variant uses the fused kernels: the executors differ
     return runtime
 
