@@ -10,6 +10,7 @@ is bounded (`max_queue`): past it, `Overloaded` is raised at once.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
@@ -27,8 +28,11 @@ from jfexport.core.schedulers import StopRule, answers_from_stream, row_generato
 from jfexport import defaults
 from .engine import Engine
 from .errors import check_finite
+from .batching.chat_batch import ChatSlots
+from .batching.generation_batch import GenerationRows
+from .batching.generation_step import EngineGenerationExecutor, GenerationExecutor
 from .batching.handles import ChatHandle, GenerationHandle
-from .batching.scheduler import Scheduler
+from .batching.scheduler import Observers, Scheduler
 from .batching.kv_cache import KVLayout
 from .batching.jobs import CallJob, ChatJob, ChatRow, GenerationJob, stream_rows
 
@@ -48,7 +52,11 @@ class JanusFlowRuntime:
                  grid: int, image_size: int, max_len: int = DEFAULT_MAX_LEN, max_rows: int = DEFAULT_MAX_ROWS,
                  backend: str = "torch", max_queue: int = defaults.MAX_QUEUE,
                  kv_budget_bytes: int = defaults.KV_BUDGET_BYTES, torch_threads: int | None = None,
-                 kv_layout: KVLayout | None = None, prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES):
+                 kv_layout: KVLayout | None = None, prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+                 generation_executor: GenerationExecutor | None = None,
+                 chat_slots: Callable[..., ChatSlots] = ChatSlots):
+        """`generation_executor` runs the Euler step (default: the engines, `EngineGenerationExecutor`);
+        `chat_slots` builds the chat rows (`ChatSlots`' arguments; default: the engine path)."""
         self.engines = engines
         self.processor = processor
         self.latent_shape = latent_shape  # (C, h, w) of one latent
@@ -59,8 +67,13 @@ class JanusFlowRuntime:
         self.backend = backend
         # `kv_layout` sizes the K/V cache now (from_engines and from_bundle know it); without it the
         # cache is sized at the first prefill. `prefix_cache_bytes`: K/V kept for follow-up turns (0: none).
-        self.scheduler = Scheduler(engines, processor, grid, max_rows, max_len, max_queue, kv_budget_bytes, torch_threads,
-                                   kv_layout, prefix_cache_bytes)
+        observers = Observers()
+        generation = GenerationRows(generation_executor or EngineGenerationExecutor(engines, grid),
+                                    engines.get("vae_decoder"), processor.tokenizer.pad_id, max(1, max_rows // 2),
+                                    observers)
+        chat = chat_slots(engines, processor, max_rows, max_len, kv_budget_bytes, observers, kv_layout=kv_layout,
+                          prefix_cache_bytes=prefix_cache_bytes)
+        self.scheduler = Scheduler(generation, chat, observers, max_queue, torch_threads)
         # The worker thread holds the scheduler, not the runtime: a dropped runtime (or the end of
         # the interpreter, before native thread pools are torn down) stops its worker.
         weakref.finalize(self, self.scheduler.close)
@@ -107,37 +120,49 @@ class JanusFlowRuntime:
     def from_bundle(cls, bundle, backend: str = "torch", dtype: torch.dtype = torch.float32, device: str = "cpu",
                     max_queue: int = defaults.MAX_QUEUE, kv_budget_bytes: int = defaults.KV_BUDGET_BYTES,
                     fast: bool | None = None, compile_step: bool = False,
-                    prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES) -> "JanusFlowRuntime":
+                    prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES, cuda_graphs: bool | None = None,
+                    chunk: int | None = None) -> "JanusFlowRuntime":
         """Engines straight from a loaded model (the `torch` backend).
 
-        `fast` (default: on for CUDA) puts the fast torch executors under the scheduler
-        (`batching.fast_generation`, `batching.fast_chat`: direct model calls over static
-        buffers, SDPA, k tokens per host round trip, CUDA graphs on CUDA); on CPU they run eagerly,
-        which is how the tests hold them to the engine path. `compile_step` (with `fast`) runs
-        their Euler step through torch.compile: each new (rows, prompt bucket) shape compiles
-        once, so it suits services that warm their shapes up (`bench-torch` times it on and off).
+        `fast` (default: on for CUDA) gives the scheduler the fast torch executors
+        (`batching.torch_generation`, `batching.fast_chat`: direct model calls over static
+        buffers, SDPA, `chunk` tokens per host round trip, CUDA graphs where `cuda_graphs`, by
+        default on CUDA); on CPU they run eagerly, which is how the tests hold them to the engine
+        path. `compile_step` (with `fast`) runs their Euler step through torch.compile: each new
+        (rows, prompt bucket) shape compiles once, so it suits services that warm their shapes up
+        (`bench-torch` times it on and off).
         """
         if backend != "torch":
             raise InputError(f"from_bundle builds the torch backend only; use from_engines(DIR) for {backend!r}")
         from .backends.torch_backend import torch_engines
 
+        on_cuda = torch.device(device).type == "cuda"
+        fast = on_cuda if fast is None else fast
+        if not fast:
+            if compile_step:
+                raise InputError("compile_step compiles the fast executors' Euler step: it needs fast=True (or CUDA)")
+            if cuda_graphs or chunk is not None:
+                raise InputError(f"{'cuda_graphs' if cuda_graphs else 'chunk'} sets up the fast executors: it needs "
+                                 "fast=True (or CUDA)")
         size = bundle.latent_size
         grid = bundle.config.image_grid(size)
         max_len = min(bundle.config.language.max_position_embeddings, DEFAULT_MAX_LEN)
         lang = bundle.config.language
         layout = KVLayout(lang.num_hidden_layers, lang.num_key_value_heads, lang.head_dim, dtype)
-        runtime = cls(torch_engines(bundle, dtype, device), bundle.processor, (bundle.latent_channels, size, size), grid,
-                      bundle.image_size, max_len, DEFAULT_MAX_ROWS, "torch", max_queue, kv_budget_bytes, None, layout,
-                      prefix_cache_bytes)
-        on_cuda = torch.device(device).type == "cuda"
-        if on_cuda if fast is None else fast:
-            from .batching.fast_paths import install_fast_paths
+        engines = torch_engines(bundle, dtype, device)
+        executors: dict[str, object] = {}
+        if fast:
+            from .batching.fast_chat import FastChatSlots
+            from .batching.torch_generation import TorchGenerationExecutor
 
+            graphs = on_cuda if cuda_graphs is None else cuda_graphs
             bundle.model.attention = "sdpa"  # the fused kernels; the engines share the model
-            install_fast_paths(runtime.scheduler, bundle.model, cuda_graphs=on_cuda, compile_step=compile_step)
-        elif compile_step:
-            raise InputError("compile_step compiles the fast executors' Euler step: it needs fast=True (or CUDA)")
-        return runtime
+            options = {} if chunk is None else {"chunk": chunk}
+            executors = {"generation_executor": TorchGenerationExecutor(bundle.model, grid, graphs, compile_step),
+                         "chat_slots": functools.partial(FastChatSlots, model=bundle.model, cuda_graphs=graphs,
+                                                         **options)}
+        return cls(engines, bundle.processor, (bundle.latent_channels, size, size), grid, bundle.image_size, max_len,
+                   DEFAULT_MAX_ROWS, "torch", max_queue, kv_budget_bytes, None, layout, prefix_cache_bytes, **executors)
 
     @property
     def tokenizer(self):

@@ -50,6 +50,7 @@ def test_the_runtime_and_the_reference_take_the_table():
 
 def test_the_server_takes_the_table():
     from jfexport.runtime.batching.scheduler import Scheduler
+    from jfexport.runtime.pipelines import JanusFlowRuntime
     from jfexport.runtime.serving.openai_schema import ChatCompletionRequest, ImageGenerationRequest
     from jfexport.runtime.serving.server import serve
     from jfexport.runtime.serving.settings import ServeSettings
@@ -78,9 +79,11 @@ def test_the_server_takes_the_table():
     params = inspect.signature(serve).parameters
     assert (params["port"].default, params["host"].default, params["settings"].default) == (
         defaults.PORT, defaults.HOST, settings)
-    params = inspect.signature(Scheduler).parameters
-    assert (params["max_queue"].default, params["kv_budget_bytes"].default) == (
-        defaults.MAX_QUEUE, defaults.KV_BUDGET_BYTES)
+    assert inspect.signature(Scheduler).parameters["max_queue"].default == defaults.MAX_QUEUE
+    for build in (JanusFlowRuntime, JanusFlowRuntime.from_engines, JanusFlowRuntime.from_bundle):
+        params = inspect.signature(build).parameters
+        assert (params["max_queue"].default, params["kv_budget_bytes"].default) == (
+            defaults.MAX_QUEUE, defaults.KV_BUDGET_BYTES), build
 
 
 @pytest.mark.parametrize("options, culprit", [

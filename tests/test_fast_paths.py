@@ -12,7 +12,7 @@ from jfexport.reference.bundle import load_bundle, load_preset
 from jfexport.core.schedulers import StopRule, row_generators, row_uniforms, sample_next, sample_next_device, stop_rows
 from jfexport.runtime.pipelines import JanusFlowRuntime
 from jfexport.runtime.batching.fast_chat import FastChatSlots
-from jfexport.runtime.batching.fast_generation import FastGenerationRows
+from jfexport.runtime.batching.torch_generation import TorchGenerationExecutor
 from jfexport.runtime.batching.jobs import stream_rows
 
 # The scheduler's guarantees, rerun below on the fast executors (the `runtime` fixture of this module).
@@ -261,7 +261,7 @@ def test_rows_decode_up_to_a_full_cache_width():
 
 def test_fast_latents_equal_the_engine_path(pair):
     plain, fast = pair
-    assert isinstance(fast.scheduler.generation, FastGenerationRows)
+    assert isinstance(fast.scheduler.generation.executor, TorchGenerationExecutor)
     want = plain.generate_latents(PROMPTS, n=2, steps=3, seed=5)
     got = fast.generate_latents(PROMPTS, n=2, steps=3, seed=5)
     assert (want - got).abs().max().item() < 1e-5
@@ -273,7 +273,7 @@ def test_fast_latents_equal_the_engine_path(pair):
         a.wait(30)
         b.wait(30)
         assert (a._job.latents - b._job.latents).abs().max().item() < 1e-5
-    buffers = fast.scheduler.generation._buffers
+    buffers = fast.scheduler.generation.executor._buffers
     count = len(buffers)
     for prompt in PROMPTS:  # one shape, other prompts: the buffers are reused, the prompt K/V reloaded
         want = plain.generate_latents([prompt], steps=2, seed=7)
@@ -285,23 +285,24 @@ def test_a_compiler_that_fails_costs_speed_not_requests(pair, caplog):
     """torch.compile with a backend that cannot build the step (as without Triton): the executor
     logs it once and goes on eagerly, with the engine path's latents."""
     from jfexport.core.errors import InputError
-    from jfexport.runtime.batching.torch_step import cfg_euler_step
+    from jfexport.runtime.batching.generation_step import cfg_euler_step
 
     def no_compiler(graph, inputs):
         raise RuntimeError("this backend builds nothing")
 
     plain, _ = pair
-    with pytest.raises(InputError, match="fast=True"):
-        JanusFlowRuntime.from_bundle(load_preset("tiny"), compile_step=True)  # no fast executor to compile
+    for option, message in (("compile_step", "compile_step"), ("cuda_graphs", "cuda_graphs"), ("chunk", "chunk")):
+        with pytest.raises(InputError, match=f"{message} .*fast=True"):  # no fast executor to set up
+            JanusFlowRuntime.from_bundle(load_preset("tiny"), **{option: 4 if option == "chunk" else True})
     rt = JanusFlowRuntime.from_bundle(load_preset("tiny"), fast=True, compile_step=True)
-    gen = rt.scheduler.generation
-    assert isinstance(gen, FastGenerationRows) and gen.compile_step
-    gen._euler_step = torch.compile(cfg_euler_step, backend=no_compiler, dynamic=False)
+    executor = rt.scheduler.generation.executor
+    assert isinstance(executor, TorchGenerationExecutor) and executor.compile_step
+    executor._step = torch.compile(cfg_euler_step, backend=no_compiler, dynamic=False)
     try:
-        with caplog.at_level("WARNING", logger="jfexport.runtime.batching.fast_generation"):
+        with caplog.at_level("WARNING", logger="jfexport.runtime.batching.torch_generation"):
             got = rt.generate_latents(PROMPTS, steps=3, seed=5)
         assert (plain.generate_latents(PROMPTS, steps=3, seed=5) - got).abs().max().item() < 1e-5
-        assert gen._euler_step is cfg_euler_step
+        assert executor._step is cfg_euler_step
         assert sum("compiled Euler step failed" in r.message for r in caplog.records) == 1
     finally:
         rt.close()
@@ -320,7 +321,7 @@ def test_fast_is_opt_in_on_cpu():
 def test_cuda_graph_chunks_and_steps_match_cpu():
     cpu = JanusFlowRuntime.from_bundle(load_preset("tiny"), fast=True)
     gpu = JanusFlowRuntime.from_bundle(load_preset("tiny"), device="cuda")
-    assert gpu.scheduler.chat.cuda_graphs and gpu.scheduler.generation.cuda_graphs
+    assert gpu.scheduler.chat.cuda_graphs and gpu.scheduler.generation.executor.cuda_graphs
     for seed in (2, 3):  # the second request replays the graphs captured by the first
         want = cpu.generate_latents(PROMPTS, n=2, steps=3, seed=seed)
         got = gpu.generate_latents(PROMPTS, n=2, steps=3, seed=seed)
@@ -329,7 +330,7 @@ def test_cuda_graph_chunks_and_steps_match_cpu():
         b = torch.stack(list(gpu.chat_stream(IMAGES, QUESTIONS, max_new_tokens=67)))
         assert torch.equal(a, b)
     chat = gpu.scheduler.chat
-    for states in (chat._chunks, chat.prefills._states, gpu.scheduler.generation._buffers):
+    for states in (chat._chunks, chat.prefills._states, gpu.scheduler.generation.executor._buffers):
         # Captured, not fallen back to eager.
         assert len(states) and all(s.graph is not None for s in states._items.values())
     sampled = [torch.stack(list(rt.chat_stream(IMAGES, QUESTIONS, max_new_tokens=20, temperature=0.9, seed=4)))
@@ -342,18 +343,13 @@ def test_cuda_graph_chunks_and_steps_match_cpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_compiled_euler_step_under_cuda_graphs_matches_cpu():
-    from jfexport.runtime.batching.fast_paths import install_fast_paths
-
     cpu = JanusFlowRuntime.from_bundle(load_preset("tiny"), fast=True)
-    bundle = load_preset("tiny")
-    gpu = JanusFlowRuntime.from_bundle(bundle, device="cuda", fast=False)
-    bundle.model.attention = "sdpa"
-    install_fast_paths(gpu.scheduler, bundle.model, cuda_graphs=True, compile_step=True)
+    gpu = JanusFlowRuntime.from_bundle(load_preset("tiny"), device="cuda", compile_step=True)
     for seed in (2, 3):  # the second request replays the graph of the compiled step
         want = cpu.generate_latents(PROMPTS, n=2, steps=3, seed=seed)
         got = gpu.generate_latents(PROMPTS, n=2, steps=3, seed=seed)
         assert (want - got.cpu()).abs().max().item() < 1e-4
-    buffers = gpu.scheduler.generation._buffers
+    buffers = gpu.scheduler.generation.executor._buffers
     assert len(buffers) and all(s.graph is not None for s in buffers._items.values())
     cpu.close()
     gpu.close()
@@ -398,7 +394,7 @@ def test_bench_measures_each_change_on_and_off():
 def test_step_stages_in_order_are_the_euler_step():
     """The benchmark times the stages of `cfg_euler_step` one by one: together they must be that step."""
     from jfexport.core.images import initial_noise
-    from jfexport.runtime.batching.torch_step import cfg_euler_step
+    from jfexport.runtime.batching.generation_step import cfg_euler_step
     from jfexport.tools.torch_paths import FastSampler, step_stages
 
     bundle = load_preset("tiny")
@@ -406,14 +402,15 @@ def test_step_stages_in_order_are_the_euler_step():
     tokens = bundle.processor.generation_tokens(PROMPTS)
     size = bundle.latent_size
     z0 = initial_noise((2, 4, size, size), 3, torch.float32)
+    sampler = FastSampler(model, bundle.config.image_grid(size))
     with torch.inference_mode():
-        state, t_embs = FastSampler(model, bundle.config.image_grid(size)).prepare(
-            tokens.input_ids, tokens.attention_mask, z0, 4, 3.0, bundle.processor.tokenizer.pad_id)
-        state.t_emb.copy_(t_embs[1].expand_as(state.t_emb))
-        want = cfg_euler_step(model, state)
-        for _, fn in step_stages(model, state):
+        b, timesteps = sampler.prepare(tokens.input_ids, tokens.attention_mask, z0, 4, 3.0,
+                                       bundle.processor.tokenizer.pad_id)
+        b.timesteps.fill_(float(timesteps[1]))
+        want = cfg_euler_step(sampler.executor, b)
+        for _, fn in step_stages(sampler.executor, b):
             fn()
-    assert not torch.equal(want, z0) and torch.equal(state.z, want)
+    assert not torch.equal(want, z0) and torch.equal(b.z, want)
 
 
 # -- FP8 ---------------------------------------------------------------------------------------------

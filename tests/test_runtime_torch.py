@@ -117,8 +117,9 @@ def test_cuda_graph_step_matches_eager_and_is_reused():
         assert (want - got).abs().max().item() < 1e-4
         got = whole.sample(batch.input_ids, batch.attention_mask, z0, 4, 2.0, pad)
         assert (want - got).abs().max().item() < 1e-4
-    assert len(graphed._captured) == 1 and len(whole._captured) == 1
-    assert all(s.graph is not None for s in whole._captured._items.values())
+    assert len(graphed.executor._buffers) == 1 and len(whole._loops) == 1
+    assert all(b.graph is not None for b in graphed.executor._buffers._items.values())
+    assert all(b.graph is not None for b, _ in whole._loops._items.values())
 
 
 @pytest.mark.gpu

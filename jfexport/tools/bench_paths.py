@@ -2,7 +2,7 @@
 
 Generation: (a) the official procedure: eager, full recompute of the sequence every step
 (transformers' LlamaModel, as the demo does); (b) our eager path with the prompt K/V computed once
-and precomputed time embeddings; (c) the same with the Euler step replayed as a CUDA graph;
+(the serving torch executor's step); (c) the same with the Euler step replayed as a CUDA graph;
 (c2) all the steps of a call captured as one graph (what is left between (c) and (c2) is the
 host's work per step). Each stage of one eager step is also timed alone next to its floor
 (`step_breakdown`: which stage holds generation back).
@@ -42,7 +42,6 @@ from jfexport.tools.cost_model import Cost, floor_ms, generation_cost, llm_cost,
 from jfexport.tools.fp8 import fp8_matmuls, scaled_mm_available
 from jfexport.runtime.pipelines import JanusFlowRuntime
 from jfexport.runtime.batching.fast_chat import DEFAULT_CHUNK
-from jfexport.runtime.batching.fast_paths import install_fast_paths
 from jfexport.tools.torch_paths import FastDecoder, FastSampler, step_stages, understanding_embeds
 
 log = logging.getLogger(__name__)
@@ -129,10 +128,9 @@ def _variants(cuda: bool, chunk: int, fp8: bool, compile_step: bool) -> dict[str
 
 
 def _scheduler_runtime(bundle: ModelBundle, device: str, dtype: torch.dtype, variant: _Variant) -> JanusFlowRuntime:
-    runtime = JanusFlowRuntime.from_bundle(bundle, dtype=dtype, device=device, fast=False)
+    fast = {"fast": True, "compile_step": variant.compile_step, "cuda_graphs": variant.graphs, "chunk": variant.chunk}
+    runtime = JanusFlowRuntime.from_bundle(bundle, dtype=dtype, device=device, **(fast if variant.fast else {"fast": False}))
     bundle.model.attention = "sdpa"  # every serving variant uses the fused kernels: the executors differ
-    if variant.fast:
-        install_fast_paths(runtime.scheduler, bundle.model, variant.graphs, variant.chunk, variant.compile_step)
     return runtime
 
 
@@ -272,9 +270,9 @@ def _step_breakdown(model, grid: int, ids: torch.Tensor, mask: torch.Tensor, z0:
                     pad_id: int, warmup: int, runs: int, costs: dict[str, Cost], peaks: tuple[float, float]) -> dict:
     """Each stage of one eager Euler step (`torch_paths.step_stages`) timed alone, next to its floor;
     `sum_ms` against the graphed step says how much of a step is launches rather than kernels."""
-    state, t_embs = FastSampler(model, grid).prepare(ids, mask, z0, steps, cfg, pad_id)
-    state.t_emb.copy_(t_embs[0].expand_as(state.t_emb))
-    stages = step_stages(model, state)
+    sampler = FastSampler(model, grid)
+    buffers, _ = sampler.prepare(ids, mask, z0, steps, cfg, pad_id)
+    stages = step_stages(sampler.executor, buffers)
     for _, fn in stages:  # every stage's inputs exist before any is timed alone
         fn()
     out: dict[str, object] = {}

@@ -1,12 +1,11 @@
 """The fast PyTorch paths for GPUs, one whole request batch at a time (the benchmark's
-before-the-scheduler rows): bf16, fused attention, prompt K/V computed once, per-step constants
-precomputed, static K/V buffers for decoding, and steps captured as CUDA graphs.
+before-the-scheduler rows): bf16, fused attention, prompt K/V computed once, static K/V buffers
+for decoding, and steps captured as CUDA graphs.
 
-Generation: what depends only on the step index is hoisted out of the loop (the time embeddings
-of all steps come from one batched call); the Euler step (`cfg_euler_step`, the serving fast
-path's own) reads and writes static buffers, which CUDA-graph capture requires, and is captured once
-per prompt-length bucket, then replayed by every request of that shape. Understanding:
-`FastDecoder` (below). Captures are kept in small LRU caches keyed by bucketed shapes, so memory
+Generation: the serving torch executor's Euler step (`generation_step.cfg_euler_step` over
+`TorchGenerationExecutor`) reads and writes static buffers, which CUDA-graph capture requires, and
+is captured once per (batch, prompt-width bucket), then replayed by every request of that shape.
+Understanding: `FastDecoder` (below). Captures are kept in small LRU caches keyed by bucketed shapes, so memory
 stays bounded whatever prompt lengths arrive.
 """
 
@@ -17,152 +16,114 @@ from typing import Callable, Iterator
 import torch
 
 from jfexport.core.layout import cfg_prompt_rows, offset_positions, understanding_positions
-from jfexport.core.schedulers import FlowEulerCFGScheduler, StopRule, cfg_velocity, decode_loop, euler_step
+from jfexport.core.schedulers import FlowEulerCFGScheduler, StopRule, decode_loop
 from jfexport.reference.modules.janusflow import JanusFlowModel
 from jfexport.runtime.backends.torch_backend import exact_fp32
 from jfexport.runtime.errors import check_finite
 from jfexport.runtime.lru import LRU
-from jfexport.runtime.batching.torch_step import (DECODE_BUCKET, capture_graph, cfg_euler_step, gen_decoder, gen_encoder,
-                                                   time_embedding)
-from jfexport.runtime.trt_plan import prompt_bucket
+from jfexport.runtime.batching.generation_step import PromptKV, StepBuffers, guided_euler, step_inputs, step_velocity
+from jfexport.runtime.batching.torch_generation import TorchGenerationExecutor
+from jfexport.runtime.batching.torch_step import DECODE_BUCKET, capture_graph
 
 
-class _StepState:
-    """The static buffers one Euler step reads and writes, and (once captured) its CUDA graph."""
-
-    def __init__(self, z: torch.Tensor, t_emb: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                 past: list[tuple[torch.Tensor, torch.Tensor]], cfg: torch.Tensor, dt: torch.Tensor):
-        self.z, self.t_emb, self.mask, self.positions, self.past = z, t_emb, mask, positions, past
-        self.cfg, self.dt = cfg, dt
-        self.timesteps = None  # `cfg_euler_step` reads the precomputed t_emb
-        self.t_embs: torch.Tensor | None = None  # [steps, D]: what a whole-loop graph reads
-        self.graph: torch.cuda.CUDAGraph | None = None
-
-    def load(self, z: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-             past: list[tuple[torch.Tensor, torch.Tensor]], cfg: torch.Tensor, dt: torch.Tensor) -> None:
-        self.cfg.copy_(cfg)
-        self.dt.copy_(dt)
-        self.z.copy_(z)
-        self.mask.copy_(mask)
-        self.positions.copy_(positions)
-        for (k, v), (k_new, v_new) in zip(self.past, past):
-            k.copy_(k_new)
-            v.copy_(v_new)
-
-
-def step_stages(model: JanusFlowModel, s) -> list[tuple[str, Callable[[], None]]]:
+def step_stages(ex: TorchGenerationExecutor, b: StepBuffers) -> list[tuple[str, Callable[[], None]]]:
     """`cfg_euler_step` split into its stages, named as in `cost_model.generation_cost`, for the
-    benchmark to time one by one (which stage holds a step back); the last one writes `s.z`."""
-    tmp: dict[str, object] = {}
+    benchmark to time one by one (which stage holds a step back); the last one writes `b.z`."""
+    tmp: dict[str, torch.Tensor] = {}
 
     def encoder() -> None:
-        tmp["enc"] = gen_encoder(model, s.z, time_embedding(model, s))
+        tmp["t_emb"], tmp["embeds"], tmp["skip"] = step_inputs(ex, b)
 
     def llm_decode() -> None:
-        tmp["hidden"] = model.llm(tmp["enc"][2], s.mask, s.positions, s.past)[0]
+        tmp["hidden"] = ex.hidden(tmp["embeds"], b.mask, b.positions, b.past)
 
     def decoder() -> None:
-        x_emb, t2, _ = tmp["enc"]
-        tmp["v_raw"] = gen_decoder(model, tmp["hidden"], x_emb, t2)
+        tmp["v_raw"] = step_velocity(ex, tmp["hidden"], tmp["skip"], tmp["t_emb"])
 
     def cfg_euler() -> None:
-        v, batch = tmp["v_raw"], s.z.shape[0]
-        s.z.copy_(euler_step(s.z, cfg_velocity(v[:batch], v[batch:], s.cfg), s.dt))
+        b.z.copy_(guided_euler(b, tmp["v_raw"]))
 
     return [("gen_encoder", encoder), ("llm_decode", llm_decode), ("gen_decoder", decoder), ("cfg_euler", cfg_euler)]
 
 
 class FastSampler:
-    """Text-to-image for one request batch: prompt K/V once, then the Euler steps over static buffers.
+    """Text-to-image for one request batch: prompt K/V once, then the Euler steps of the serving
+    torch executor (`TorchGenerationExecutor`) over its static buffers.
 
     `cuda_graphs` replays each step as a CUDA graph (one launch per step); `whole_loop` captures all
     the steps of a call in one graph instead, so the host launches once per image batch: what is
-    left between the two is the host's per-step work (a copy and a launch).
+    left between the two is the host's per-step work (copies and a launch).
     """
 
     def __init__(self, model: JanusFlowModel, grid: int, cuda_graphs: bool = False, whole_loop: bool = False):
-        self.model = model
-        self.grid = grid
-        self.cuda_graphs = cuda_graphs or whole_loop
+        self.executor = TorchGenerationExecutor(model, grid, cuda_graphs or whole_loop)
         self.whole_loop = whole_loop
-        # One captured step (or loop) per (batch, prompt-length bucket[, steps]): requests of a
-        # bucket replay the same graph after copying their prompt K/V, noise, cfg and dt into its buffers.
-        self._captured: LRU[tuple[int, ...], _StepState] = LRU()
+        # One captured loop per (batch, prompt-width bucket, steps), with its timestep table: requests of
+        # a shape replay the same graph after loading their prompt K/V, noise, cfg and dt into its buffers.
+        self._loops: LRU[tuple[int, int, int], tuple[StepBuffers, torch.Tensor]] = LRU()
 
     def sample(self, cond_ids: torch.Tensor, cond_mask: torch.Tensor, z0: torch.Tensor, steps: int, cfg_weight: float,
                pad_id: int, on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        with torch.inference_mode(), exact_fp32(next(self.model.parameters()).dtype):
-            state, t_embs = self.prepare(cond_ids, cond_mask, z0, steps, cfg_weight, pad_id)
-            return self._run(state, t_embs, on_step)
+        with torch.inference_mode(), exact_fp32(self.executor.dtype):
+            b, timesteps = self.prepare(cond_ids, cond_mask, z0, steps, cfg_weight, pad_id)
+            return self._run(b, timesteps, on_step)
 
     def prepare(self, cond_ids: torch.Tensor, cond_mask: torch.Tensor, z0: torch.Tensor, steps: int, cfg_weight: float,
-                pad_id: int) -> tuple[_StepState, torch.Tensor]:
-        """The step buffers loaded for this call (prompt K/V computed here) and the time embeddings [steps, D]."""
-        model, device = self.model, z0.device
-        dtype = next(model.parameters()).dtype
+                pad_id: int) -> tuple[StepBuffers, torch.Tensor]:
+        """The step buffers loaded for this call at its first step (prompt K/V computed here) and the
+        model timesteps of all its steps [steps]."""
+        ex, device = self.executor, z0.device
         batch = z0.shape[0]
-        graphed = self.cuda_graphs and device.type == "cuda"
-        cond_ids, cond_mask = cond_ids.to(device), cond_mask.to(device)
-        if graphed:
-            # Left-pad (masked) to the bucket: similar prompt lengths then share one captured graph.
-            width = prompt_bucket(cond_ids.shape[1] - 1, 1 << 30) + 1
-            extra = width - cond_ids.shape[1]
-            cond_ids = torch.nn.functional.pad(cond_ids, (extra, 0), value=pad_id)
-            cond_mask = torch.nn.functional.pad(cond_mask, (extra, 0), value=0)
-        ids, prompt_mask, pad = cfg_prompt_rows(cond_ids, cond_mask, pad_id)
-        prompt_len = ids.shape[1]
-        tail = 1 + self.grid**2
-        mask = torch.cat([prompt_mask, prompt_mask.new_ones(2 * batch, tail)], dim=1)
-        positions = offset_positions(pad, prompt_len + tail)
-        _, past, _ = model.llm(model.embed_tokens(ids), prompt_mask, positions[:, :prompt_len])
-        step_positions = positions[:, prompt_len:].contiguous()
+        ids, prompt_mask, pad = cfg_prompt_rows(cond_ids.to(device), cond_mask.to(device), pad_id)
+        past = ex.prefill(ids, prompt_mask, offset_positions(pad, ids.shape[1]))
+        # Each prompt's CFG pair from its BOS on, as the scheduler's prefill keeps it.
+        prompts = [PromptKV([(k[[i, batch + i], :, s:], v[[i, batch + i], :, s:]) for k, v in past],
+                            prompt_mask[[i, batch + i], s:]) for i, s in enumerate(pad[:batch].tolist())]
         schedule = FlowEulerCFGScheduler(steps, cfg_weight, torch.float32)
-        t_embs = model.vision_gen_enc_model.time_embedding(schedule.timesteps.to(device), dtype)  # [steps, D]
-        cfg = torch.full((batch, 1, 1, 1), cfg_weight, dtype=torch.float32, device=device)
-        dt = schedule.dt.to(device)
-
-        key = (batch, prompt_len, steps) if self.whole_loop else (batch, prompt_len)
-        state = self._captured.get(key) if graphed else None
-        if state is None:
-            state = _StepState(z0.float().clone(), torch.empty(batch, t_embs.shape[1], dtype=dtype, device=device), mask,
-                               step_positions, [(k.clone(), v.clone()) for k, v in past], cfg, dt.clone())
-            state.t_embs = t_embs.clone()
-            if graphed:
-                self._captured.put(key, state)
+        if self.whole_loop and device.type == "cuda":
+            key = (batch, ex.width(prompts), steps)
+            entry = self._loops.get(key)
+            if entry is None:
+                entry = (ex.new_buffers(prompts, z0[0]), torch.zeros(steps, dtype=torch.float32, device=device))
+                self._loops.put(key, entry)
+            b, timesteps = entry
+            timesteps.copy_(schedule.timesteps)
         else:
-            state.load(z0.float(), mask, step_positions, past, cfg, dt)
-            state.t_embs.copy_(t_embs)
-        return state, state.t_embs
+            b, timesteps = ex.buffers(prompts, z0[0]), schedule.timesteps.to(device)
+        b.load_prompts(prompts)
+        b.load_step(z0.float(), timesteps[:1].expand(batch), torch.full((batch, 1, 1, 1), cfg_weight),
+                    schedule.dt.expand(batch).reshape(batch, 1, 1, 1))
+        return b, timesteps
 
-    def _run(self, state: _StepState, t_embs: torch.Tensor, on_step: Callable[[int, int], None] | None) -> torch.Tensor:
-        model, steps = self.model, t_embs.shape[0]
+    def _run(self, b: StepBuffers, timesteps: torch.Tensor, on_step: Callable[[int, int], None] | None) -> torch.Tensor:
+        ex, steps = self.executor, timesteps.shape[0]
 
-        def step() -> None:
-            state.z.copy_(cfg_euler_step(model, state))
+        def step(k: int) -> None:
+            b.timesteps.copy_(timesteps[k].expand_as(b.timesteps))
+            ex.compute(b)
+            b.z.copy_(b.out)
 
         def loop() -> None:
             for k in range(steps):
-                state.t_emb.copy_(t_embs[k].expand_as(state.t_emb))
-                step()
+                step(k)
 
-        graphed = self.cuda_graphs and state.z.device.type == "cuda"
+        graphed = ex.cuda_graphs and b.z.device.type == "cuda"
         if graphed and self.whole_loop:
-            if state.graph is None:
-                state.graph = self._capture(loop, state.z)
-            state.graph.replay()
+            if b.graph is None:
+                b.graph = self._capture(loop, b.z)
+            b.graph.replay()
             if on_step is not None:
                 on_step(steps, steps)
-            return state.z.clone()
-        if graphed and state.graph is None:
-            state.t_emb.copy_(t_embs[0].expand_as(state.t_emb))
-            state.graph = self._capture(step, state.z)
-        run = state.graph.replay if state.graph is not None else step
+            return b.z.clone()
         for k in range(steps):
-            state.t_emb.copy_(t_embs[k].expand_as(state.t_emb))
-            run()
+            b.timesteps.copy_(timesteps[k].expand_as(b.timesteps))
+            ex.launch(b)
+            if graphed and b.graph is None:
+                raise RuntimeError("the Euler step could not be captured as a CUDA graph")
+            b.z.copy_(b.out)
             if on_step is not None:
                 on_step(k + 1, steps)
-        return state.z.clone()
+        return b.z.clone()
 
     @staticmethod
     def _capture(run: Callable[[], None], z: torch.Tensor) -> torch.cuda.CUDAGraph:

@@ -28,18 +28,16 @@ import collections
 import logging
 import threading
 import time
-from typing import Callable, Mapping
+from typing import Callable
 
 import torch
 
 from jfexport import defaults
 from jfexport.core.errors import InputError
 
-from ..engine import Engine
 from ..errors import Overloaded, RequestCancelled, RequestTimeout, SchedulerStopped
 from .chat_batch import ChatSlots
 from .generation_batch import GenerationRows
-from .kv_cache import KVLayout
 from .jobs import CallJob, ChatJob, GenerationJob, GenerationPart, Job
 
 log = logging.getLogger(__name__)
@@ -48,29 +46,55 @@ Observer = Callable[[str, int], None]
 Failure = tuple[Job, BaseException]
 
 
+class Observers:
+    """The batch observers: `fn(kind, rows)` after every batched engine step, on the worker thread.
+    The rows and slots call it; an observer's bug must not fail the requests of the batch."""
+
+    def __init__(self) -> None:
+        self._fns: list[Observer] = []
+
+    def add(self, fn: Observer) -> None:
+        self._fns.append(fn)
+
+    def __call__(self, kind: str, rows: int) -> None:
+        for fn in self._fns:
+            try:
+                fn(kind, rows)
+            except Exception:
+                log.exception("batch observer failed")
+
+
 class Scheduler:
-    def __init__(self, engines: Mapping[str, Engine], processor, grid: int, max_rows: int, max_len: int,
-                 max_queue: int = defaults.MAX_QUEUE, kv_budget_bytes: int = defaults.KV_BUDGET_BYTES,
-                 torch_threads: int | None = None,
-                 kv_layout: KVLayout | None = None, prefix_cache_bytes: int = 0):
+    """Decides what runs; `generation` and `chat` (built by the caller over the executors it chose)
+    run it. `observers` is what both report their batches to.
+
+    `start=False` makes no worker thread: the caller runs the iterations (`run_iteration`), as a
+    test does to drive the scheduler step by step; nothing may then wait for a result on that
+    thread (`torch_threads`, a handle's `result`), since the iteration it waits for is its own."""
+
+    def __init__(self, generation: GenerationRows, chat: ChatSlots, observers: Observers,
+                 max_queue: int = defaults.MAX_QUEUE, torch_threads: int | None = None, start: bool = True):
         self.max_queue = max_queue
         self._torch_threads = torch_threads
-        self._observers: list[Observer] = []
-        self.generation = GenerationRows(engines, processor.tokenizer.pad_id, grid, max(1, max_rows // 2), self._observe)
-        self.chat = ChatSlots(engines, processor, max_rows, max_len, kv_budget_bytes, self._observe, kv_layout,
-                              prefix_cache_bytes)
+        self._observers = observers
+        self.generation = generation
+        self.chat = chat
         self._cond = threading.Condition()
         self._queue: collections.deque[Job] = collections.deque()
         self._calls: collections.deque[tuple[Callable[[], object], Job]] = collections.deque()
         self._closed = False
         self._death: BaseException | None = None
         self._iteration_s = 0.01  # running mean of one iteration: the Retry-After estimate
-        self._thread = threading.Thread(target=self._run, name="jfexport-scheduler", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if start:
+            self._thread = threading.Thread(target=self._run, name="jfexport-scheduler", daemon=True)
+            self._thread.start()
 
     # -- caller side -------------------------------------------------------------------------
 
     def alive(self) -> bool:
+        if self._thread is None:
+            return not self._closed and self._death is None
         return self._thread.is_alive() and self._death is None
 
     def submit(self, job: Job) -> None:
@@ -100,7 +124,7 @@ class Scheduler:
 
     def add_observer(self, fn: Observer) -> None:
         """`fn(kind, rows)` after every batched engine step, on the worker thread: keep it short."""
-        self._observers.append(fn)
+        self._observers.add(fn)
 
     def stats(self) -> dict[str, int]:
         with self._cond:
@@ -111,17 +135,29 @@ class Scheduler:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        if threading.current_thread() is not self._thread:
+        if self._thread is None:
+            self._fail_all(SchedulerStopped("the scheduler stopped"))
+        elif threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
-    # -- worker side -------------------------------------------------------------------------
+    def run_iteration(self) -> bool:
+        """One iteration on the caller's thread, for a scheduler made with `start=False`; whether
+        work is left (queued, in flight or waiting for the VAE). An error that escapes it stops
+        the scheduler as it would stop the worker, and is raised here."""
+        if self._thread is not None:
+            raise RuntimeError("this scheduler runs its iterations on its own worker thread")
+        if not self.alive():
+            raise SchedulerStopped("the scheduler is stopped" + (f" ({self._death!r})" if self._death else ""))
+        try:
+            self._iteration()
+        except BaseException as e:
+            self._death = e
+            self._fail_all(SchedulerStopped(f"the scheduler stopped on {e!r}"))
+            raise
+        with self._cond:
+            return self._busy()
 
-    def _observe(self, kind: str, rows: int) -> None:
-        for fn in self._observers:
-            try:
-                fn(kind, rows)
-            except Exception:  # an observer's bug must not fail the requests of the batch
-                log.exception("batch observer failed")
+    # -- worker side -------------------------------------------------------------------------
 
     def _busy(self) -> bool:
         g = self.generation
