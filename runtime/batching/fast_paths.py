@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from .fast_chat import DEFAULT_CHUNK, FastChatSlots
+from .chat_batch import ChatSlots
+from .fast_chat import DEFAULT_CHUNK, TorchChatExecutor
 from .fast_generation import FastGenerationRows
+from .fast_prefill import PrefillGraphs
 from .scheduler import Scheduler
 
 
@@ -21,7 +23,10 @@ def install_fast_paths(scheduler: Scheduler, model, cuda_graphs: bool, chunk: in
         raise RuntimeError("install_fast_paths needs an idle scheduler")
     fast_gen = FastGenerationRows(gen.engines, gen.pad_id, gen.grid, gen.max_images, gen.observe, model, cuda_graphs,
                                   compile_step)
-    fast_chat = FastChatSlots(chat.engines, chat.processor, chat.max_rows, chat.max_len, chat.kv_budget_bytes,
-                              chat.observe, model, cuda_graphs, chunk, chat.kv_layout, chat.prefixes.budget_bytes)
+    executor = TorchChatExecutor(model, cuda_graphs, chunk,
+                                 PrefillGraphs(model, chat.processor.tokenizer.pad_id, chat.max_len, cuda_graphs),
+                                 chat.executor)
+    fast_chat = ChatSlots(executor, chat.processor, chat.max_rows, chat.max_len, chat.kv_budget_bytes, chat.observe,
+                          chat.kv_layout, chat.prefixes.budget_bytes)
     with scheduler._cond:
         scheduler.generation, scheduler.chat = fast_gen, fast_chat

@@ -37,6 +37,7 @@ from jfexport.core.errors import InputError
 from ..engine import Engine
 from ..errors import Overloaded, RequestCancelled, RequestTimeout, SchedulerStopped
 from .chat_batch import ChatSlots
+from .decode_step import EngineChatExecutor
 from .generation_batch import GenerationRows
 from .kv_cache import KVLayout
 from .jobs import CallJob, ChatJob, GenerationJob, GenerationPart, Job
@@ -55,8 +56,8 @@ class Scheduler:
         self._torch_threads = torch_threads
         self._observers: list[Observer] = []
         self.generation = GenerationRows(engines, processor.tokenizer.pad_id, grid, max(1, max_rows // 2), self._observe)
-        self.chat = ChatSlots(engines, processor, max_rows, max_len, kv_budget_bytes, self._observe, kv_layout,
-                              prefix_cache_bytes)
+        self.chat = ChatSlots(EngineChatExecutor(engines), processor, max_rows, max_len, kv_budget_bytes, self._observe,
+                              kv_layout, prefix_cache_bytes)
         self._cond = threading.Condition()
         self._queue: collections.deque[Job] = collections.deque()
         self._calls: collections.deque[tuple[Callable[[], object], Job]] = collections.deque()
