@@ -239,7 +239,7 @@ def test_rows_decode_up_to_a_full_cache_width():
         rt = JanusFlowRuntime.from_bundle(load_preset("tiny"), fast=fast)
         chat = rt.scheduler.chat
         rt.max_len = chat.max_len = 200
-        chat.cache = KVCache(chat.cache.layout, chat.cache.slots, 200, "cpu", chat.column_bucket)
+        chat.cache = KVCache(chat.cache.layout, chat.cache.slots, 200, "cpu", chat.executor.column_bucket)
         shared = Rows(rt)
         widths: list[int] = []
         rt.add_batch_observer(lambda kind, rows: widths.append(chat.cache.width))
