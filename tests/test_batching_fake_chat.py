@@ -1,10 +1,11 @@
 """`ChatSlots` (the chat policy) over a fake chat executor: no engines, no model, no threads, no clock.
 
 The fake's LLM is arithmetic on its K/V cache: each fed token's key is its id, and the next token
-is the sum of every token of the row so far, mod VOCAB. So a row's answer depends on all of its
-K/V (a slot moved wrongly, a column written at the wrong place or a stored prefix that is not the
-row's own changes it), and `expected` below computes it without any cache. The decode step itself
-(`decode_step.decode_tokens`: finite check, token choice, stopping rule) is the real one.
+is the sum over the row's tokens so far of (position + 1) * token, mod VOCAB. So a row's answer
+depends on all of its K/V and on where each sits (a slot moved wrongly, a column written at the
+wrong place or a stored prefix that is not the row's own changes it), and `expected` below
+computes it without any cache. The decode step itself (`decode_step.run_decode_step`: finite
+check, token choice, stopping rule) is the real one.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from jfexport.core.graph_contract import PRESENT, kv_name
 from jfexport.core.schedulers import StopRule
 from jfexport.runtime.batching.chat_batch import ChatSlots
-from jfexport.runtime.batching.decode_step import DecodeRows, decode_tokens
+from jfexport.runtime.batching.decode_step import DecodeRows, run_decode_step
 from jfexport.runtime.batching.jobs import ChatJob, ChatRow
 from jfexport.runtime.batching.kv_cache import KVLayout
 from jfexport.runtime.errors import NonFiniteOutput
@@ -29,10 +30,11 @@ LAYOUT = KVLayout(layers=1, kv_heads=1, head_dim=1, dtype=torch.float64)
 
 
 def expected(prompt: list[int], count: int) -> list[int]:
-    """The fake model's answer, written without K/V: each token is the sum of all tokens before it."""
+    """The fake model's answer, written without K/V: each token is the position-weighted sum of all
+    tokens before it."""
     history, out = list(prompt), []
     for _ in range(count):
-        out.append(sum(history) % VOCAB)
+        out.append(sum((p + 1) * t for p, t in enumerate(history)) % VOCAB)
         history.append(out[-1])
     return out
 
@@ -56,14 +58,16 @@ class FakeExecutor:
         logits = torch.zeros(VOCAB)
         if last == self.poison:
             return logits.fill_(NAN)
-        logits[int(keys.sum().item()) % VOCAB] = 1.0
+        weights = torch.arange(1, keys.shape[0] + 1, dtype=keys.dtype)
+        logits[int((keys.flatten() * weights).sum().item()) % VOCAB] = 1.0
         return logits
 
     def prefill(self, batch):
         self.prefills.append(batch.input_ids.shape[0])
         mask = batch.attention_mask
         keys = (batch.input_ids * mask).double()[:, None, :, None]  # [n, Hkv=1, W, Dh=1]
-        logits = torch.stack([self._logits(keys[i], -1) for i in range(keys.shape[0])])
+        lengths = mask.sum(dim=1).tolist()
+        logits = torch.stack([self._logits(keys[i, 0, keys.shape[2] - n:, 0], -1) for i, n in enumerate(lengths)])
         return {"logits": logits, kv_name(PRESENT, 0, "key"): keys, kv_name(PRESENT, 0, "value"): keys}, mask
 
     def _write(self, cache, slot: int, column: int, token: int) -> torch.Tensor:
@@ -92,7 +96,7 @@ class FakeExecutor:
             return torch.stack([self._write(cache, slot, int(position[i, 0]), int(token[i, 0]))
                                 for i, slot in enumerate(slots)])
 
-        decode_tokens(forward, s)
+        run_decode_step(forward, s)
         for slot in slots:
             cache.lengths[slot] += k
         return s.result(len(rows))
@@ -188,7 +192,7 @@ def test_eos_and_max_new_tokens_stop_rows(chunk):
 
 @pytest.mark.parametrize("chunk", [1, 3])
 def test_a_nan_in_one_row_fails_only_its_request(chunk):
-    healthy_prompt, broken_prompt = [4, IMAGE_ID, 4], [6, IMAGE_ID, 1, 2]
+    healthy_prompt, broken_prompt = [4, IMAGE_ID, 4], [6, IMAGE_ID, 1, 3]
     poison = expected(broken_prompt, 3)[2]  # fed after being chosen as the row's third token
     assert poison not in expected(healthy_prompt, 9) + healthy_prompt + broken_prompt + expected(broken_prompt, 2)
     executor = FakeExecutor(chunk, poison)

@@ -196,7 +196,8 @@ class FastDecoder:
 
     def decode(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, eos_id: int,
                on_logits: Callable[[torch.Tensor], None] | None = None) -> Iterator[torch.Tensor]:
-        """Yield the next token [B] of every row, as `decode_tokens` does greedily (finished rows get EOS)."""
+        """Yield the next token [B] of every row, as the reference `decode_tokens` does greedily (finished rows
+        get EOS)."""
         # A generator: the contexts are entered on each resumption, not once for the whole stream.
         stream = self._decode(inputs_embeds, attention_mask, max_new_tokens, eos_id, on_logits)
         while True:

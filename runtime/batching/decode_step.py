@@ -4,7 +4,7 @@ One step gives every row of a batch k tokens: embed each row's last token -> the
 cache (the executor writes the token's K/V at the row's next column, which is its position: rows
 are left-aligned) -> the logits of that position -> a finite check per row -> the token choice
 (`core.schedulers`) -> the stopping rule (`stop_rows`, the device form of `StopRule`).
-`decode_tokens` is that step; an executor supplies the LLM call and decides where it runs:
+`run_decode_step` is that step; an executor supplies the LLM call and decides where it runs:
 
 - `EngineChatExecutor` (here): the graph contract's engines. `llm_decode` reads the cache's rows
   as `past` and returns only the new K/V (`new.*`), which `KVCache.append` writes; one token per
@@ -28,7 +28,7 @@ import torch
 
 from jfexport.core.graph_contract import NEW, kv_names
 from jfexport.core.layout import image_gather_index, splice_image_embeds, understanding_positions
-from jfexport.core.schedulers import row_uniforms, sample_next, sample_next_device, stop_rows
+from jfexport.core.schedulers import row_uniforms, sample_next_device, sample_rows, stop_rows
 
 from ..engine import Engine
 from .kv_cache import COLUMN_BUCKET, KVCache
@@ -127,15 +127,11 @@ def choose_tokens(logits: torch.Tensor, s: DecodeRows, j: int) -> torch.Tensor:
     the rows' drawn uniforms, or on the host from their generators."""
     if s.uniforms is not None:
         return sample_next_device(logits, s.temperature, s.top_p, s.uniforms[:, j], s.all_greedy)
-    token = logits.argmax(dim=-1)
-    for i, (temperature, top_p, generator) in enumerate(s.samplers):
-        # A finished or failed row's token is never used: it draws nothing (NaN cannot be sampled).
-        if temperature > 0 and not bool(s.finished[i]) and bool(torch.isfinite(logits[i]).all()):
-            token[i] = sample_next(logits[i: i + 1], temperature, top_p, generator)[0]
-    return token
+    # A finished or failed row's token is never used: it draws nothing (NaN cannot be sampled).
+    return sample_rows(logits, s.samplers, s.finished[: len(s.samplers)] | ~torch.isfinite(logits).all(dim=-1))
 
 
-def decode_tokens(forward: Forward, s: DecodeRows) -> None:
+def run_decode_step(forward: Forward, s: DecodeRows) -> None:
     """The decode step: k tokens for every row of `s`. `forward(token [R,1], position [R,1])` runs the
     LLM over the K/V cache, writing the fed tokens' K/V, and returns the fp32 logits [R,V]."""
     for j in range(s.k):
@@ -179,7 +175,7 @@ class ChatExecutor(Protocol):
 
     def decode(self, cache: KVCache, rows: Sequence[DecodeRow], slots: list[int], k: int,
                keep_logits: bool) -> Decoded:
-        """`decode_tokens` for `rows` held by `slots`, whose lengths then grow by k."""
+        """`run_decode_step` for `rows` held by `slots`, whose lengths then grow by k."""
 
 
 class EngineChatExecutor:
@@ -237,5 +233,5 @@ class EngineChatExecutor:
         s = DecodeRows(len(rows), k, cache.device, draws_ahead, all(r.temperature == 0 for r in rows), keep_logits)
         s.load(rows)
         # Each call appends at the slots' lengths, which are the positions `s` tracks.
-        decode_tokens(lambda token, position: self.forward(cache, slots, token), s)
+        run_decode_step(lambda token, position: self.forward(cache, slots, token), s)
         return s.result(len(rows))

@@ -1,6 +1,6 @@
 """The torch executor of understanding: the model called directly, k tokens per row per host round trip.
 
-Prefill runs over static buffers (`fast_prefill`); a decode step (`decode_step.decode_tokens`)
+Prefill runs over static buffers (`fast_prefill`); a decode step (`decode_step.run_decode_step`)
 gives every active row a chunk of k tokens without returning to the host:
 `model.llm(..., write_slots=...)` writes each token's K/V in place into the `KVCache` (row r at
 its own next column, which is its position: rows are left-aligned), attention reads the cache's
@@ -25,7 +25,7 @@ import torch
 
 from ..backends.torch_backend import exact_fp32
 from ..lru import LRU
-from .decode_step import DecodeRow, Decoded, DecodeRows, EngineChatExecutor, decode_tokens
+from .decode_step import DecodeRow, Decoded, DecodeRows, EngineChatExecutor, run_decode_step
 from .fast_prefill import PrefillGraphs
 from .kv_cache import KVCache
 from .torch_step import DECODE_BUCKET, capture_or_none
@@ -115,7 +115,7 @@ class TorchChatExecutor:
             return model.logits(hidden[:, -1]).float()
 
         def run() -> None:
-            decode_tokens(forward, state)
+            run_decode_step(forward, state)
 
         with torch.inference_mode(), exact_fp32(cache.layout.dtype):
             if self.cuda_graphs and cache.device.type == "cuda" and state.graph is None:
