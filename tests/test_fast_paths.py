@@ -197,6 +197,23 @@ def test_fast_sampled_tokens_are_the_device_rule_on_their_logits(pair):
     assert torch.equal(tokens, again)
 
 
+def test_a_chunk_that_raises_runs_on_the_engine_path_with_the_same_draws(pair, monkeypatch, caplog):
+    """The torch executor hands a failed chunk (its draws taken) to the engine path: the sampled
+    tokens are those of the chunks, not of new draws or of the host sampler."""
+    import jfexport.runtime.batching.fast_chat as fast_chat
+
+    _, fast = pair
+    want = torch.stack(list(fast.chat_stream(IMAGES, QUESTIONS, max_new_tokens=12, temperature=0.9, top_p=0.9, seed=3)))
+
+    def broken(forward, state):
+        raise RuntimeError("this chunk cannot run")
+
+    monkeypatch.setattr(fast_chat, "run_decode_step", broken)
+    got = torch.stack(list(fast.chat_stream(IMAGES, QUESTIONS, max_new_tokens=12, temperature=0.9, top_p=0.9, seed=3)))
+    assert torch.equal(want, got)
+    assert sum("fast chat chunk failed" in r.message for r in caplog.records) == 2  # 11 tokens: chunks of 8 and 3
+
+
 def test_fast_and_engine_path_sample_from_one_distribution(pair):
     """400 seeds (25 calls of 16 rows): the second token, the first one sampled in a chunk on the
     fast path, follows the top-p distribution of its logits on both paths. At T = 0.025 and

@@ -86,8 +86,9 @@ class DecodeRows:
         self.graph: torch.cuda.CUDAGraph | None = None
         self._inputs: dict[str, torch.Tensor] = {}
 
-    def load(self, rows: Sequence[DecodeRow]) -> None:
-        """Set the inputs of the next step; kept so that they can be restored after a capture."""
+    def load(self, rows: Sequence[DecodeRow], draws: torch.Tensor | None = None) -> None:
+        """Set the inputs of the next step; kept so that they can be restored after a capture.
+        `draws` [n,k]: the rows' uniforms where they were taken already (else drawn here)."""
         pad = self.rows - len(rows)
 
         def column(values: list, fill, dtype: torch.dtype) -> torch.Tensor:
@@ -103,8 +104,8 @@ class DecodeRows:
                             finished=column([r.finished for r in rows], True, torch.bool))
         if self.uniforms is not None:
             # Always drawn, greedy or not, so that a row's j-th token takes its generator's j-th draw.
-            self._inputs["uniforms"] = torch.cat([row_uniforms([r.generator for r in rows], self.k),
-                                                  torch.zeros(pad, self.k)])
+            drawn = draws if draws is not None else row_uniforms([r.generator for r in rows], self.k)
+            self._inputs["uniforms"] = torch.cat([drawn, torch.zeros(pad, self.k)])
         else:
             self.samplers = [(r.temperature, r.top_p, r.generator) for r in rows]
         self.restore()
@@ -228,10 +229,12 @@ class EngineChatExecutor:
         return out["logits"].float()
 
     def decode(self, cache: KVCache, rows: Sequence[DecodeRow], slots: list[int], k: int,
-               keep_logits: bool, draws_ahead: bool = False) -> Decoded:
-        """`draws_ahead`: choose as the torch executor does (the iterations it hands over)."""
-        s = DecodeRows(len(rows), k, cache.device, draws_ahead, all(r.temperature == 0 for r in rows), keep_logits)
-        s.load(rows)
+               keep_logits: bool, draws: torch.Tensor | None = None) -> Decoded:
+        """`draws` [n,k]: choose on the device from these uniforms, as the torch executor does (the
+        steps it hands over, with the draws it took for them)."""
+        s = DecodeRows(len(rows), k, cache.device, draws is not None, all(r.temperature == 0 for r in rows),
+                       keep_logits)
+        s.load(rows, draws)
         # Each call appends at the slots' lengths, which are the positions `s` tracks.
         run_decode_step(lambda token, position: self.forward(cache, slots, token), s)
         return s.result(len(rows))

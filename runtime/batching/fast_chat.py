@@ -12,8 +12,8 @@ generator's j-th draw, so its tokens do not depend on chunking or companions.
 Shapes are fixed per (row bucket, k, width, logits kept, all rows greedy): rows are padded to a
 power of two (the padding rows decode into free slots) and the width is a multiple of
 `DECODE_BUCKET`, so on CUDA each chunk is captured once as a CUDA graph and replayed (bounded
-LRU). If a chunk raises, that step runs on the engine path (`fallback`), with the same draws, which
-retries job by job to find the request at fault.
+LRU). If a chunk raises, that step runs on the engine path (`fallback`), with the same draws, and
+a failing batch is retried job by job to find the request at fault.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import logging
 from typing import Mapping, Sequence
 
 import torch
+
+from jfexport.core.schedulers import row_uniforms
 
 from ..backends.torch_backend import exact_fp32
 from ..lru import LRU
@@ -75,9 +77,11 @@ class TorchChatExecutor:
 
     def decode(self, cache: KVCache, rows: Sequence[DecodeRow], slots: list[int], k: int,
                keep_logits: bool) -> Decoded:
+        # Drawn once: a step handed to the engine path takes the same draws.
+        draws = row_uniforms([r.generator for r in rows], k)
         if slots == list(range(cache.rows)):  # a chunk serves the dense batch; a retried subset takes the engines
             try:
-                decoded = self._chunk(cache, rows, k, keep_logits)
+                decoded = self._chunk(cache, rows, k, keep_logits, draws)
             except Exception:  # noqa: BLE001 - the engine path below finds the request at fault
                 if self.fallback is None:
                     raise
@@ -86,14 +90,15 @@ class TorchChatExecutor:
                 for s in slots:
                     cache.lengths[s] += k
                 return decoded
-        return self._engines().decode(cache, rows, slots, k, keep_logits, draws_ahead=True)
+        return self._engines().decode(cache, rows, slots, k, keep_logits, draws)
 
     def _engines(self) -> EngineChatExecutor:
         if self.fallback is None:
             raise RuntimeError("this torch chat executor has no engines to fall back on")
         return self.fallback
 
-    def _chunk(self, cache: KVCache, rows: Sequence[DecodeRow], k: int, keep_logits: bool) -> Decoded:
+    def _chunk(self, cache: KVCache, rows: Sequence[DecodeRow], k: int, keep_logits: bool,
+               draws: torch.Tensor) -> Decoded:
         n = len(rows)
         width = _pow2(n) if _pow2(n) <= cache.slots else cache.slots
         greedy = all(r.temperature == 0 for r in rows)
@@ -105,7 +110,7 @@ class TorchChatExecutor:
                     torch.ones((width, cache.width), dtype=torch.long, device=cache.device))
             self._chunks.put(key, held)
         state, mask = held
-        state.load(rows)
+        state.load(rows, draws)
         model = self.model
         past = cache.layers(width)
 
