@@ -10,9 +10,7 @@ is bounded (`max_queue`): past it, `Overloaded` is raised at once.
 
 from __future__ import annotations
 
-import functools
 import weakref
-from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
 import torch
@@ -29,6 +27,7 @@ from jfexport import defaults
 from .engine import Engine
 from .errors import check_finite
 from .batching.chat_batch import ChatSlots
+from .batching.decode_step import ChatExecutor, EngineChatExecutor
 from .batching.generation_batch import GenerationRows
 from .batching.generation_step import EngineGenerationExecutor, GenerationExecutor
 from .batching.handles import ChatHandle, GenerationHandle
@@ -54,9 +53,9 @@ class JanusFlowRuntime:
                  kv_budget_bytes: int = defaults.KV_BUDGET_BYTES, torch_threads: int | None = None,
                  kv_layout: KVLayout | None = None, prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
                  generation_executor: GenerationExecutor | None = None,
-                 chat_slots: Callable[..., ChatSlots] = ChatSlots):
+                 chat_executor: ChatExecutor | None = None):
         """`generation_executor` runs the Euler step (default: the engines, `EngineGenerationExecutor`);
-        `chat_slots` builds the chat rows (`ChatSlots`' arguments; default: the engine path)."""
+        `chat_executor` the decode step (default: the engines, `EngineChatExecutor`)."""
         self.engines = engines
         self.processor = processor
         self.latent_shape = latent_shape  # (C, h, w) of one latent
@@ -71,8 +70,8 @@ class JanusFlowRuntime:
         generation = GenerationRows(generation_executor or EngineGenerationExecutor(engines, grid),
                                     engines.get("vae_decoder"), processor.tokenizer.pad_id, max(1, max_rows // 2),
                                     observers)
-        chat = chat_slots(engines, processor, max_rows, max_len, kv_budget_bytes, observers, kv_layout=kv_layout,
-                          prefix_cache_bytes=prefix_cache_bytes)
+        chat = ChatSlots(chat_executor or EngineChatExecutor(engines), processor, max_rows, max_len, kv_budget_bytes,
+                         observers, kv_layout, prefix_cache_bytes)
         self.scheduler = Scheduler(generation, chat, observers, max_queue, torch_threads)
         # The worker thread holds the scheduler, not the runtime: a dropped runtime (or the end of
         # the interpreter, before native thread pools are torn down) stops its worker.
@@ -152,15 +151,16 @@ class JanusFlowRuntime:
         engines = torch_engines(bundle, dtype, device)
         executors: dict[str, object] = {}
         if fast:
-            from .batching.fast_chat import FastChatSlots
+            from .batching.fast_chat import DEFAULT_CHUNK, TorchChatExecutor
+            from .batching.fast_prefill import PrefillGraphs
             from .batching.torch_generation import TorchGenerationExecutor
 
             graphs = on_cuda if cuda_graphs is None else cuda_graphs
             bundle.model.attention = "sdpa"  # the fused kernels; the engines share the model
-            options = {} if chunk is None else {"chunk": chunk}
+            prefills = PrefillGraphs(bundle.model, bundle.processor.tokenizer.pad_id, max_len, graphs)
             executors = {"generation_executor": TorchGenerationExecutor(bundle.model, grid, graphs, compile_step),
-                         "chat_slots": functools.partial(FastChatSlots, model=bundle.model, cuda_graphs=graphs,
-                                                         **options)}
+                         "chat_executor": TorchChatExecutor(bundle.model, graphs, DEFAULT_CHUNK if chunk is None else chunk,
+                                                            prefills, EngineChatExecutor(engines))}
         return cls(engines, bundle.processor, (bundle.latent_channels, size, size), grid, bundle.image_size, max_len,
                    DEFAULT_MAX_ROWS, "torch", max_queue, kv_budget_bytes, None, layout, prefix_cache_bytes, **executors)
 

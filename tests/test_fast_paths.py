@@ -11,7 +11,7 @@ from PIL import Image
 from jfexport.reference.bundle import load_bundle, load_preset
 from jfexport.core.schedulers import StopRule, row_generators, row_uniforms, sample_next, sample_next_device, stop_rows
 from jfexport.runtime.pipelines import JanusFlowRuntime
-from jfexport.runtime.batching.fast_chat import FastChatSlots
+from jfexport.runtime.batching.fast_chat import TorchChatExecutor
 from jfexport.runtime.batching.torch_generation import TorchGenerationExecutor
 from jfexport.runtime.batching.jobs import stream_rows
 
@@ -125,28 +125,27 @@ def _stream(rt: JanusFlowRuntime, job) -> torch.Tensor:
 
 def test_fast_greedy_tokens_equal_the_engine_path_across_chunks(pair):
     plain, fast = pair
-    assert isinstance(fast.scheduler.chat, FastChatSlots) and fast.scheduler.chat.chunk == 8
+    assert isinstance(fast.scheduler.chat.executor, TorchChatExecutor) and fast.scheduler.chat.executor.chunk == 8
     want_logits, got_logits = [], []
     # 67 tokens: the first from prefill, then 8 chunks of 8 and a last one of 2.
     want = torch.stack(list(plain.chat_stream(IMAGES, QUESTIONS, max_new_tokens=67, on_logits=want_logits.append)))
     got = torch.stack(list(fast.chat_stream(IMAGES, QUESTIONS, max_new_tokens=67, on_logits=got_logits.append)))
     assert got.shape == (67, 2) and torch.equal(want, got)
     assert max((a - b).abs().max().item() for a, b in zip(want_logits, got_logits)) < 1e-4
-    chat = fast.scheduler.chat
-    assert len(chat._chunks) >= 2 and len(chat.prefills._states) >= 1  # no silent engine fallback
+    executor = fast.scheduler.chat.executor
+    assert len(executor._chunks) >= 2 and len(executor.prefills._states) >= 1  # no silent engine fallback
 
 
 def test_fast_prefill_equals_the_engine_prefill(pair):
     from jfexport.core.graph_contract import kv_name
-    from jfexport.runtime.batching.chat_batch import ChatSlots
 
     plain, fast = pair
     proc = fast.processor
     ids = [proc.understanding_ids(q) for q in QUESTIONS + ["Is there a shape in the picture at all?"]]
     batch = proc.understanding_rows(ids, [proc.pixel_values(IMAGES[i % 2]) for i in range(3)])
     with torch.inference_mode():
-        got, got_mask = fast.scheduler.chat.prefills.run(batch)  # 3 rows run as 4, width as 128
-        want, want_mask = ChatSlots._prefill_outputs(plain.scheduler.chat, batch)
+        got, got_mask = fast.scheduler.chat.executor.prefills.run(batch)  # 3 rows run as 4, width as 128
+        want, want_mask = plain.scheduler.chat.executor.prefill(batch)
     width = want_mask.shape[1]
     assert got_mask.shape == (3, 128) and torch.equal(got_mask[:, -width:], want_mask) and not got_mask[:, :-width].any()
     assert (got["logits"] - want["logits"]).abs().max().item() < 1e-4
@@ -198,6 +197,23 @@ def test_fast_sampled_tokens_are_the_device_rule_on_their_logits(pair):
     assert torch.equal(tokens, again)
 
 
+def test_a_chunk_that_raises_runs_on_the_engine_path_with_the_same_draws(pair, monkeypatch, caplog):
+    """The torch executor hands a failed chunk (its draws taken) to the engine path: the sampled
+    tokens are those of the chunks, not of new draws or of the host sampler."""
+    import jfexport.runtime.batching.fast_chat as fast_chat
+
+    _, fast = pair
+    want = torch.stack(list(fast.chat_stream(IMAGES, QUESTIONS, max_new_tokens=12, temperature=0.9, top_p=0.9, seed=3)))
+
+    def broken(forward, state):
+        raise RuntimeError("this chunk cannot run")
+
+    monkeypatch.setattr(fast_chat, "run_decode_step", broken)
+    got = torch.stack(list(fast.chat_stream(IMAGES, QUESTIONS, max_new_tokens=12, temperature=0.9, top_p=0.9, seed=3)))
+    assert torch.equal(want, got)
+    assert sum("fast chat chunk failed" in r.message for r in caplog.records) == 2  # 11 tokens: chunks of 8 and 3
+
+
 def test_fast_and_engine_path_sample_from_one_distribution(pair):
     """400 seeds (25 calls of 16 rows): the second token, the first one sampled in a chunk on the
     fast path, follows the top-p distribution of its logits on both paths. At T = 0.025 and
@@ -240,7 +256,7 @@ def test_rows_decode_up_to_a_full_cache_width():
         rt = JanusFlowRuntime.from_bundle(load_preset("tiny"), fast=fast)
         chat = rt.scheduler.chat
         rt.max_len = chat.max_len = 200
-        chat.cache = KVCache(chat.cache.layout, chat.cache.slots, 200, "cpu", chat.column_bucket)
+        chat.cache = KVCache(chat.cache.layout, chat.cache.slots, 200, "cpu", chat.executor.column_bucket)
         shared = Rows(rt)
         widths: list[int] = []
         rt.add_batch_observer(lambda kind, rows: widths.append(chat.cache.width))
@@ -321,7 +337,7 @@ def test_fast_is_opt_in_on_cpu():
 def test_cuda_graph_chunks_and_steps_match_cpu():
     cpu = JanusFlowRuntime.from_bundle(load_preset("tiny"), fast=True)
     gpu = JanusFlowRuntime.from_bundle(load_preset("tiny"), device="cuda")
-    assert gpu.scheduler.chat.cuda_graphs and gpu.scheduler.generation.executor.cuda_graphs
+    assert gpu.scheduler.chat.executor.cuda_graphs and gpu.scheduler.generation.executor.cuda_graphs
     for seed in (2, 3):  # the second request replays the graphs captured by the first
         want = cpu.generate_latents(PROMPTS, n=2, steps=3, seed=seed)
         got = gpu.generate_latents(PROMPTS, n=2, steps=3, seed=seed)
@@ -329,10 +345,12 @@ def test_cuda_graph_chunks_and_steps_match_cpu():
         a = torch.stack(list(cpu.chat_stream(IMAGES, QUESTIONS, max_new_tokens=67)))
         b = torch.stack(list(gpu.chat_stream(IMAGES, QUESTIONS, max_new_tokens=67)))
         assert torch.equal(a, b)
-    chat = gpu.scheduler.chat
-    for states in (chat._chunks, chat.prefills._states, gpu.scheduler.generation.executor._buffers):
+    chat = gpu.scheduler.chat.executor
+    chunks = [state for state, _ in chat._chunks._items.values()]
+    for states in (chunks, list(chat.prefills._states._items.values()),
+                   list(gpu.scheduler.generation.executor._buffers._items.values())):
         # Captured, not fallen back to eager.
-        assert len(states) and all(s.graph is not None for s in states._items.values())
+        assert len(states) and all(s.graph is not None for s in states)
     sampled = [torch.stack(list(rt.chat_stream(IMAGES, QUESTIONS, max_new_tokens=20, temperature=0.9, seed=4)))
                for rt in (gpu, gpu, cpu)]
     assert torch.equal(sampled[0], sampled[1]) and torch.equal(sampled[0], sampled[2])  # the draws are the rows' own

@@ -18,7 +18,8 @@ PACKAGES = {"jfexport.reference": REPO / "reference", "jfexport.export": REPO / 
             "jfexport.runtime": REPO / "runtime", "jfexport.core": REPO / "jfexport" / "core",
             "jfexport.tools": REPO / "jfexport" / "tools"}
 # The torch backend and the fast executors run the PyTorch model itself; nothing else in runtime may.
-TORCH_PATH = {"runtime/backends/torch_backend.py", "runtime/batching/torch_step.py", "runtime/batching/torch_generation.py"}
+TORCH_PATH = {"runtime/backends/torch_backend.py", "runtime/batching/torch_step.py", "runtime/batching/torch_generation.py",
+              "runtime/batching/fast_chat.py", "runtime/batching/fast_prefill.py"}
 
 
 def _module(path: Path) -> str:

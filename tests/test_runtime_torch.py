@@ -91,7 +91,7 @@ def test_static_kv_decoder_cuda_graph_matches_eager():
     graphed = FastDecoder(bundle.model, cuda_graphs=True)
     for _ in range(2):  # the second request replays the graph captured by the first
         assert torch.equal(torch.stack(list(graphed.decode(embeds, mask, 12, eos))), eager)
-    assert len(graphed._states) == 1
+    assert len(graphed.executor._chunks) == 1
 
 
 @pytest.mark.gpu

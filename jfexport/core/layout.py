@@ -51,3 +51,26 @@ def cfg_prompt_rows(cond_ids: torch.Tensor, cond_mask: torch.Tensor, pad_id: int
 def understanding_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions for left-padded understanding prompts, as `generate()` derives them: cumsum(mask) - 1."""
     return (attention_mask.long().cumsum(dim=1) - 1).clamp_min(0)
+
+
+def image_gather_index(images_seq_mask: torch.Tensor, images_emb_mask: torch.Tensor) -> torch.Tensor:
+    """[B*L] index over `cat([text [B*L], image blocks [B*n*(1+N)]])` that splices the image blocks in.
+
+    The official splice (`embeds[images_seq_mask] = blocks[images_emb_mask]`) as a gather: position p
+    takes text embedding p, or, where the prompt holds an image token, the next image embedding in
+    order. The index is computed on the host side of a step, so the gather itself has static shapes
+    (a CUDA graph can hold it, the masked assignment cannot).
+    images_seq_mask [B,L]; images_emb_mask [B,n,1+N].
+    """
+    seq = images_seq_mask.flatten()
+    index = torch.arange(seq.numel(), device=seq.device)
+    index[seq.nonzero().flatten()] = seq.numel() + images_emb_mask.flatten().to(seq.device).nonzero().flatten()
+    return index
+
+
+def splice_image_embeds(text_embeds: torch.Tensor, image_embeds: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """text_embeds [B,L,D] with the image blocks `image_embeds` [B*n,1+N,D] spliced in at `index`
+    (`image_gather_index`), in the text's dtype."""
+    b, length, dim = text_embeds.shape
+    flat = torch.cat([text_embeds.reshape(b * length, dim), image_embeds.reshape(-1, dim).to(text_embeds.dtype)])
+    return flat.index_select(0, index).view(b, length, dim)

@@ -11,17 +11,22 @@ stays bounded whatever prompt lengths arrive.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Iterator
 
 import torch
 
+from jfexport.core.graph_contract import PRESENT, kv_name
 from jfexport.core.layout import cfg_prompt_rows, offset_positions, understanding_positions
-from jfexport.core.schedulers import FlowEulerCFGScheduler, StopRule, decode_loop
+from jfexport.core.schedulers import FlowEulerCFGScheduler, StopRule
 from jfexport.reference.modules.janusflow import JanusFlowModel
 from jfexport.runtime.backends.torch_backend import exact_fp32
-from jfexport.runtime.errors import check_finite
+from jfexport.runtime.errors import NonFiniteOutput, check_finite
 from jfexport.runtime.lru import LRU
+from jfexport.runtime.batching.decode_step import DecodeRow
+from jfexport.runtime.batching.fast_chat import TorchChatExecutor
 from jfexport.runtime.batching.generation_step import PromptKV, StepBuffers, guided_euler, step_inputs, step_velocity
+from jfexport.runtime.batching.kv_cache import KVCache, KVLayout
 from jfexport.runtime.batching.torch_generation import TorchGenerationExecutor
 from jfexport.runtime.batching.torch_step import DECODE_BUCKET, capture_graph
 
@@ -134,57 +139,28 @@ class FastSampler:
         return graph
 
 
-class _DecodeState:
-    def __init__(self, cache: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, token: torch.Tensor,
-                 position: torch.Tensor, slot: torch.Tensor, logits: torch.Tensor):
-        self.cache, self.mask, self.token, self.position, self.slot, self.logits = cache, mask, token, position, slot, logits
-        self.graph: torch.cuda.CUDAGraph | None = None
-
-
 class FastDecoder:
-    """One-token decoding for understanding over static K/V buffers, optionally as a CUDA graph.
+    """Greedy decoding for understanding, one token per step, over a static K/V cache, optionally as
+    a CUDA graph: the serving fast path's decode step (`TorchChatExecutor`) on one whole batch.
 
-    The prompt K/V are copied once into buffers [B,Hkv,L,Dh] (L = prompt + answer budget, rounded
-    up to a bucket); each step writes its K/V in place at the next slot and attends over the whole
-    buffer with the unfilled slots masked. Shapes never change, so on CUDA the step (embedding,
-    decoder stack, logits) is captured once per (batch, L) and replayed: per token the host
-    launches one graph and the GPU streams the weights once.
+    The prompt K/V are put once into a `KVCache` of L columns per row (L = prompt + answer budget,
+    rounded up to a bucket), rows left-aligned; each step writes its K/V in place at each row's
+    next column. Shapes never change, so on CUDA the step (embedding, decoder stack, logits, token
+    choice) is captured once per (batch, L) and replayed: per token the host launches one graph
+    and the GPU streams the weights once.
     """
 
     def __init__(self, model: JanusFlowModel, cuda_graphs: bool = False):
         self.model = model
-        self.cuda_graphs = cuda_graphs
-        self._states: LRU[tuple[int, int], _DecodeState] = LRU()
-
-    def _state(self, batch: int, length: int, past: list[tuple[torch.Tensor, torch.Tensor]], vocab: int) -> _DecodeState:
-        key = (batch, length)
-        state = self._states.get(key)
-        if state is None:
-            k0 = past[0][0]
-            shape = (batch, k0.shape[1], length, k0.shape[3])
-            cache = [(k0.new_zeros(shape), k0.new_zeros(shape)) for _ in past]
-            dev = k0.device
-            state = _DecodeState(cache, torch.zeros(batch, length, dtype=torch.long, device=dev),
-                                 torch.zeros(batch, dtype=torch.long, device=dev),
-                                 torch.zeros(batch, 1, dtype=torch.long, device=dev),
-                                 torch.zeros(1, dtype=torch.long, device=dev),
-                                 torch.zeros(batch, vocab, dtype=torch.float32, device=dev))
-            if self.cuda_graphs and dev.type == "cuda":
-                self._states.put(key, state)
-        return state
-
-    def _step(self, state: _DecodeState) -> None:
-        model = self.model
-        embeds = model.embed_tokens(state.token[:, None])
-        hidden, _, _ = model.llm(embeds, state.mask, state.position, state.cache, write_slots=state.slot)
-        state.logits.copy_(model.logits(hidden[:, -1]).float())
+        self.executor = TorchChatExecutor(model, cuda_graphs, chunk=1)
+        self._caches: LRU[tuple[int, int], KVCache] = LRU()
 
     def decode(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, eos_id: int,
-               temperature: float = 0.0, top_p: float = 1.0, generators: list[torch.Generator] | None = None,
                on_logits: Callable[[torch.Tensor], None] | None = None) -> Iterator[torch.Tensor]:
-        """Yield the next token [B] of every row, as `decode_tokens` does (finished rows get EOS)."""
+        """Yield the next token [B] of every row, as the reference `decode_tokens` does greedily (finished rows
+        get EOS)."""
         # A generator: the contexts are entered on each resumption, not once for the whole stream.
-        stream = self._decode(inputs_embeds, attention_mask, max_new_tokens, eos_id, temperature, top_p, generators, on_logits)
+        stream = self._decode(inputs_embeds, attention_mask, max_new_tokens, eos_id, on_logits)
         while True:
             with torch.inference_mode(), exact_fp32(inputs_embeds.dtype):
                 token = next(stream, None)
@@ -192,44 +168,55 @@ class FastDecoder:
                 return
             yield token
 
+    def _cache(self, past: list[tuple[torch.Tensor, torch.Tensor]], batch: int, length: int) -> KVCache:
+        key = (batch, length)
+        cache = self._caches.get(key)
+        if cache is None:
+            k0 = past[0][0]
+            cache = KVCache(KVLayout(len(past), k0.shape[1], k0.shape[3], k0.dtype), batch, length, k0.device,
+                            DECODE_BUCKET)
+            self._caches.put(key, cache)
+        while cache.rows:
+            cache.release(cache.rows - 1)
+        return cache
+
     def _decode(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, eos_id: int,
-                temperature: float, top_p: float, generators: list[torch.Generator] | None,
                 on_logits: Callable[[torch.Tensor], None] | None) -> Iterator[torch.Tensor]:
         model = self.model
         batch, prompt_len = attention_mask.shape
         mask = attention_mask.long().to(inputs_embeds.device)
-        positions = understanding_positions(mask)
-        hidden, past, _ = model.llm(inputs_embeds, mask, positions)
+        hidden, past, _ = model.llm(inputs_embeds, mask, understanding_positions(mask))
         logits = model.logits(hidden[:, -1]).float()
-        length = -(-(prompt_len + max_new_tokens) // DECODE_BUCKET) * DECODE_BUCKET
-        state = self._state(batch, length, past, logits.shape[-1])
-        state.mask.zero_()
-        state.mask[:, :prompt_len] = mask
-        for (k, v), (pk, pv) in zip(state.cache, past):
-            k[:, :, :prompt_len] = pk
-            v[:, :, :prompt_len] = pv
-        state.position.copy_(positions[:, -1:] + 1)
-        state.slot.fill_(prompt_len)
-        graphed = self.cuda_graphs and mask.device.type == "cuda"
-
-        def step(token: torch.Tensor) -> torch.Tensor:
-            state.token.copy_(token)
-            state.mask.index_fill_(1, state.slot, 1)
-            if graphed:
-                if state.graph is None:
-                    # The warm-up runs write K/V at the current slot, as the replay does next.
-                    state.graph = capture_graph(lambda: self._step(state))
-                state.graph.replay()
-            else:
-                self._step(state)
-            state.position.add_(1)
-            state.slot.add_(1)
-            logits = state.logits.clone()  # the next replay overwrites the buffer
-            check_finite("llm", "logits", logits)
-            return logits
-
         check_finite("llm", "logits", logits)
-        yield from decode_loop(logits, step, StopRule(eos_id, max_new_tokens), temperature, top_p, generators, on_logits)
+        length = -(-(prompt_len + max_new_tokens) // DECODE_BUCKET) * DECODE_BUCKET
+        cache = self._cache(past, batch, length)
+        present = {}
+        for layer, (k, v) in enumerate(past):
+            present[kv_name(PRESENT, layer, "key")], present[kv_name(PRESENT, layer, "value")] = k, v
+        for i, n in enumerate(mask.sum(dim=1).tolist()):
+            cache.put(cache.acquire(), 0, present, i, prompt_len - n, n)
+        if on_logits is not None:
+            on_logits(logits)
+        rule = StopRule(eos_id, max_new_tokens)
+        token = logits.argmax(dim=-1)
+        draws = torch.Generator("cpu")  # greedy rows never use their draws; the device chooser takes them all the same
+        rows = [DecodeRow(t, cache.lengths[i], 0.0, 1.0, draws, max_new_tokens - 1, eos_id,
+                          rule.finish_reason(t, 1) is not None) for i, t in enumerate(token.tolist())]
+        yield token
+        slots = list(range(batch))
+        for _ in range(max_new_tokens - 1):
+            if all(r.finished for r in rows):
+                return
+            cache.fit(max(cache.lengths) + 1)
+            out = self.executor.decode(cache, rows, slots, 1, on_logits is not None)
+            bad = [i for i, step in enumerate(out.first_bad) if step >= 0]
+            if bad:
+                raise NonFiniteOutput(f"llm: output 'logits' has NaN/Inf values in rows {bad}")
+            if out.logits is not None:
+                on_logits(out.logits[:, 0].to(logits.device))
+            rows = [replace(r, token=t[0], length=cache.lengths[i], remaining=r.remaining - 1, finished=f)
+                    for i, (r, t, f) in enumerate(zip(rows, out.tokens, out.finished))]
+            yield torch.tensor([t[0] for t in out.tokens], device=logits.device)
 
 
 def understanding_embeds(model: JanusFlowModel, batch) -> torch.Tensor:

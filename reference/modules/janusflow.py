@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from jfexport.core.config import JanusFlowConfig
+from jfexport.core.layout import image_gather_index, splice_image_embeds
 from .llama import KV, build_llama, llama_forward
 from .norms import RMSNorm
 from .siglip import VisionUnderstandingTower
@@ -51,11 +52,8 @@ class JanusFlowModel(nn.Module):
 
         input_ids [B,T]; pixel_values [B,n,3,S,S]; images_seq_mask [B,T]; images_emb_mask [B,n,1+N].
         """
-        b, n = pixel_values.shape[:2]
-        image_embeds = self.encode_images(pixel_values.flatten(0, 1)).view(b, n, -1, self.config.language.hidden_size)
-        embeds = self.embed_tokens(input_ids).clone()
-        embeds[images_seq_mask] = image_embeds[images_emb_mask].to(embeds.dtype)
-        return embeds
+        return splice_image_embeds(self.embed_tokens(input_ids), self.encode_images(pixel_values.flatten(0, 1)),
+                                   image_gather_index(images_seq_mask, images_emb_mask))
 
     # --- generation ----------------------------------------------------------------------
     def gen_encode(self, latents: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

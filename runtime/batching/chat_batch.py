@@ -1,17 +1,18 @@
-"""Token-level continuous batching of image understanding over the graph contract.
+"""Token-level continuous batching of image understanding: the policy over a chat executor.
 
-Admitted questions are prefilled together; every iteration then decodes one token for every
-active row in one `llm_decode` call, and a row leaves at EOS or its limit, freeing its slot.
+Admitted questions are prefilled together; every iteration then runs one decode step
+(decode_step.py) for every active row in one executor call (one token per row on the engine path,
+a chunk of k on the torch path), and a row leaves at EOS or its limit, freeing its slot. The
+executor (engines or the model called directly) is chosen by whoever builds `ChatSlots`.
 
 K/V live in one `KVCache` (kv_cache.py), allocated once: row i of the batch is slot i, its tokens
-left-aligned at columns [0, length). The decode step feeds the cache's contiguous view of the
-first `rows` slots as `past` (no gather, no copy) and gets back only the new K/V (`new.*`),
-which the cache writes at each row's next column. A leaving row's slot is filled by the last row,
-keeping slots dense.
+left-aligned at columns [0, length). A decode step reads the cache's contiguous view of the first
+`rows` slots (no gather, no copy) and writes each row's new K/V at its next column. A leaving
+row's slot is filled by the last row, keeping slots dense.
 
 A question whose conversation starts with the tokens (and image) of an earlier request reuses
 that request's K/V (`PrefixCache`): its slot is filled from the stored prefix and only the new
-tokens run, through `llm_decode` with the prefix as past; time to first token then grows with the
+tokens run, through the executor's `forward` with the prefix as past; time to first token then grows with the
 new tokens, not with the conversation.
 """
 
@@ -20,31 +21,18 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable
 
 import torch
 
-from jfexport.core.graph_contract import NEW, kv_names
-from jfexport.core.layout import understanding_positions
-from jfexport.core.schedulers import sample_next
-
 from jfexport.core.errors import InputError
 
-from ..engine import Engine
 from ..errors import NonFiniteOutput
-from .kv_cache import COLUMN_BUCKET, KVCache, KVLayout, PrefixCache
+from .decode_step import ChatExecutor, DecodeRow, first_token
+from .kv_cache import KVCache, KVLayout, PrefixCache
 from .jobs import ChatJob, ChatRow
 
 log = logging.getLogger(__name__)
-
-def splice_image_embeds(text_embeds: torch.Tensor, image_embeds: torch.Tensor, images_seq_mask: torch.Tensor,
-                        images_emb_mask: torch.Tensor) -> torch.Tensor:
-    """Overwrite the BOI + placeholder positions with the image blocks (official `prepare_inputs_embeds`)."""
-    b, n = images_emb_mask.shape[:2]
-    blocks = image_embeds.view(b, n, image_embeds.shape[1], image_embeds.shape[2])
-    out = text_embeds.clone()
-    out[images_seq_mask] = blocks[images_emb_mask].to(out.dtype)
-    return out
 
 
 def image_hash(pixels: torch.Tensor) -> str:
@@ -59,21 +47,24 @@ class _Active:
     image: str  # image_hash of the row's pixels
     produced: int = 0
 
-    @property
-    def last_token(self) -> int:
-        return self.row.tokens[-1]
+    def decode_row(self, length: int) -> DecodeRow:
+        job, row = self.job, self.row
+        # Before its first token a row has nothing to feed: that choice comes from the prefill's logits.
+        return DecodeRow(row.tokens[-1] if row.tokens else 0, length, job.temperature, job.top_p, row.generator,
+                         job.rule.max_new_tokens - self.produced, job.rule.eos_id)
 
 
 Failure = tuple[ChatJob, BaseException]
 
 
 class ChatSlots:
-    column_bucket = COLUMN_BUCKET
+    """The chat side of the scheduler: which rows hold which K/V slots, and what happens to them
+    (admission fit, prefix reuse, failures attributed to their request, rows leaving). The LLM runs
+    in `executor` (decode_step.py), one call per decode step for all rows."""
 
-    def __init__(self, engines: Mapping[str, Engine], processor, max_rows: int, max_len: int,
-                 kv_budget_bytes: int, observe: Callable[[str, int], None], kv_layout: KVLayout | None = None,
-                 prefix_cache_bytes: int = 0):
-        self.engines, self.processor = engines, processor
+    def __init__(self, executor: ChatExecutor, processor, max_rows: int, max_len: int, kv_budget_bytes: int,
+                 observe: Callable[[str, int], None], kv_layout: KVLayout | None = None, prefix_cache_bytes: int = 0):
+        self.executor, self.processor = executor, processor
         self.max_rows, self.max_len, self.kv_budget_bytes = max_rows, max_len, kv_budget_bytes
         self.observe = observe
         self.kv_layout = kv_layout
@@ -84,9 +75,8 @@ class ChatSlots:
         self.rows: list[_Active] = []
 
     def _make_cache(self, layout: KVLayout) -> KVCache:
-        device = getattr(self.engines.get("llm_decode"), "device", "cpu")
-        return KVCache.within_budget(layout, self.max_rows, self.max_len, self.kv_budget_bytes, device,
-                                     self.column_bucket)
+        return KVCache.within_budget(layout, self.max_rows, self.max_len, self.kv_budget_bytes, self.executor.device,
+                                     self.executor.column_bucket)
 
     @property
     def active_rows(self) -> int:
@@ -139,7 +129,7 @@ class ChatSlots:
 
     def _prefill_fresh(self, pairs: list[tuple[ChatJob, ChatRow, str]], failed: dict) -> None:
         batch = self.processor.understanding_rows([r.ids for _, r, _ in pairs], [r.pixels for _, r, _ in pairs])
-        out, mask = self._prefill_outputs(batch)
+        out, mask = self.executor.prefill(batch)
         self.observe("prefill", len(pairs))
         if self.cache is None:
             self.cache = self._make_cache(KVLayout.from_present(out))
@@ -170,7 +160,8 @@ class ChatSlots:
         self.rows.append(active)
         self.cache.copy_in(slot, kv, count)
         try:
-            logits = self._forward([slot], [row.ids[count:]])[0]
+            logits = self.executor.forward(self.cache, [slot], torch.tensor([row.ids[count:]]))[0]
+            self.observe("chat", 1)
         except Exception:  # noqa: BLE001 - a whole prefill follows, which raises again if the request is at fault
             log.warning("prefix reuse failed for this row; it is prefilled in full", exc_info=True)
             self._remove(self.rows.index(active))
@@ -182,20 +173,6 @@ class ChatSlots:
         self._emit(active, logits)
         return True
 
-    def _prefill_outputs(self, batch) -> tuple[Mapping[str, torch.Tensor], torch.Tensor]:
-        """(llm_prefill outputs, attention mask [n, width]) of a processor batch (a hook: the fast
-        path calls the model directly)."""
-        e = self.engines
-        image_embeds = e["vision_encoder"].run({"pixel_values": batch.pixel_values.flatten(0, 1)})["image_embeds"]
-        text_embeds = e["embed_tokens"].run({"input_ids": batch.input_ids})["inputs_embeds"]
-        device = text_embeds.device
-        embeds = splice_image_embeds(text_embeds, image_embeds, batch.images_seq_mask.to(device),
-                                     batch.images_emb_mask.to(device))
-        mask = batch.attention_mask.to(device)
-        out = e["llm_prefill"].run({"inputs_embeds": embeds, "attention_mask": mask,
-                                    "position_ids": understanding_positions(mask)})
-        return out, mask
-
     def _remove(self, i: int) -> None:
         self.cache.release(i)
         last = len(self.rows) - 1
@@ -205,63 +182,47 @@ class ChatSlots:
     # -- decode ------------------------------------------------------------------------------
 
     def step(self) -> list[Failure]:
-        """One token for every active row; a failing batched call is retried job by job so that
-        only the request at fault fails."""
+        """One decode step for every active row (the executor's chunk of tokens each); a failing batched
+        call is retried job by job so that only the request at fault fails."""
         rows = list(self.rows)
+        cache = self.cache
+        longest = max(cache.lengths)
+        k = min(self.executor.chunk, max(a.job.rule.max_new_tokens - a.produced for a in rows), self.max_len - longest)
+        cache.fit(longest + k)
         failures: dict[ChatJob, BaseException] = {}
-        last = [[a.last_token] for a in rows]
+        decoded: dict[int, tuple[list[int], int, torch.Tensor | None]] = {}
         try:
-            logits = dict(zip(range(len(rows)), self._forward(list(range(len(rows))), last)))
+            self._decode(rows, list(range(len(rows))), k, decoded)
         except Exception as batch_error:  # noqa: BLE001 - the error is the result of the requests at fault
             jobs = list(dict.fromkeys(a.job for a in rows))
-            logits = {}
             for job in jobs:
                 if len(jobs) == 1:
                     failures[job] = batch_error
                     break
-                idx = [i for i, a in enumerate(rows) if a.job is job]
                 try:
-                    logits.update(zip(idx, self._forward(idx, [last[i] for i in idx])))
+                    self._decode(rows, [i for i, a in enumerate(rows) if a.job is job], k, decoded)
                 except Exception as e:  # noqa: BLE001 - the error is the request's result
                     failures[job] = e
         for i, active in enumerate(rows):
-            if i in logits and not torch.isfinite(logits[i]).all():
-                failures.setdefault(active.job, NonFiniteOutput("llm_decode: output 'logits' has NaN/Inf values "
-                                                                f"at token {active.produced + 1} of this request"))
+            if i in decoded and decoded[i][1] >= 0:
+                failures.setdefault(active.job, NonFiniteOutput(
+                    f"llm_decode: output 'logits' has NaN/Inf values at token {active.produced + decoded[i][1] + 1} "
+                    "of this request"))
         for job in failures:
             self._zero(job)
         for i, active in enumerate(rows):
             if active.job not in failures:
-                self._emit(active, logits[i])
+                tokens, _, logits = decoded[i]
+                self._push(active, tokens, logits)
         return list(failures.items())
 
-    def _forward(self, slots: list[int], tokens: list[list[int]]) -> torch.Tensor:
-        """llm_decode of `tokens` (the same count T per row) over the K/V of `slots`, whose new K/V
-        the cache then holds; -> logits [len(slots),V] of each row's last token."""
-        cache = self.cache
-        t = len(tokens[0])
-        cache.fit(max(cache.lengths[s] for s in slots) + t)
-        n = len(slots)
-        dense = slots == list(range(n))
-        if dense:
-            past = cache.past(n)
-        elif n == 1:
-            past = {name: view[slots[0]: slots[0] + 1] for name, view in cache.past(cache.rows).items()}
-        else:  # a retried subset: gathered (the failure path only)
-            index = torch.tensor(slots, device=cache.device)
-            past = {name: view.index_select(0, index) for name, view in cache.past(cache.rows).items()}
-        lengths = [cache.lengths[s] for s in slots]
-        device = cache.device
-        mask = cache.mask(lengths, t)
-        positions = torch.tensor(lengths, device=device)[:, None] + torch.arange(t, device=device)[None, :]
-        embeds = self.engines["embed_tokens"].run({"input_ids": torch.tensor(tokens, device=device)})["inputs_embeds"]
-        new = kv_names(NEW, cache.layout.layers)
-        out = self.engines["llm_decode"].run({"inputs_embeds": embeds, "attention_mask": mask,
-                                              "position_ids": positions, **past},
-                                             outputs=cache.staging(n) if t == 1 else None, names=("logits", *new))
-        self.observe("chat", n)
-        cache.append(slots, out)
-        return out["logits"].float()
+    def _decode(self, rows: list[_Active], idx: list[int], k: int, decoded: dict) -> None:
+        """One executor call for rows `idx` (held by the slots of those numbers)."""
+        out = self.executor.decode(self.cache, [rows[i].decode_row(self.cache.lengths[i]) for i in idx], idx, k,
+                                   any(rows[i].job.keep_logits for i in idx))
+        self.observe("chat", len(idx))
+        for j, i in enumerate(idx):
+            decoded[i] = (out.tokens[j], out.first_bad[j], None if out.logits is None else out.logits[j])
 
     def _zero(self, job: ChatJob) -> None:
         for i, a in enumerate(self.rows):
@@ -269,13 +230,22 @@ class ChatSlots:
                 self.cache.zero(i)
 
     def _emit(self, active: _Active, logits: torch.Tensor) -> None:
-        """Choose the row's next token; a row that has ended leaves its slot at once."""
-        job, row = active.job, active.row
-        token = self._choose(active, logits)
-        active.produced += 1
-        reason = job.push(row, token, logits.cpu() if job.keep_logits else None, active.produced)
-        if reason is not None:
-            self._leave(active)
+        """The row's first token, from its prefill logits [V]."""
+        i = self.rows.index(active)
+        token = first_token(logits, active.decode_row(self.cache.lengths[i]), self.executor.draws_ahead)
+        self._push(active, [token], logits[None].cpu() if active.job.keep_logits else None)
+
+    def _push(self, active: _Active, tokens: list[int], logits: torch.Tensor | None) -> None:
+        """The row's tokens of this step up to the one that ends it; a row that has ended leaves its slot at once."""
+        job = active.job
+        for j, token in enumerate(tokens):
+            active.produced += 1
+            reason = job.push(active.row, token, logits[j] if job.keep_logits else None, active.produced)
+            if reason is not None:
+                # Its columns past the end token hold the step's padding tokens: only `count` are kept.
+                self.cache.lengths[self.rows.index(active)] -= len(tokens) - 1 - j
+                self._leave(active)
+                return
 
     def _leave(self, active: _Active) -> None:
         """A row that ended: its K/V (prompt and every answer token fed back) are kept for a follow-up
@@ -286,7 +256,3 @@ class ChatSlots:
             ids = (active.row.ids + active.row.tokens)[:count]
             self.prefixes.store(active.image, ids, self.cache.copy_out(i, count))
         self._remove(i)
-
-    def _choose(self, active: _Active, logits: torch.Tensor) -> int:
-        """The row's next token from its logits [V] (a hook: the fast path chooses on the device)."""
-        return int(sample_next(logits[None], active.job.temperature, active.job.top_p, active.row.generator)[0])

@@ -5,8 +5,8 @@ Time to first token is this prefill: eager, it is hundreds of kernel launches fo
 Rows are padded to a power of two and the prompt width (left-padded, masked) to a multiple of
 `PREFILL_BUCKET`, so a bucket's graph serves every batch that fits it. The official splice
 (`embeds[images_seq_mask] = blocks[images_emb_mask]`) has data-dependent shapes, which a graph
-cannot hold: the host turns the two masks into one gather index over [text rows; image rows]
-instead, which selects the same embeddings. Outputs are in the `llm_prefill` contract's names.
+cannot hold: the host turns the two masks into one gather index (`core.layout.image_gather_index`,
+the splice every path uses), loaded into a static buffer. Outputs are in the `llm_prefill` contract's names.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from jfexport.core.graph_contract import kv_name
-from jfexport.core.layout import understanding_positions
+from jfexport.core.layout import image_gather_index, splice_image_embeds, understanding_positions
 
 from ..lru import LRU
 from .torch_step import capture_or_none
@@ -78,10 +78,7 @@ class PrefillGraphs:
         ids[:n, cols], mask[:n, cols], seq[:n, cols] = batch.input_ids, batch.attention_mask, batch.images_seq_mask
         emb = torch.zeros((rows, *batch.images_emb_mask.shape[1:]), dtype=torch.bool)
         emb[:n] = batch.images_emb_mask
-        # Position p takes text embedding p, or, where the prompt holds an image token, the next
-        # image embedding in order: the official splice as a gather.
-        index = torch.arange(rows * wide)
-        index[seq.flatten().nonzero().flatten()] = rows * wide + emb.flatten().nonzero().flatten()
+        index = image_gather_index(seq, emb)
         pixels = torch.zeros((rows, *batch.pixel_values.shape[1:]), dtype=s.pixels.dtype)
         pixels[:n] = batch.pixel_values
         s.ids.copy_(ids)
@@ -91,10 +88,7 @@ class PrefillGraphs:
 
     def _compute(self, s: _Prefill) -> None:
         model = self.model
-        rows, wide = s.ids.shape
-        text = model.embed_tokens(s.ids).flatten(0, 1)
-        images = model.encode_images(s.pixels).flatten(0, 1).to(text.dtype)
-        embeds = torch.cat([text, images]).index_select(0, s.index).view(rows, wide, -1)
+        embeds = splice_image_embeds(model.embed_tokens(s.ids), model.encode_images(s.pixels), s.index)
         hidden, present, _ = model.llm(embeds, s.mask, understanding_positions(s.mask))
         s.logits = model.logits(hidden[:, -1]).float()
         s.present = present

@@ -36,6 +36,18 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     return order.gather(-1, choice).squeeze(-1)
 
 
+def sample_rows(logits: torch.Tensor, settings: Sequence[tuple[float, float, torch.Generator]],
+                skip: torch.Tensor | None = None) -> torch.Tensor:
+    """The next token [B] of `logits` [B,V] for rows with their own (temperature, top_p, generator):
+    `sample_next` row by row on the host. Greedy rows, and rows in `skip` (stopped, or with logits
+    that cannot be sampled), take the argmax and draw nothing."""
+    token = logits.argmax(dim=-1)
+    for i, (temperature, top_p, generator) in enumerate(settings):
+        if temperature > 0 and (skip is None or not bool(skip[i])):
+            token[i] = sample_next(logits[i: i + 1], temperature, top_p, generator)[0]
+    return token
+
+
 def choose_next(logits: torch.Tensor, finished: torch.Tensor, eos_id: int, temperature: float, top_p: float,
                 generators: Sequence[torch.Generator] | None,
                 on_logits: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
@@ -46,7 +58,7 @@ def choose_next(logits: torch.Tensor, finished: torch.Tensor, eos_id: int, tempe
         token = logits.argmax(dim=-1)
     else:
         gens = generators if generators is not None else row_generators(0, logits.shape[0])
-        token = torch.cat([sample_next(logits[i:i + 1], temperature, top_p, g) for i, g in enumerate(gens)])
+        token = sample_rows(logits, [(temperature, top_p, g) for g in gens])
     token = torch.where(finished, torch.full_like(token, eos_id), token)
     finished |= token == eos_id
     return token
