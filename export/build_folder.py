@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from jfexport.reference.errors import JanusFlowError
-from jfexport.core.manifest import MANIFEST, TOKENIZER_DIR, Manifest, sha256_file
+from jfexport.core.manifest import MANIFEST, TOKENIZER_DIR, Manifest, fsync, sha256_file
 
 LOCK = ".jfexport.lock"
 TOKENIZER_FOLDER = re.compile(r"tokenizer-[0-9a-f]{12}")  # where a build places its tokenizer files
@@ -104,14 +104,6 @@ def _removable(folder: Path, rel: str) -> bool:
     path = folder / rel
     parents = [folder / Path(*Path(rel).parts[:i]) for i in range(1, len(Path(rel).parts))]
     return path.is_file() and not path.is_symlink() and not any(p.is_symlink() for p in parents)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -204,7 +196,7 @@ def point_tokenizer_link(folder: Path, where: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync(folder)  # the rename is durable
+    fsync(folder)  # the rename is durable
 
 
 def _our_link(link: Path) -> bool:
@@ -242,9 +234,9 @@ class BuildFolder:
         path = self.staging / JOURNAL
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"placed": self._placed, "retire": retire}))
-        _fsync(tmp)
+        fsync(tmp)
         os.replace(tmp, path)
-        _fsync(self.staging)
+        fsync(self.staging)
 
     def place(self, staged: list[str]) -> str:
         """Move staged files (names in the staging folder, e.g. a graph and its external data) into the
@@ -257,12 +249,12 @@ class BuildFolder:
             (self.folder / prefix).mkdir(exist_ok=True)
         for name in staged:
             target = self.folder / prefix / name
-            _fsync(self.staging / name)
+            fsync(self.staging / name)
             os.rename(self.staging / name, target)
             self._taken.add(prefix + name)
         if prefix:
-            _fsync(self.folder / prefix)
-        _fsync(self.folder)
+            fsync(self.folder / prefix)
+        fsync(self.folder)
         return prefix
 
     def _holds(self, where: str, record: dict[str, str]) -> bool:
@@ -317,11 +309,11 @@ class BuildFolder:
             self._placed[f"{where}/{name}"] = sha
         self._journal([])
         for name in record:
-            _fsync(staged / name)
-        _fsync(staged)
+            fsync(staged / name)
+        fsync(staged)
         os.rename(staged, self.folder / where)
         self._taken.update(f"{where}/{name}" for name in record)
-        _fsync(self.folder)
+        fsync(self.folder)
         return record, where
 
     def commit(self, manifest: Manifest) -> None:

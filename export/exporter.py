@@ -4,6 +4,7 @@ in ONNX Runtime and checked against the TensorRT operator matrix before it is ke
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import resource
@@ -156,12 +157,22 @@ def export_all(bundle: ModelBundle, out: Path, graphs: list[str] | None = None, 
 
 
 def _export_folder_manifest(out: Path) -> Manifest | None:
-    """The manifest of a previous export into `out`; a build's manifest refuses the export."""
+    """The manifest of a previous export into `out`; a build's manifest refuses the export, whatever its format
+    or state (a damaged build is still not the export's to replace)."""
     try:
         manifest = Manifest.read(out)
     except EnginesError:
-        return None
-    if manifest.is_build:
+        manifest = None
+    if manifest.is_build if manifest is not None else _names_a_backend(out / MANIFEST):
         raise BuildFolderError(f"{out}: holds a `jfexport build` ({out / MANIFEST}); `jfexport export` would replace its "
                                "manifest and break it: export into another folder, or rebuild with `jfexport build`")
     return manifest
+
+
+def _names_a_backend(path: Path) -> bool:
+    """A manifest that cannot be read as this version's says it is a build's (`backend` is what only builds write)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and "backend" in data

@@ -221,6 +221,13 @@ def test_export_into_a_build_folder_is_refused(base, tmp_path):
     res = run_cli("export", "--preset", "tiny", "--graphs", "embed_tokens", "--out", str(out))
     assert res.returncode == 2 and f"{out}: holds a `jfexport build`" in res.stderr, res.stderr
     assert _snapshot(out) == before
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["format"] = "jfexport-manifest/2"  # a build this version cannot read is still a build
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    before = _snapshot(out)
+    res = run_cli("export", "--preset", "tiny", "--graphs", "embed_tokens", "--out", str(out))
+    assert res.returncode == 2 and f"{out}: holds a `jfexport build`" in res.stderr, res.stderr
+    assert _snapshot(out) == before
 
 
 def test_out_that_is_a_file_or_unwritable_is_named(tmp_path):

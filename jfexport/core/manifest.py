@@ -59,6 +59,13 @@ class EnginesError(JanusFlowError):
 # --- records -------------------------------------------------------------------------------------------
 
 
+class _Flat:
+    """A record written as its fields (nested values are plain JSON already)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]  # every subclass is a dataclass
+
+
 @dataclass
 class FileRecord:
     """A file as the build recorded it: the runtime compares it with the file before serving it."""
@@ -72,7 +79,7 @@ class FileRecord:
 
 
 @dataclass
-class EngineRecord:
+class EngineRecord(_Flat):
     """A TensorRT engine built from a graph file, tied to the TensorRT version and the GPU it was built on."""
 
     file: str
@@ -81,9 +88,6 @@ class EngineRecord:
     compute_capability: str
     onnx_sha256: str  # the graph file it was built from
     profiles: int
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -179,7 +183,7 @@ class GraphRecord:
 
 
 @dataclass
-class ModelRecord:
+class ModelRecord(_Flat):
     source: str  # folder path or "preset:NAME"
     fingerprint: str
     config: dict[str, Any]  # the model config as the reference wrote it (to_dict)
@@ -197,32 +201,23 @@ class ModelRecord:
         """The side the vision tower takes: its own image_size where the config gives one."""
         return self.config["vision_und_enc_config"]["params"].get("image_size", self.image_size)
 
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 @dataclass(frozen=True)
-class Limits:
+class Limits(_Flat):
     """Build-time ranges: the largest request the engines will accept."""
 
     max_batch: int = 16  # rows, i.e. 8 images under CFG
     max_seq: int = 4096  # prompt + generated tokens (capped by the model's max_position_embeddings)
 
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 @dataclass
-class BackendRecord:
+class BackendRecord(_Flat):
     name: str
     reason: str
 
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 @dataclass
-class CalibrationRecord:
+class CalibrationRecord(_Flat):
     """The INT8 calibration cache (read by builds only)."""
 
     file: str
@@ -230,12 +225,9 @@ class CalibrationRecord:
     calibrated: list[str]  # graphs calibrated by this build; the others took their ranges from the cache
     recipe: str  # the calibration recipe's key
 
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 @dataclass
-class GateRecord:
+class GateRecord(_Flat):
     """The INT8 end-to-end gate's verdict: graphs it kept fp32, and the checks it ran."""
 
     kept_fp32: list[str]
@@ -246,22 +238,15 @@ class GateRecord:
     checks: dict[str, Any]
     failed_alone: dict[str, list[str]]
 
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 @dataclass
-class Int8Record:
+class Int8Record(_Flat):
     """The INT8 weight scheme and the CPU whose arithmetic it was checked on."""
 
     weight_max: int
     cpu: dict[str, Any]  # describe_cpu()'s record: machine, model, isa, flags
     arithmetic_rel_rms: float
     gate: GateRecord
-
-    def to_json(self) -> dict[str, Any]:
-        return {"weight_max": self.weight_max, "cpu": self.cpu, "arithmetic_rel_rms": self.arithmetic_rel_rms,
-                "gate": self.gate.to_json()}
 
 
 @dataclass
@@ -371,11 +356,16 @@ class Manifest:
             Path(tmp).unlink(missing_ok=True)
             raise
         # Without this fsync a power cut could bring back the old directory entry after the new files' removal.
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync(folder)
+
+
+def fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def sha256_file(path: Path) -> str:
