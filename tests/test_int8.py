@@ -15,7 +15,7 @@ import pytest
 from onnx import numpy_helper
 
 from jfexport.export.build import build, build_limits
-from jfexport.core.manifest import EnginesError, sha256_file
+from jfexport.core.manifest import EnginesError, Manifest, sha256_file
 from jfexport.export.quantize.cache import CACHE_FILE
 from jfexport.export.quantize.int8_build import (OUTPUT_BOUND, QUANTIZED_GRAPHS, Int8ParityError, Samples,
                                                  quantize_graph, record_requests)
@@ -170,6 +170,13 @@ def test_the_manifest_records_the_weight_bound_and_the_cpu_checked_on(bundled):
     record = manifest["int8"]
     assert record["weight_max"] == WEIGHT_MAX and record["arithmetic_rel_rms"] <= MATMUL_TOLERANCE
     assert record["cpu"] == describe_cpu()
+
+
+def test_the_typed_manifest_reads_an_int8_build_unchanged(built):
+    out, manifest = built
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk == manifest and Manifest.from_json(on_disk).to_json() == on_disk
+    assert on_disk["calibration"]["recipe"] and on_disk["int8"]["gate"]["checks"]  # the open records come back too
 
 
 def _copy_with_int8_record(src, dst, **changes) -> None:

@@ -98,7 +98,7 @@ class GraphFile:
     sha256: str
     size: int
     external_data: list[FileRecord]
-    parity: dict[str, Any]  # the export's parity record (reported, never read back)
+    parity: dict[str, Any]  # the parity check against PyTorch, as reported (the runtime does not read it)
     export_seconds: float | None = None  # fp32/fp16 files: how long the export took
     peak_rss_gib: float | None = None
     layers: list[dict[str, Any]] | None = None  # INT8 files: the per-layer error table
