@@ -337,6 +337,13 @@ SCHEMA_CASES = [
                                    r"model\.config\.language_config\.max_position_embeddings is 1024"),
     (_set("model.image_size", 10**6), r"model\.image_size: 1000000 does not match graphs\.vae_decoder images "
                                       r"shape\[2\] \(64\)"),
+    # Records a build writes in one shape (format 3): each is read whole, not only where the runtime looks.
+    (_set("graphs.llm_decode.files.fp32.engine", {"file": "llm_decode.fp32.engine"}),
+     r"graphs\.llm_decode\.files\.fp32\.engine\.sha256: missing"),
+    (_set("backend.name", "cuda"), r"backend\.name: expected one of onnxruntime, tensorrt, got \"cuda\""),
+    (_set("added", {"vae": ["fp16"]}), r"added\.vae: expected a graph of this build, got \"vae\""),
+    (_set("versions.torch", 2), r"versions\.torch: expected a version string, got 2"),
+    (_set("graphs.embed_tokens.files.fp32.size", _DELETE), r"graphs\.embed_tokens\.files\.fp32\.size: missing"),
 ]
 
 

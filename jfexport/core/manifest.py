@@ -555,12 +555,12 @@ def _spec(entry: dict, where: str) -> SpecRecord:
 def _graph_file(info: Any, at: str) -> GraphFile:
     _expect(isinstance(info, dict), at, "an object", info)
     record = _file_record(info, at)
-    _expect(record.size is not None, _join(at, "size"), "an int >= 0", None)
+    size = _nonneg_int(info, "size", at)  # optional for engines and the calibration cache, not for graph files
     external = [_file_record(e, f"{at}.external_data[{i}]") for i, e in enumerate(_list(info, "external_data", at))]
     parity = _obj(info, "parity", at)
     layers = _list(info, "layers", at, optional=True)
     engine = _obj(info, "engine", at, optional=True)
-    return GraphFile(record.file, record.sha256, record.size, external, parity,
+    return GraphFile(record.file, record.sha256, size, external, parity,
                      _number(info, "export_seconds", at, optional=True), _number(info, "peak_rss_gib", at, optional=True),
                      layers, _engine(engine, f"{at}.engine") if engine is not None else None)
 
