@@ -28,7 +28,7 @@ import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from jfexport.reference.errors import JanusFlowError
 from jfexport.reference.graph_contract import GRAPH_NAMES
@@ -429,59 +429,45 @@ def _get(parent: dict, key: str, where: str, optional: bool = False) -> Any:
     return parent[key]
 
 
-def _obj(parent: dict, key: str, where: str, optional: bool = False) -> dict | None:
+def _checked(parent: dict, key: str, where: str, ok: Callable[[Any], bool], expected: str,
+             optional: bool = False) -> Any:
+    """`parent[key]` where `ok` holds for it; None for an optional key that is absent (or null)."""
     value = _get(parent, key, where, optional)
     if value is None and optional:
         return None
-    _expect(isinstance(value, dict), _join(where, key), "an object", value)
+    _expect(ok(value), _join(where, key), expected, value)
     return value
+
+
+def _obj(parent: dict, key: str, where: str, optional: bool = False) -> dict | None:
+    return _checked(parent, key, where, lambda v: isinstance(v, dict), "an object", optional)
 
 
 def _pos_int(parent: dict, key: str, where: str, optional: bool = False) -> int | None:
-    value = _get(parent, key, where, optional)
-    if value is None and optional:
-        return None
-    _expect(_is_int(value) and value > 0, _join(where, key), "a positive int", value)
-    return value
+    return _checked(parent, key, where, lambda v: _is_int(v) and v > 0, "a positive int", optional)
 
 
 def _nonneg_int(parent: dict, key: str, where: str, optional: bool = False) -> int | None:
-    value = _get(parent, key, where, optional)
-    if value is None and optional:
-        return None
-    _expect(_is_int(value) and value >= 0, _join(where, key), "an int >= 0", value)
-    return value
+    return _checked(parent, key, where, lambda v: _is_int(v) and v >= 0, "an int >= 0", optional)
 
 
 def _number(parent: dict, key: str, where: str, optional: bool = False) -> float | None:
-    value = _get(parent, key, where, optional)
-    if value is None and optional:
-        return None
-    _expect((_is_int(value) or isinstance(value, float)) and value >= 0, _join(where, key), "a number >= 0", value)
-    return value
+    return _checked(parent, key, where, lambda v: (_is_int(v) or isinstance(v, float)) and v >= 0, "a number >= 0",
+                    optional)
 
 
 def _text(parent: dict, key: str, where: str, choices: tuple[str, ...] | None = None) -> str:
-    value = _get(parent, key, where)
     if choices:
-        _expect(value in choices, _join(where, key), f"one of {', '.join(choices)}", value)
-    else:
-        _expect(isinstance(value, str) and value != "", _join(where, key), "a non-empty string", value)
-    return value
+        return _checked(parent, key, where, lambda v: v in choices, f"one of {', '.join(choices)}")
+    return _checked(parent, key, where, lambda v: isinstance(v, str) and v != "", "a non-empty string")
 
 
 def _any_text(parent: dict, key: str, where: str) -> str:
-    value = _get(parent, key, where)
-    _expect(isinstance(value, str), _join(where, key), "a string", value)
-    return value
+    return _checked(parent, key, where, lambda v: isinstance(v, str), "a string")
 
 
 def _list(parent: dict, key: str, where: str, optional: bool = False) -> list | None:
-    value = _get(parent, key, where, optional)
-    if value is None and optional:
-        return None
-    _expect(isinstance(value, list), _join(where, key), "a list", value)
-    return value
+    return _checked(parent, key, where, lambda v: isinstance(v, list), "a list", optional)
 
 
 def _graph_names(parent: dict, key: str, where: str) -> list[str]:
