@@ -9,26 +9,27 @@ files are copied in, so a build folder is all a runtime needs. How a build write
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 from pathlib import Path
 
 from jfexport import defaults
+from jfexport.core.manifest import (MANIFEST, BackendRecord, CalibrationRecord, EnginesError, GateRecord, GraphRecord,
+                                    Int8Record, Limits, Manifest, sha256_file, versions)
 from jfexport.reference.bundle import ModelBundle
 from jfexport.core.errors import UserError
 from jfexport.runtime.backend_choice import BackendChoice, choose_backend
-
-from .build_folder import BuildFolder, named_os_error, open_build_folder
-from .exporter import Progress, export_graphs, graph_file_names, manifest_for, weights_sha256
 from jfexport.runtime.folder_files import confine_manifest
 from jfexport.runtime.int8_arithmetic import MATMUL_TOLERANCE, WEIGHT_MAX, cpu_name, describe_cpu, matmul_error
-from jfexport.runtime.manifest_schema import validate_manifest
 
-from .manifest import MANIFEST, EnginesError, read_build_manifest, sha256_file, versions
+from .build_folder import BuildFolder, named_os_error, open_build_folder
+from .exporter import Progress, export_graphs, manifest_for, weights_sha256
+from jfexport.core.graph_spec import GraphSpec
 from .quantize.cache import read_cache, write_cache
 from .quantize.int8_build import QUANTIZED_GRAPHS, build_int8
 from .quantize.int8_gate import end_to_end_gate
 from .quantize.requests import Recipe
-from .specs import Limits, graph_specs
+from .specs import graph_specs
 
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "processor_config.json",
                    "preprocessor_config.json")
@@ -59,27 +60,23 @@ def build_limits(bundle: ModelBundle, max_batch: int = defaults.MAX_BATCH, max_s
     return Limits(max_batch, max_seq)
 
 
-def _reusable(entry: dict | None, out: Path, weights: str, wanted: tuple[str, ...], spec_json: dict) -> bool:
-    if entry is None or entry.get("weights_sha256") != weights or entry.get("spec") != spec_json:
+def _reusable(entry: GraphRecord | None, out: Path, weights: str, wanted: tuple[str, ...], spec: GraphSpec) -> bool:
+    if entry is None or entry.weights_sha256 != weights or entry.spec.to_json() != spec.to_json():
         return False
-    files = entry.get("files", {})
-    if set(wanted) - set(files):
+    if set(wanted) - set(entry.files):
         return False
-    records = [r for f in files.values() for r in (f, *f.get("external_data", []))]
-    # An external-data entry of an older manifest is a bare name, without a hash: rebuild then.
-    return all(isinstance(r, dict) and (out / r["file"]).is_file() and sha256_file(out / r["file"]) == r["sha256"]
-               for r in records)
+    records = [r for f in entry.files.values() for r in (f.record, *f.external_data)]
+    return all((out / r.file).is_file() and sha256_file(out / r.file) == r.sha256 for r in records)
 
 
-def previous_manifest(out: Path, progress: Progress = lambda msg: None) -> dict | None:
-    """The folder's previous build, if its manifest is one a runtime would serve: schema and every path it names
-    confined to the folder. Anything else is reused from nothing and has none of its files replaced or removed
-    (one warning line, naming the key path at fault)."""
+def previous_manifest(out: Path, progress: Progress = lambda msg: None) -> Manifest | None:
+    """The folder's previous build, if its manifest is one a runtime would serve: its format, its checks and every
+    path it names confined to the folder. Anything else (an older format included) is reused from nothing and has
+    none of its files replaced or removed (one warning line, naming the format or the key path at fault)."""
     if not (out / MANIFEST).exists() and not (out / MANIFEST).is_symlink():
         return None
     try:
-        manifest = read_build_manifest(out)
-        validate_manifest(manifest, out / MANIFEST)
+        manifest = Manifest.read(out)
         confine_manifest(out, manifest)
     except EnginesError as e:
         message = str(e) if str(e).startswith(str(out)) else f"{out / MANIFEST}: {e}"
@@ -90,7 +87,7 @@ def previous_manifest(out: Path, progress: Progress = lambda msg: None) -> dict 
 
 
 def build(bundle: ModelBundle, out: Path, fp16: bool = False, backend: str = "auto", limits: Limits | None = None,
-          progress: Progress = lambda msg: None, int8: bool = False, recipe: Recipe = Recipe()) -> dict:
+          progress: Progress = lambda msg: None, int8: bool = False, recipe: Recipe = Recipe()) -> Manifest:
     """Build `out` all-or-nothing; `limits` defaults to `build_limits(bundle)`. `int8` adds calibrated Q/DQ
     graphs (`recipe` says how they are calibrated; the manifest's `calibration.calibrated` lists the
     graphs calibrated by this build, the others took their ranges from the folder's calibration cache)."""
@@ -108,36 +105,35 @@ def build(bundle: ModelBundle, out: Path, fp16: bool = False, backend: str = "au
 
 
 def _build_in(session: BuildFolder, bundle: ModelBundle, fp16: bool, int8: bool, recipe: Recipe, choice: BackendChoice,
-              limits: Limits, progress: Progress) -> dict:
+              limits: Limits, progress: Progress) -> Manifest:
     out = session.folder
     precisions = ("fp32", *(("fp16",) if fp16 else ()), *(("int8",) if int8 else ()))
     specs = graph_specs(bundle, limits)
     prev = session.previous
-    same_tools = prev is not None and prev.get("versions") == versions() and prev.get("limits") == {
-        "max_batch": limits.max_batch, "max_seq": limits.max_seq}
-    # INT8 files of another weight scheme (older builds: full-range weights, see runtime/int8_arithmetic.py) are
-    # never reused; graphs the previous gate kept fp32 need no INT8 file to be reused.
-    int8_record = (prev or {}).get("int8") if same_tools else None
-    same_int8 = int8_record is not None and int8_record["weight_max"] == WEIGHT_MAX
-    kept_fp32 = set(int8_record.get("gate", {}).get("kept_fp32", [])) if same_int8 else set()
-    entries: dict[str, dict] = {}
+    same_tools = prev is not None and prev.versions == versions() and prev.limits == limits
+    # INT8 files of another weight scheme (see runtime/int8_arithmetic.py) are never reused; graphs the previous
+    # gate kept fp32 need no INT8 file to be reused.
+    int8_record = prev.int8 if same_tools else None
+    same_int8 = int8_record is not None and int8_record.weight_max == WEIGHT_MAX
+    kept_fp32 = set(int8_record.gate.kept_fp32) if same_int8 else set()
+    entries: dict[str, GraphRecord] = {}
     stale: list[str] = []  # exported anew, every precision
     added: dict[str, tuple[str, ...]] = {}  # up to date, with precisions this build adds
     for name, spec in specs.items():
         weights = weights_sha256(name, bundle)
-        old = prev["graphs"].get(name) if same_tools else None
+        old = prev.graphs.get(name) if same_tools else None
         wanted = tuple(p for p in precisions if p in spec.precisions and not (p == "int8" and name in kept_fp32))
         if old is not None and "int8" in wanted and not same_int8:
             # INT8 files of another weight scheme are never reused; the graph's other files may be.
-            old = {**old, "files": {p: f for p, f in old["files"].items() if p != "int8"}}
-        if _reusable(old, out, weights, ("fp32",), spec.to_json()):
+            old = dataclasses.replace(old, files={p: f for p, f in old.files.items() if p != "int8"})
+        if _reusable(old, out, weights, ("fp32",), spec):
             entries[name] = copy.deepcopy(old)  # the TensorRT step edits entries; the previous manifest must not change
             # Files of a precision this build does not make are not listed (and so retired at the commit).
-            entries[name]["files"] = {p: f for p, f in entries[name]["files"].items() if p in precisions}
-            missing = tuple(p for p in wanted if p not in entries[name]["files"])
+            entries[name].files = {p: f for p, f in entries[name].files.items() if p in precisions}
+            missing = tuple(p for p in wanted if p not in entries[name].files)
             if missing:
                 added[name] = missing
-                progress(f"{name}: {', '.join(entries[name]['files'])} up to date, kept; adding {', '.join(missing)}")
+                progress(f"{name}: {', '.join(entries[name].files)} up to date, kept; adding {', '.join(missing)}")
             else:
                 progress(f"{name}: up to date" + (" (fp32: the SDXL VAE overflows in fp16)"
                                                   if "fp16" in precisions and "fp16" not in wanted else ""))
@@ -150,50 +146,48 @@ def _build_in(session: BuildFolder, bundle: ModelBundle, fp16: bool, int8: bool,
     if fp16_only:
         exported = export_graphs(bundle, session.staging, fp16_only, ("fp16",), limits, progress)
         for name in fp16_only:
-            entries[name]["files"]["fp16"] = exported[name]["files"]["fp16"]
+            entries[name].files["fp16"] = exported[name].files["fp16"]
     quantize = stale + [n for n, missing in added.items() if "int8" in missing]
     calibration, int8_record = (_int8_step(session, bundle, limits, entries, stale, quantize, recipe, progress)
                                 if int8 else (None, None))
     for name in specs:
-        new = entries[name]["files"] if name in stale else {p: entries[name]["files"][p] for p in added.get(name, ())
-                                                             if p in entries[name]["files"]}
+        files = entries[name].files
+        new = files if name in stale else {p: files[p] for p in added.get(name, ()) if p in files}
         for info in new.values():
-            prefix = session.place(graph_file_names(info))
-            info["file"] = prefix + info["file"]
-            for extra in info["external_data"]:
-                extra["file"] = prefix + extra["file"]
+            prefix = session.place(info.names())
+            info.file = prefix + info.file
+            for extra in info.external_data:
+                extra.file = prefix + extra.file
     manifest = manifest_for(bundle, limits, precisions, {n: entries[n] for n in specs})
-    manifest.update(session.stage_tokenizer(_processor_files(bundle)))  # tokenizer, tokenizer_dir
-    if calibration is not None:
-        manifest["calibration"] = calibration
-        manifest["int8"] = int8_record
+    manifest.tokenizer, manifest.tokenizer_dir = session.stage_tokenizer(_processor_files(bundle))
+    manifest.calibration, manifest.int8 = calibration, int8_record
     if choice.backend == "tensorrt":
         from .tensorrt_build import build_engines
 
         # The PyTorch model is not needed any more: give its memory to the TensorRT builder.
         bundle.model = bundle.vae = None
         gc.collect()
-        for name, precision in build_engines(out, manifest["graphs"], progress, session.staging):
-            engine = manifest["graphs"][name]["files"][precision]["engine"]
-            engine["file"] = session.place([engine["file"]]) + engine["file"]
-    manifest["backend"] = {"name": choice.backend, "reason": choice.reason}
-    manifest["rebuilt"] = stale
+        for name, precision in build_engines(out, manifest.graphs, progress, session.staging):
+            engine = manifest.graphs[name].files[precision].engine
+            engine.file = session.place([engine.file]) + engine.file
+    manifest.backend = BackendRecord(choice.backend, choice.reason)
+    manifest.rebuilt = stale
     # Beside kept files of the graph (an INT8 file the gate refused was not added).
-    manifest["added"] = {n: ps for n, p in added.items() if (ps := [x for x in p if x in entries[n]["files"]])}
+    manifest.added = {n: ps for n, p in added.items() if (ps := [x for x in p if x in entries[n].files])}
     session.commit(manifest)
     for line in _kept_and_removed(prev, manifest, precisions):
         progress(line)
     return manifest
 
 
-def _kept_and_removed(prev: dict | None, manifest: dict, precisions: tuple[str, ...]) -> list[str]:
+def _kept_and_removed(prev: Manifest | None, manifest: Manifest, precisions: tuple[str, ...]) -> list[str]:
     """What the build kept of the previous one, and the graph files it removed, by precision."""
     if prev is None:
         return []
-    files = {(n, p) for n, g in manifest["graphs"].items() for p in g["files"]}
-    before = {(n, p) for n, g in prev.get("graphs", {}).items() for p in g.get("files", {})}
+    files = {(n, p) for n, g in manifest.graphs.items() for p in g.files}
+    before = {(n, p) for n, g in prev.graphs.items() for p in g.files}
     kept_files = {(n, p) for n, p in before & files
-                  if prev["graphs"][n]["files"][p].get("sha256") == manifest["graphs"][n]["files"][p].get("sha256")}
+                  if prev.graphs[n].files[p].sha256 == manifest.graphs[n].files[p].sha256}
     lines = []
     for label, pairs in (("kept", kept_files), ("removed", before - files)):
         for precision in ("fp32", "fp16", "int8"):
@@ -206,50 +200,51 @@ def _kept_and_removed(prev: dict | None, manifest: dict, precisions: tuple[str, 
     return lines
 
 
-def _int8_step(session: BuildFolder, bundle: ModelBundle, limits: Limits, entries: dict[str, dict], stale: list[str],
-               quantize: list[str], recipe: Recipe, progress: Progress) -> tuple[dict, dict]:
+def _int8_step(session: BuildFolder, bundle: ModelBundle, limits: Limits, entries: dict[str, GraphRecord],
+               stale: list[str], quantize: list[str], recipe: Recipe,
+               progress: Progress) -> tuple[CalibrationRecord, Int8Record]:
     """INT8 files of the quantized graphs among `quantize` into staging (listed in `entries`, placed with
     the others; the fp32 graphs of `stale` are in staging, the others in the folder), held to the
     end-to-end gate; returns the calibration cache's manifest record (the file placed here when it
     changed) and the `int8` record (weight scheme, the CPU it was checked on, the gate's verdict)."""
-    prev = session.previous or {}
+    prev = session.previous
     names = [n for n in quantize if n in QUANTIZED_GRAPHS]
-    if not names and prev.get("calibration") is not None and prev.get("int8") is not None:
-        return {**prev["calibration"], "calibrated": []}, prev["int8"]
+    if not names and prev is not None and prev.int8 is not None:
+        return dataclasses.replace(prev.calibration, calibrated=[]), copy.deepcopy(prev.int8)
     cpu, arithmetic = describe_cpu(), matmul_error(WEIGHT_MAX)
     if arithmetic > MATMUL_TOLERANCE:
         raise Int8ArithmeticError(f"int8: on this CPU, {cpu_name(cpu)}, ONNX Runtime's INT8 MatMul is {arithmetic:.1%} off "
                                   f"exact integer arithmetic even with weights within +-{WEIGHT_MAX}: INT8 engines "
                                   "cannot be built here (build without --int8)")
-    fp32_files = {n: (session.staging if n in stale else session.folder) / e["files"]["fp32"]["file"]
+    fp32_files = {n: (session.staging if n in stale else session.folder) / e.files["fp32"].file
                   for n, e in entries.items()}
-    cached = read_cache(session.folder, prev.get("calibration"))
-    graphs = build_int8(bundle, limits, fp32_files, names, {n: entries[n]["weights_sha256"] for n in names},
+    previous = prev.calibration if prev is not None else None
+    cached = read_cache(session.folder, previous)
+    graphs = build_int8(bundle, limits, fp32_files, names, {n: entries[n].weights_sha256 for n in names},
                         session.staging, cached, recipe, progress)
     for name, graph in graphs.items():
-        entries[name]["files"]["int8"] = graph.file
-    int8_files = {n: (session.staging if n in graphs else session.folder) / e["files"]["int8"]["file"]
-                  for n, e in entries.items() if "int8" in e["files"]}
+        entries[name].files["int8"] = graph.file
+    int8_files = {n: (session.staging if n in graphs else session.folder) / e.files["int8"].file
+                  for n, e in entries.items() if "int8" in e.files}
     gate = end_to_end_gate(bundle, limits, fp32_files, int8_files, progress)
     for name in gate.kept_fp32:
-        info = entries[name]["files"].pop("int8")
+        info = entries[name].files.pop("int8")
         if name in graphs:  # staged by this build: not placed, not listed (a reused file is retired at the commit)
-            for written in (info["file"], *(e["file"] for e in info["external_data"])):
+            for written in info.names():
                 (session.staging / written).unlink()
     # Kept fp32 by this gate or, for graphs this build reused, by an earlier one.
-    kept_fp32 = [n for n in QUANTIZED_GRAPHS if n in entries and "int8" not in entries[n]["files"]]
-    int8_record = {"weight_max": WEIGHT_MAX, "cpu": cpu, "arithmetic_rel_rms": arithmetic,
-                   "gate": {**gate.to_json(), "kept_fp32": kept_fp32}}
+    kept_fp32 = [n for n in QUANTIZED_GRAPHS if n in entries and "int8" not in entries[n].files]
+    verdict = GateRecord(**{**gate.to_json(), "kept_fp32": kept_fp32})
+    int8_record = Int8Record(WEIGHT_MAX, cpu, arithmetic, verdict)
     kept = {n: e for n, e in cached.items() if n in entries and n not in graphs}
     path = write_cache(session.staging, {**kept, **{n: g.cache for n, g in graphs.items()}})
     digest = sha256_file(path)
     calibrated = [n for n, g in graphs.items() if g.calibrated]
-    previous = prev.get("calibration")
-    if previous is not None and previous["sha256"] == digest:
+    if previous is not None and previous.sha256 == digest:
         path.unlink()  # same ranges: the file in place stays, untouched
-        return {**previous, "calibrated": calibrated}, int8_record
+        return dataclasses.replace(previous, calibrated=calibrated), int8_record
     prefix = session.place([path.name])
-    return {"file": prefix + path.name, "sha256": digest, "calibrated": calibrated, "recipe": recipe.key()}, int8_record
+    return CalibrationRecord(prefix + path.name, digest, calibrated, recipe.key()), int8_record
 
 
 def _processor_files(bundle: ModelBundle) -> dict[str, Path]:

@@ -28,8 +28,9 @@ Why this design (DESIGN.md "What a build folder guarantees"):
 - Never destructive. A build replaces or removes only files its folder's previous manifest
   lists (or a dead build's journal recorded as placed), and only files inside DIR reached through
   no link. Any other file in DIR is left alone: a name it holds is simply not used. A previous
-  manifest that a runtime would refuse (schema, or a path out of the folder) is no previous build
-  at all (export/build.py `previous_manifest`): nothing of it is reused, none of its files removed.
+  manifest that a runtime would refuse (an older format, a failed check, or a path out of the
+  folder) is no previous build at all (export/build.py `previous_manifest`): nothing of it is
+  reused, none of its files removed.
 - Locking. `fcntl.flock` on `DIR/.jfexport.lock`: the kernel drops the lock when its holder
   dies, so a second build is refused with the holder's pid (written in the file), and a pid
   left in the file by a killed build is stale by construction and taken over with a message.
@@ -53,9 +54,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from jfexport.core.errors import UserError
-from jfexport.runtime.folder_files import TOKENIZER_DIR, manifest_paths, tokenizer_dir
-
-from .manifest import MANIFEST, sha256_file, write_manifest
+from jfexport.core.manifest import MANIFEST, TOKENIZER_DIR, Manifest, fsync, sha256_file
 
 LOCK = ".jfexport.lock"
 TOKENIZER_FOLDER = re.compile(r"tokenizer-[0-9a-f]{12}")  # where a build places its tokenizer files
@@ -85,12 +84,11 @@ def check_output_folder(out: Path) -> None:
         raise BuildFolderError(f"{out}: output folder is not writable ({e.strerror})") from None
 
 
-def listed_files(manifest: dict | None) -> set[str]:
+def listed_files(manifest: Manifest | None) -> set[str]:
     """Every path (relative to the folder) a manifest names: graphs, external data, engines, tokenizer, calibration."""
     if manifest is None:
         return set()
-    # External data is listed by name or as a {file, sha256} record; the INT8 calibration cache too.
-    return {name for _, name in manifest_paths(manifest)}
+    return {name for _, name in manifest.paths()}
 
 
 def _safe_rel(rel: object) -> bool:
@@ -106,14 +104,6 @@ def _removable(folder: Path, rel: str) -> bool:
     path = folder / rel
     parents = [folder / Path(*Path(rel).parts[:i]) for i in range(1, len(Path(rel).parts))]
     return path.is_file() and not path.is_symlink() and not any(p.is_symlink() for p in parents)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -169,11 +159,11 @@ def _read_journal(staging: Path) -> dict:
                for key in ("swapped", "retire")}}
 
 
-def _undo(folder: Path, staging: Path, live: dict | None) -> None:
+def _undo(folder: Path, staging: Path, live: Manifest | None) -> None:
     """Take back what the build that owned `staging` placed in `folder`, given the live manifest."""
     journal = _read_journal(staging)
     keep = listed_files(live)
-    live_tokenizer = (live or {}).get("tokenizer", {})
+    live_tokenizer = (live.tokenizer if live is not None else None) or {}
     placed = journal.get("placed", {})
     for rel in journal.get("swapped", []):  # journals of builds before `tokenizer_dir`
         old = staging / PREVIOUS / rel
@@ -206,7 +196,7 @@ def point_tokenizer_link(folder: Path, where: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync(folder)  # the rename is durable
+    fsync(folder)  # the rename is durable
 
 
 def _our_link(link: Path) -> bool:
@@ -214,9 +204,9 @@ def _our_link(link: Path) -> bool:
     return link.is_symlink() and TOKENIZER_FOLDER.fullmatch(os.readlink(link)) is not None
 
 
-def _repair_tokenizer_link(folder: Path, live: dict | None) -> None:
+def _repair_tokenizer_link(folder: Path, live: Manifest | None) -> None:
     """Point `tokenizer` at the live manifest's tokenizer folder where a killed build left it elsewhere."""
-    where = (live or {}).get("tokenizer_dir")
+    where = live.tokenizer_dir if live is not None else None
     link = folder / TOKENIZER_DIR
     if where and (_our_link(link) or not os.path.lexists(link)) and not (link.is_symlink()
                                                                             and os.readlink(link) == where):
@@ -226,7 +216,7 @@ def _repair_tokenizer_link(folder: Path, live: dict | None) -> None:
 class BuildFolder:
     """One build's session on DIR, opened by `open_build_folder`: its staging folder and its commit."""
 
-    def __init__(self, folder: Path, previous: dict | None, progress: Progress) -> None:
+    def __init__(self, folder: Path, previous: Manifest | None, progress: Progress) -> None:
         self.folder = folder
         self.previous = previous
         self.progress = progress
@@ -244,9 +234,9 @@ class BuildFolder:
         path = self.staging / JOURNAL
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"placed": self._placed, "retire": retire}))
-        _fsync(tmp)
+        fsync(tmp)
         os.replace(tmp, path)
-        _fsync(self.staging)
+        fsync(self.staging)
 
     def place(self, staged: list[str]) -> str:
         """Move staged files (names in the staging folder, e.g. a graph and its external data) into the
@@ -259,12 +249,12 @@ class BuildFolder:
             (self.folder / prefix).mkdir(exist_ok=True)
         for name in staged:
             target = self.folder / prefix / name
-            _fsync(self.staging / name)
+            fsync(self.staging / name)
             os.rename(self.staging / name, target)
             self._taken.add(prefix + name)
         if prefix:
-            _fsync(self.folder / prefix)
-        _fsync(self.folder)
+            fsync(self.folder / prefix)
+        fsync(self.folder)
         return prefix
 
     def _holds(self, where: str, record: dict[str, str]) -> bool:
@@ -282,24 +272,20 @@ class BuildFolder:
         if fixed.is_symlink() or not fixed.is_dir():
             raise BuildFolderError(f"{fixed}: not a tokenizer folder or link this folder's builds made; "
                                    "move it away or build into another folder")
-        previous = self.previous or {}
-        # Builds made before the manifest recorded the tokenizer wrote it all the same.
-        legacy = "backend" in previous and "tokenizer" not in previous
-        known = previous.get("tokenizer", {})
+        known = (self.previous.tokenizer if self.previous is not None else None) or {}
         for entry in sorted(fixed.iterdir()):
             rel = f"{TOKENIZER_DIR}/{entry.name}"
             ours = entry.is_file() and not entry.is_symlink() and (
-                rel in self._taken or (legacy and entry.name in record)
-                or sha256_file(entry) in {known.get(entry.name), record.get(entry.name)})
+                rel in self._taken or sha256_file(entry) in {known.get(entry.name), record.get(entry.name)})
             if not ours:
                 raise BuildFolderError(f"{entry}: a tokenizer file this folder's builds did not write; "
                                        "move it away or build into another folder")
             self._fixed_files.append(rel)
 
-    def stage_tokenizer(self, files: dict[str, Path]) -> dict:
+    def stage_tokenizer(self, files: dict[str, Path]) -> tuple[dict[str, str] | None, str | None]:
         """Copy tokenizer files into staging and place them, as other files, in a fresh `tokenizer-<id>/`
-        (kept where the live tokenizer folder holds the same files); returns the manifest's keys for them:
-        `tokenizer` (sha256 by name) and `tokenizer_dir`."""
+        (kept where the live tokenizer folder holds the same files); returns the manifest's records of them:
+        `tokenizer` (sha256 by name) and `tokenizer_dir` (both None without tokenizer files)."""
         staged = self.staging / TOKENIZER_DIR
         staged.mkdir()
         record = {}
@@ -307,16 +293,14 @@ class BuildFolder:
             shutil.copyfile(src, staged / name)
             record[name] = sha256_file(staged / name)
         if not record:
-            return {"tokenizer": {}}
-        previous = self.previous or {}
-        where = tokenizer_dir(previous)
-        if previous.get("tokenizer") == record and self._holds(where, record):
-            if where == TOKENIZER_DIR:
-                return {"tokenizer": record}  # an older build's folder, unchanged: it stays as it is
+            return None, None
+        previous = self.previous
+        if previous is not None and previous.tokenizer == record and previous.tokenizer_dir is not None \
+                and self._holds(previous.tokenizer_dir, record):
             fixed = self.folder / TOKENIZER_DIR
             if not (fixed.is_dir() and not fixed.is_symlink() and self._holds(TOKENIZER_DIR, record)):
                 self._plan_fixed_path(record)  # else a copy of the same files, served as it is
-            return {"tokenizer": record, "tokenizer_dir": where}
+            return record, previous.tokenizer_dir
         self._plan_fixed_path(record)
         where = f"tokenizer-{self.id}"
         while os.path.lexists(self.folder / where):
@@ -325,23 +309,23 @@ class BuildFolder:
             self._placed[f"{where}/{name}"] = sha
         self._journal([])
         for name in record:
-            _fsync(staged / name)
-        _fsync(staged)
+            fsync(staged / name)
+        fsync(staged)
         os.rename(staged, self.folder / where)
         self._taken.update(f"{where}/{name}" for name in record)
-        _fsync(self.folder)
-        return {"tokenizer": record, "tokenizer_dir": where}
+        fsync(self.folder)
+        return record, where
 
-    def commit(self, manifest: dict) -> None:
+    def commit(self, manifest: Manifest) -> None:
         """Make `manifest` the folder's build: the atomic replace, the tokenizer link, then retire the old files."""
         retire = sorted(listed_files(self.previous) - listed_files(manifest))
         self._journal(retire)
         self.progress(f"commit: {len(self._placed)} new file(s) in place, replacing {MANIFEST}")
-        write_manifest(self.folder, manifest, scratch=self.staging)
+        manifest.write(self.folder, scratch=self.staging)
         self.previous = manifest  # from here on, recovery keeps the new build
         self.progress(f"committed: removing {len(retire)} file(s) of the previous build")
         _repair_tokenizer_link(self.folder, manifest)  # readers of the fixed path: the new tokenizer at once
-        where, fixed = manifest.get("tokenizer_dir"), self.folder / TOKENIZER_DIR
+        where, fixed = manifest.tokenizer_dir, self.folder / TOKENIZER_DIR
         for rel in retire:
             if _removable(self.folder, rel):
                 (self.folder / rel).unlink()
@@ -356,7 +340,7 @@ class BuildFolder:
         _remove_empty_subfolders(self.folder)
 
 
-def _clean_leftovers(folder: Path, live: dict | None, own: Path, progress: Progress) -> None:
+def _clean_leftovers(folder: Path, live: Manifest | None, own: Path, progress: Progress) -> None:
     """Under the lock: every staging folder but ours is a dead build's; undo it and remove it."""
     for path in sorted(folder.iterdir()):
         match = STAGING_PATTERN.fullmatch(path.name)
@@ -369,7 +353,7 @@ def _clean_leftovers(folder: Path, live: dict | None, own: Path, progress: Progr
 
 
 @contextmanager
-def open_build_folder(out: Path, read_previous: Callable[[Path], dict | None],
+def open_build_folder(out: Path, read_previous: Callable[[Path], Manifest | None],
                       progress: Progress = lambda msg: None) -> Iterator[BuildFolder]:
     """Lock `out`, clean up after killed builds, and yield a session whose staging is removed at exit.
 

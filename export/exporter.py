@@ -4,6 +4,7 @@ in ONNX Runtime and checked against the TensorRT operator matrix before it is ke
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import resource
@@ -14,16 +15,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from jfexport.core.manifest import (MANIFEST, EnginesError, GraphFile, GraphRecord, Limits, Manifest, ModelRecord,
+                                    SpecRecord, file_record, versions)
 from jfexport.reference.bundle import ModelBundle
 from jfexport.core.errors import UserError
 from jfexport.reference.graphs import GRAPH_NAMES, build_graph, graph_weights
 
 from .build_folder import BuildFolderError, named_os_error, open_build_folder
 from jfexport.core.graph_spec import GraphSpec
-from .manifest import FORMAT, MANIFEST, EnginesError, read_build_manifest, sha256_file, versions, write_manifest
 from .onnx_export import export_graph
 from .precision import to_fp16_, use_explicit_softmax
-from .specs import Limits, graph_specs
+from .specs import graph_specs
 from .trt_ops import check_file
 from .validate import compare, reference_cases, validation_dims
 
@@ -51,17 +53,6 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def file_record(folder: Path, name: str) -> dict[str, object]:
-    """What the manifest records of a file, and the runtime checks before serving it."""
-    path = folder / name
-    return {"file": name, "sha256": sha256_file(path), "size": path.stat().st_size}
-
-
-def graph_file_names(info: dict) -> list[str]:
-    """The graph file of a manifest `files[precision]` entry, then its external-data files."""
-    return [info["file"], *(e["file"] for e in info.get("external_data", []))]
-
-
 def weights_sha256(name: str, bundle: ModelBundle) -> str:
     """Identity of a graph's weights: a rebuild re-exports only graphs whose weights changed."""
     h = hashlib.sha256()
@@ -80,7 +71,7 @@ def export_graphs(
     precisions: tuple[str, ...] = ("fp32",),
     limits: Limits = Limits(),
     progress: Progress = lambda msg: None,
-) -> dict[str, dict]:
+) -> dict[str, GraphRecord]:
     """Export, validate and check `names` into the existing folder `out` (a build's staging folder);
     returns their manifest entries, file names relative to `out`. `precisions` without fp32 adds
     typed graphs beside fp32 graphs a build keeps; every graph is checked against the fp32 model.
@@ -91,11 +82,7 @@ def export_graphs(
     specs = graph_specs(bundle, limits)
     use_explicit_softmax(bundle.model)
     bundle.model.float()
-    entries: dict[str, dict] = {
-        n: {"spec": specs[n].to_json(), "weights_sha256": weights_sha256(n, bundle),
-            "files": {}}
-        for n in names
-    }
+    entries = {n: GraphRecord(SpecRecord.from_json(specs[n].to_json()), weights_sha256(n, bundle), {}) for n in names}
     cases = {name: reference_cases(build_graph(name, bundle.model, bundle.vae), specs[name],
                                    validation_dims(specs[name])) for name in names}
     staging = Path(tempfile.mkdtemp(prefix=".staging.", dir=out))
@@ -125,41 +112,28 @@ def export_graphs(
                 files = sorted(staging.iterdir())
                 for f in files:
                     f.replace(out / f.name)
-                entries[name]["files"][precision] = {
-                    **file_record(out, path.name),
+                graph = file_record(out, path.name)
+                entries[name].files[precision] = GraphFile(
+                    graph.file, graph.sha256, graph.size,
                     # Hashed like the graph file: the weights of a graph over 2 GB live here.
-                    "external_data": [file_record(out, f.name) for f in files if f.name != path.name],
-                    "parity": parity.to_json(),
-                    "export_seconds": round(seconds, 2),
-                    "peak_rss_gib": round(_peak_rss_gib(), 2),
-                }
+                    [file_record(out, f.name) for f in files if f.name != path.name],
+                    parity.to_json(), export_seconds=round(seconds, 2), peak_rss_gib=round(_peak_rss_gib(), 2))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return entries
 
 
-def manifest_for(bundle: ModelBundle, limits: Limits, precisions: tuple[str, ...], graphs: dict[str, dict]) -> dict:
-    return {
-        "format": FORMAT,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": versions(),
-        "model": {
-            "source": bundle.source,
-            "fingerprint": bundle.fingerprint,
-            "config": bundle.config.to_dict(),
-            "image_size": bundle.image_size,
-            "latent_size": bundle.latent_size,
-            "latent_channels": bundle.latent_channels,
-            "grid": bundle.config.image_grid(bundle.latent_size),
-        },
-        "limits": {"max_batch": limits.max_batch, "max_seq": limits.max_seq},
-        "precisions": list(dict.fromkeys(("fp32", *precisions))),
-        "graphs": graphs,
-    }
+def manifest_for(bundle: ModelBundle, limits: Limits, precisions: tuple[str, ...],
+                 graphs: dict[str, GraphRecord]) -> Manifest:
+    """An export's manifest (a build adds its backend, tokenizer and INT8 records)."""
+    model = ModelRecord(bundle.source, bundle.fingerprint, bundle.config.to_dict(), bundle.image_size, bundle.latent_size,
+                        bundle.latent_channels, bundle.config.image_grid(bundle.latent_size))
+    return Manifest(datetime.now(timezone.utc).isoformat(timespec="seconds"), versions(), model, limits,
+                    list(dict.fromkeys(("fp32", *precisions))), graphs)
 
 
 def export_all(bundle: ModelBundle, out: Path, graphs: list[str] | None = None, precisions: tuple[str, ...] = ("fp32",),
-               limits: Limits = Limits(), progress: Progress = lambda msg: None) -> dict:
+               limits: Limits = Limits(), progress: Progress = lambda msg: None) -> Manifest:
     """`jfexport export`: every selected graph, then the manifest; returns the manifest.
 
     An export folder is a workbench: its graphs keep their plain names and are replaced by the
@@ -172,23 +146,33 @@ def export_all(bundle: ModelBundle, out: Path, graphs: list[str] | None = None, 
         with open_build_folder(out, _export_folder_manifest, progress) as session:
             entries = export_graphs(bundle, session.staging, names, precisions, limits, progress)
             for entry in entries.values():
-                for info in entry["files"].values():
-                    for name in graph_file_names(info):
+                for info in entry.files.values():
+                    for name in info.names():
                         os.replace(session.staging / name, out / name)
             manifest = manifest_for(bundle, limits, precisions, entries)
-            write_manifest(out, manifest, scratch=session.staging)  # a kill leaves no temp file in DIR
+            manifest.write(out, scratch=session.staging)  # a kill leaves no temp file in DIR
     except OSError as e:
         raise named_os_error(out, e) from None
     return manifest
 
 
-def _export_folder_manifest(out: Path) -> dict | None:
-    """The manifest of a previous export into `out`; a build's manifest refuses the export."""
+def _export_folder_manifest(out: Path) -> Manifest | None:
+    """The manifest of a previous export into `out`; a build's manifest refuses the export, whatever its format
+    or state (a damaged build is still not the export's to replace)."""
     try:
-        manifest = read_build_manifest(out)
+        manifest = Manifest.read(out)
     except EnginesError:
-        return None
-    if "backend" in manifest:
+        manifest = None
+    if manifest.is_build if manifest is not None else _names_a_backend(out / MANIFEST):
         raise BuildFolderError(f"{out}: holds a `jfexport build` ({out / MANIFEST}); `jfexport export` would replace its "
                                "manifest and break it: export into another folder, or rebuild with `jfexport build`")
     return manifest
+
+
+def _names_a_backend(path: Path) -> bool:
+    """A manifest that cannot be read as this version's says it is a build's (`backend` is what only builds write)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and "backend" in data

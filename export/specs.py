@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from jfexport.core.manifest import Limits
 from jfexport.reference.bundle import ModelBundle
 from jfexport.core.graph_contract import GRAPH_NAMES, NEW, PAST, PRESENT, kv_names
 
 from jfexport.core.graph_spec import Dim, GraphSpec, TensorSpec
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Build-time ranges: the largest request the engines will accept."""
-
-    max_batch: int = 16  # rows, i.e. 8 images under CFG
-    max_seq: int = 4096  # prompt + generated tokens (capped by the model's max_position_embeddings)
 
 
 def graph_specs(bundle: ModelBundle, limits: Limits = Limits()) -> dict[str, GraphSpec]:

@@ -1,7 +1,7 @@
 """Open a build folder: read and validate its manifest, check the files it serves, create one engine per graph.
 
 The runtime never imports the exporter: the manifest and the graph files are the contract. Nothing
-is opened before the manifest has passed its schema (`manifest_schema`) and every path it names is
+is opened before the manifest has passed its checks (`jfexport.core.manifest`) and every path it names is
 confined to the folder; nothing is served before its file matches the manifest (`folder_files`).
 """
 
@@ -18,15 +18,16 @@ import torch
 # service does not open the vision encoder, a chat one not the VAE. One definition, in the graph contract.
 from jfexport.core.graph_contract import GENERATION_GRAPHS, UNDERSTANDING_GRAPHS
 
+from jfexport.core.manifest import MANIFEST, EnginesError, Int8Record, Manifest
+
 from .backend_choice import choose_backend
-from .folder_files import TOKENIZER_DIR, FileCheck, check_files, confine_tokenizer, served_files, tokenizer_files
-from .int8_arithmetic import LEGACY_WEIGHT_MAX, MATMUL_TOLERANCE, WEIGHT_MAX, cpu_name, describe_cpu, matmul_error
-from .manifest_schema import FORMAT, MANIFEST, EnginesError, read_build_manifest, validate_manifest
+from .folder_files import FileCheck, check_files, confine_tokenizer, served_files, tokenizer_files
+from .int8_arithmetic import MATMUL_TOLERANCE, WEIGHT_MAX, cpu_name, describe_cpu, matmul_error
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FORMAT", "GENERATION_GRAPHS", "MANIFEST", "TOKENIZER_DIR", "UNDERSTANDING_GRAPHS", "CheckedBuild",
-           "EngineSet", "EnginesError", "check_build", "load_engines", "pick_precision", "read_build_manifest"]
+__all__ = ["GENERATION_GRAPHS", "UNDERSTANDING_GRAPHS", "CheckedBuild", "EngineSet", "check_build", "load_engines",
+           "pick_precision"]
 
 
 class EngineSet(dict):
@@ -41,8 +42,8 @@ class EngineSet(dict):
         self.tokenizer = tokenizer  # the tokenizer folder checked against the manifest: load the processor from it
 
 
-def pick_precision(manifest: dict, requested: str | None, device: str) -> str:
-    available = manifest.get("precisions", ["fp32"])
+def pick_precision(manifest: Manifest, requested: str | None, device: str) -> str:
+    available = manifest.precisions
     if requested is None:
         # ONNX Runtime's CPU kernels run fp16 graphs through casts: fp16 only pays off on a GPU. INT8 is
         # never chosen for the caller: it trades accuracy for speed (README "INT8"), so it is asked for.
@@ -53,13 +54,12 @@ def pick_precision(manifest: dict, requested: str | None, device: str) -> str:
     return requested
 
 
-def check_int8_arithmetic(folder: Path, manifest: dict) -> None:
+def check_int8_arithmetic(folder: Path, record: Int8Record) -> None:
     """Refuse INT8 engines whose weights this CPU's ONNX Runtime kernels cannot multiply exactly
     (runtime/int8_arithmetic.py): they would serve silently degraded results. A CPU other than the
     build's is re-checked here, never trusted by name."""
-    record = manifest.get("int8")
-    weight_max = record["weight_max"] if record else LEGACY_WEIGHT_MAX
-    built_on = cpu_name(record["cpu"]) if record else "an unrecorded CPU (a build older than the INT8 CPU record)"
+    weight_max = record.weight_max
+    built_on = cpu_name(record.cpu)
     here = describe_cpu()
     error = matmul_error(weight_max)
     if error > MATMUL_TOLERANCE:
@@ -68,19 +68,19 @@ def check_int8_arithmetic(folder: Path, manifest: dict) -> None:
             f"{cpu_name(here)}, ONNX Runtime multiplies such weights {error:.1%} off exact integer arithmetic (its int16 "
             f"pair sums saturate), so they would serve degraded results. Rebuild with `jfexport build --int8` "
             f"(weights within +-{WEIGHT_MAX}, exact on every CPU), or serve --precision fp32")
-    if record and record["cpu"].get("isa") != here["isa"]:
+    if record.cpu["isa"] != here["isa"]:
         log.info("%s: INT8 engines built on %s, served on %s: INT8 arithmetic re-checked, exact", folder, built_on,
                  cpu_name(here))
 
 
-def _select_graphs(manifest: dict, graphs: Iterable[str] | None, folder: Path) -> list[str]:
+def _select_graphs(manifest: Manifest, graphs: Iterable[str] | None, folder: Path) -> list[str]:
     if graphs is None:
-        return list(manifest["graphs"])
+        return list(manifest.graphs)
     names = list(dict.fromkeys([graphs] if isinstance(graphs, str) else graphs))
-    missing = [n for n in names if n not in manifest["graphs"]]
+    missing = [n for n in names if n not in manifest.graphs]
     if missing:
         raise EnginesError(f"{folder / MANIFEST}: no graph(s) {missing} in this build (it has "
-                           f"{', '.join(manifest['graphs'])}): rebuild with them")
+                           f"{', '.join(manifest.graphs)}): rebuild with them")
     return names
 
 
@@ -89,7 +89,7 @@ class CheckedBuild:
     """What `check_build` established: everything needed to open the engines, nothing opened yet."""
 
     folder: Path
-    manifest: dict
+    manifest: Manifest
     backend: str
     device: str
     precision: str
@@ -103,11 +103,13 @@ def check_build(folder: str | Path, backend: str = "auto", precision: str | None
     """Validate the manifest, confine its paths and check the files `graphs` are served from (all graphs by
     default); `verify_files` hashes every file even where a verified stamp says it is unchanged."""
     folder = Path(folder)
-    manifest = read_build_manifest(folder)
-    validate_manifest(manifest, folder / MANIFEST)
+    manifest = Manifest.read(folder)
     names = _select_graphs(manifest, graphs, folder)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    chosen = choose_backend(backend).backend if backend != "auto" else manifest.get("backend", {}).get("name", "onnxruntime")
+    if backend != "auto":
+        chosen = choose_backend(backend).backend
+    else:  # an export folder has no backend: ONNX Runtime serves its graphs
+        chosen = manifest.backend.name if manifest.backend is not None else "onnxruntime"
     if chosen == "tensorrt":
         choose_backend("tensorrt")  # raises with install instructions when TensorRT or the GPU is missing
     else:
@@ -116,7 +118,7 @@ def check_build(folder: str | Path, backend: str = "auto", precision: str | None
         device = ort_device(device)  # before the precision: fp16 is chosen only where it runs on a GPU
     precision = pick_precision(manifest, precision, device)
     if precision == "int8" and chosen == "onnxruntime" and torch.device(device).type == "cpu":
-        check_int8_arithmetic(folder, manifest)
+        check_int8_arithmetic(folder, manifest.int8)
     listed = {name: served_files(manifest, name, precision, chosen) for name in names}
     tokenizer = confine_tokenizer(folder, manifest)
     listed["tokenizer"] = tokenizer_files(manifest)
@@ -127,7 +129,7 @@ def check_build(folder: str | Path, backend: str = "auto", precision: str | None
 
 def load_engines(folder: str | Path, backend: str = "auto", precision: str | None = None, device: str | None = None,
                  graphs: Iterable[str] | None = None, verify_files: bool = False,
-                 threads: int | None = None) -> tuple[EngineSet, dict, str]:
+                 threads: int | None = None) -> tuple[EngineSet, Manifest, str]:
     """(engines by graph name, manifest, backend name) for a build folder, after `check_build`.
 
     `graphs` opens only those graphs, e.g. GENERATION_GRAPHS; all by default. The EngineSet says the
@@ -140,7 +142,7 @@ def load_engines(folder: str | Path, backend: str = "auto", precision: str | Non
         if build.backend == "tensorrt":
             from .backends.trt_backend import TrtEngine
 
-            engines[name] = TrtEngine.from_manifest_entry(name, build.folder, build.manifest["graphs"][name],
+            engines[name] = TrtEngine.from_manifest_entry(name, build.folder, build.manifest.graphs[name],
                                                           build.precision)
         else:
             from .backends.ort_backend import OrtEngine

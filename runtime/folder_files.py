@@ -32,11 +32,10 @@ against someone who can write the folder: they could rewrite the manifest as wel
 The tokenizer: a build writes its tokenizer files into a folder at a fresh name
 (`tokenizer-<id>/`, the manifest's `tokenizer_dir`), like any other file, so replacing
 `manifest.json` switches graphs and tokenizer together, and the runtime reads the tokenizer from
-the folder the manifest names. `tokenizer` (the fixed path older builds wrote the files at) is a
-link to it that the build repoints after the manifest, for people and older readers; the runtime
-neither reads nor repairs it, so a build killed between the two renames leaves a folder that
-serves the new build whole. A manifest without `tokenizer_dir` (older builds) is read from
-`tokenizer/` itself.
+the folder the manifest names. `tokenizer` (a fixed path) is a link to it that the build repoints
+after the manifest, for people and other readers; the runtime neither reads nor repairs it, so a
+build killed between the two renames leaves a folder that serves the new build whole. An export
+folder records no tokenizer: its processor is looked for in `tokenizer/`.
 """
 
 from __future__ import annotations
@@ -50,13 +49,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .manifest_schema import EnginesError
+from jfexport.core.manifest import EnginesError, Manifest, sha256_file
 
 log = logging.getLogger(__name__)
 
 STAMPS = ".jfexport-verified.json"
-TOKENIZER_DIR = "tokenizer"  # the fixed path: the files themselves (older builds) or a link to `tokenizer_dir`
-_CHUNK = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -65,76 +62,39 @@ class ListedFile:
 
     graph: str
     name: str  # as the manifest spells it, relative to the folder
-    sha256: str | None  # None for external data listed by name only (older exporters)
+    sha256: str
     size: int | None = None
 
 
 @dataclass(frozen=True)
 class FileCheck:
     file: ListedFile
-    how: str  # "sha256" (hashed now), "stamp" (stat equals a verified stamp) or "unhashed" (no hash recorded)
+    how: str  # "sha256" (hashed now) or "stamp" (stat equals a verified stamp)
 
 
-def served_entry(files: dict[str, dict], precision: str) -> dict:
-    """The `files` entry a graph is served from at `precision`: fp32 where it has no typed one."""
-    return files.get(precision) or files["fp32"]
-
-
-def served_files(manifest: dict, graph: str, precision: str, backend: str) -> list[ListedFile]:
+def served_files(manifest: Manifest, graph: str, precision: str, backend: str) -> list[ListedFile]:
     """The files `backend` serves `graph` from at `precision` (the fp32 file where a graph has no typed one)."""
-    files = manifest["graphs"][graph]["files"]
-    info = served_entry(files, precision)
+    entry = manifest.graphs[graph]
+    info = entry.served(precision)
     if backend == "tensorrt":
-        engine = info.get("engine")
-        if not engine:
-            have = [p for p, i in files.items() if i.get("engine")]
+        if info.engine is None:
+            have = [p for p, i in entry.files.items() if i.engine is not None]
             raise EnginesError(f"{graph}: no TensorRT engine for {precision} in this build (engines: {have or 'none'}; "
                                "rebuild with --backend tensorrt)")
-        return [ListedFile(graph, engine["file"], engine["sha256"], engine.get("size"))]
-    listed = [ListedFile(graph, info["file"], info["sha256"], info.get("size"))]
-    for extra in info.get("external_data", []):
-        if isinstance(extra, str):
-            listed.append(ListedFile(graph, extra, None))
-        else:
-            listed.append(ListedFile(graph, extra["file"], extra["sha256"], extra.get("size")))
-    return listed
+        return [ListedFile(graph, info.engine.file, info.engine.sha256)]
+    return [ListedFile(graph, r.file, r.sha256, r.size) for r in (info.record, *info.external_data)]
 
 
-def tokenizer_dir(manifest: dict) -> str:
-    """The folder (relative to the build folder) the manifest's tokenizer files are in."""
-    return manifest.get("tokenizer_dir", TOKENIZER_DIR)
+def tokenizer_files(manifest: Manifest) -> list[ListedFile]:
+    """The tokenizer files the manifest records hashes for, where the build placed them."""
+    where = manifest.tokenizer_folder
+    return [ListedFile("tokenizer", f"{where}/{name}", digest) for name, digest in (manifest.tokenizer or {}).items()]
 
 
-def tokenizer_files(manifest: dict) -> list[ListedFile]:
-    """The tokenizer files the manifest records hashes for, where the build placed them (builds before it
-    recorded hashes are confined only)."""
-    where = tokenizer_dir(manifest)
-    return [ListedFile("tokenizer", f"{where}/{name}", digest) for name, digest in manifest.get("tokenizer", {}).items()]
-
-
-def manifest_paths(manifest: dict) -> list[tuple[str, str]]:
-    """(key path, path) of every file a validated manifest names, all graphs and precisions: what a rebuild
-    may reuse or remove."""
-    paths = []
-    for graph, entry in manifest.get("graphs", {}).items():
-        for precision, info in entry.get("files", {}).items():
-            at = f"graphs.{graph}.files.{precision}"
-            paths.append((f"{at}.file", info["file"]))
-            paths += [(f"{at}.external_data[{i}]", e if isinstance(e, str) else e["file"])
-                      for i, e in enumerate(info.get("external_data", []))]
-            if "engine" in info:
-                paths.append((f"{at}.engine.file", info["engine"]["file"]))
-    where = tokenizer_dir(manifest)
-    paths += [(f"tokenizer.{name}", f"{where}/{name}") for name in manifest.get("tokenizer", {})]
-    if "calibration" in manifest:
-        paths.append(("calibration.file", manifest["calibration"]["file"]))
-    return paths
-
-
-def confine_manifest(folder: Path, manifest: dict) -> None:
-    """Refuse (EnginesError naming the key path) a validated manifest any of whose paths leaves the folder."""
-    confine(folder, "tokenizer_dir", tokenizer_dir(manifest))
-    for where, name in manifest_paths(manifest):
+def confine_manifest(folder: Path, manifest: Manifest) -> None:
+    """Refuse (EnginesError naming the key path) a manifest any of whose paths leaves the folder."""
+    confine(folder, "tokenizer_dir", manifest.tokenizer_folder)
+    for where, name in manifest.paths():
         confine(folder, where, name)
 
 
@@ -151,10 +111,10 @@ def confine(folder: Path, graph: str, name: str) -> Path:
     return path
 
 
-def confine_tokenizer(folder: Path, manifest: dict) -> Path:
+def confine_tokenizer(folder: Path, manifest: Manifest) -> Path:
     """The tokenizer folder the manifest names, and every file in it, must resolve inside the build folder;
     returns it (where the tokenizer is read from)."""
-    name = tokenizer_dir(manifest)
+    name = manifest.tokenizer_folder
     tokenizer = folder / name
     if tokenizer.exists() or tokenizer.is_symlink():  # missing files are named by the file check
         confine(folder, "tokenizer", name)
@@ -212,14 +172,6 @@ def _write_stamps(folder: Path, stamps: dict) -> Path | None:
     return None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def check_files(folder: Path, listed: list[ListedFile], full: bool = False) -> list[FileCheck]:
     """Refuse (EnginesError naming graph and file) any listed file that is outside the folder, missing or not
     the one the manifest records; `full` hashes every file even where a verified stamp matches."""
@@ -238,18 +190,14 @@ def check_files(folder: Path, listed: list[ListedFile], full: bool = False) -> l
         if f.size is not None and st.st_size != f.size:
             raise EnginesError(f"{f.graph}: {folder / f.name} does not match the manifest ({st.st_size} bytes, "
                                f"it records {f.size}): a damaged or foreign file (rebuild the engines)")
-        if f.sha256 is None:
-            log.warning("%s: %s has no sha256 in the manifest (built by an older exporter): not checked",
-                        f.graph, f.name)
-            checks[i] = FileCheck(f, "unhashed")
-        elif not full and any(src.get(f.name) == _stamp(st, f.sha256) for src in sources):
+        if not full and any(src.get(f.name) == _stamp(st, f.sha256) for src in sources):
             checks[i] = FileCheck(f, "stamp")
         else:
             to_hash.append((i, st))
     if not to_hash:
         return [checks[i] for i in range(len(listed))]
     with ThreadPoolExecutor(max_workers=min(len(to_hash), os.cpu_count() or 1)) as pool:
-        digests = list(pool.map(lambda item: _sha256(paths[item[0]]), to_hash))
+        digests = list(pool.map(lambda item: sha256_file(paths[item[0]]), to_hash))
     stamps = {k: v for src in reversed(sources) for k, v in src.items()}
     wrong = []
     for (i, st), digest in zip(to_hash, digests):

@@ -29,7 +29,7 @@ import numpy as np
 
 # Largest |weight| of the INT8 scheme jfexport builds (symmetric per output channel): see above.
 WEIGHT_MAX = 64
-# The scheme before the bound existed: full-range weights. A manifest without an `int8` record has them.
+# The scheme before the bound existed: full-range weights (format 2 builds without an `int8` record).
 LEGACY_WEIGHT_MAX = 127
 # `matmul_error` above which a CPU's INT8 arithmetic is not exact. Exact kernels measure 0.0 (products of
 # integers summed in int32, then scaled by 1.0); saturation measures 0.45 with full-range weights.

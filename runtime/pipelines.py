@@ -19,6 +19,7 @@ from PIL import Image
 from jfexport.core.errors import InputError
 from jfexport.core.graph_contract import GENERATION_GRAPHS, UNDERSTANDING_GRAPHS
 from jfexport.core.images import initial_noise, to_uint8
+from jfexport.core.manifest import EnginesError
 from jfexport.core.processor import JanusProcessor
 from jfexport.core.processor.request_checks import check_generation, check_sampling
 from jfexport.core.schedulers import StopRule, answers_from_stream, row_generators
@@ -93,26 +94,25 @@ class JanusFlowRuntime:
         model: 1355 ms with torch's default threads, 159 ms with one). None leaves it alone.
         `engine_threads`: ONNX Runtime's intra-op threads per graph (None: its default).
         """
-        from .engines_folder import EnginesError, load_engines
+        from .engines_folder import load_engines
 
         wanted = {g for task in tasks for g in {"generate": GENERATION_GRAPHS, "chat": UNDERSTANDING_GRAPHS}[task]}
         engines, manifest, chosen = load_engines(folder, backend, precision, device, graphs=wanted,
                                                  verify_files=verify_files, threads=engine_threads)
 
-        model = manifest["model"]
-        und = model["config"]["vision_und_enc_config"]["params"]
+        model = manifest.model
         tokenizer_dir = engines.tokenizer  # the folder the manifest names, its files checked
         if not (tokenizer_dir / "tokenizer.json").is_file():
             raise EnginesError(f"{tokenizer_dir}: no tokenizer files in the build folder (rebuild the engines)")
-        graphs = manifest["graphs"]
-        n_tokens = graphs["vision_encoder"]["spec"]["extra"]["image_tokens"]
-        processor = JanusProcessor.from_folder(tokenizer_dir, image_size=int(und.get("image_size", model["image_size"])),
+        graphs = manifest.graphs
+        n_tokens = graphs["vision_encoder"].spec.extra["image_tokens"]
+        processor = JanusProcessor.from_folder(tokenizer_dir, image_size=model.understanding_image_size,
                                                num_image_tokens=n_tokens)
-        latent = model["latent_size"]
-        limits = manifest["limits"]
-        layout = KVLayout.from_spec(graphs["llm_decode"]["spec"], engines.precision) if "llm_decode" in engines else None
-        return cls(engines, processor, (model["latent_channels"], latent, latent), model["grid"], model["image_size"],
-                   limits["max_seq"], limits["max_batch"], chosen, max_queue, kv_budget_bytes, torch_threads, layout,
+        latent = model.latent_size
+        limits = manifest.limits
+        layout = KVLayout.from_spec(graphs["llm_decode"].spec, engines.precision) if "llm_decode" in engines else None
+        return cls(engines, processor, (model.latent_channels, latent, latent), model.grid, model.image_size,
+                   limits.max_seq, limits.max_batch, chosen, max_queue, kv_budget_bytes, torch_threads, layout,
                    prefix_cache_bytes)
 
     @classmethod

@@ -9,32 +9,25 @@ separate engines would hold the LLM weights twice.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from jfexport.core.manifest import DimRange, EngineRecord, GraphFile, SpecRecord
 
 Shape = tuple[int, ...]
 Profile = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)
 
 
-@dataclass(frozen=True)
-class DimRange:
-    min: int
-    opt: int
-    max: int
-
-
-def _resolve(shape: list, values: dict[str, int]) -> Shape:
+def _resolve(shape: tuple[int | str, ...], values: dict[str, int]) -> Shape:
     return tuple(d if isinstance(d, int) else sum(values[p.strip()] for p in d.split("+")) for d in shape)
 
 
-def _profile(spec: dict, ranges: dict[str, DimRange]) -> Profile:
+def _profile(spec: SpecRecord, ranges: dict[str, DimRange]) -> Profile:
     out: Profile = {}
-    for t in spec["inputs"]:
-        out[t["name"]] = tuple(_resolve(t["shape"], {k: getattr(r, w) for k, r in ranges.items()}) for w in ("min", "opt", "max"))
+    for t in spec.inputs:
+        out[t.name] = tuple(_resolve(t.shape, {k: getattr(r, w) for k, r in ranges.items()}) for w in ("min", "opt", "max"))
     return out
 
 
-def optimization_profiles(name: str, spec: dict) -> list[Profile]:
-    dims = {k: DimRange(v["min"], v["opt"], v["max"]) for k, v in spec["dims"].items()}
+def optimization_profiles(name: str, spec: SpecRecord) -> list[Profile]:
+    dims = dict(spec.dims)
     if name != "llm_decode":
         return [_profile(spec, dims)]
     t_max, p_max = dims["T"].max, dims["P"].max
@@ -58,10 +51,10 @@ def engine_file_name(graph: str, precision: str, trt_version: str, compute_capab
     return f"{graph}.{precision}.trt{trt_version}.sm{compute_capability.replace('.', '')}.engine"
 
 
-def engine_is_current(info: dict, onnx_sha256: str, trt_version: str, compute_capability: str) -> bool:
-    engine = info.get("engine")
-    return bool(engine) and engine.get("onnx_sha256") == onnx_sha256 and engine.get("tensorrt") == trt_version \
-        and engine.get("compute_capability") == compute_capability
+def engine_is_current(info: GraphFile, onnx_sha256: str, trt_version: str, compute_capability: str) -> bool:
+    engine = info.engine
+    return engine is not None and engine.onnx_sha256 == onnx_sha256 and engine.tensorrt == trt_version \
+        and engine.compute_capability == compute_capability
 
 
 def gpu_compute_capability() -> str:
@@ -71,12 +64,12 @@ def gpu_compute_capability() -> str:
     return f"{major}.{minor}"
 
 
-def stale_engine_reason(engine: dict, trt_version: str, compute_capability: str) -> str | None:
+def stale_engine_reason(engine: EngineRecord, trt_version: str, compute_capability: str) -> str | None:
     """Why an engine must not be deserialised here, or None when it fits."""
-    if engine.get("tensorrt") != trt_version:
-        return f"built by TensorRT {engine.get('tensorrt')}, this is TensorRT {trt_version}"
-    if engine.get("compute_capability") != compute_capability:
-        return f"built for compute capability {engine.get('compute_capability')}, this GPU is {compute_capability}"
+    if engine.tensorrt != trt_version:
+        return f"built by TensorRT {engine.tensorrt}, this is TensorRT {trt_version}"
+    if engine.compute_capability != compute_capability:
+        return f"built for compute capability {engine.compute_capability}, this GPU is {compute_capability}"
     return None
 
 
@@ -91,13 +84,13 @@ def prompt_bucket(length: int, max_len: int, smallest: int = 16) -> int:
     return min(bucket, max_len)
 
 
-def max_output_bytes(spec: dict, dtype_bytes: dict[str, int]) -> dict[str, int]:
+def max_output_bytes(spec: SpecRecord, dtype_bytes: dict[str, int]) -> dict[str, int]:
     """Bytes to preallocate per output: its shape at every dim's max."""
-    values = {k: v["max"] for k, v in spec["dims"].items()}
+    values = {k: v.max for k, v in spec.dims.items()}
     out = {}
-    for t in spec["outputs"]:
+    for t in spec.outputs:
         n = 1
-        for d in _resolve(t["shape"], values):
+        for d in _resolve(t.shape, values):
             n *= d
-        out[t["name"]] = n * dtype_bytes[t["dtype"]]
+        out[t.name] = n * dtype_bytes[t.dtype]
     return out

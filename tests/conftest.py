@@ -94,5 +94,4 @@ def tiny_export(tmp_path_factory):
     from jfexport.reference.bundle import load_preset
 
     out = tmp_path_factory.mktemp("engines-tiny")
-    manifest = export_all(load_preset("tiny"), out, precisions=("fp32", "fp16"))
-    return out, manifest
+    return out, export_all(load_preset("tiny"), out, precisions=("fp32", "fp16")).to_json()

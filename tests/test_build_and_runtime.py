@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
+from jfexport.core.manifest import FORMAT, EnginesError
 from jfexport.export.build import build
 from jfexport.reference.bundle import load_preset
 from jfexport.core.errors import InputError
 from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
-from jfexport.runtime.engines_folder import FORMAT, EnginesError
 from jfexport.runtime.pipelines import JanusFlowRuntime
 
 from .conftest import run_cli
@@ -29,13 +29,13 @@ def built(tmp_path_factory):
 def test_second_build_reuses_everything_and_a_changed_weight_rebuilds_one_graph(built, tmp_path):
     out = tmp_path / "b"
     shutil.copytree(built, out)
-    assert build(load_preset("tiny"), out)["rebuilt"] == []
+    assert build(load_preset("tiny"), out).rebuilt == []
     bundle = load_preset("tiny")
     with torch.no_grad():
         bundle.model.vision_gen_enc_aligner.bias.add_(0.5)
-    assert build(bundle, out)["rebuilt"] == ["gen_encoder"]
+    assert build(bundle, out).rebuilt == ["gen_encoder"]
     (out / "llm_decode.onnx").write_bytes(b"corrupted")  # a damaged file is never trusted
-    assert build(load_preset("tiny"), out)["rebuilt"] == ["llm_decode", "gen_encoder"]
+    assert build(load_preset("tiny"), out).rebuilt == ["llm_decode", "gen_encoder"]
 
 
 def test_runtime_over_onnxruntime_matches_the_reference(built):

@@ -22,7 +22,7 @@ import torch
 from jfexport.export.build import build
 from jfexport.export.build_folder import LOCK, BuildFolderError, BuildLockedError
 from jfexport.reference.bundle import load_preset
-from jfexport.runtime.engines_folder import EnginesError
+from jfexport.core.manifest import EnginesError
 from jfexport.runtime.folder_files import STAMPS
 from jfexport.runtime.pipelines import JanusFlowRuntime
 
@@ -87,7 +87,7 @@ def test_killed_rebuild_keeps_the_previous_build_and_holds_off_a_second_build(ba
     assert torch.equal(_latents(out), base_latents)
 
     messages: list[str] = []
-    assert build(load_preset("tiny"), out, progress=messages.append)["rebuilt"] == []  # the tiny build survived whole
+    assert build(load_preset("tiny"), out, progress=messages.append).rebuilt == []  # the tiny build survived whole
     assert any(f"taking over the lock left by pid {first.pid} (no longer running)" in m for m in messages)
     assert any("removed the staging folder of an interrupted build" in m for m in messages)
     assert _staging_folders(out) == [] and _snapshot(out).keys() == before.keys()
@@ -130,7 +130,7 @@ def test_killed_with_new_graphs_in_place_before_the_commit(base, base_latents, t
     assert len(placed) == 1 and placed.pop().endswith("/gen_encoder.onnx")  # beside the live build, unlisted
     assert (out / "manifest.json").read_bytes() == (base / "manifest.json").read_bytes()
     assert torch.equal(_latents(out), base_latents)
-    assert build(load_preset("tiny"), out)["rebuilt"] == []  # rewrites the manifest, with the same graphs
+    assert build(load_preset("tiny"), out).rebuilt == []  # rewrites the manifest, with the same graphs
     after = _snapshot(out)
     assert after.pop("manifest.json") and before.pop("manifest.json")
     assert after == before and _staging_folders(out) == []
@@ -142,7 +142,7 @@ def test_killed_after_the_commit_the_next_build_retires_the_old_files(base, base
     _build_killed_at(out, "committed:")
     assert (out / "gen_encoder.onnx").is_file()  # the previous build's file, not yet removed
     assert not torch.equal(_latents(out), base_latents)  # the new build is the one served
-    assert build(_changed_tiny(), out)["rebuilt"] == []
+    assert build(_changed_tiny(), out).rebuilt == []
     assert not (out / "gen_encoder.onnx").exists() and _staging_folders(out) == []
 
 
@@ -182,17 +182,17 @@ def test_a_build_never_removes_or_replaces_files_it_did_not_write(base, tmp_path
     for name, data in mine.items():
         (out / name).write_bytes(data)
     manifest = build(_changed_tiny(), out)
-    assert manifest["rebuilt"] == ["gen_encoder"]
+    assert manifest.rebuilt == ["gen_encoder"]
     assert not (out / "gen_encoder.onnx").exists()  # the previous build's own file is retired...
-    moved = manifest["graphs"]["gen_encoder"]["files"]["fp32"]["file"]
+    moved = manifest.graphs["gen_encoder"].files["fp32"].file
     assert moved.startswith("build-") and (out / moved).is_file()  # ...after its successor went in beside it
 
     # The name is free again; a file of the user's there is not the build's to replace.
     (out / "gen_encoder.onnx").write_bytes(b"my graph")
     mine["gen_encoder.onnx"] = b"my graph"
     manifest = build(load_preset("tiny"), out)
-    assert manifest["rebuilt"] == ["gen_encoder"]
-    assert manifest["graphs"]["gen_encoder"]["files"]["fp32"]["file"] not in ("gen_encoder.onnx", moved)
+    assert manifest.rebuilt == ["gen_encoder"]
+    assert manifest.graphs["gen_encoder"].files["fp32"].file not in ("gen_encoder.onnx", moved)
     assert not (out / moved).parent.exists()  # the emptied subfolder of the earlier build went with its file
     assert {name: (out / name).read_bytes() for name in mine} == mine
     JanusFlowRuntime.from_engines(out)
@@ -217,6 +217,13 @@ def test_a_failed_build_takes_back_the_graphs_it_had_placed(base, tmp_path):
 def test_export_into_a_build_folder_is_refused(base, tmp_path):
     out = tmp_path / "engines"
     shutil.copytree(base, out)
+    before = _snapshot(out)
+    res = run_cli("export", "--preset", "tiny", "--graphs", "embed_tokens", "--out", str(out))
+    assert res.returncode == 2 and f"{out}: holds a `jfexport build`" in res.stderr, res.stderr
+    assert _snapshot(out) == before
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["format"] = "jfexport-manifest/2"  # a build this version cannot read is still a build
+    (out / "manifest.json").write_text(json.dumps(manifest))
     before = _snapshot(out)
     res = run_cli("export", "--preset", "tiny", "--graphs", "embed_tokens", "--out", str(out))
     assert res.returncode == 2 and f"{out}: holds a `jfexport build`" in res.stderr, res.stderr
@@ -347,7 +354,7 @@ def test_killed_right_before_the_manifest_replace_serves_the_old_build_whole(bas
     placed = set(_snapshot(out)) - set(before)
     assert any(p.endswith("/tokenizer_config.json") for p in placed) and any(p.endswith(".onnx") for p in placed)
 
-    assert build(load_preset("tiny"), out)["rebuilt"] == []  # the old build, complete; the placed files go
+    assert build(load_preset("tiny"), out).rebuilt == []  # the old build, complete; the placed files go
     after = _snapshot(out)
     assert after.pop("manifest.json") and before.pop("manifest.json")
     assert after == before and _staging_folders(out) == []
@@ -367,7 +374,7 @@ def test_killed_right_after_the_manifest_replace_serves_the_new_build_whole(base
 
     bundle = _changed_tiny()
     bundle.processor_folder = other_tokenizer
-    assert build(bundle, out)["rebuilt"] == []
+    assert build(bundle, out).rebuilt == []
     assert not (out / old_dir).exists() and not (out / "gen_encoder.onnx").exists()  # retired by the next build
     assert _staging_folders(out) == []
 
@@ -378,25 +385,35 @@ def test_killed_between_the_manifest_and_the_link_the_next_build_repoints_it(bas
     bundle = _changed_tiny()
     bundle.processor_folder = other_tokenizer
     manifest = build(bundle, out)  # before any runtime opened the folder
-    assert manifest["rebuilt"] == [] and os.readlink(out / "tokenizer") == manifest["tokenizer_dir"]
+    assert manifest.rebuilt == [] and os.readlink(out / "tokenizer") == manifest.tokenizer_dir
     assert MARKER in _served_tokenizer_config(out)
     JanusFlowRuntime.from_engines(out)
 
 
-def test_an_older_build_with_the_tokenizer_at_the_fixed_path_is_served_and_converted(base, base_latents,
-                                                                                   other_tokenizer, tmp_path):
+def test_an_older_format_build_with_the_tokenizer_at_the_fixed_path_is_refused_then_rebuilt_and_converted(
+        base, base_latents, other_tokenizer, tmp_path):
     out = _linked_copy(base, tmp_path / "engines")
     manifest = json.loads((out / "manifest.json").read_text())
     (out / "tokenizer").unlink()
     (out / manifest.pop("tokenizer_dir")).rename(out / "tokenizer")  # the layout builds wrote before
+    manifest["format"] = "jfexport-manifest/2"
     (out / "manifest.json").write_text(json.dumps(manifest))
-    assert torch.equal(_latents(out), base_latents)
+    with pytest.raises(EnginesError, match=r"format 'jfexport-manifest/2', this runtime reads 'jfexport-manifest/3' "
+                                           r"\(.*\): rebuild the engines"):
+        JanusFlowRuntime.from_engines(out)
 
     bundle = load_preset("tiny")
-    assert build(bundle, out)["rebuilt"] == [] and not (out / "tokenizer").is_symlink()  # unchanged: kept as is
+    messages: list[str] = []
+    rebuilt = build(bundle, out, progress=messages.append)
+    assert set(rebuilt.rebuilt) == _all_graphs(base)  # nothing of an older format is reused
+    warnings = [m for m in messages if m.startswith("warning:")]
+    assert len(warnings) == 1 and "format 'jfexport-manifest/2'" in warnings[0], messages
+    # The files at the fixed path were the build's own bytes: retired, the path made the link.
+    assert os.readlink(out / "tokenizer") == rebuilt.tokenizer_dir
+    assert torch.equal(_latents(out), base_latents)
     bundle.processor_folder = other_tokenizer
     manifest = build(bundle, out)
-    assert manifest["rebuilt"] == [] and os.readlink(out / "tokenizer") == manifest["tokenizer_dir"]
+    assert manifest.rebuilt == [] and os.readlink(out / "tokenizer") == manifest.tokenizer_dir
     assert MARKER in _served_tokenizer_config(out)
     JanusFlowRuntime.from_engines(out)
 
@@ -424,7 +441,7 @@ def test_a_malformed_previous_manifest_is_reused_from_nothing(base, tmp_path, ch
     victim.write_text("not the build's")
     old = _snapshot(out)
     messages: list[str] = []
-    rebuilt = build(load_preset("tiny"), out, progress=messages.append)["rebuilt"]
+    rebuilt = build(load_preset("tiny"), out, progress=messages.append).rebuilt
     assert set(rebuilt) == _all_graphs(base)  # nothing reused from the bad records
     warnings = [m for m in messages if m.startswith("warning:")]
     assert len(warnings) == 1 and re.search(rf"manifest\.json: {key}", warnings[0]), messages
@@ -447,13 +464,13 @@ def test_previous_manifest_paths_leaving_the_folder_are_neither_reused_nor_remov
     (out / "manifest.json").write_text(json.dumps(manifest))
     messages: list[str] = []
     new = build(_changed_tiny(), out, progress=messages.append)
-    assert set(new["rebuilt"]) == _all_graphs(base)
+    assert set(new.rebuilt) == _all_graphs(base)
     warnings = [m for m in messages if m.startswith("warning:")]
     assert len(warnings) == 1 and ("graphs.llm_decode.files.fp32.file: the manifest names '../outside.onnx'" in
                                    warnings[0] or f"graphs.gen_encoder.files.fp32.file: the manifest names '{victim}'"
                                    in warnings[0]), messages
     assert victim.read_bytes() == b"someone else's file" and outside.is_file()
-    named = [f["file"] for g in new["graphs"].values() for f in g["files"].values()]
+    named = [f.file for g in new.graphs.values() for f in g.files.values()]
     assert all(not os.path.isabs(n) and ".." not in Path(n).parts for n in named)
     assert (out / "llm_decode.onnx").is_file()  # the old build's file stays: no manifest we trust listed it
     JanusFlowRuntime.from_engines(out)
@@ -463,5 +480,5 @@ def test_a_rebuild_after_a_graph_file_was_deleted_by_hand_rebuilds_that_graph(ba
     out = tmp_path / "engines"
     shutil.copytree(base, out)
     (out / "gen_decoder.onnx").unlink()
-    assert build(load_preset("tiny"), out)["rebuilt"] == ["gen_decoder"]
+    assert build(load_preset("tiny"), out).rebuilt == ["gen_decoder"]
     assert torch.equal(_latents(out), base_latents)

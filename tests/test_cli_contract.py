@@ -14,7 +14,7 @@ import pytest
 
 from jfexport.cli import cli, main
 from jfexport.commands.options import ENGINE_PRECISIONS
-from jfexport.export.specs import Limits
+from jfexport.core.manifest import Limits
 from jfexport.core.errors import InputError
 from jfexport.core.presets import PRESETS
 from jfexport.runtime.backend_choice import BACKENDS, ENGINE_BACKENDS

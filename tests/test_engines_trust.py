@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -18,13 +19,12 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from jfexport.core.manifest import EnginesError, Limits, Manifest
 from jfexport.export.build import build
-from jfexport.export.specs import Limits
 from jfexport.reference.bundle import load_preset
 from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
 from jfexport.runtime.backends.ort_backend import OrtEngine
-from jfexport.runtime.engines_folder import (GENERATION_GRAPHS, UNDERSTANDING_GRAPHS, EnginesError, load_engines,
-                                             pick_precision)
+from jfexport.runtime.engines_folder import GENERATION_GRAPHS, UNDERSTANDING_GRAPHS, load_engines, pick_precision
 from jfexport.runtime.folder_files import STAMPS
 from jfexport.runtime.pipelines import JanusFlowRuntime
 from jfexport.tools.verify import verify
@@ -194,12 +194,12 @@ def test_external_data_files_are_checked_too(folder, built):
         load_engines(folder, device="cpu", graphs=["llm_decode"])
 
 
-def test_external_data_listed_by_name_only_is_served_with_a_warning(folder, caplog):
-    _to_external_data(folder, hashed=False)  # what the current exporter writes
-    with caplog.at_level(logging.WARNING, logger="jfexport.runtime.folder_files"):
-        engines, _, _ = load_engines(folder, device="cpu", graphs=["llm_decode"])
-    assert hows(engines)["llm_decode"] == ["sha256", "unhashed"]
-    assert "llm_decode.onnx.data has no sha256 in the manifest" in caplog.text
+def test_external_data_listed_by_name_only_is_refused_naming_the_entry(folder):
+    _to_external_data(folder, hashed=False)  # format 2 allowed it (unchecked); format 3 hashes every file
+    with pytest.raises(EnginesError, match=r"manifest\.json: graphs\.llm_decode\.files\.fp32\.external_data\[0\]: "
+                                           r"expected an object, got \"llm_decode\.onnx\.data\""):
+        load_engines(folder, device="cpu", graphs=["llm_decode"])
+    assert not (folder / STAMPS).exists()
 
 
 def _make_read_only(path: Path) -> None:
@@ -337,6 +337,13 @@ SCHEMA_CASES = [
                                    r"model\.config\.language_config\.max_position_embeddings is 1024"),
     (_set("model.image_size", 10**6), r"model\.image_size: 1000000 does not match graphs\.vae_decoder images "
                                       r"shape\[2\] \(64\)"),
+    # Records a build writes in one shape (format 3): each is read whole, not only where the runtime looks.
+    (_set("graphs.llm_decode.files.fp32.engine", {"file": "llm_decode.fp32.engine"}),
+     r"graphs\.llm_decode\.files\.fp32\.engine\.sha256: missing"),
+    (_set("backend.name", "cuda"), r"backend\.name: expected one of onnxruntime, tensorrt, got \"cuda\""),
+    (_set("added", {"vae": ["fp16"]}), r"added\.vae: expected a graph of this build, got \"vae\""),
+    (_set("versions.torch", 2), r"versions\.torch: expected a version string, got 2"),
+    (_set("graphs.embed_tokens.files.fp32.size", _DELETE), r"graphs\.embed_tokens\.files\.fp32\.size: missing"),
 ]
 
 
@@ -390,7 +397,7 @@ def test_understanding_needs_no_vae_and_a_graph_the_build_lacks_is_named(folder)
 
 
 def test_verify_applies_the_bounds_of_the_precision_loaded(folder):
-    manifest = read_manifest(folder)
+    manifest = Manifest.read(folder)
     assert pick_precision(manifest, None, "cuda") == "fp16" and pick_precision(manifest, None, "cpu") == "fp32"
     reference = ReferencePipeline(load_preset("tiny"))
     fp16 = verify(JanusFlowRuntime.from_engines(folder, precision="fp16", device="cpu"), reference, steps=2, new_tokens=2)
@@ -419,7 +426,7 @@ def test_cuda_without_the_onnxruntime_provider_falls_back_to_the_cpu(folder, cap
     warnings = [r for r in caplog.records if "no CUDA provider" in r.getMessage()]
     assert len(warnings) == 1 and "running the engines on the CPU" in warnings[0].getMessage()
     assert engines.device == "cpu" and engines.precision == "fp32"  # fp16 only where it runs on a GPU
-    feeds = min_feeds(manifest["graphs"]["embed_tokens"]["spec"])
+    feeds = min_feeds(manifest.graphs["embed_tokens"].spec.to_json())
     assert engines["embed_tokens"].run(feeds)["inputs_embeds"].device.type == "cpu"
     direct = OrtEngine("embed_tokens", folder / "embed_tokens.onnx", device="cuda")
     assert direct.device.type == "cpu" and direct.run(feeds)["inputs_embeds"].shape == (1, 1, 64)
@@ -452,8 +459,8 @@ def test_the_tokenizer_folder_the_manifest_names_is_checked_once_through_its_lin
 def test_a_copy_that_turned_the_link_into_a_folder_is_served_from_the_manifests_folder(folder):
     assert not (folder / "tokenizer").is_symlink()  # shutil.copytree follows links: a folder of copies
     engines, manifest, _ = load_engines(folder, device="cpu", graphs=["embed_tokens"])
-    assert engines.tokenizer == folder / manifest["tokenizer_dir"]
-    assert {c.file.name.split("/")[0] for c in engines.files["tokenizer"]} == {manifest["tokenizer_dir"]}
+    assert engines.tokenizer == folder / manifest.tokenizer_dir
+    assert {c.file.name.split("/")[0] for c in engines.files["tokenizer"]} == {manifest.tokenizer_dir}
 
 
 def _stale_link(folder: Path) -> str:
@@ -506,3 +513,29 @@ def test_a_tokenizer_file_name_with_a_folder_is_refused(folder):
     write_manifest(folder, manifest)
     with pytest.raises(EnginesError, match=r"manifest\.json: tokenizer\.\.\./\.\./etc/passwd: expected a file name"):
         load_engines(folder, device="cpu")
+
+
+# 8. the typed manifest: one reader, one writer, one format
+
+
+def test_the_typed_manifest_reads_and_writes_a_real_build_unchanged(folder, tmp_path):
+    data = read_manifest(folder)
+    manifest = Manifest.from_json(data)
+    assert manifest.to_json() == data
+    assert manifest.graphs["llm_decode"].spec.extra["layers"] == 2 and manifest.limits == Limits(16, 1024)
+    (tmp_path / "again").mkdir()
+    manifest.write(tmp_path / "again")
+    assert read_manifest(tmp_path / "again") == data
+    assert [p.name for p in (tmp_path / "again").iterdir()] == ["manifest.json"]  # no temporary file left
+
+
+@pytest.mark.parametrize("found", ["jfexport-manifest/2", "jfexport-manifest/1", None])
+def test_an_older_format_is_refused_naming_the_format_and_the_fix(folder, found):
+    manifest = read_manifest(folder)
+    manifest["format"] = found
+    write_manifest(folder, manifest)
+    with pytest.raises(EnginesError, match=rf"manifest\.json: format {re.escape(repr(found))}, this runtime reads "
+                                           rf"'jfexport-manifest/3'.*: rebuild the engines \(`jfexport build --out "
+                                           rf"{re.escape(str(folder))}`\)"):
+        load_engines(folder, device="cpu")
+    assert not (folder / STAMPS).exists()

@@ -15,7 +15,7 @@ import pytest
 from onnx import numpy_helper
 
 from jfexport.export.build import build, build_limits
-from jfexport.export.manifest import sha256_file
+from jfexport.core.manifest import EnginesError, Manifest, sha256_file
 from jfexport.export.quantize.cache import CACHE_FILE
 from jfexport.export.quantize.int8_build import (OUTPUT_BOUND, QUANTIZED_GRAPHS, Int8ParityError, Samples,
                                                  quantize_graph, record_requests)
@@ -26,7 +26,7 @@ from jfexport.export.trt_ops import check_explicit_quantization, check_file
 from jfexport.reference.bundle import load_bundle, load_preset
 from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
 from jfexport.reference.training.toy_data import split_scenes
-from jfexport.runtime.engines_folder import EnginesError, load_engines, pick_precision
+from jfexport.runtime.engines_folder import load_engines, pick_precision
 from jfexport.runtime.int8_arithmetic import LEGACY_WEIGHT_MAX, MATMUL_TOLERANCE, WEIGHT_MAX, describe_cpu, matmul_error
 from jfexport.runtime.pipelines import JanusFlowRuntime
 from jfexport.tools.verify import verify
@@ -35,15 +35,13 @@ from jfexport.tools.verify import verify
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     out = tmp_path_factory.mktemp("int8")
-    manifest = build(load_preset("tiny"), out, int8=True)
-    return out, manifest
+    return out, build(load_preset("tiny"), out, int8=True).to_json()
 
 
 @pytest.fixture(scope="module")
 def bundled(tmp_path_factory):
     out = tmp_path_factory.mktemp("int8-bundled")
-    manifest = build(load_bundle(), out, int8=True)
-    return out, manifest
+    return out, build(load_bundle(), out, int8=True).to_json()
 
 
 @pytest.fixture(scope="module")
@@ -174,24 +172,24 @@ def test_the_manifest_records_the_weight_bound_and_the_cpu_checked_on(bundled):
     assert record["cpu"] == describe_cpu()
 
 
+def test_the_typed_manifest_reads_an_int8_build_unchanged(built):
+    out, manifest = built
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk == manifest and Manifest.from_json(on_disk).to_json() == on_disk
+    assert on_disk["calibration"]["recipe"] and on_disk["int8"]["gate"]["checks"]  # the open records come back too
+
+
 def _copy_with_int8_record(src, dst, **changes) -> None:
     shutil.copytree(src, dst)
     manifest = json.loads((dst / "manifest.json").read_text())
-    if changes.get("legacy"):
-        del manifest["int8"]  # a build older than the record: full-range weights
-    else:
-        manifest["int8"].update(changes)
+    manifest["int8"].update(changes)
     (dst / "manifest.json").write_text(json.dumps(manifest))
 
 
-@pytest.mark.parametrize("legacy", [False, True])
-def test_int8_engines_are_refused_on_a_cpu_that_does_not_multiply_their_weights_exactly(built, tmp_path, legacy):
+def test_int8_engines_are_refused_on_a_cpu_that_does_not_multiply_their_weights_exactly(built, tmp_path):
     out = tmp_path / "b"
-    if legacy:
-        _copy_with_int8_record(built[0], out, legacy=True)
-    else:
-        _copy_with_int8_record(built[0], out, weight_max=LEGACY_WEIGHT_MAX,
-                               cpu={"machine": "x86_64", "model": "Some Xeon", "isa": "avx512-vnni", "flags": []})
+    _copy_with_int8_record(built[0], out, weight_max=LEGACY_WEIGHT_MAX,
+                           cpu={"machine": "x86_64", "model": "Some Xeon", "isa": "avx512-vnni", "flags": []})
     if matmul_error(LEGACY_WEIGHT_MAX) <= MATMUL_TOLERANCE:  # a CPU with int32 dot products: exact, served
         load_engines(out, precision="int8")
         return
@@ -199,8 +197,26 @@ def test_int8_engines_are_refused_on_a_cpu_that_does_not_multiply_their_weights_
         load_engines(out, precision="int8")
     message = str(err.value)
     assert describe_cpu()["model"] in message and "jfexport build --int8" in message and "fp32" in message
-    assert ("unrecorded CPU" if legacy else "Some Xeon (x86_64, avx512-vnni)") in message
+    assert "Some Xeon (x86_64, avx512-vnni)" in message
     load_engines(out, precision="fp32")  # the fp32 engines of the same folder still serve
+
+
+@pytest.mark.parametrize("older", [True, False], ids=["format-2", "format-3"])
+def test_int8_engines_without_their_weight_scheme_record_are_refused_at_every_precision(built, tmp_path, older):
+    """Builds older than the INT8 record had full-range weights: format 2 served them as such, format 3 has the
+    record in every INT8 build and refuses a manifest without it."""
+    out = tmp_path / "b"
+    shutil.copytree(built[0], out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["int8"]
+    if older:
+        manifest["format"] = "jfexport-manifest/2"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    message = (r"format 'jfexport-manifest/2', this runtime reads 'jfexport-manifest/3' \(.*\): rebuild the engines"
+               if older else r"manifest\.json: int8: missing")
+    for precision in ("int8", "fp32"):
+        with pytest.raises(EnginesError, match=message):
+            load_engines(out, precision=precision)
 
 
 def test_int8_engines_of_another_cpu_are_rechecked_and_served(built, tmp_path, caplog):
@@ -240,24 +256,24 @@ def test_a_rebuild_takes_the_ranges_from_the_cache(built, tmp_path):
     original = manifest["graphs"]["gen_decoder"]["files"]["int8"]["sha256"]
     (out / "gen_decoder.int8.onnx").write_bytes(b"damaged")
     again = build(load_preset("tiny"), out, int8=True)
-    assert again["rebuilt"] == ["gen_decoder"]
-    assert again["calibration"]["calibrated"] == []
+    assert again.rebuilt == ["gen_decoder"]
+    assert again.calibration.calibrated == []
     assert (cache.read_bytes(), cache.stat().st_mtime_ns) == before
-    assert sha256_file(out / again["graphs"]["gen_decoder"]["files"]["int8"]["file"]) == original
+    assert sha256_file(out / again.graphs["gen_decoder"].files["int8"].file) == original
     # The graphs the gate kept fp32 are reused as they are, not quantized and gated again.
-    assert again["int8"]["gate"]["kept_fp32"] == manifest["int8"]["gate"]["kept_fp32"]
-    # INT8 files of another weight scheme (a build older than the bound) are quantized again, never reused.
+    assert again.int8.gate.kept_fp32 == manifest["int8"]["gate"]["kept_fp32"]
+    # INT8 files of another weight scheme (full-range weights, before the bound) are quantized again, never reused.
     legacy = json.loads((out / "manifest.json").read_text())
-    del legacy["int8"]
+    legacy["int8"]["weight_max"] = LEGACY_WEIGHT_MAX
     (out / "manifest.json").write_text(json.dumps(legacy))
     upgraded = build(load_preset("tiny"), out, int8=True)
     # (beside their fp32 files, which stay: only the INT8 step runs again)
-    assert upgraded["rebuilt"] == [] and upgraded["int8"]["weight_max"] == WEIGHT_MAX
-    assert set(upgraded["added"]) | set(upgraded["int8"]["gate"]["kept_fp32"]) == set(QUANTIZED_GRAPHS)
-    assert all(p == ["int8"] for p in upgraded["added"].values())
+    assert upgraded.rebuilt == [] and upgraded.int8.weight_max == WEIGHT_MAX
+    assert set(upgraded.added) | set(upgraded.int8.gate.kept_fp32) == set(QUANTIZED_GRAPHS)
+    assert all(p == ["int8"] for p in upgraded.added.values())
     # A build without --int8 drops the INT8 files and the cache from the folder.
     plain = build(load_preset("tiny"), out)
-    assert plain["precisions"] == ["fp32"] and "calibration" not in plain
+    assert plain.precisions == ["fp32"] and plain.calibration is None and plain.int8 is None
     assert not cache.exists() and not list(out.glob("**/*.int8.onnx"))
     with pytest.raises(EnginesError, match="--int8"):
         pick_precision(plain, "int8", "cpu")

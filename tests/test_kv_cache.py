@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
+from jfexport.core.manifest import FORMAT, EnginesError
 from jfexport.export.build import build
 from jfexport.reference.bundle import load_preset
 from jfexport.core.graph_contract import NEW, kv_name
 from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
-from jfexport.runtime.engines_folder import FORMAT, EnginesError
 from jfexport.runtime.pipelines import JanusFlowRuntime
 from jfexport.runtime.batching.kv_cache import KVCache, KVLayout, PrefixCache
 
@@ -51,7 +51,7 @@ def _reference_tokens(reference, images, questions) -> list[list[int]]:
 
 def test_the_decode_graph_returns_only_the_new_k_v(built):
     manifest = json.loads((built / "manifest.json").read_text())
-    assert manifest["format"] == FORMAT == "jfexport-manifest/2"
+    assert manifest["format"] == FORMAT == "jfexport-manifest/3"
     spec = manifest["graphs"]["llm_decode"]["spec"]
     outputs = {t["name"]: t["shape"] for t in spec["outputs"]}
     assert outputs[kv_name(NEW, 0, "key")] == ["B", 4, "T", 16]

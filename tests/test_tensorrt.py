@@ -7,6 +7,7 @@ import importlib.util
 import pytest
 import torch
 
+from jfexport.core.manifest import EngineRecord, GraphFile, GraphRecord, SpecRecord
 from jfexport.export.specs import graph_specs
 from jfexport.reference.bundle import load_preset
 from jfexport.runtime.trt_plan import (
@@ -19,16 +20,16 @@ HAS_TRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_ava
 
 @pytest.fixture(scope="module")
 def specs():
-    return {n: s.to_json() for n, s in graph_specs(load_preset("tiny")).items()}
+    return {n: SpecRecord.from_json(s.to_json()) for n, s in graph_specs(load_preset("tiny")).items()}
 
 
 def test_decode_has_an_understanding_and_a_generation_profile(specs):
     spec = specs["llm_decode"]
     understanding, generation = optimization_profiles("llm_decode", spec)
-    t_max = spec["dims"]["T"]["max"]
+    t_max = spec.dims["T"].max
     assert understanding["inputs_embeds"][0][1] == understanding["inputs_embeds"][2][1] == 1
     assert generation["inputs_embeds"][0][1] == generation["inputs_embeds"][2][1] == t_max
-    max_seq = spec["dims"]["P"]["max"] + 1
+    max_seq = spec.dims["P"].max + 1
     # Past + step tokens never exceed the sequence the build allows, in either profile.
     assert generation["attention_mask"][2][1] == max_seq and understanding["attention_mask"][2][1] == max_seq
     assert understanding["past.0.key"][0][2] == 0 and generation["past.0.key"][0][2] == 1
@@ -40,7 +41,7 @@ def test_profiles_cover_the_cfg_batch_and_the_runtime_picks_the_right_one(specs)
     step = {"inputs_embeds": (2, 1, 64), "attention_mask": (2, 31), "position_ids": (2, 1)}
     step.update({f"past.{i}.{x}": kv(2, 30) for i in range(2) for x in ("key", "value")})
     assert select_profile(profiles, step) == 0
-    gen_t = specs["llm_decode"]["dims"]["T"]["max"]
+    gen_t = specs["llm_decode"].dims["T"].max
     step = {"inputs_embeds": (16, gen_t, 64), "attention_mask": (16, 20 + gen_t), "position_ids": (16, gen_t)}
     step.update({f"past.{i}.{x}": kv(16, 20) for i in range(2) for x in ("key", "value")})
     assert select_profile(profiles, step) == 1
@@ -53,12 +54,13 @@ def test_profiles_cover_the_cfg_batch_and_the_runtime_picks_the_right_one(specs)
 def test_engine_names_and_staleness():
     name = engine_file_name("llm_decode", "fp16", "10.15.1", "9.0")
     assert name == "llm_decode.fp16.trt10.15.1.sm90.engine"
-    info = {"engine": {"file": name, "tensorrt": "10.15.1", "compute_capability": "9.0", "onnx_sha256": "abc"}}
-    assert engine_is_current(info, "abc", "10.15.1", "9.0")
-    assert not engine_is_current(info, "abd", "10.15.1", "9.0")
-    assert "TensorRT 10.15.1" in stale_engine_reason(info["engine"], "11.4.0", "9.0")
-    assert "compute capability 9.0" in stale_engine_reason(info["engine"], "10.15.1", "8.9")
-    assert stale_engine_reason(info["engine"], "10.15.1", "9.0") is None
+    engine = EngineRecord(name, "0" * 64, "10.15.1", "9.0", "a" * 64, 2)
+    info = GraphFile("llm_decode.fp16.onnx", "a" * 64, 1, [], {}, engine=engine)
+    assert engine_is_current(info, "a" * 64, "10.15.1", "9.0")
+    assert not engine_is_current(info, "b" * 64, "10.15.1", "9.0")
+    assert "TensorRT 10.15.1" in stale_engine_reason(engine, "11.4.0", "9.0")
+    assert "compute capability 9.0" in stale_engine_reason(engine, "10.15.1", "8.9")
+    assert stale_engine_reason(engine, "10.15.1", "9.0") is None
 
 
 def test_prompt_buckets_and_buffer_plan(specs):
@@ -85,10 +87,10 @@ def test_tensorrt_build_and_runtime_match_the_reference(tmp_path):
 
 def test_every_typed_graph_gets_its_own_engine_and_the_runtime_opens_the_one_it_checked():
     from jfexport.export.tensorrt_build import engine_precisions
-    from jfexport.runtime.folder_files import served_entry
 
     assert engine_precisions({"fp32": {}, "fp16": {}, "int8": {}}) == ["fp16", "int8"]
     assert engine_precisions({"fp32": {}}) == ["fp32"]  # the VAE, an fp32-only build
-    files = {"fp32": {"file": "a.onnx"}, "int8": {"file": "a.int8.onnx"}}
-    assert served_entry(files, "int8")["file"] == "a.int8.onnx"
-    assert served_entry(files, "fp16")["file"] == "a.onnx"  # no fp16 graph: served from fp32
+    graph = GraphRecord(SpecRecord([], [], {}), "0" * 64, {"fp32": GraphFile("a.onnx", "a" * 64, 1, [], {}),
+                                                          "int8": GraphFile("a.int8.onnx", "b" * 64, 1, [], {})})
+    assert graph.served("int8").file == "a.int8.onnx"
+    assert graph.served("fp16").file == "a.onnx"  # no fp16 graph: served from fp32

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..manifest import sha256_file, versions
+from jfexport.core.manifest import CalibrationRecord, sha256_file, versions
 
 CACHE_FILE = "calibration.json"
 FORMAT = "jfexport-int8-calibration/1"
@@ -24,13 +24,13 @@ def cache_key(weights_sha256: str, recipe_key: str) -> dict:
     return {"weights_sha256": weights_sha256, "recipe": recipe_key, "versions": tools}
 
 
-def read_cache(folder: Path, record: dict | None) -> dict[str, dict]:
+def read_cache(folder: Path, record: CalibrationRecord | None) -> dict[str, dict]:
     """The cached entries by graph, from the file the previous manifest lists (empty when unusable)."""
-    if not record:
+    if record is None:
         return {}
-    path = folder / record["file"]
+    path = folder / record.file
     try:
-        if sha256_file(path) != record["sha256"]:
+        if sha256_file(path) != record.sha256:
             return {}
         data = json.loads(path.read_text())
     except (OSError, ValueError):

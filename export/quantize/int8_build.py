@@ -26,13 +26,12 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from jfexport.core.manifest import GraphFile, Limits, file_record
 from jfexport.reference.bundle import ModelBundle
 from jfexport.core.errors import UserError
 from jfexport.core.graph_contract import NEW, PAST
 
-from ..exporter import file_record
 from ..samples import meaningful
-from ..specs import Limits
 from ..trt_ops import check_model
 from .cache import cache_key, usable
 from .calibrate import Activations, LayerError, RangeObserver, layer_errors, numpy_feeds
@@ -63,7 +62,7 @@ class Int8OperatorError(UserError):
 
 @dataclass
 class Int8Graph:
-    file: dict  # the manifest's file record, the file name relative to staging
+    file: GraphFile  # the manifest's file record, the file name relative to staging
     cache: dict  # this graph's calibration.json entry
     calibrated: bool  # False: the ranges came from the cache
 
@@ -241,7 +240,8 @@ def build_int8(bundle: ModelBundle, limits: Limits, fp32_files: dict[str, Path],
         kept = [r.layer for r in table if not r.quantized]
         progress(f"{name} [int8]: {len(table) - len(kept)}/{len(table)} layers INT8, rel RMS {parity['max_rel_rms']:.2e} "
                  f"({parity['worst_output']}), kept fp32: {', '.join(kept) or 'none'}")
-        info = {**file_record(staging, path.name), "external_data": [file_record(staging, e) for e in extra],
-                "parity": parity, "layers": [r.to_json() for r in table]}
+        graph = file_record(staging, path.name)
+        info = GraphFile(graph.file, graph.sha256, graph.size, [file_record(staging, e) for e in extra], parity,
+                         layers=[r.to_json() for r in table])
         result[name] = Int8Graph(info, cache, name in observers)
     return result

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from jfexport.core.manifest import Limits
 from jfexport.reference.bundle import ModelBundle
 from jfexport.core.errors import UserError
 from jfexport.core.graph_contract import UNDERSTANDING_GRAPHS
 from jfexport.tools.verify import NEW_TOKENS, Check, Outputs, compare, measure
 
-from ..specs import Limits
 from .int8_build import files_runtime
 
 Progress = Callable[[str], None]

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from jfexport import defaults
-
+from jfexport.core.manifest import Manifest
 from jfexport.defaults import BACKENDS
 
 from .options import backend_option, load_model, model_options, reference_bundle_for_build
@@ -97,11 +97,11 @@ def _precision_list(text: str | None, engines: Path | None) -> list[str]:
     return list(dict.fromkeys(wanted))
 
 
-def _served_mib(engines: Path, manifest: dict, precision: str) -> float:
+def _served_mib(engines: Path, manifest: Manifest, precision: str) -> float:
     """Size of the graph files an onnxruntime runtime at `precision` opens (a graph without one serves fp32)."""
     from jfexport.runtime.folder_files import served_files
 
-    return sum((engines / f.name).stat().st_size for name in manifest["graphs"]
+    return sum((engines / f.name).stat().st_size for name in manifest.graphs
                for f in served_files(manifest, name, precision, "onnxruntime")) / 2**20
 
 
@@ -111,13 +111,12 @@ def _bench_precisions(engines, backend, wanted, checkpoint, vae, steps, cfg, bat
 
     from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
     from jfexport.tools.bench import bench_precisions
-    from jfexport.runtime.engines_folder import read_build_manifest
     from jfexport.runtime.pipelines import JanusFlowRuntime
 
-    manifest = read_build_manifest(engines)
+    manifest = Manifest.read(engines)
     bundle = reference_bundle_for_build(engines, checkpoint, vae)
     files = {p: _served_mib(engines, manifest, p) for p in wanted}
-    name = manifest["backend"]["name"]
+    name = manifest.backend.name if manifest.backend is not None else "onnxruntime"
     compared = _compared(f"{_ENGINE_NAMES.get(name, name)} engines ({', '.join(wanted)}) of {engines}", bundle.source,
                          threads)
     click.echo(f"{compared}; runs interleaved, {warmup} warmup + {runs} runs each", err=True)

@@ -72,15 +72,17 @@ def bench_serve_cmd(engines, precision, clients, requests_, mix, steps, cfg, max
 
 def _bench_decode(engines: Path, precision: str | None, max_new_tokens: int, json_path: Path | None) -> None:
     from jfexport.tools.bench_decode import bench_decode
-    from jfexport.runtime.engines_folder import pick_precision, read_build_manifest
+    from jfexport.core.manifest import Manifest
+    from jfexport.runtime.engines_folder import pick_precision
     from jfexport.runtime.pipelines import JanusFlowRuntime
 
     check_json_target(json_path)
-    manifest = read_build_manifest(engines)
-    files = manifest["graphs"]["llm_decode"]["files"][pick_precision(manifest, precision, "cpu")]
-    weights = files["size"] + sum(e.get("size", 0) for e in files.get("external_data", []) if isinstance(e, dict))
+    manifest = Manifest.read(engines)
+    decode = manifest.graphs["llm_decode"]
+    files = decode.files[pick_precision(manifest, precision, "cpu")]
+    weights = files.size + sum(e.size or 0 for e in files.external_data)
     results = bench_decode(lambda **kw: JanusFlowRuntime.from_engines(engines, precision=precision, tasks=("chat",), **kw),
-                           manifest["graphs"]["llm_decode"]["spec"]["extra"]["hidden"], weights, max_new_tokens,
+                           decode.spec.extra["hidden"], weights, max_new_tokens,
                            progress=lambda m: click.echo(m, err=True))
     results["engines"] = str(engines)
     text = json.dumps(results, indent=2)

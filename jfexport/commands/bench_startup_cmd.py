@@ -79,10 +79,10 @@ def bench_startup_cmd(engines, runs, json_path):
     from PIL import Image
 
     from jfexport.tools.bench import machine_info, summarize
-    from jfexport.runtime.engines_folder import read_build_manifest
+    from jfexport.core.manifest import Manifest
 
     check_json_target(json_path)
-    read_build_manifest(engines)  # a missing build is named now, not as a failed child process
+    Manifest.read(engines)  # a missing build is named now, not as a failed child process
     click.echo(f"startup of fresh `jfexport` processes on {engines}: {runs} interleaved runs of each", err=True)
     samples: dict[str, list[float]] = {"import_jfexport_cli": [], "help": [], "chat_one_token": [], "serve_to_ready": []}
     with tempfile.TemporaryDirectory() as tmp:

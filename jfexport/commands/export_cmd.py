@@ -28,4 +28,4 @@ def export_cmd(checkpoint, vae, preset, out, graphs, fp16):
     bundle = load_model(checkpoint, vae, preset)
     manifest = export_all(bundle, out, names, ("fp32", "fp16") if fp16 else ("fp32",),
                           progress=lambda msg: click.echo(msg, err=True))
-    click.echo(f"{len(manifest['graphs'])} graphs written to {out}")
+    click.echo(f"{len(manifest.graphs)} graphs written to {out}")

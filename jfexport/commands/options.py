@@ -76,10 +76,10 @@ def open_pipeline(engines, backend, precision, checkpoint, vae, preset, numerics
 def reference_bundle_for_build(engines: Path, checkpoint=None, vae=None):
     """The model a build was made from (as its manifest records), checked by weights fingerprint."""
     from jfexport.reference.bundle import load_bundle
-    from jfexport.runtime.engines_folder import EnginesError, read_build_manifest
+    from jfexport.core.manifest import EnginesError, Manifest
 
-    manifest = read_build_manifest(engines)
-    source = manifest["model"]["source"]
+    manifest = Manifest.read(engines)
+    source = manifest.model.source
     if checkpoint is not None:
         bundle = load_bundle(checkpoint=checkpoint, vae=vae)
     elif source.startswith("preset:"):
@@ -88,6 +88,6 @@ def reference_bundle_for_build(engines: Path, checkpoint=None, vae=None):
         bundle = load_bundle(checkpoint=source, vae=vae)
     else:
         raise EnginesError(f"the reference model {source} recorded in the manifest is gone; pass --checkpoint")
-    if bundle.fingerprint != manifest["model"]["fingerprint"]:
+    if bundle.fingerprint != manifest.model.fingerprint:
         raise EnginesError(f"{engines} was built from other weights than {bundle.source}: rebuild, or pass the right --checkpoint")
     return bundle

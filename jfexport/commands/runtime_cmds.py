@@ -33,9 +33,9 @@ def build_cmd(checkpoint, vae, preset, fp16, int8, backend, out, max_batch, max_
     bundle = load_model(checkpoint, vae, preset)
     manifest = build(bundle, out, fp16=fp16, int8=int8, backend=backend, limits=build_limits(bundle, max_batch, max_seq),
                      progress=lambda msg: click.echo(msg, err=True))
-    done = ([f"rebuilt {', '.join(manifest['rebuilt'])}"] if manifest["rebuilt"] else []) + [
-        f"added {', '.join(precisions)} to {name}" for name, precisions in manifest["added"].items()]
-    click.echo(f"built {out} ({manifest['backend']['name']}): " + ("; ".join(done) or "everything up to date"))
+    done = ([f"rebuilt {', '.join(manifest.rebuilt)}"] if manifest.rebuilt else []) + [
+        f"added {', '.join(precisions)} to {name}" for name, precisions in manifest.added.items()]
+    click.echo(f"built {out} ({manifest.backend.name}): " + ("; ".join(done) or "everything up to date"))
 
 
 @click.command("generate")
@@ -73,9 +73,11 @@ def _model_record(pipe, engines: Path, numerics: str) -> dict:
     import hashlib
     import json
 
-    raw = (engines / "manifest.json").read_bytes()
-    model = json.loads(raw)["model"]
-    return {"model": model["source"], "model_fingerprint": model["fingerprint"], "engines": str(engines),
+    from jfexport.core.manifest import MANIFEST, Manifest
+
+    raw = (engines / MANIFEST).read_bytes()
+    model = Manifest.from_json(json.loads(raw), engines / MANIFEST).model
+    return {"model": model.source, "model_fingerprint": model.fingerprint, "engines": str(engines),
             "manifest_sha256": hashlib.sha256(raw).hexdigest(), "backend": pipe.backend,
             "precision": pipe.engines.precision}
 

@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 
 from jfexport.reference.pipelines.generation import decode_latents
+from jfexport.core.manifest import EnginesError
 from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
 
-from jfexport.runtime.engines_folder import EnginesError
 from jfexport.runtime.pipelines import JanusFlowRuntime
 
 PROMPTS = ["a red circle at the top left", "two blue squares"]

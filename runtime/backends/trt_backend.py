@@ -21,8 +21,9 @@ from typing import Mapping, Sequence
 
 import torch
 
+from jfexport.core.manifest import GraphRecord
+
 from ..errors import RuntimeFailure
-from ..folder_files import served_entry
 from ..trt_plan import gpu_compute_capability, optimization_profiles, select_profile, stale_engine_reason
 
 
@@ -66,18 +67,18 @@ class TrtEngine:
         self._out_buffers: dict[str, torch.Tensor] = {}
 
     @classmethod
-    def from_manifest_entry(cls, name: str, folder: Path, entry: dict, precision: str) -> "TrtEngine":
+    def from_manifest_entry(cls, name: str, folder: Path, entry: GraphRecord, precision: str) -> "TrtEngine":
         """The engine the build attached to the graph's file served at `precision` (the one the
         loader checked)."""
         import tensorrt as trt
 
-        engine = served_entry(entry["files"], precision).get("engine")
-        if not engine:
+        engine = entry.served(precision).engine
+        if engine is None:
             raise RuntimeFailure(f"{name}: no TensorRT engine in this build (rebuild with --backend tensorrt)")
         reason = stale_engine_reason(engine, trt.__version__, gpu_compute_capability())
         if reason:
-            raise RuntimeFailure(f"{name}: engine {engine['file']} {reason}; rebuild with `jfexport build --backend tensorrt`")
-        return cls(name, folder / engine["file"], optimization_profiles(name, entry["spec"]))
+            raise RuntimeFailure(f"{name}: engine {engine.file} {reason}; rebuild with `jfexport build --backend tensorrt`")
+        return cls(name, folder / engine.file, optimization_profiles(name, entry.spec))
 
     def _output(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """A view of this output's preallocated flat buffer (grown once if a larger shape comes)."""

@@ -32,6 +32,7 @@ from typing import Mapping
 import torch
 
 from jfexport.core.graph_contract import NEW, PAST, PRESENT, count_layers, kv_name
+from jfexport.core.manifest import SpecRecord
 
 # Columns per slot are a multiple of this.
 COLUMN_BUCKET = 64
@@ -52,10 +53,10 @@ class KVLayout:
         return 2 * self.layers * self.kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
 
     @classmethod
-    def from_spec(cls, spec: Mapping, precision: str) -> "KVLayout":
+    def from_spec(cls, spec: SpecRecord, precision: str) -> "KVLayout":
         """From `llm_decode`'s spec as the manifest records it, served at `precision` (an fp16 graph's
         K/V are fp16; INT8 graphs keep fp32 activations)."""
-        extra = spec["extra"]
+        extra = spec.extra
         return cls(extra["layers"], extra["kv_heads"], extra["head_dim"],
                    torch.float16 if precision == "fp16" else torch.float32)
 

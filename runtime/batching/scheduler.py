@@ -37,7 +37,6 @@ from jfexport.core.errors import InputError
 
 from ..errors import Overloaded, RequestCancelled, RequestTimeout, SchedulerStopped
 from .chat_batch import ChatSlots
-from .decode_step import EngineChatExecutor
 from .generation_batch import GenerationRows
 from .jobs import CallJob, ChatJob, GenerationJob, GenerationPart, Job
 
