@@ -117,7 +117,7 @@ def insert_qdq(model: onnx.ModelProto, layers: list[Layer], ranges: dict[str, fl
                                        name=f"{q_name}_QuantizeLinear"),
                       helper.make_node("DequantizeLinear", [q_name, scale_name, zero_name], [dq], name=f"{dq}_DequantizeLinear")]
             node.input[0] = dq
-            node.input[1] = dequantized[layer.weight]
+            node.input[1] = dequantized[quantized.weight]
         nodes.append(node)
     still_read = {i for n in nodes for i in n.input}
     kept = [i for i in graph.initializer if i.name in still_read]
