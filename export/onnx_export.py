@@ -80,6 +80,8 @@ def export_graph(module: nn.Module, spec: GraphSpec, precision: str, staging: Pa
             module, args, dynamo=True, input_names=[t.name for t in typed.inputs],
             output_names=[t.name for t in typed.outputs], dynamic_shapes=dynamic_shapes, optimize=True, verbose=False,
         )
+    if program is None:  # only the legacy exporter (dynamo=False) returns nothing
+        raise RuntimeError(f"{spec.name}: torch.onnx.export returned no ONNXProgram")
     program.save(str(path), external_data=params >= TWO_GB - (64 << 20))
     del program
     _name_dims(path, typed)

@@ -40,9 +40,9 @@ def _swap(module: nn.Module) -> None:
             new.load_state_dict({k: v.float() for k, v in child.state_dict().items()})
             setattr(module, name, new)
         elif isinstance(child, GlobalResponseNorm) and not isinstance(child, FP32StatsGRN):
-            new = FP32StatsGRN(child.weight.shape[-1]).to(child.weight.dtype)
-            new.load_state_dict(child.state_dict())
-            setattr(module, name, new)
+            grn = FP32StatsGRN(child.weight.shape[-1]).to(child.weight.dtype)
+            grn.load_state_dict(child.state_dict())
+            setattr(module, name, grn)
         else:
             _swap(child)
 

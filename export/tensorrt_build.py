@@ -40,7 +40,7 @@ def build_engines(out: Path, entries: dict[str, GraphRecord], progress: Callable
 def engine_precisions(files: dict[str, GraphFile]) -> list[str]:
     """The typed graphs that get an engine: fp16 and int8 (its Q/DQ graph, explicitly quantized) when
     built, fp32 only for a graph that has neither (the VAE, an fp32-only build)."""
-    typed = [p for p in ("fp16", "int8") if p in files]
+    typed: list[str] = [p for p in ("fp16", "int8") if p in files]
     return typed or ["fp32"]
 
 

@@ -13,7 +13,7 @@ import onnx
 from jfexport.core.errors import UserError
 
 DATA = Path(__file__).parent / "data" / "onnx_trt_ops.json"
-_ONNX_TO_TRT = {
+_ONNX_TO_TRT: dict[int, str] = {
     onnx.TensorProto.FLOAT: "FP32", onnx.TensorProto.FLOAT16: "FP16", onnx.TensorProto.BFLOAT16: "BF16",
     onnx.TensorProto.INT32: "INT32", onnx.TensorProto.INT64: "INT64", onnx.TensorProto.BOOL: "BOOL",
     onnx.TensorProto.UINT8: "UINT8", onnx.TensorProto.INT8: "INT8",

@@ -17,7 +17,7 @@ from diffusers import AutoencoderKL
 
 from .checkpoint import CONFIG_NAME, load_checkpoint, weight_files
 from jfexport.core.config import JanusFlowConfig
-from jfexport.core.errors import CheckpointError
+from jfexport.core.errors import CheckpointError, InputError
 from .init import init_random
 from .modules.janusflow import JanusFlowModel
 from jfexport.core.presets import preset_config, preset_vae_config
@@ -53,10 +53,20 @@ class ModelBundle:
 
     @property
     def latent_size(self) -> int:
+        factor = 2 ** (len(self.require_vae().config.block_out_channels) - 1)
+        return self.image_size // factor
+
+    def require_vae(self) -> AutoencoderKL:
+        """The VAE, for whatever generates or trains images."""
         if self.vae is None:
             raise CheckpointError(f"{self.source}: no VAE loaded (pass --vae DIR or add a vae/ folder)")
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        return self.image_size // factor
+        return self.vae
+
+    def require_processor(self) -> JanusProcessor:
+        """The processor, for whatever takes text: a folder without tokenizer files has none."""
+        if self.processor is None:
+            raise InputError(f"{self.source}: no tokenizer files; text prompts need tokenizer.json")
+        return self.processor
 
     @property
     def latent_channels(self) -> int:

@@ -215,6 +215,16 @@ def test_from_folder_reads_the_preprocessor_config(tmp_path):
     assert torch.equal(pixels[:, 42, 0], pixels[:, 21, 0])
 
 
+@pytest.mark.parametrize("key, value", [("image_mean", [0.5, 0.5]), ("image_std", 0.5), ("image_mean", [0.1, 0.2, 0.3, 0.4])])
+def test_preprocessor_config_needs_one_value_per_channel(tmp_path, key, value):
+    shutil.copytree(TINY_ASSETS, tmp_path, dirs_exist_ok=True)
+    cfg = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    cfg[key] = value
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=rf"preprocessor_config.json: {key} must list 3 values"):
+        JanusProcessor.from_folder(tmp_path, image_size=S, num_image_tokens=N)
+
+
 def test_image_files(tmp_path):
     good = tmp_path / "shape.png"
     Image.new("RGBA", (5, 4), (9, 8, 7, 100)).save(good)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 from typing import Callable
 
@@ -103,7 +104,7 @@ def files_runtime(bundle: ModelBundle, limits: Limits, files: dict[str, Path], p
 
     engines = EngineSet({n: OrtEngine(n, p) for n, p in files.items()}, precision, "cpu", {}, Path())
     latent = bundle.latent_size
-    return JanusFlowRuntime(engines, bundle.processor, (bundle.latent_channels, latent, latent),
+    return JanusFlowRuntime(engines, bundle.require_processor(), (bundle.latent_channels, latent, latent),
                             bundle.config.image_grid(latent), bundle.image_size, limits.max_seq, limits.max_batch,
                             "onnxruntime", torch_threads=1)
 
@@ -230,7 +231,7 @@ def build_int8(bundle: ModelBundle, limits: Limits, fp32_files: dict[str, Path],
     for name in names:
         if name in observers:
             ranges = observers[name].amax
-            cache = {"key": keys[name], "ranges": ranges, "calls": observers[name].calls}
+            cache: dict[str, Any] = {"key": keys[name], "ranges": ranges, "calls": observers[name].calls}
         else:
             cache = cached[name]
             ranges = cache["ranges"]

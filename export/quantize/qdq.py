@@ -101,22 +101,23 @@ def insert_qdq(model: onnx.ModelProto, layers: list[Layer], ranges: dict[str, fl
     for layer in layers:
         k = readers.get(layer.activation, 0)
         readers[layer.activation] = k + 1
-        scale = activation_scale(ranges[layer.activation])
+        act_scale = activation_scale(ranges[layer.activation])
         for _ in range(k):
-            scale = np.nextafter(scale, np.float32(np.inf))
+            act_scale = np.nextafter(act_scale, np.float32(np.inf))
         base = f"{layer.activation}_{layer.node}"
-        new_inits += [numpy_helper.from_array(np.float32(scale), f"{base}_scale"),
+        new_inits += [numpy_helper.from_array(np.array(act_scale, np.float32), f"{base}_scale"),
                       numpy_helper.from_array(np.array(0, np.int8), f"{base}_zero")]
     nodes: list[onnx.NodeProto] = list(weight_nodes)
     for node in graph.node:
-        layer = by_node.get(node.name)
-        if layer is not None:
-            base = f"{layer.activation}_{layer.node}"
-            scale, zero, q, dq = f"{base}_scale", f"{base}_zero", f"{base}_q", f"{base}_dq"
-            nodes += [helper.make_node("QuantizeLinear", [layer.activation, scale, zero], [q], name=f"{q}_QuantizeLinear"),
-                      helper.make_node("DequantizeLinear", [q, scale, zero], [dq], name=f"{dq}_DequantizeLinear")]
+        quantized = by_node.get(node.name)
+        if quantized is not None:
+            base = f"{quantized.activation}_{quantized.node}"
+            scale_name, zero_name, q_name, dq = f"{base}_scale", f"{base}_zero", f"{base}_q", f"{base}_dq"
+            nodes += [helper.make_node("QuantizeLinear", [quantized.activation, scale_name, zero_name], [q_name],
+                                       name=f"{q_name}_QuantizeLinear"),
+                      helper.make_node("DequantizeLinear", [q_name, scale_name, zero_name], [dq], name=f"{dq}_DequantizeLinear")]
             node.input[0] = dq
-            node.input[1] = dequantized[layer.weight]
+            node.input[1] = dequantized[quantized.weight]
         nodes.append(node)
     still_read = {i for n in nodes for i in n.input}
     kept = [i for i in graph.initializer if i.name in still_read]

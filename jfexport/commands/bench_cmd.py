@@ -47,6 +47,7 @@ def bench_cmd(checkpoint, vae, preset, engines, backend, steps, cfg, batch, warm
 
     from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
     from jfexport.tools.bench import bench_pipelines
+    from jfexport.runtime.engines_folder import EngineSet
     from jfexport.runtime.pipelines import JanusFlowRuntime
 
     if wanted:
@@ -55,7 +56,10 @@ def bench_cmd(checkpoint, vae, preset, engines, backend, steps, cfg, batch, warm
     if engines is not None:
         runtime = JanusFlowRuntime.from_engines(engines, backend, torch_threads=threads, engine_threads=threads)
         bundle = reference_bundle_for_build(engines, checkpoint, vae)
-        side = f"{_ENGINE_NAMES.get(runtime.backend, runtime.backend)} engines ({runtime.engines.precision}) of {engines}"
+        opened = runtime.engines
+        if not isinstance(opened, EngineSet):  # from_engines opens a build folder's EngineSet, which knows its precision
+            raise TypeError(f"{engines}: the runtime's engines are a {type(opened).__name__}, not an EngineSet")
+        side = f"{_ENGINE_NAMES.get(runtime.backend, runtime.backend)} engines ({opened.precision}) of {engines}"
     else:
         bundle = load_model(checkpoint, vae, preset)
         runtime = JanusFlowRuntime.from_bundle(bundle, "torch")

@@ -54,7 +54,8 @@ def _serve_until_ready(engines: Path, port: int) -> float:
             except httpx.TransportError:
                 pass
             time.sleep(POLL_S)
-        raise click.ClickException(f"serve exited with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
+        stderr = proc.stderr.read().decode() if proc.stderr is not None else ""  # a pipe: never None
+        raise click.ClickException(f"serve exited with {proc.returncode}: {stderr[-2000:]}")
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import click
 
 from jfexport.core.presets import PRESETS
 from jfexport.defaults import BACKENDS, ENGINE_PRECISIONS, ENGINES as DEFAULT_ENGINES
+
+if TYPE_CHECKING:  # the torch side is imported only when a command runs it
+    from jfexport.reference.pipelines.reference_pipeline import Numerics
 
 
 def backend_option(choices: tuple[str, ...], help: str) -> Callable:
@@ -48,7 +51,7 @@ def load_model(checkpoint, vae, preset):
     return load_bundle(checkpoint=checkpoint, vae=vae, preset=preset)
 
 
-def open_pipeline(engines, backend, precision, checkpoint, vae, preset, numerics: str = "fp32", task: str | None = None,
+def open_pipeline(engines, backend, precision, checkpoint, vae, preset, numerics: Numerics = "fp32", task: str | None = None,
                   verify_files: bool = False):
     """The PyTorch reference (torch backend, or a model given directly) or a runtime over a build;
     `task` ("generate" or "chat") opens only the graphs that task runs."""

@@ -28,7 +28,7 @@ def ensure_writable_folder(folder: Path, option: str) -> None:
         raise OutputError(f"{option}: cannot write in {folder} ({e.strerror})") from None
 
 
-def write_atomically(path: Path, write: Callable[[BinaryIO], None], replace: bool) -> None:
+def write_atomically(path: Path, write: Callable[[BinaryIO], object], replace: bool) -> None:
     """Write under a temporary name, then move into place, so no half-written file carries `path`.
 
     Without `replace` an existing `path` is never touched: a hard link fails where a rename

@@ -10,13 +10,16 @@ import resource
 import statistics
 import time
 from collections import defaultdict
-from typing import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, MutableMapping
 
 import torch
 from PIL import Image
 
 from jfexport.runtime.engine import Engine
 from jfexport.runtime.int8_arithmetic import describe_cpu
+
+if TYPE_CHECKING:
+    from jfexport.runtime.pipelines import JanusFlowRuntime
 
 
 class StageTimer:
@@ -112,7 +115,7 @@ def machine_info() -> dict[str, object]:
     return info
 
 
-def thread_settings(threads: int, runtimes: Mapping[str, object]) -> dict[str, object]:
+def thread_settings(threads: int, runtimes: Mapping[str, JanusFlowRuntime]) -> dict[str, object]:
     """Give the reference (this thread's torch) `threads` threads, and report what each side runs with,
     read back from torch and ONNX Runtime (0 there: its default, one per physical core)."""
     torch.set_num_threads(threads)
@@ -125,7 +128,7 @@ def thread_settings(threads: int, runtimes: Mapping[str, object]) -> dict[str, o
     return report
 
 
-def bench_sides(runtimes: Mapping[str, object], reference, prompts: list[str], steps: int, cfg: float, warmup: int,
+def bench_sides(runtimes: Mapping[str, JanusFlowRuntime], reference, prompts: list[str], steps: int, cfg: float, warmup: int,
                 runs: int, stream: Callable[[object], Iterator[torch.Tensor]]) -> dict[str, dict]:
     """Each runtime (by label) and the reference ("reference"), their runs interleaved: run i of every
     side before run i + 1 of any, so a slow spell of the machine falls on all sides alike. Generation
@@ -134,7 +137,10 @@ def bench_sides(runtimes: Mapping[str, object], reference, prompts: list[str], s
     timers = {label: StageTimer() for label in runtimes}
     for label, timer in timers.items():
         # In place: the scheduler holds this mapping and must run the timed proxies.
-        runtimes[label].engines.update(timer.wrap(runtimes[label].engines))
+        engines = runtimes[label].engines
+        if not isinstance(engines, MutableMapping):
+            raise TypeError(f"{label}: its engines ({type(engines).__name__}) cannot take the timed proxies in place")
+        engines.update(timer.wrap(engines))
     generation: dict[str, list[float]] = {label: [] for label in sides}
     for i in range(warmup + runs):
         for label, pipe in sides.items():
@@ -144,7 +150,7 @@ def bench_sides(runtimes: Mapping[str, object], reference, prompts: list[str], s
             pipe.generate(prompts, steps=steps, cfg=cfg)
             if i >= warmup:
                 generation[label].append(time.perf_counter() - start)
-    results = {label: {"end_to_end": summarize(times)} for label, times in generation.items()}
+    results: dict[str, dict[str, object]] = {label: {"end_to_end": summarize(times)} for label, times in generation.items()}
     for label, timer in timers.items():
         results[label]["stages_per_call"] = {n: summarize(t) for n, t in timer.times.items() if n != "vision_encoder"}
         timer.clear()
@@ -219,7 +225,7 @@ def _resident_mib() -> float | None:
     return None
 
 
-def bench_precisions(open_runtime: Callable[[str], object], precisions: list[str], files_mib: Mapping[str, float],
+def bench_precisions(open_runtime: Callable[[str], JanusFlowRuntime], precisions: list[str], files_mib: Mapping[str, float],
                      reference, prompt: str, steps: int, cfg: float, batch: int, warmup: int, runs: int,
                      max_new_tokens: int, question: str, image: Image.Image, threads: int = 1) -> dict[str, object]:
     """Several precisions of one build (`open_runtime(precision)`, with `threads` threads) and the reference
@@ -233,7 +239,7 @@ def bench_precisions(open_runtime: Callable[[str], object], precisions: list[str
     def stream(pipeline) -> Iterator[torch.Tensor]:
         return pipeline.chat_stream([image], [question], max_new_tokens=max_new_tokens)
 
-    runtimes: dict[str, object] = {}
+    runtimes: dict[str, JanusFlowRuntime] = {}
     opened_mib: dict[str, float | None] = {}
     try:
         for precision in precisions:

@@ -18,12 +18,15 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from PIL import Image
 
 from jfexport.tools.bench import machine_info, peak_rss_mib
+
+if TYPE_CHECKING:
+    from jfexport.runtime.pipelines import JanusFlowRuntime
 
 QUESTION = "Describe the picture in detail, please."
 COLOURS = ((220, 30, 30), (30, 30, 220), (30, 200, 30), (230, 210, 30), (20, 20, 20), (240, 240, 240),
@@ -70,7 +73,7 @@ def _decode_steps(runtime, rows: int, history, tokens: int) -> tuple[float | Non
 
 
 def _decode_rate(rows: int, kind: str, context: int, steps: list[float], tokens: int, cache, weights: int | None,
-                 progress: Callable[[str], None]) -> dict[str, object]:
+                 progress: Callable[[str], None]) -> dict[str, Any]:
     best, median = min(steps), statistics.median(steps)
     result = {"rows": rows, "context": kind, "context_tokens": context, "tokens": tokens, "runs": len(steps),
               "step_ms_min": round(best, 2), "step_ms_median": round(median, 2),
@@ -143,7 +146,7 @@ def _turns(runtime, conversations: int = 3) -> dict[str, list[float]]:
     return {"min": [round(min(ms), 1) for ms in per_turn], "median": [round(statistics.median(ms), 1) for ms in per_turn]}
 
 
-def bench_decode(open_runtime: Callable[..., object], hidden: int, weights: int | None = None, tokens: int = 48,
+def bench_decode(open_runtime: Callable[..., JanusFlowRuntime], hidden: int, weights: int | None = None, tokens: int = 48,
                  long_context: int = 1600, rounds: int = 3,
                  progress: Callable[[str], None] = lambda msg: None) -> dict[str, object]:
     """`open_runtime(prefix_cache_bytes=...)` gives a runtime over the engines under test; `hidden`: the

@@ -27,7 +27,7 @@ import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -147,7 +147,7 @@ def _padded(tokens: torch.Tensor, length: int, eos: int) -> torch.Tensor:
     return torch.cat([tokens, pad])[:length]
 
 
-def _quality(base: dict[str, object], fp8: dict[str, object], eos: int, tokens: int) -> dict[str, object]:
+def _quality(base: dict[str, Any], fp8: dict[str, Any], eos: int, tokens: int) -> dict[str, object]:
     """FP8 against the same path in the model's dtype, same noise and question."""
     za, zb = base["latents"].float(), fp8["latents"].float()
     ta, tb = _padded(base["tokens"], tokens, eos), _padded(fp8["tokens"], tokens, eos)
@@ -164,16 +164,17 @@ def bench_torch_paths(bundle: ModelBundle, device: str, dtype: torch.dtype, batc
                       fp8: bool = True, compile_step: bool = True) -> dict[str, object]:
     dev = torch.device(device)
     model = bundle.model.to(device=dev, dtype=dtype)
-    proc = bundle.processor
+    proc = bundle.require_processor()
     size = bundle.latent_size
     grid = bundle.config.image_grid(size)
     elem = torch.finfo(dtype).bits // 8
     peaks = measure_peaks(dev, dtype)
+    generation: dict[str, object] = {}
     results: dict[str, object] = {
         "device": machine_info(), "dtype": str(dtype).replace("torch.", ""), "steps": steps, "cfg": cfg,
         "latent": size, "image_tokens": grid * grid, "chunk": chunk,
         "measured_peaks": {"matmul_tflops": peaks[0] / 1e12, "copy_gbytes_per_s": peaks[1] / 1e9},
-        "generation": {},
+        "generation": generation,
     }
     for batch in batches:
         tokens = proc.generation_tokens([prompt] * batch)
@@ -202,13 +203,13 @@ def bench_torch_paths(bundle: ModelBundle, device: str, dtype: torch.dtype, batc
                 row[name] = None  # CUDA graphs need a CUDA device
         row["step_breakdown"] = _guarded("step_breakdown", lambda: _step_breakdown(
             model, grid, ids, mask, z0, steps, cfg, proc.tokenizer.pad_id, warmup, runs, cached, peaks))
-        results["generation"][f"batch_{batch}"] = row
+        generation[f"batch_{batch}"] = row
 
     image = Image.new("RGB", (bundle.image_size, bundle.image_size), (200, 30, 30))
     question = "Describe the image."
     eos = proc.tokenizer.eos_id
     seq = int(proc.understanding_batch([question], [image]).input_ids.shape[1])
-    understanding: dict[str, object] = {"prompt_tokens": seq, "new_tokens": max_new_tokens}
+    understanding: dict[str, Any] = {"prompt_tokens": seq, "new_tokens": max_new_tokens}
     for batch in batches:
         prefill = vision_cost(bundle.config, batch, elem) + llm_cost(bundle.config, batch, seq, 0, elem, with_logits=True)
         per_token = llm_cost(bundle.config, batch, 1, seq + max_new_tokens // 2, elem, with_logits=True)
@@ -228,8 +229,8 @@ def bench_torch_paths(bundle: ModelBundle, device: str, dtype: torch.dtype, batc
         for batch in batches:
             understanding[f"batch_{batch}"][name] = time_token_stream(static_kv(decoder, batch), warmup, runs)
 
-    serving: dict[str, dict[str, object]] = {f"batch_{b}": {} for b in batches}
-    outputs: dict[str, dict[str, object]] = {}
+    serving: dict[str, dict[str, Any]] = {f"batch_{b}": {} for b in batches}
+    outputs: dict[str, dict[str, Any]] = {}
     for name, variant in _variants(dev.type == "cuda", chunk, fp8, compile_step).items():
         with fp8_matmuls(model) if variant.fp8 else nullcontext():
             runtime = _scheduler_runtime(bundle, device, dtype, variant)
@@ -248,10 +249,10 @@ def bench_torch_paths(bundle: ModelBundle, device: str, dtype: torch.dtype, batc
         rows = serving[f"batch_{batch}"]
         # Same noise through the scheduler: the fast executors must land where the engine path does.
         reference = rows["engine_path"].pop("_latents", None)
-        for row in rows.values():
-            latents = row.pop("_latents", None)
-            if latents is not None and reference is not None:
-                row["generation"]["max_abs_vs_engine_path"] = float((latents - reference).abs().max())
+        for variant_row in rows.values():
+            variant_latents = variant_row.pop("_latents", None)
+            if variant_latents is not None and reference is not None:
+                variant_row["generation"]["max_abs_vs_engine_path"] = float((variant_latents - reference).abs().max())
     results["serving_through_the_scheduler"] = serving
     if fp8 and all(n in outputs for n in (f"fast_fp8_chunk{chunk}",
                                           f"fast_cuda_graphs_chunk{chunk}" if dev.type == "cuda" else f"fast_eager_chunk{chunk}")):
@@ -275,7 +276,7 @@ def _step_breakdown(model, grid: int, ids: torch.Tensor, mask: torch.Tensor, z0:
     stages = step_stages(sampler.executor, buffers)
     for _, fn in stages:  # every stage's inputs exist before any is timed alone
         fn()
-    out: dict[str, object] = {}
+    out: dict[str, Any] = {}
     for name, fn in stages:
         times = _time(fn, warmup, max(runs, 5))
         cost = costs.get(name)

@@ -13,7 +13,7 @@ import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, cast
 
 from PIL import Image
 
@@ -183,7 +183,7 @@ def bench_serve(runtime, workload: Workload, progress: Callable[[str], None] = l
     progress("scheduler run")
     batched = summarize(*closed_loop(runtime_calls(runtime, workload), workload))
     generation_30 = statistics.median(alone) * 1e3
-    ttft = batched["chat_time_to_first_token"]
+    ttft = cast("dict[str, float] | None", batched["chat_time_to_first_token"])  # summarize()'s percentiles
     return {
         "workload": asdict(workload),
         "backend": runtime.backend,

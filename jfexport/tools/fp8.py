@@ -35,6 +35,11 @@ class FP8Linear(nn.Module):
     """A bias-free nn.Linear with FP8 weights (per output channel) and FP8 activations (per row);
     the output has the input's dtype."""
 
+    weight_bits: torch.Tensor  # registered buffers, typed for the checker (Module.__getattr__ is untyped)
+    scale_bits: torch.Tensor
+    in_features: int
+    out_features: int
+
     def __init__(self, linear: nn.Linear):
         super().__init__()
         if linear.bias is not None:

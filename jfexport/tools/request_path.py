@@ -67,7 +67,7 @@ def request_files(engines: str | Path, route: str = IMAGE_REQUEST[0], body: dict
         finally:
             runtime.close()
     finally:
-        threading.setprofile(None)  # type: ignore[arg-type]
+        threading.setprofile(None)
         sys.setprofile(previous)
     if response.status_code != 200:
         raise RuntimeError(f"{route} answered {response.status_code}: {response.text[:500]}")

@@ -14,6 +14,10 @@ from .uvit import ShallowUViTDecoder, ShallowUViTEncoder
 
 
 class JanusFlowModel(nn.Module):
+    # Set by load_checkpoint: the official tensors the model does not use (attention-pool head),
+    # written back on save.
+    unused_tensors: dict[str, torch.Tensor]
+
     def __init__(self, config: JanusFlowConfig):
         super().__init__()
         self.config = config

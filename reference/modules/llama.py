@@ -27,7 +27,8 @@ def build_llama(cfg: LanguageConfig) -> LlamaForCausalLM:
         vocab_size=cfg.vocab_size,
         max_position_embeddings=cfg.max_position_embeddings,
         rms_norm_eps=cfg.rms_norm_eps,
-        rope_theta=cfg.rope_theta,
+        # transformers 5 keeps RoPE settings in rope_parameters (a bare rope_theta is moved there).
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
         tie_word_embeddings=False,
         attention_bias=False,
         hidden_act="silu",
@@ -97,10 +98,15 @@ def llama_forward(
     concatenated, so the past is read once per layer and never copied (DESIGN.md: the cache is
     updated in place by the runtime).
     """
+    if past is None and (write_slots is not None or new_only):
+        raise ValueError("llama_forward: write_slots and new_only read and write the past K/V, but no `past` was given")
+    past_kv: list[KV] = past if past is not None else []
     cfg = model.config
     body = model.model
     bsz, num_new, _ = inputs_embeds.shape
-    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    heads = cfg.num_attention_heads
+    # HF fills an unset num_key_value_heads with num_attention_heads (plain multi-head attention).
+    kv_heads = cfg.num_key_value_heads if cfg.num_key_value_heads is not None else heads
     head_dim = cfg.hidden_size // heads
     dtype = inputs_embeds.dtype
     cos, sin = rope_tables(position_ids, head_dim, rope_theta, dtype)
@@ -120,14 +126,14 @@ def llama_forward(
         k = k * cos + _rotate_half(k) * sin
         if write_slots is not None:
             columns = write_slots[:, None, :, None].expand(bsz, kv_heads, num_new, head_dim)
-            k = past[i][0].scatter_(2, columns, k)
-            v = past[i][1].scatter_(2, columns, v)
+            k = past_kv[i][0].scatter_(2, columns, k)
+            v = past_kv[i][1].scatter_(2, columns, v)
         elif past is not None and not new_only:
-            k = torch.cat([past[i][0], k], dim=2)
-            v = torch.cat([past[i][1], v], dim=2)
+            k = torch.cat([past_kv[i][0], k], dim=2)
+            v = torch.cat([past_kv[i][1], v], dim=2)
         present.append((k, v))
         if new_only:
-            out = _two_block_attention(q, past[i], (k, v), bias, dtype)
+            out = _two_block_attention(q, past_kv[i], (k, v), bias, dtype)
         else:
             out = _attention(q, k, v, bias, dtype, attention)
         out = out.transpose(1, 2).reshape(bsz, num_new, heads * head_dim)

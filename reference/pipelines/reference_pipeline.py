@@ -26,8 +26,7 @@ Numerics = Literal["fp32", "bf16"]
 
 class ReferencePipeline:
     def __init__(self, bundle: ModelBundle, numerics: Numerics = "fp32"):
-        if bundle.processor is None:
-            raise InputError(f"{bundle.source}: no tokenizer files; text prompts need tokenizer.json")
+        bundle.require_processor()
         self.bundle = bundle
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[numerics]
         self.model = bundle.model.to(self.dtype)

@@ -41,9 +41,10 @@ class TrainConfig:
         defaults = STAGES[self.stage]
         self.lr = defaults.lr if self.lr is None else self.lr
         self.warmup = defaults.warmup if self.warmup is None else self.warmup
-        self.ratio = tuple(defaults.ratio if self.ratio is None else self.ratio)
-        if len(self.ratio) != 3 or sum(self.ratio) <= 0 or min(self.ratio) < 0:
-            raise ConfigError(f"ratio needs three non-negative weights (und, gen, text), got {self.ratio}")
+        ratio = tuple(defaults.ratio if self.ratio is None else self.ratio)
+        if len(ratio) != 3 or sum(ratio) <= 0 or min(ratio) < 0:
+            raise ConfigError(f"ratio needs three non-negative weights (und, gen, text), got {ratio}")
+        self.ratio = (ratio[0], ratio[1], ratio[2])
         if self.steps < 1 or self.batch_size < 1:
             raise ConfigError("steps and batch_size must be >= 1")
 
@@ -80,7 +81,7 @@ def _int(v: object) -> bool:
 
 
 def _number(v: object) -> bool:
-    return (_int(v) or isinstance(v, float)) and math.isfinite(v)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _optional(check: Callable[[object], bool]) -> Callable[[object], bool]:

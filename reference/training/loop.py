@@ -77,7 +77,7 @@ def _save(bundle: ModelBundle, ema: EMA, out: Path) -> None:
         extra = [bundle.processor_folder / f for f in PROCESSOR_FILES
                  if bundle.processor_folder and (bundle.processor_folder / f).is_file()]
         save_checkpoint(model, out / CHECKPOINT, dtype=torch.float32, extra_files=extra)
-        bundle.vae.save_pretrained(out / CHECKPOINT / "vae")
+        bundle.require_vae().save_pretrained(out / CHECKPOINT / "vae")
     finally:
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -95,13 +95,16 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, flo
         )
     torch.manual_seed(cfg.seed)
     bundle = _load_init(cfg)
-    model, vae, processor = bundle.model.float().train(), bundle.vae.float().eval(), bundle.processor
+    model, vae, processor = bundle.model.float().train(), bundle.require_vae().float().eval(), bundle.require_processor()
     vae.requires_grad_(False)
     lang, und = model.config.language, model.config.vision_und
     repa = RepaHead(lang.hidden_size, und.width) if cfg.repa_layer is not None else None
     params = apply_stage(model, repa, cfg.stage)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
+    lr, warmup = cfg.lr, cfg.warmup
+    if lr is None or warmup is None:  # TrainConfig.__post_init__ fills both from the stage
+        raise ConfigError(f"stage {cfg.stage}: no learning rate or warmup resolved")
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)))
     ema = EMA(model, cfg.ema_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     data = ToyBatches(cfg.image_size or und.image_size, cfg.seed)

@@ -49,6 +49,8 @@ def generation_loss(
     velocity = model.gen_decode(hidden[:, -n_img:], skip, t_emb)
     out = {"rf": rf_loss(velocity, x, z0)}
     if repa_head is not None and repa_layer is not None:
+        if captured is None:
+            raise RuntimeError(f"the LLM returned no hidden state for output_hidden_layer={repa_layer}")
         out["repa"] = repa_loss(repa_head(captured[:, -n_img:]), _encoder_targets(model, images, skip.shape[-1]))
     return out
 

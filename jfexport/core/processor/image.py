@@ -118,8 +118,9 @@ def preprocess_image(
     longest = max(w, h)
     size = (max(int(w / longest * image_size), min_size), max(int(h / longest * image_size), min_size))
     # torchvision's resize of a PIL image is PIL's antialiased bicubic: call it directly.
-    image = image.resize(size, Image.BICUBIC)
-    image = _expand_to_square(image, tuple(int(m * 255) for m in mean))
+    image = image.resize(size, Image.Resampling.BICUBIC)
+    r, g, b = (int(m * 255) for m in mean)
+    image = _expand_to_square(image, (r, g, b))
     # float32 division equals transformers' float64 rescale cast to float32 for all 256 levels.
     x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 255.0
     if not normalize:

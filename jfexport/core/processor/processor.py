@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from jfexport.core.processor.errors import ProcessorInputError
+from jfexport.core.processor.errors import ProcessorInputError, TokenizerFilesError
 from jfexport.core.processor.image import MAX_PIXELS, check_image_size, preprocess_image, to_rgb
 from jfexport.core.processor.request_checks import check_text
 from jfexport.core.processor.templates import SEP2, SYSTEM_PROMPT, Parts, check_turns, conversation_parts, generation_parts, understanding_parts
@@ -50,6 +50,15 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
+def _rgb(pre: dict, key: str, folder: Path) -> tuple[float, float, float]:
+    """preprocessor_config.json's per-channel `key` (default 0.5 each): exactly one value per RGB channel."""
+    values = pre.get(key, (0.5, 0.5, 0.5))
+    if not isinstance(values, (list, tuple)) or len(values) != 3:
+        raise TokenizerFilesError(f"{folder / 'preprocessor_config.json'}: {key} must list 3 values (R, G, B), got {values!r}")
+    r, g, b = values
+    return r, g, b
+
+
 class JanusProcessor:
     def __init__(
         self,
@@ -67,7 +76,7 @@ class JanusProcessor:
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.num_image_tokens = num_image_tokens
-        self.mean, self.std, self.min_size, self.normalize = tuple(mean), tuple(std), min_size, normalize
+        self.mean, self.std, self.min_size, self.normalize = mean, std, min_size, normalize
         self.system_prompt = system_prompt
         self.official_special_text = official_special_text
         self.max_pixels = max_pixels
@@ -91,8 +100,8 @@ class JanusProcessor:
         pre = read_json(folder / "preprocessor_config.json")
         return cls(
             tokenizer, image_size, num_image_tokens,
-            mean=tuple(pre.get("image_mean", (0.5, 0.5, 0.5))),
-            std=tuple(pre.get("image_std", (0.5, 0.5, 0.5))),
+            mean=_rgb(pre, "image_mean", folder),
+            std=_rgb(pre, "image_std", folder),
             min_size=int(pre.get("min_size", 14)),
             normalize=bool(pre.get("do_normalize", True)),
             official_special_text=official_special_text,
@@ -200,14 +209,13 @@ class JanusProcessor:
         serving scheduler prepares rows when requests arrive and batches them when they are admitted)."""
         tok = self.tokenizer
         ids, mask = left_pad(rows, tok.pad_id)
-        pixels = torch.stack(pixels)[:, None]
         return UnderstandingBatch(
             input_ids=ids,
             attention_mask=mask,
             # Pads are excluded as in the official batchify, which masks only each row's own tokens.
             images_seq_mask=((ids == tok.image_id) | (ids == tok.image_start_id)) & mask.bool(),
             images_emb_mask=torch.ones(len(rows), 1, self.num_image_tokens + 1, dtype=torch.bool),
-            pixel_values=pixels,
+            pixel_values=torch.stack(pixels)[:, None],
         )
 
     def generation_ids(self, prompt: str) -> list[int]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import operator
 from numbers import Real
+from typing import SupportsIndex, cast
 
 from jfexport.core.processor.errors import ProcessorInputError, RequestError
 
@@ -64,7 +65,8 @@ def _integer(name: str, value: object, low: int, high: int) -> int:
     if isinstance(value, bool):
         raise RequestError(f"{name}: expected an integer, got a bool ({value})")
     try:
-        number = operator.index(value)  # int and numpy integers; floats, even integral ones, are refused
+        # int and numpy integers; floats, even integral ones, are refused (TypeError, caught below)
+        number = operator.index(cast(SupportsIndex, value))
     except TypeError:
         raise RequestError(f"{name}: expected an integer, got {type(value).__name__} {value!r}") from None
     if not low <= number <= high:
