@@ -22,7 +22,8 @@ def _resolve(shape: tuple[int | str, ...], values: dict[str, int]) -> Shape:
 def _profile(spec: SpecRecord, ranges: dict[str, DimRange]) -> Profile:
     out: Profile = {}
     for t in spec.inputs:
-        out[t.name] = tuple(_resolve(t.shape, {k: getattr(r, w) for k, r in ranges.items()}) for w in ("min", "opt", "max"))
+        lo, opt, hi = (_resolve(t.shape, {k: getattr(r, w) for k, r in ranges.items()}) for w in ("min", "opt", "max"))
+        out[t.name] = (lo, opt, hi)
     return out
 
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Mapping, Protocol, Sequence
 
 import torch
-from torch import nn
 
 from jfexport.reference.bundle import ModelBundle
 from jfexport.reference.graphs import GRAPH_NAMES, build_graph
@@ -19,8 +18,17 @@ def exact_fp32(dtype: torch.dtype):
                        allow_tf32=dtype != torch.float32)
 
 
+class GraphModule(Protocol):
+    """A graph of `reference.graphs`: its contract's input and output names, tensors in and out."""
+
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+
+    def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
+
+
 class TorchEngine:
-    def __init__(self, name: str, module: nn.Module, dtype: torch.dtype, device: torch.device):
+    def __init__(self, name: str, module: GraphModule, dtype: torch.dtype, device: torch.device):
         self.name = name
         self.module = module
         self.dtype = dtype
