@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Protocol, Sequence
+from typing import Mapping, Protocol, Sequence, cast
 
 import torch
 
@@ -51,4 +51,5 @@ def torch_engines(bundle: ModelBundle, dtype: torch.dtype = torch.float32, devic
     names = [g for g in GRAPH_NAMES if g != "vae_decoder" or bundle.vae is not None]
     if bundle.vae is not None and (bundle.vae.dtype != dtype or bundle.vae.device != device):
         bundle.vae.to(device=device, dtype=dtype)
-    return {g: TorchEngine(g, build_graph(g, model, bundle.vae), dtype, device) for g in names}
+    # Every graph module of `build_graph` names its contract's inputs and outputs.
+    return {g: TorchEngine(g, cast(GraphModule, build_graph(g, model, bundle.vae)), dtype, device) for g in names}
