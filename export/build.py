@@ -29,7 +29,6 @@ from .quantize.cache import read_cache, write_cache
 from .quantize.int8_build import QUANTIZED_GRAPHS, build_int8
 from .quantize.int8_gate import end_to_end_gate
 from .quantize.requests import Recipe
-from .specs import graph_specs
 
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "processor_config.json",
                    "preprocessor_config.json")
@@ -46,7 +45,7 @@ class Int8ArithmeticError(UserError):
 def build_limits(bundle: ModelBundle, max_batch: int = defaults.MAX_BATCH, max_seq: int | None = None) -> Limits:
     """The build's limits: `max_seq` defaults to the model's positions (at most 4096) and may not exceed them."""
     positions = bundle.config.language.max_position_embeddings
-    # The graphs are exported at sample sizes (export/specs.py) that every range must hold, so
+    # The graphs are exported at sample sizes (jfexport/core/graph_specs.py) that every range must hold, so
     # that no dimension is baked in: 3 rows, and a sequence of 11 tokens after a past of 7.
     if max_batch < 3:
         raise BuildLimitsError(f"--max-batch {max_batch}: at least 3 rows (the export samples 3)")
@@ -108,7 +107,7 @@ def _build_in(session: BuildFolder, bundle: ModelBundle, fp16: bool, int8: bool,
               limits: Limits, progress: Progress) -> Manifest:
     out = session.folder
     precisions = ("fp32", *(("fp16",) if fp16 else ()), *(("int8",) if int8 else ()))
-    specs = graph_specs(bundle, limits)
+    specs = bundle.graph_specs(limits)
     prev = session.previous
     same_tools = prev is not None and prev.versions == versions() and prev.limits == limits
     # INT8 files of another weight scheme (see runtime/int8_arithmetic.py) are never reused; graphs the previous

@@ -25,7 +25,6 @@ from .build_folder import BuildFolderError, named_os_error, open_build_folder
 from jfexport.core.graph_spec import GraphSpec
 from .onnx_export import export_graph
 from .precision import to_fp16_, use_explicit_softmax
-from .specs import graph_specs
 from .trt_ops import check_file
 from .validate import compare, reference_cases, validation_dims
 
@@ -79,7 +78,7 @@ def export_graphs(
     The bundle's model is converted to fp16 in place when fp16 is asked for: export consumes it.
     """
     out = Path(out)
-    specs = graph_specs(bundle, limits)
+    specs = bundle.graph_specs(limits)
     use_explicit_softmax(bundle.model)
     bundle.model.float()
     entries = {n: GraphRecord(SpecRecord.from_json(specs[n].to_json()), weights_sha256(n, bundle), {}) for n in names}
@@ -140,7 +139,7 @@ def export_all(bundle: ModelBundle, out: Path, graphs: list[str] | None = None, 
     next export. A build folder is refused (its manifest would be replaced by one without the
     backend, tokenizer and other graphs); export writes nowhere until every graph has passed.
     """
-    names = select_graphs(graphs, graph_specs(bundle, limits))
+    names = select_graphs(graphs, bundle.graph_specs(limits))
     out = Path(out)
     try:
         with open_build_folder(out, _export_folder_manifest, progress) as session:

@@ -18,6 +18,9 @@ from diffusers import AutoencoderKL
 from .checkpoint import CONFIG_NAME, load_checkpoint, weight_files
 from jfexport.core.config import JanusFlowConfig
 from jfexport.core.errors import CheckpointError, InputError
+from jfexport.core.graph_spec import GraphSpec
+from jfexport.core.graph_specs import graph_specs
+from jfexport.core.manifest import Limits
 from .init import init_random
 from .modules.janusflow import JanusFlowModel
 from jfexport.core.presets import preset_config, preset_vae_config
@@ -71,6 +74,11 @@ class ModelBundle:
     @property
     def latent_channels(self) -> int:
         return self.config.gen_enc.input_channels
+
+    def graph_specs(self, limits: Limits = Limits()) -> dict[str, GraphSpec]:
+        """The model's graph specs (`core.graph_specs`), from its config and its VAE's."""
+        return graph_specs(self.config, self.latent_size, self.latent_channels,
+                           self.vae.config if self.vae is not None else None, limits)
 
 
 def load_vae(folder: str | Path) -> AutoencoderKL:

@@ -21,6 +21,7 @@ from jfexport.core.graph_contract import GENERATION_GRAPHS, UNDERSTANDING_GRAPHS
 from jfexport.core.manifest import MANIFEST, EnginesError, Int8Record, Manifest
 
 from .backend_choice import choose_backend
+from .engine import Engine
 from .folder_files import FileCheck, check_files, confine_tokenizer, served_files, tokenizer_files
 from .int8_arithmetic import MATMUL_TOLERANCE, WEIGHT_MAX, cpu_name, describe_cpu, matmul_error
 
@@ -118,6 +119,8 @@ def check_build(folder: str | Path, backend: str = "auto", precision: str | None
         device = ort_device(device)  # before the precision: fp16 is chosen only where it runs on a GPU
     precision = pick_precision(manifest, precision, device)
     if precision == "int8" and chosen == "onnxruntime" and torch.device(device).type == "cpu":
+        if manifest.int8 is None:  # the manifest's own check requires the record of an INT8 build
+            raise EnginesError(f"{folder / MANIFEST}: an INT8 build without its int8 record")
         check_int8_arithmetic(folder, manifest.int8)
     listed = {name: served_files(manifest, name, precision, chosen) for name in names}
     tokenizer = confine_tokenizer(folder, manifest)
@@ -137,7 +140,7 @@ def load_engines(folder: str | Path, backend: str = "auto", precision: str | Non
     default, one per physical core).
     """
     build = check_build(folder, backend, precision, device, graphs, verify_files)
-    engines = {}
+    engines: dict[str, Engine] = {}
     for name in build.graphs:
         if build.backend == "tensorrt":
             from .backends.trt_backend import TrtEngine

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from jfexport.core.graph_spec import GraphSpec
-from jfexport.export.specs import graph_specs
 from jfexport.export.trt_ops import check_file, check_model
 from jfexport.export.validate import compare, reference_cases
 from jfexport.reference.bundle import load_preset
@@ -29,7 +28,7 @@ def fresh_tiny():
 
 
 def _spec(manifest: dict, name: str, bundle) -> GraphSpec:
-    spec = graph_specs(bundle)[name]
+    spec = bundle.graph_specs()[name]
     assert spec.to_json() == manifest["graphs"][name]["spec"]  # the manifest carries the spec verbatim
     return spec
 

@@ -8,19 +8,17 @@ import pytest
 import torch
 
 from jfexport.core.manifest import EngineRecord, GraphFile, GraphRecord, SpecRecord
-from jfexport.export.specs import graph_specs
 from jfexport.reference.bundle import load_preset
-from jfexport.runtime.trt_plan import (
-    engine_file_name, engine_is_current, max_output_bytes, optimization_profiles, prompt_bucket, select_profile,
-    stale_engine_reason,
-)
+from jfexport.core.profiles import optimization_profiles, select_profile
+from jfexport.runtime.batching.torch_step import prompt_bucket
+from jfexport.runtime.trt_plan import engine_file_name, engine_is_current, stale_engine_reason
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
 
 
 @pytest.fixture(scope="module")
 def specs():
-    return {n: SpecRecord.from_json(s.to_json()) for n, s in graph_specs(load_preset("tiny")).items()}
+    return {n: SpecRecord.from_json(s.to_json()) for n, s in load_preset("tiny").graph_specs().items()}
 
 
 def test_decode_has_an_understanding_and_a_generation_profile(specs):
@@ -63,12 +61,10 @@ def test_engine_names_and_staleness():
     assert stale_engine_reason(engine, "10.15.1", "9.0") is None
 
 
-def test_prompt_buckets_and_buffer_plan(specs):
+def test_prompt_buckets():
     assert [prompt_bucket(n, 4096) for n in (1, 16, 17, 100, 4000)] == [16, 16, 32, 128, 4096]
     with pytest.raises(ValueError, match="exceeds"):
         prompt_bucket(5000, 4096)
-    sizes = max_output_bytes(specs["gen_decoder"], {"float32": 4, "float16": 2, "int64": 8})
-    assert sizes["velocity"] == 16 * 4 * 16 * 16 * 4
 
 
 @pytest.mark.tensorrt

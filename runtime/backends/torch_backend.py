@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Mapping, Protocol, Sequence, cast
 
 import torch
-from torch import nn
 
 from jfexport.reference.bundle import ModelBundle
 from jfexport.reference.graphs import GRAPH_NAMES, build_graph
@@ -19,8 +18,17 @@ def exact_fp32(dtype: torch.dtype):
                        allow_tf32=dtype != torch.float32)
 
 
+class GraphModule(Protocol):
+    """A graph of `reference.graphs`: its contract's input and output names, tensors in and out."""
+
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+
+    def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
+
+
 class TorchEngine:
-    def __init__(self, name: str, module: nn.Module, dtype: torch.dtype, device: torch.device):
+    def __init__(self, name: str, module: GraphModule, dtype: torch.dtype, device: torch.device):
         self.name = name
         self.module = module
         self.dtype = dtype
@@ -43,4 +51,5 @@ def torch_engines(bundle: ModelBundle, dtype: torch.dtype = torch.float32, devic
     names = [g for g in GRAPH_NAMES if g != "vae_decoder" or bundle.vae is not None]
     if bundle.vae is not None and (bundle.vae.dtype != dtype or bundle.vae.device != device):
         bundle.vae.to(device=device, dtype=dtype)
-    return {g: TorchEngine(g, build_graph(g, model, bundle.vae), dtype, device) for g in names}
+    # Every graph module of `build_graph` names its contract's inputs and outputs.
+    return {g: TorchEngine(g, cast(GraphModule, build_graph(g, model, bundle.vae)), dtype, device) for g in names}

@@ -24,7 +24,9 @@ import torch
 from jfexport.core.manifest import GraphRecord
 
 from ..errors import RuntimeFailure
-from ..trt_plan import gpu_compute_capability, optimization_profiles, select_profile, stale_engine_reason
+from jfexport.core.profiles import optimization_profiles, select_profile
+
+from ..trt_plan import gpu_compute_capability, stale_engine_reason
 
 
 class _SharedActivations:

@@ -63,6 +63,8 @@ class PrefillGraphs:
             self._compute(state)
         # The K/V are copied into the store before the next prefill; the logits are kept longer
         # (the first token's, for callers that want them), and a replay would overwrite them.
+        if state.logits is None:
+            raise RuntimeError("the prefill ran without writing its logits")
         out = {"logits": state.logits[:n].clone()}
         for layer, (k, v) in enumerate(state.present):
             out[kv_name("present", layer, "key")], out[kv_name("present", layer, "value")] = k[:n], v[:n]

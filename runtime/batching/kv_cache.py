@@ -127,9 +127,9 @@ class KVCache:
     def mask(self, lengths: list[int], new: int) -> torch.Tensor:
         """[rows, width + new] attention mask of rows holding `lengths` tokens: their filled columns,
         then their `new` tokens."""
-        lengths = torch.tensor(lengths, device=self.device)
+        filled = torch.tensor(lengths, device=self.device)
         columns = torch.arange(self.width + new, device=self.device)
-        return ((columns[None, :] < lengths[:, None]) | (columns[None, :] >= self.width)).long()
+        return ((columns[None, :] < filled[:, None]) | (columns[None, :] >= self.width)).long()
 
     # -- slots -------------------------------------------------------------------------------
 

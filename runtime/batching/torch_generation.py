@@ -23,9 +23,8 @@ import torch
 
 from ..backends.torch_backend import exact_fp32
 from ..lru import LRU
-from ..trt_plan import prompt_bucket
 from .generation_step import KV, PromptKV, StepBuffers, cfg_euler_step
-from .torch_step import capture_or_none
+from .torch_step import capture_or_none, prompt_bucket
 
 if TYPE_CHECKING:
     from jfexport.reference.modules.janusflow import JanusFlowModel

@@ -43,3 +43,14 @@ def capture_or_none(step: Callable[[], None]) -> torch.cuda.CUDAGraph | None:
 
 # Static K/V lengths are rounded up to this so that requests of similar length share a graph.
 DECODE_BUCKET = 256
+
+
+def prompt_bucket(length: int, max_len: int, smallest: int = 16) -> int:
+    """Prompt length rounded up to a power of two (at least `smallest`): CUDA graphs are captured per
+    bucket, and left padding (masked) fills the difference."""
+    if length > max_len:
+        raise ValueError(f"prompt of {length} tokens exceeds the built maximum {max_len}")
+    bucket = smallest
+    while bucket < length:
+        bucket *= 2
+    return min(bucket, max_len)

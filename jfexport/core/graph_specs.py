@@ -1,20 +1,26 @@
-"""The seven graph specs of a model (DESIGN.md "The graph set"), every size from its config."""
+"""The seven graph specs of a model (DESIGN.md "The graph set"), every size from its config.
+
+From the config alone (model-free): the exporter, the build, the runtime's profiles and the tests
+all read the same specs. `vae_config` is the VAE's diffusers config (`block_out_channels`,
+`scaling_factor`); without it there is no `vae_decoder` graph.
+"""
 
 from __future__ import annotations
 
-from jfexport.core.manifest import Limits
-from jfexport.reference.bundle import ModelBundle
-from jfexport.core.graph_contract import GRAPH_NAMES, NEW, PAST, PRESENT, kv_names
+from typing import Any, Mapping
 
-from jfexport.core.graph_spec import Dim, GraphSpec, TensorSpec
+from .config import JanusFlowConfig
+from .graph_contract import GRAPH_NAMES, NEW, PAST, PRESENT, kv_names
+from .graph_spec import Dim, GraphSpec, TensorSpec
+from .manifest import Limits
 
 
-def graph_specs(bundle: ModelBundle, limits: Limits = Limits()) -> dict[str, GraphSpec]:
-    cfg = bundle.config
+def graph_specs(cfg: JanusFlowConfig, latent_size: int, latent_channels: int, vae_config: Mapping[str, Any] | None,
+                limits: Limits = Limits()) -> dict[str, GraphSpec]:
     lang, und = cfg.language, cfg.vision_und
     d, v, layers = lang.hidden_size, lang.vocab_size, lang.num_hidden_layers
     kv_heads, head_dim = lang.num_key_value_heads, lang.head_dim
-    latent, channels = bundle.latent_size, bundle.latent_channels
+    latent, channels = latent_size, latent_channels
     grid = cfg.image_grid(latent)
     n_img = grid * grid
     width = cfg.gen_enc.channels
@@ -66,13 +72,13 @@ def graph_specs(bundle: ModelBundle, limits: Limits = Limits()) -> dict[str, Gra
             [TensorSpec("velocity", f32, ("B", channels, latent, latent))],
             {"B": B}, precisions=int8),
     }
-    if bundle.vae is not None:
-        out = latent * 2 ** (len(bundle.vae.config.block_out_channels) - 1)
+    if vae_config is not None:
+        out = latent * 2 ** (len(vae_config["block_out_channels"]) - 1)
         specs["vae_decoder"] = GraphSpec(
             "vae_decoder",
             [TensorSpec("latents", f32, (("B", channels, latent, latent)))],
             [TensorSpec("images", f32, ("B", 3, out, out))],
             # The SDXL VAE overflows in fp16 (JANUSFLOW.md 6): it is never typed fp16.
-            {"B": B}, precisions=("fp32",), extra={"scaling_factor": float(bundle.vae.config.scaling_factor)})
+            {"B": B}, precisions=("fp32",), extra={"scaling_factor": float(vae_config["scaling_factor"])})
     assert set(specs) <= set(GRAPH_NAMES)
     return specs
