@@ -4,6 +4,7 @@ static-buffer Euler step against the engine step. CPU runs them eagerly; CUDA te
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -295,6 +296,23 @@ def test_fast_latents_equal_the_engine_path(pair):
         want = plain.generate_latents([prompt], steps=2, seed=7)
         assert (want - fast.generate_latents([prompt], steps=2, seed=7)).abs().max().item() < 1e-5
     assert len(buffers) == count  # (1 row, 16-token bucket) was made by the last image above
+
+
+def test_fast_generation_previews_equal_the_engine_path(pair):
+    """The torch executor's step hands out its guided velocity from its own buffers: the previews
+    computed from it are the engine path's, and the images are those of a request without previews."""
+    got = []
+    for rt in pair:
+        handle = rt.submit_generate(PROMPTS[0], n=2, steps=5, seed=9, previews=2)
+        previews = [(p.image, p.index, np.asarray(p.picture, dtype=np.int16)) for p in handle.previews(timeout=60)]
+        got.append((previews, [np.asarray(im, dtype=np.int16) for im in handle.result(timeout=60)]))
+    (plain_previews, plain_images), (fast_previews, fast_images) = got
+    assert [(i, j) for i, j, _ in plain_previews] == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    assert [(i, j) for i, j, _ in fast_previews] == [(i, j) for i, j, _ in plain_previews]
+    for (_, _, a), (_, _, b) in zip(plain_previews, fast_previews):
+        assert np.abs(a - b).max() <= 1  # fp32 on both paths: at most a rounding level of uint8
+    alone = pair[1].generate([PROMPTS[0]], n=2, steps=5, seed=9)
+    assert all(np.array_equal(a, np.asarray(b, dtype=np.int16)) for a, b in zip(fast_images, alone))
 
 
 def test_a_compiler_that_fails_costs_speed_not_requests(pair, caplog):
