@@ -37,11 +37,32 @@ def _calls(runtime, workload: Workload, previews: int) -> Calls:
     return Calls(generate, generate)
 
 
-def _phase(records: list[Record], wall: float) -> dict[str, object]:
+class _WorkerTime:
+    """The worker's seconds and rows per kind of batched call (each call's time: since the previous
+    call ended, so queue waits between iterations land on the next call)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[float, str, int]] = []
+
+    def __call__(self, kind: str, rows: int) -> None:
+        self.events.append((time.perf_counter(), kind, rows))
+
+    def take(self) -> dict[str, dict[str, float]]:
+        events, self.events = self.events, []
+        out: dict[str, dict[str, float]] = {}
+        for (before, _, _), (at, kind, rows) in zip(events, events[1:]):
+            entry = out.setdefault(kind, {"seconds": 0.0, "calls": 0, "rows": 0})
+            entry["seconds"] += at - before
+            entry["calls"] += 1
+            entry["rows"] += rows
+        return out
+
+
+def _phase(records: list[Record], wall: float, worker: dict) -> dict[str, object]:
     ok = [r for r in records if r.error is None]
     out: dict[str, object] = {"wall_s": wall, "requests": len(records), "errors": len(records) - len(ok),
                               "error_examples": sorted({r.error for r in records if r.error})[:3],
-                              "images_per_s": sum(r.images for r in ok) / wall}
+                              "images_per_s": sum(r.images for r in ok) / wall, "worker": worker}
     for kind in sorted({r.kind for r in ok}):
         mine = [r for r in ok if r.kind == kind]
         out[kind] = {"images_per_s": sum(r.images for r in mine) / wall, "latency": percentiles([r.latency_s for r in mine])}
@@ -51,11 +72,14 @@ def _phase(records: list[Record], wall: float) -> dict[str, object]:
 def bench_previews(runtime, workload: Workload, previews: int, rounds: int = 3,
                    progress: Callable[[str], None] = lambda m: None) -> dict[str, object]:
     _calls(runtime, Workload(clients=1, requests=2, steps=workload.steps), previews).generate(1)  # warm-up
+    worker = _WorkerTime()
+    runtime.add_batch_observer(worker)
     phases: dict[str, list[dict]] = {"plain": [], "mixed": []}
     for r in range(rounds):
         for name, k in (("plain", 0), ("mixed", previews)):
             progress(f"round {r + 1}/{rounds}: {name}")
-            phases[name].append(_phase(*closed_loop(_calls(runtime, workload, k), workload)))
+            worker.take()
+            phases[name].append(_phase(*closed_loop(_calls(runtime, workload, k), workload), worker.take()))
 
     def mean_of(name: str, *keys: str) -> float:
         values = []
@@ -77,6 +101,10 @@ def bench_previews(runtime, workload: Workload, previews: int, rounds: int = 3,
         "mean_latency_ms": {"plain": plain_ms, "mixed_without_previews": others_ms,
                             f"mixed_with_{previews}_previews": mean_of("mixed", f"gen-{previews}", "latency", "mean_ms")},
         "cost_to_requests_without_previews": others_ms / plain_ms - 1,
+        "worker_vae_seconds": {name: statistics.fmean(p["worker"].get("vae", {}).get("seconds", 0.0) for p in phases[name])
+                               for name in phases},
+        "worker_step_seconds": {name: statistics.fmean(p["worker"].get("generation", {}).get("seconds", 0.0)
+                                                       for p in phases[name]) for name in phases},
         "phases": phases,
         "peak_rss_mib": peak_rss_mib(),
         "machine": machine_info(),
