@@ -391,6 +391,28 @@ def test_compiled_euler_step_under_cuda_graphs_matches_cpu():
     gpu.close()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compile_step", [False, True])
+def test_previews_under_cuda_graphs_match_cpu(compile_step):
+    """A replayed step refills the velocity the capture handed out: the previews of a request that
+    replays the graph are its own, not those of the step captured first."""
+    cpu = JanusFlowRuntime.from_bundle(load_preset("tiny"), fast=True)
+    gpu = JanusFlowRuntime.from_bundle(load_preset("tiny"), device="cuda", compile_step=compile_step)
+    for seed in (2, 3):
+        got = []
+        for rt in (cpu, gpu):
+            handle = rt.submit_generate(PROMPTS[0], n=2, steps=5, seed=seed, previews=3)
+            got.append([np.asarray(p.picture, dtype=np.int16) for p in handle.previews(timeout=120)])
+            handle.result(timeout=120)
+        assert len(got[0]) == len(got[1]) == 6
+        assert all(np.abs(a - b).max() <= 1 for a, b in zip(*got)), seed
+    buffers = gpu.scheduler.generation.executor._buffers
+    assert len(buffers) and all(s.graph is not None for s in buffers._items.values())
+    cpu.close()
+    gpu.close()
+
+
 # -- the benchmark: every change on and off, at batch 1 and 4, on CPU at the tiny preset --------------
 
 def test_bench_measures_each_change_on_and_off():
