@@ -191,9 +191,9 @@ class JanusFlowRuntime:
     # -- text-to-image -------------------------------------------------------------------------
 
     def _generation_job(self, prompts: list[str], n: int, steps: int, cfg: float, seed: int, decode: bool,
-                        timeout: float | None) -> GenerationJob:
+                        timeout: float | None, previews: int = 0) -> GenerationJob:
         self._need(GENERATION_GRAPHS if decode else GENERATION_GRAPHS[:-1], "text-to-image")
-        check_generation(n, steps, cfg, seed)
+        check_generation(n, steps, cfg, seed, previews)
         if not prompts:
             raise InputError("no prompt given")
         ids = [self.processor.generation_ids(p) for p in prompts]
@@ -201,13 +201,19 @@ class JanusFlowRuntime:
         images = len(prompts) * n
         self._check_len(max(map(len, ids)) - 1 + 1 + self.grid**2, "prompt + image sequence")
         z0 = initial_noise((images, *self.latent_shape), seed, torch.float32)
-        return GenerationJob(ids, n, z0, steps, float(cfg), decode, timeout, self.scheduler.alive)
+        return GenerationJob(ids, n, z0, steps, float(cfg), decode, timeout, self.scheduler.alive, previews)
 
-    def submit_generate(self, prompt: str, n: int = defaults.IMAGES_PER_PROMPT, steps: int = defaults.STEPS,
+    def submit_generate(self, prompt: str | list[str], n: int = defaults.IMAGES_PER_PROMPT, steps: int = defaults.STEPS,
                         cfg: float = defaults.CFG, seed: int = defaults.SEED,
-                        timeout: float | None = None) -> GenerationHandle:
-        """Queue one prompt's `n` images; the handle's `result()` waits for them."""
-        job = self._generation_job([prompt], n, steps, cfg, seed, True, timeout)
+                        timeout: float | None = None, previews: int = 0) -> GenerationHandle:
+        """Queue a prompt's `n` images (or those of each prompt of a list, drawn as `generate` draws
+        them); the handle's `result()` waits for them.
+
+        `previews` (0-3, fewer than `steps`) per image: the VAE decode of the clean latent the
+        sampler heads for, at steps spread before the last (`preview_steps`); iterate
+        `handle.previews()` for them as they come. They do not change the images."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        job = self._generation_job(prompts, n, steps, cfg, seed, True, timeout, previews)
         self.scheduler.submit(job)
         return GenerationHandle(job, to_pil)
 

@@ -75,15 +75,16 @@ class FakeExecutor:
         return cfg_euler_step(self, b)
 
 
-def expected(prompt: list[int], z0: torch.Tensor, steps: int, cfg: float) -> torch.Tensor:
-    """One image alone: the fake's arithmetic on its own prompt, written out per image."""
+def expected(prompt: list[int], z0: torch.Tensor, steps: int, cfg: float, stop: int | None = None) -> torch.Tensor:
+    """One image alone: the fake's arithmetic on its own prompt, written out per image (its latent
+    after the first `stop` steps, when given)."""
     tokens = prompt[:-1]  # the last prompt token is not prefilled (JANUSFLOW.md 4.2)
     n = len(tokens)
     positions = torch.arange(n, n + 1 + GRID**2, dtype=torch.float64)[1:].mean()  # the image tokens'
     cond, uncond = sum(tokens) / n, float(tokens[0])  # the unconditional row sees its BOS only
     timesteps, dt = euler_schedule(steps, torch.float32)
     z = z0.clone()
-    for k in range(steps):
+    for k in range(steps if stop is None else stop):
         t = float(timesteps[k]) / 1000
 
         def v(prompt_mean: float) -> torch.Tensor:

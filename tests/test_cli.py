@@ -116,6 +116,29 @@ def test_generate_more_images_than_one_engine_call_and_say_which_prompt_made_eac
     assert Image.open(again / "image_5.png").tobytes() == Image.open(paths[5]).tobytes()
 
 
+def test_generate_writes_previews_named_after_their_image_and_the_same_images(engines, tmp_path):
+    prompts = ["a red circle at the top left", "a blue square at the bottom right"]
+    common = ["-n", "2", "--steps", "4", "--seed", "5", "--engines", str(engines)]
+    res = run_cli("generate", *prompts, *common, "-o", str(tmp_path / "plain"))
+    assert res.returncode == 0, res.stderr
+    res = run_cli("generate", *prompts, *common, "-o", str(tmp_path / "out"), "--previews", str(tmp_path / "pre"),
+                  "--num-previews", "2")
+    assert res.returncode == 0, res.stderr
+    names = sorted(p.name for p in (tmp_path / "pre").iterdir())
+    assert names == [f"image_{i}_preview_{j}.png" for i in range(4) for j in range(2)]
+    for i in range(4):
+        image = Image.open(tmp_path / "out" / f"image_{i}.png")
+        assert image.tobytes() == Image.open(tmp_path / "plain" / f"image_{i}.png").tobytes()
+        assert Image.open(tmp_path / "pre" / f"image_{i}_preview_0.png").size == image.size
+    # Previews already there are not replaced without --overwrite, and nothing is sampled for that.
+    res = run_cli("generate", prompts[0], *common, "-o", str(tmp_path / "more"), "--previews", str(tmp_path / "pre"))
+    assert res.returncode != 0 and "image_0_preview_0.png" in res.stderr and "--overwrite" in res.stderr
+    assert not (tmp_path / "more").exists() or not list((tmp_path / "more").iterdir())
+    res = run_cli("generate", prompts[0], "--steps", "2", "--engines", str(engines), "-o", str(tmp_path / "x"),
+                  "--previews", str(tmp_path / "pre2"), "--num-previews", "2")
+    assert res.returncode != 0 and "--num-previews: 2 previews need at least 3 steps" in res.stderr
+
+
 def test_bench_of_a_build_names_both_sides_and_gives_them_the_same_threads(engines, tmp_path):
     import json
 

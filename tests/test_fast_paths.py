@@ -4,6 +4,7 @@ static-buffer Euler step against the engine step. CPU runs them eagerly; CUDA te
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -297,6 +298,23 @@ def test_fast_latents_equal_the_engine_path(pair):
     assert len(buffers) == count  # (1 row, 16-token bucket) was made by the last image above
 
 
+def test_fast_generation_previews_equal_the_engine_path(pair):
+    """The torch executor's step hands out its guided velocity from its own buffers: the previews
+    computed from it are the engine path's, and the images are those of a request without previews."""
+    got = []
+    for rt in pair:
+        handle = rt.submit_generate(PROMPTS[0], n=2, steps=5, seed=9, previews=2)
+        previews = [(p.image, p.index, np.asarray(p.picture, dtype=np.int16)) for p in handle.previews(timeout=60)]
+        got.append((previews, [np.asarray(im, dtype=np.int16) for im in handle.result(timeout=60)]))
+    (plain_previews, plain_images), (fast_previews, fast_images) = got
+    assert [(i, j) for i, j, _ in plain_previews] == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    assert [(i, j) for i, j, _ in fast_previews] == [(i, j) for i, j, _ in plain_previews]
+    for (_, _, a), (_, _, b) in zip(plain_previews, fast_previews):
+        assert np.abs(a - b).max() <= 1  # fp32 on both paths: at most a rounding level of uint8
+    alone = pair[1].generate([PROMPTS[0]], n=2, steps=5, seed=9)
+    assert all(np.array_equal(a, np.asarray(b, dtype=np.int16)) for a, b in zip(fast_images, alone))
+
+
 def test_a_compiler_that_fails_costs_speed_not_requests(pair, caplog):
     """torch.compile with a backend that cannot build the step (as without Triton): the executor
     logs it once and goes on eagerly, with the engine path's latents."""
@@ -367,6 +385,28 @@ def test_compiled_euler_step_under_cuda_graphs_matches_cpu():
         want = cpu.generate_latents(PROMPTS, n=2, steps=3, seed=seed)
         got = gpu.generate_latents(PROMPTS, n=2, steps=3, seed=seed)
         assert (want - got.cpu()).abs().max().item() < 1e-4
+    buffers = gpu.scheduler.generation.executor._buffers
+    assert len(buffers) and all(s.graph is not None for s in buffers._items.values())
+    cpu.close()
+    gpu.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compile_step", [False, True])
+def test_previews_under_cuda_graphs_match_cpu(compile_step):
+    """A replayed step refills the velocity the capture handed out: the previews of a request that
+    replays the graph are its own, not those of the step captured first."""
+    cpu = JanusFlowRuntime.from_bundle(load_preset("tiny"), fast=True)
+    gpu = JanusFlowRuntime.from_bundle(load_preset("tiny"), device="cuda", compile_step=compile_step)
+    for seed in (2, 3):
+        got = []
+        for rt in (cpu, gpu):
+            handle = rt.submit_generate(PROMPTS[0], n=2, steps=5, seed=seed, previews=3)
+            got.append([np.asarray(p.picture, dtype=np.int16) for p in handle.previews(timeout=120)])
+            handle.result(timeout=120)
+        assert len(got[0]) == len(got[1]) == 6
+        assert all(np.abs(a - b).max() <= 1 for a, b in zip(*got)), seed
     buffers = gpu.scheduler.generation.executor._buffers
     assert len(buffers) and all(s.graph is not None for s in buffers._items.values())
     cpu.close()

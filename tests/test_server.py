@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import signal
 import threading
 import time
@@ -410,6 +411,78 @@ def test_openai_image_fields_without_effect_are_accepted(client, runtime):
         assert _decoded(r.data[0].b64_json).convert("RGB").tobytes() == expected, fields
 
 
+# --- streamed images ---------------------------------------------------------------------------
+
+
+def _sse(lines) -> list[tuple[str, dict]]:
+    """(event name, data) of each server-sent event, parsed from the raw lines."""
+    events, name = [], None
+    for line in lines:
+        if line.startswith("event: "):
+            name = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            events.append((name, json.loads(line.removeprefix("data: "))))
+            name = None
+    return events
+
+
+@pytest.mark.parametrize("partial_images", [0, 2, 3])
+def test_streamed_image_is_previews_then_the_image_as_openai_frames_them(http, runtime, partial_images):
+    body = {"prompt": "a green triangle in the center", "stream": True, "partial_images": partial_images,
+            "steps": 6, "seed": 11, "output_format": "webp", "output_compression": 100}
+    with http.stream("POST", "/v1/images/generations", json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = _sse(list(r.iter_lines()))
+    names = [name for name, _ in events]
+    assert names == ["image_generation.partial_image"] * partial_images + ["image_generation.completed"]
+    assert all(data["type"] == name for name, data in events)
+    assert [data["partial_image_index"] for _, data in events[:-1]] == list(range(partial_images))
+    final = events[-1][1]
+    side = runtime.image_size
+    assert (final["size"], final["output_format"], final["background"]) == (f"{side}x{side}", "webp", "opaque")
+    assert final["usage"]["output_tokens"] == runtime.grid**2 and final["usage"]["input_tokens"] > 0
+    expected = runtime.generate([body["prompt"]], steps=6, seed=11)[0]
+    image = _decoded(final["b64_json"])
+    assert image.format == "WEBP" and image.convert("RGB").tobytes() == expected.tobytes()
+    previews = [_decoded(data["b64_json"]).convert("RGB") for _, data in events[:-1]]
+    assert all(p.size == (side, side) for p in previews)
+    assert len({p.tobytes() for p in previews} | {expected.tobytes()}) == partial_images + 1  # the picture forms
+
+
+def test_streamed_image_equals_the_answered_one_and_the_runtime_previews(client, runtime):
+    prompt, fields = "a yellow star at the top right", {"steps": 5, "seed": 12}
+    stream = client.images.generate(model="janusflow", prompt=prompt, stream=True, partial_images=2, extra_body=fields)
+    events = list(stream)
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    assert [e.partial_image_index for e in events[:2]] == [0, 1]
+    answered = client.images.generate(model="janusflow", prompt=prompt, extra_body=fields)
+    assert events[-1].b64_json and _decoded(events[-1].b64_json).tobytes() == _decoded(answered.data[0].b64_json).tobytes()
+    assert events[-1].usage.output_tokens == answered.usage.output_tokens
+    handle = runtime.submit_generate(prompt, steps=5, seed=12, previews=2)
+    local = [p.picture.tobytes() for p in handle.previews()]
+    assert [_decoded(e.b64_json).convert("RGB").tobytes() for e in events[:2]] == local
+
+
+def test_previews_need_steps_before_the_last(http):
+    r = http.post("/v1/images/generations", json={"prompt": "a red circle", "stream": True, "partial_images": 3,
+                                                  "steps": 3})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "partial_images" and "at least 4 steps" in error["message"]
+
+
+def test_disconnect_mid_image_stream_cancels_it(http, server):
+    steps_before = metric(metrics(http), "jfexport_batch_rows_count", kind="generation")
+    body = {"prompt": "a red circle", "stream": True, "partial_images": 1, "steps": 1000}
+    with httpx.Client(base_url=server[0], headers=AUTH) as own:  # its connection dies with it
+        with own.stream("POST", "/v1/images/generations", json=body) as r:
+            # Leave after the preview (step 499 of 1000), when the request certainly holds its row.
+            assert any(line.startswith("event: image_generation.partial_image") for line in r.iter_lines())
+    wait_for(lambda: metric(metrics(http), "jfexport_active_rows", kind="generation") == 0, 2, "generation row freed")
+    steps = metric(metrics(http), "jfexport_batch_rows_count", kind="generation") - steps_before
+    assert steps < 800, f"{steps} of 1000 Euler steps ran for a client that left"
+
+
 def test_image_detail_and_text_response_format_are_accepted(client, runtime):
     image = shape_image()
     expected = runtime.chat([image], [QUESTION], max_new_tokens=12)[0]
@@ -424,7 +497,7 @@ def test_image_detail_and_text_response_format_are_accepted(client, runtime):
 
 @pytest.mark.parametrize("path, body, param", [
     ("/v1/images/generations", {"prompt": "a red circle", "background": "transparent"}, "background"),
-    ("/v1/images/generations", {"prompt": "a red circle", "stream": True}, "stream"),
+    ("/v1/images/generations", {"prompt": "a red circle", "stream": True, "n": 2}, "stream"),
     ("/v1/images/generations", {"prompt": "a red circle", "partial_images": 2}, "partial_images"),
     ("/v1/images/generations", {"prompt": "a red circle", "output_compression": 50}, "output_compression"),
     ("/v1/chat/completions", {"messages": chat_messages("x"), "n": 2}, "n"),

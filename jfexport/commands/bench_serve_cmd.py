@@ -35,8 +35,12 @@ from .output_files import check_json_target, write_json
 @click.option("--decode", is_flag=True,
               help="Instead: decode tokens/s at 1, 4 and 8 rows at short and long context, time to first token of a "
                    "3-turn conversation with and without prefix reuse, K/V bytes per step against the floor.")
+@click.option("--previews", type=click.IntRange(1, 3), default=None,
+              help="Instead: images only, every request without previews against the same requests with every "
+                   "other one asking for this many previews (interleaved, rounds alternating): images/s of each, "
+                   "and what the previews cost the requests without.")
 def bench_serve_cmd(engines, precision, clients, requests_, mix, steps, cfg, max_new_tokens, json_path, url, api_key,
-                    decode):
+                    decode, previews):
     """Concurrent clients through the scheduler and through one request at a time, in one run.
 
     With --url, the same workload goes to a server over HTTP (chat streamed, for time to first token).
@@ -54,13 +58,21 @@ def bench_serve_cmd(engines, precision, clients, requests_, mix, steps, cfg, max
         raise InputError(str(e)) from None
     workload = Workload(clients, requests_, gen, chat, steps, cfg, max_new_tokens)
     if url is not None:
+        if previews is not None:
+            raise InputError("--previews runs in process (--engines), not against --url")
         from jfexport.tools.http_load import bench_http
 
         results = bench_http(url, workload, api_key, progress=lambda m: click.echo(m, err=True))
     else:
         runtime = JanusFlowRuntime.from_engines(engines, precision=precision)
         try:
-            results = bench_serve(runtime, workload, progress=lambda m: click.echo(m, err=True))
+            if previews is not None:
+                from jfexport.tools.bench_previews import bench_previews
+
+                results = bench_previews(runtime, Workload(clients, requests_, 1, 0, steps, cfg), previews,
+                                         progress=lambda m: click.echo(m, err=True))
+            else:
+                results = bench_serve(runtime, workload, progress=lambda m: click.echo(m, err=True))
         finally:
             runtime.close()
         results["engines"] = str(engines)

@@ -10,7 +10,10 @@ import click
 from jfexport import defaults
 from jfexport.defaults import ENGINE_BACKENDS
 
+from jfexport.core.processor.request_checks import MAX_PREVIEWS, check_previews
+
 from .image_output import plan_image_paths, provenance, write_png
+from .output_files import OutputError, ensure_writable_folder
 from .options import (DEFAULT_ENGINES, backend_option, load_model, model_options, open_pipeline, precision_option,
                       reference_bundle_for_build, runtime_options)
 
@@ -50,18 +53,55 @@ def build_cmd(checkpoint, vae, preset, fp16, int8, backend, out, max_batch, max_
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("out"), show_default=True,
               help="Folder for image_<i>.png; new images are numbered after those already there.")
 @click.option("--overwrite", is_flag=True, help="Number from image_0.png, replacing existing images.")
+@click.option("--previews", "previews_dir", type=click.Path(path_type=Path), default=None,
+              help="Also write previews of each image as it forms (the VAE decode of the clean latent the sampler "
+                   "heads for) to this folder, as <image name>_preview_<j>.png; needs built engines.")
+@click.option("--num-previews", type=click.IntRange(1, MAX_PREVIEWS), default=MAX_PREVIEWS, show_default=True,
+              help="Previews per image with --previews, at steps spread before the last.")
 def generate_cmd(prompts, engines, backend, precision, verify_files, checkpoint, vae, preset, num_images, steps, cfg, seed, numerics, out,
-                 overwrite):
+                 overwrite, previews_dir, num_previews):
     """Text-to-image: write PNG files for PROMPTS."""
     paths = plan_image_paths(out, len(prompts) * num_images, overwrite)
+    if previews_dir is not None:
+        check_previews(num_previews, steps, "--num-previews")
+        ensure_writable_folder(previews_dir, "--previews")
+        taken = [p.name for path in paths for j in range(num_previews)
+                 if (p := _preview_path(previews_dir, path, j)).exists()]
+        if taken and not overwrite:
+            raise OutputError(f"--previews {previews_dir}: {', '.join(taken)} exist(s); pass --overwrite to replace")
     pipe = open_pipeline(engines, backend, precision, checkpoint, vae, preset, numerics, "generate", verify_files)
     model = _model_record(pipe, engines or DEFAULT_ENGINES, numerics)
-    with click.progressbar(length=steps, label="sampling", file=sys.stderr) as bar:
-        images = pipe.generate(list(prompts), n=num_images, steps=steps, cfg=cfg, seed=seed,
-                               on_step=lambda done, total: bar.update(1))
+    if previews_dir is None:
+        with click.progressbar(length=steps, label="sampling", file=sys.stderr) as bar:
+            images = pipe.generate(list(prompts), n=num_images, steps=steps, cfg=cfg, seed=seed,
+                                   on_step=lambda done, total: bar.update(1))
+    else:
+        images = _generate_with_previews(pipe, list(prompts), num_images, steps, cfg, seed, num_previews, previews_dir,
+                                         paths, overwrite)
     for index, (image, path) in enumerate(zip(images, paths, strict=True)):
         write_png(image, path, overwrite, provenance(list(prompts), num_images, index, seed, steps, cfg, model))
         click.echo(str(path))
+
+
+def _generate_with_previews(pipe, prompts: list[str], n: int, steps: int, cfg: float, seed: int, previews: int,
+                            folder: Path, paths: list[Path], overwrite: bool) -> list:
+    """The images of `prompts` (one request, so the same images as `generate`), writing each preview as
+    it comes, named after the image it shows (image_3.png -> image_3_preview_0.png, ...)."""
+    from jfexport.core.errors import InputError
+
+    if not hasattr(pipe, "submit_generate"):
+        raise InputError("--previews runs on built engines (the torch reference loop makes no previews): build them "
+                         "with `jfexport build`, then pass --engines")
+    handle = pipe.submit_generate(prompts, n=n, steps=steps, cfg=cfg, seed=seed, previews=previews)
+    for preview in handle.previews():
+        target = _preview_path(folder, paths[preview.image], preview.index)
+        write_png(preview.picture, target, overwrite)
+        click.echo(str(target), err=True)
+    return handle.result()
+
+
+def _preview_path(folder: Path, image: Path, index: int) -> Path:
+    return folder / f"{image.stem}_preview_{index}.png"
 
 
 def _model_record(pipe, engines: Path, numerics: str) -> dict:

@@ -6,6 +6,11 @@ length only, prefilled once per length and shared). Each iteration runs one Eule
 active rows (`generation_step`, through the executor given at construction: the engines, or the
 model directly). New prompts are prefilled together and their images join at the next iteration;
 finished latents leave and wait for the VAE, which decodes them in batches.
+
+Previews: a row whose request asked for k previews has k steps of its schedule marked
+(`preview_steps`); after such a step its clean-latent estimate is computed from the step's
+velocity, and the estimates of all rows marked at this step go through the VAE in one call. Rows
+that asked for none take no part in it.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch
 from jfexport.core.images import to_uint8
 from jfexport.core.layout import cfg_prompt_rows, offset_positions
 from jfexport.core.processor.processor import left_pad
-from jfexport.core.schedulers import FlowEulerCFGScheduler
+from jfexport.core.schedulers import FlowEulerCFGScheduler, clean_estimate, preview_steps
 
 from ..engine import Engine
 from ..lru import LRU
@@ -33,6 +38,8 @@ class _Row:
     prompt: PromptKV
     z: torch.Tensor  # [C,h,w] fp32
     schedule: FlowEulerCFGScheduler
+    image: int  # the image's index in its job
+    previews: tuple[int, ...]  # the steps whose clean-latent estimate is decoded as a preview
     k: int = 0
 
 
@@ -104,10 +111,12 @@ class GenerationRows:
         p = 0
         for job in jobs:
             schedule = FlowEulerCFGScheduler(job.steps, job.cfg, torch.float32)
+            marked = preview_steps(job.steps, job.previews)
             for prompt_index in range(len(job.prompt_ids)):
                 for i in range(job.n):
-                    z = job.z0[prompt_index * job.n + i].float().to(device)
-                    self.rows.append(_Row(job, states[p + prompt_index], z, schedule))
+                    image = prompt_index * job.n + i
+                    z = job.z0[image].float().to(device)
+                    self.rows.append(_Row(job, states[p + prompt_index], z, schedule, image, marked))
             p += len(job.prompt_ids)
         return []
 
@@ -136,7 +145,7 @@ class GenerationRows:
         timesteps = torch.stack([r.schedule.timesteps[r.k] for r in rows])
         cfg = torch.tensor([r.schedule.cfg for r in rows], dtype=torch.float32).view(count, 1, 1, 1)
         dt = torch.stack([r.schedule.dt for r in rows]).view(count, 1, 1, 1)
-        z_next = advance(self.executor, [r.prompt for r in rows], z, timesteps, cfg, dt)
+        z_next, v = advance(self.executor, [r.prompt for r in rows], z, timesteps, cfg, dt)
         self.observe("generation", count)
         bad = ~torch.isfinite(z_next).flatten(1).all(dim=1)
         failures: dict[GenerationJob, BaseException] = {}
@@ -144,12 +153,43 @@ class GenerationRows:
             if bool(bad[i]):
                 failures.setdefault(r.job, NonFiniteOutput(f"gen_decoder: output 'velocity' has NaN/Inf values at "
                                                            f"step {r.k} of this request"))
+        marked = [i for i, r in enumerate(rows) if r.k in r.previews and r.job not in failures]
+        estimates = None
+        if marked:
+            remaining = torch.stack([(rows[i].schedule.steps - rows[i].k) * rows[i].schedule.dt for i in marked])
+            estimates = clean_estimate(z[marked], v[marked], remaining.view(-1, 1, 1, 1).to(z.device))
         for i, r in enumerate(rows):
             if r.job in failures:
                 continue
             r.z, r.k = z_next[i], r.k + 1
+        if marked:
+            for job, error in self._previews([rows[i] for i in marked], estimates):
+                failures.setdefault(job, error)
         self._finish()
         return list(failures.items())
+
+    def _previews(self, rows: list[_Row], estimates: torch.Tensor) -> list[Failure]:
+        """One VAE call for the previews of `rows` (their step just taken, `r.k - 1`), handed to their
+        jobs; an error fails the jobs that wanted them and never re-runs the step."""
+        try:
+            images = self.vae.run({"latents": estimates})["images"]
+        except Exception as e:  # noqa: BLE001 - the error is the result of the requests that asked for previews
+            return [(job, e) for job in dict.fromkeys(r.job for r in rows)]
+        self.observe("vae", len(rows))
+        finite = torch.isfinite(images).flatten(1).all(dim=1)
+        pictures = to_uint8(images).cpu()
+        failures: list[Failure] = []
+        per_job: dict[GenerationJob, list] = {}
+        for i, r in enumerate(rows):
+            if not bool(finite[i]):
+                failures.append((r.job, NonFiniteOutput("vae_decoder: output 'images' has NaN/Inf values for a "
+                                                        "preview of this request")))
+                continue
+            per_job.setdefault(r.job, []).append((r.image, r.previews.index(r.k - 1), pictures[i]))
+        for job, previews in per_job.items():
+            if job not in {j for j, _ in failures}:
+                job.add_previews(previews)
+        return failures
 
     def _finish(self) -> None:
         """Rows that took their last step leave; their job gets its latents (and waits for the VAE)."""

@@ -62,6 +62,9 @@ class StepBuffers:
         self.positions = torch.zeros((2 * rows, tail), dtype=torch.long, device=dev)
         self.loaded: list[PromptKV] = []  # the prompts whose columns are in `past`, row by row
         self.graph: torch.cuda.CUDAGraph | None = None  # the executor's capture over these buffers
+        # The last step's guided velocity [R,C,h,w] (the step's own tensor, valid until the next
+        # step: a captured step refills it on replay), which previews read.
+        self.velocity: torch.Tensor | None = None
 
     @property
     def rows(self) -> int:
@@ -139,11 +142,12 @@ def step_velocity(ex: GenerationExecutor, hidden: torch.Tensor, skip: torch.Tens
 def guided_euler(b: StepBuffers, v_raw: torch.Tensor) -> torch.Tensor:
     """CFG with each row's weight, then the Euler update with each row's dt.
 
-    `v` is the guided velocity of every row: an output computed from it each step (the clean
-    latent estimate z + (1 - t)·v of a streamed preview) belongs here, written into a buffer of
-    `b`, so that a captured or compiled step computes it too."""
+    `v`, the guided velocity of every row, is kept as `b.velocity` (a reference, no copy): the rows
+    that want a preview at this step compute their clean-latent estimate from it afterwards, so
+    rows that want none pay nothing, and a captured or compiled step keeps the same arithmetic."""
     rows = b.z.shape[0]
     v = cfg_velocity(v_raw[:rows], v_raw[rows:], b.cfg)
+    b.velocity = v
     return euler_step(b.z, v, b.dt)
 
 
@@ -156,13 +160,14 @@ def cfg_euler_step(ex: GenerationExecutor, b: StepBuffers) -> torch.Tensor:
 
 
 def advance(ex: GenerationExecutor, prompts: list[PromptKV], z: torch.Tensor, timesteps: torch.Tensor,
-            cfg: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
-    """One step of R rows (row i over `prompts[i]`): their next latents [R,C,h,w]."""
+            cfg: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of R rows (row i over `prompts[i]`): their next latents [R,C,h,w], and the guided
+    velocity of the step (the executor's tensor: read it before the next step)."""
     with torch.inference_mode():
         b = ex.buffers(prompts, z[0])
         b.load_prompts(prompts)
         b.load_step(z, timesteps, cfg, dt)
-        return ex.run(b)
+        return ex.run(b), b.velocity
 
 
 class EngineGenerationExecutor:

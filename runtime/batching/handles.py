@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import time
 import weakref
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
 
 import torch
 
 from jfexport.core.schedulers import FinishReason
 
 from .jobs import ChatJob, GenerationJob, Job
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 class _Handle:
@@ -44,6 +47,15 @@ class _Handle:
     def poll(self) -> bool:
         """Without blocking: whether the request has ended, enforcing its deadline as a waiting caller would."""
         return self._job.poll()
+
+
+class Preview(NamedTuple):
+    """One preview: its index among the image's previews (0 first), the picture, and which of the
+    request's images it shows (its index in `result()`)."""
+
+    index: int
+    picture: "Image.Image"
+    image: int
 
 
 class GenerationHandle(_Handle):
@@ -79,6 +91,38 @@ class GenerationHandle(_Handle):
             seen = done_steps
             if ready:
                 return
+
+    def previews_since(self, start: int) -> tuple[list[Preview], bool]:
+        """Without blocking: the previews from index `start` on (in the order they were decoded) and
+        whether no more will come (the request has ended; a failed one raises its error once its
+        previews are read). For a caller woken by `add_listener` rather than blocked in a wait."""
+        job = self._job
+        with job.waiting():
+            job._end_if_overdue(time.monotonic())
+            items, over = job.preview_images[start:], job.finished
+            if over and job.error is not None and not items:
+                raise job.error
+        return [self._preview(item) for item in items], over
+
+    def previews(self, timeout: float | None = None) -> Iterator[Preview]:
+        """The previews as they are decoded, until the request ends (then `result()` returns at once);
+        closing the iterator early does not cancel the request."""
+        job, read = self._job, 0
+        limit = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with job.waiting():
+                job.wait_for(lambda: len(job.preview_images) > read,
+                             None if limit is None else max(0.0, limit - time.monotonic()))
+                items = job.preview_images[read:]
+            read += len(items)
+            if not items:
+                return
+            for item in items:
+                yield self._preview(item)
+
+    def _preview(self, item: tuple[int, int, torch.Tensor]) -> Preview:
+        image, index, picture = item
+        return Preview(index, self._to_images(picture[None])[0], image)
 
     def latents(self, timeout: float | None = None, on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
         self.wait(timeout, on_step)

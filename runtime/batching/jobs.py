@@ -231,10 +231,13 @@ class GenerationJob(Job):
     kind = "generation"
 
     def __init__(self, prompt_ids: list[list[int]], n: int, z0: torch.Tensor, steps: int, cfg: float,
-                 decode: bool, timeout: float | None, alive: Callable[[], bool]):
+                 decode: bool, timeout: float | None, alive: Callable[[], bool], previews: int = 0):
         super().__init__(timeout, alive)
         self.prompt_ids, self.n, self.steps, self.cfg, self.decode = prompt_ids, n, steps, cfg, decode
         self.z0 = z0
+        self.previews = previews  # per image, decoded at `preview_steps(steps, previews)`
+        # (image, preview index, uint8 [H,W,3]) in the order the worker decoded them.
+        self.preview_images: list[tuple[int, int, torch.Tensor]] = []
         self.steps_done = 0
         # Whether a waiter wants every step: waking idle callers each step costs the worker the GIL.
         self.watch_progress = False
@@ -266,6 +269,12 @@ class GenerationJob(Job):
             self.steps_done = steps_done
             if self.watch_progress:
                 self.cond.notify_all()
+        self._notify()
+
+    def add_previews(self, previews: list[tuple[int, int, torch.Tensor]]) -> None:
+        with self.cond:
+            self.preview_images.extend(previews)
+            self.cond.notify_all()
         self._notify()
 
     def set_latents(self, latents: torch.Tensor) -> None:
@@ -308,7 +317,8 @@ class GenerationPart:
         self.prompt_ids = [job.prompt_ids[start // job.n]]
         self.n = stop - start
         self.z0 = job.z0[start:stop]
-        self.steps, self.cfg, self.decode = job.steps, job.cfg, job.decode
+        self.steps, self.cfg, self.decode, self.previews = job.steps, job.cfg, job.decode, job.previews
+        self.start = start
         self.steps_done = 0
         self.latents: torch.Tensor | None = None
         self.images: torch.Tensor | None = None
@@ -334,6 +344,9 @@ class GenerationPart:
     def set_progress(self, steps_done: int) -> None:
         self.steps_done = steps_done
         self.job._part_progressed()
+
+    def add_previews(self, previews: list[tuple[int, int, torch.Tensor]]) -> None:
+        self.job.add_previews([(self.start + image, index, picture) for image, index, picture in previews])
 
     def set_latents(self, latents: torch.Tensor) -> None:
         self.latents = latents

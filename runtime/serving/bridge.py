@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from typing import Callable
 
 
 def _post(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
@@ -33,16 +34,17 @@ def when_done(handle) -> asyncio.Future:
     return future
 
 
-class TokenFeed:
-    """A chat handle's token ids on the event loop: woken by the handle's listener, read without blocking."""
+class Feed:
+    """What a handle publishes, on the event loop: woken by the handle's listener, read without
+    blocking by `read(start) -> (items from index start on, whether no more will come)`."""
 
-    def __init__(self, handle):
-        self._handle = handle
+    def __init__(self, handle, read: Callable[[int], tuple[list, bool]]):
+        self._read_from = read
         self._loop = asyncio.get_running_loop()
         self._event = asyncio.Event()
-        self._posted = False  # a wake-up is on its way to the loop: later tokens ride along with it
+        self._posted = False  # a wake-up is on its way to the loop: later news rides along with it
         self._read = 0
-        self._pending: collections.deque[int] = collections.deque()
+        self._pending: collections.deque = collections.deque()
         self._over = False
         self._remove = handle.add_listener(self._from_worker)
 
@@ -55,19 +57,26 @@ class TokenFeed:
         self._posted = False
         self._event.set()
 
-    async def next(self, timeout: float) -> int | None:
-        """The next token id, None at the end; raises the request's error, or TimeoutError after
+    async def next(self, timeout: float):
+        """The next item, None at the end; raises the request's error, or TimeoutError after
         `timeout` s without news (the caller's cue to check its client and call again)."""
         while not self._pending:
             if self._over:
                 return None
             self._event.clear()  # before reading: news after the read sets it again
-            tokens, self._over = self._handle.tokens_since(self._read)
-            self._read += len(tokens)
-            self._pending.extend(tokens)
-            if not tokens and not self._over:
+            items, self._over = self._read_from(self._read)
+            self._read += len(items)
+            self._pending.extend(items)
+            if not items and not self._over:
                 await asyncio.wait_for(self._event.wait(), timeout)
         return self._pending.popleft()
 
     def close(self) -> None:
         self._remove()
+
+
+class TokenFeed(Feed):
+    """A chat handle's token ids (`ChatHandle.tokens_since`)."""
+
+    def __init__(self, handle):
+        super().__init__(handle, handle.tokens_since)

@@ -13,7 +13,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInf
 from jfexport import defaults
 from jfexport.core.processor.errors import RequestError
 from jfexport.core.processor.request_checks import (
-    check_cfg, check_images_per_prompt, check_max_new_tokens, check_seed, check_steps, check_temperature, check_top_p,
+    MAX_PREVIEWS, check_cfg, check_images_per_prompt, check_max_new_tokens, check_seed, check_steps, check_temperature,
+    check_top_p,
 )
 
 from .errors import APIError, shown
@@ -155,7 +156,7 @@ class ImageGenerationRequest(_Body):
     background: Literal["auto", "opaque", "transparent"] = "auto"
     moderation: Literal["auto", "low"] = "auto"  # accepted: no moderation model runs here
     stream: bool = False
-    partial_images: int | None = None
+    partial_images: int | None = Field(None, ge=0, le=MAX_PREVIEWS)
     user: str | None = None
     # Extensions (not in OpenAI's API): the sampler's settings.
     steps: Annotated[int | None, checked(check_steps),
@@ -179,12 +180,19 @@ class ImageGenerationRequest(_Body):
                               "(send auto or opaque)")
         return v
 
-    @field_validator("stream", "partial_images")
+    @field_validator("partial_images")
     @classmethod
-    def _not_streamed(cls, v, info: ValidationInfo):
-        if v not in (None, False, 0):
-            raise Unsupported(f"streamed image generation ({info.field_name}) is not served yet: the images come "
-                              "in one answer")
+    def _streamed_only(cls, v, info: ValidationInfo):
+        if v and not info.data.get("stream"):
+            raise Unsupported(f"{v} previews need stream: true (they are sent as server-sent events)")
+        return v
+
+    @field_validator("stream")
+    @classmethod
+    def _one_streamed_image(cls, v, info: ValidationInfo):
+        if v and info.data.get("n", 1) != 1:
+            raise Unsupported(f"a streamed request makes one image (n=1), not {info.data['n']}: OpenAI's stream "
+                              "events carry no image index; send one request per image")
         return v
 
     def sampler_steps(self) -> int:

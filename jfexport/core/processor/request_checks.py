@@ -16,6 +16,7 @@ Accepted ranges (inclusive unless stated):
 | `n` | int in 1 .. MAX_IMAGES_PER_PROMPT |
 | `steps` | int in 1 .. MAX_STEPS |
 | `cfg` | finite real in 0 .. MAX_CFG |
+| `previews` | int in 0 .. MAX_PREVIEWS, and fewer than `steps` (each preview at its own step before the last) |
 
 `bool` is refused wherever a number is expected: `True` as a seed or a token count is a caller's bug.
 
@@ -46,6 +47,7 @@ MAX_IMAGES_PER_PROMPT = 64
 MAX_STEPS = 1000
 # The demo's guidance slider stops at 10; beyond 100 the CFG extrapolation only produces saturated noise.
 MAX_CFG = 100.0
+MAX_PREVIEWS = 3  # OpenAI's partial_images bound
 
 
 def check_text(name: str, value: object) -> str:
@@ -132,9 +134,18 @@ def check_sampling(temperature: object, top_p: object, seed: object, max_new_tok
     check_max_new_tokens(max_new_tokens)
 
 
-def check_generation(n: object, steps: object, cfg: object, seed: object) -> None:
+def check_previews(previews: object, steps: int, name: str = "previews") -> int:
+    count = _integer(name, previews, 0, MAX_PREVIEWS)
+    if count >= steps:
+        raise RequestError(f"{name}: {count} previews need at least {count + 1} steps (each is taken at its own step "
+                           f"before the last), got steps={steps}")
+    return count
+
+
+def check_generation(n: object, steps: object, cfg: object, seed: object, previews: object = 0) -> None:
     """Parameters of text-to-image generation."""
     check_images_per_prompt(n)
     check_steps(steps)
     check_cfg(cfg)
     check_seed(seed)
+    check_previews(previews, steps)

@@ -8,10 +8,11 @@ and serving imports them without importing any model (they need only torch).
 
 from jfexport.core.schedulers.decoding import (FinishReason, StopRule, answers_from_stream, choose_next, decode_loop, row_generators, row_uniforms,
                        sample_next, sample_next_device, sample_rows, stop_rows)
-from jfexport.core.schedulers.flow_euler import FlowEulerCFGScheduler, cfg_velocity, euler_schedule, euler_step
+from jfexport.core.schedulers.flow_euler import (FlowEulerCFGScheduler, cfg_velocity, clean_estimate, euler_schedule, euler_step,
+                                                preview_steps)
 
 __all__ = [
-    "FinishReason", "FlowEulerCFGScheduler", "StopRule", "answers_from_stream", "cfg_velocity", "choose_next", "decode_loop",
-    "euler_schedule", "euler_step", "row_generators", "row_uniforms", "sample_next", "sample_next_device", "sample_rows",
+    "FinishReason", "FlowEulerCFGScheduler", "StopRule", "answers_from_stream", "cfg_velocity", "choose_next", "clean_estimate",
+    "decode_loop", "euler_schedule", "euler_step", "preview_steps", "row_generators", "row_uniforms", "sample_next", "sample_next_device", "sample_rows",
     "stop_rows",
 ]

@@ -6,6 +6,11 @@ z += dt*v with dt = 1/S, for k = 0..S-1 from Gaussian noise at t = 0 to the imag
 (`timesteps`, `step`); `cfg_velocity` and `euler_step` are the arithmetic, shared by whole-batch
 loops (a float w and dt) and by the serving scheduler, whose rows each carry their own w and dt
 as broadcastable tensors.
+
+Previews: at step k the model's velocity points from z_k straight at the image, so the clean
+latent it predicts is z_k + (1 - t_k)·v_k (`clean_estimate`); the remaining time is written
+(S - k)·dt, which at the last step is dt itself, so there the estimate is the final latent bit for
+bit. `preview_steps` spreads a request's previews over the steps before the last.
 """
 
 from __future__ import annotations
@@ -35,6 +40,21 @@ def cfg_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor, cfg: Scalar) -> t
 
 def euler_step(z: torch.Tensor, v: torch.Tensor, dt: Scalar) -> torch.Tensor:
     return z + dt * v
+
+
+def clean_estimate(z: torch.Tensor, v: torch.Tensor, remaining: Scalar) -> torch.Tensor:
+    """The clean latent the velocity `v` at `z` heads for: z + remaining·v, with `remaining` the
+    time left to t = 1, (steps - k)·dt at step k (broadcastable per row)."""
+    return z + remaining * v
+
+
+def preview_steps(steps: int, previews: int) -> tuple[int, ...]:
+    """The steps (0-based) whose velocity gives preview 0..previews-1: floor((i+1)(steps-1)/(previews+1)),
+    evenly spread before the last step (whose estimate is the final image) and all distinct,
+    which needs previews < steps."""
+    if not 0 <= previews < steps:
+        raise ValueError(f"{previews} previews need at least {previews + 1} steps, got {steps}")
+    return tuple((i + 1) * (steps - 1) // (previews + 1) for i in range(previews))
 
 
 class FlowEulerCFGScheduler:
