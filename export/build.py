@@ -112,20 +112,21 @@ def _build_in(session: BuildFolder, bundle: ModelBundle, fp16: bool, int8: bool,
     same_tools = prev is not None and prev.versions == versions() and prev.limits == limits
     # INT8 files of another weight scheme (see runtime/int8_arithmetic.py) are never reused; graphs the previous
     # gate kept fp32 need no INT8 file to be reused.
-    int8_record = prev.int8 if same_tools else None
+    int8_record = prev.int8 if prev is not None and same_tools else None
     same_int8 = int8_record is not None and int8_record.weight_max == WEIGHT_MAX
-    kept_fp32 = set(int8_record.gate.kept_fp32) if same_int8 else set()
+    gate = int8_record.gate if int8_record is not None and same_int8 else None
+    kept_fp32 = set(gate.kept_fp32) if gate is not None else set()
     entries: dict[str, GraphRecord] = {}
     stale: list[str] = []  # exported anew, every precision
     added: dict[str, tuple[str, ...]] = {}  # up to date, with precisions this build adds
     for name, spec in specs.items():
         weights = weights_sha256(name, bundle)
-        old = prev.graphs.get(name) if same_tools else None
+        old = prev.graphs.get(name) if prev is not None and same_tools else None
         wanted = tuple(p for p in precisions if p in spec.precisions and not (p == "int8" and name in kept_fp32))
         if old is not None and "int8" in wanted and not same_int8:
             # INT8 files of another weight scheme are never reused; the graph's other files may be.
             old = dataclasses.replace(old, files={p: f for p, f in old.files.items() if p != "int8"})
-        if _reusable(old, out, weights, ("fp32",), spec):
+        if old is not None and _reusable(old, out, weights, ("fp32",), spec):
             entries[name] = copy.deepcopy(old)  # the TensorRT step edits entries; the previous manifest must not change
             # Files of a precision this build does not make are not listed (and so retired at the commit).
             entries[name].files = {p: f for p, f in entries[name].files.items() if p in precisions}
@@ -164,10 +165,12 @@ def _build_in(session: BuildFolder, bundle: ModelBundle, fp16: bool, int8: bool,
         from .tensorrt_build import build_engines
 
         # The PyTorch model is not needed any more: give its memory to the TensorRT builder.
-        bundle.model = bundle.vae = None
+        bundle.model = bundle.vae = None  # type: ignore[assignment]  # the bundle is not used after this
         gc.collect()
         for name, precision in build_engines(out, manifest.graphs, progress, session.staging):
             engine = manifest.graphs[name].files[precision].engine
+            if engine is None:
+                raise RuntimeError(f"{name} [{precision}]: the TensorRT step reported an engine it did not record")
             engine.file = session.place([engine.file]) + engine.file
     manifest.backend = BackendRecord(choice.backend, choice.reason)
     manifest.rebuilt = stale
@@ -208,7 +211,7 @@ def _int8_step(session: BuildFolder, bundle: ModelBundle, limits: Limits, entrie
     changed) and the `int8` record (weight scheme, the CPU it was checked on, the gate's verdict)."""
     prev = session.previous
     names = [n for n in quantize if n in QUANTIZED_GRAPHS]
-    if not names and prev is not None and prev.int8 is not None:
+    if not names and prev is not None and prev.int8 is not None and prev.calibration is not None:
         return dataclasses.replace(prev.calibration, calibrated=[]), copy.deepcopy(prev.int8)
     cpu, arithmetic = describe_cpu(), matmul_error(WEIGHT_MAX)
     if arithmetic > MATMUL_TOLERANCE:

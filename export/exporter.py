@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from jfexport.core.manifest import (MANIFEST, EnginesError, GraphFile, GraphRecord, Limits, Manifest, ModelRecord,
-                                    SpecRecord, file_record, versions)
+                                    SpecRecord, versions)
 from jfexport.reference.bundle import ModelBundle
 from jfexport.core.errors import UserError
 from jfexport.reference.graphs import GRAPH_NAMES, build_graph, graph_weights
@@ -56,7 +56,7 @@ def weights_sha256(name: str, bundle: ModelBundle) -> str:
     """Identity of a graph's weights: a rebuild re-exports only graphs whose weights changed."""
     h = hashlib.sha256()
     if name == "vae_decoder":
-        h.update(repr(float(bundle.vae.config.scaling_factor)).encode())
+        h.update(repr(float(bundle.require_vae().config.scaling_factor)).encode())
     for name, tensor in sorted(graph_weights(name, bundle.model, bundle.vae).items()):
         h.update(name.encode())
         h.update(tensor.detach().float().contiguous().numpy().tobytes())
@@ -111,12 +111,9 @@ def export_graphs(
                 files = sorted(staging.iterdir())
                 for f in files:
                     f.replace(out / f.name)
-                graph = file_record(out, path.name)
-                entries[name].files[precision] = GraphFile(
-                    graph.file, graph.sha256, graph.size,
-                    # Hashed like the graph file: the weights of a graph over 2 GB live here.
-                    [file_record(out, f.name) for f in files if f.name != path.name],
-                    parity.to_json(), export_seconds=round(seconds, 2), peak_rss_gib=round(_peak_rss_gib(), 2))
+                entries[name].files[precision] = GraphFile.recorded(
+                    out, path.name, [f.name for f in files if f.name != path.name], parity.to_json(),
+                    export_seconds=round(seconds, 2), peak_rss_gib=round(_peak_rss_gib(), 2))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return entries

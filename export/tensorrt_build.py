@@ -53,7 +53,8 @@ def _build_one(name: str, entry: GraphRecord, precision: str, out: Path, scratch
 
     info = entry.files[precision]
     onnx_sha = info.sha256
-    if engine_is_current(info, onnx_sha, version, capability) and (out / info.engine.file).is_file():
+    if info.engine is not None and engine_is_current(info, onnx_sha, version, capability) \
+            and (out / info.engine.file).is_file():
         progress(f"{name} [{precision}]: TensorRT engine up to date")
         return False
     profiles = []

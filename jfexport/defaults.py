@@ -9,6 +9,7 @@ runtime and the reference import it without tooling (this module imports only pa
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Final
 
 # -- text-to-image ------------------------------------------------------------------------------
 STEPS = 30  # Euler steps of the rectified-flow sampler (the official demo's)
@@ -50,7 +51,7 @@ BLOCKING_THREADS = 8
 # `quality` as Euler steps (an explicit `steps` wins). Rectified flow's images change little past the
 # demo's 30 steps; fewer steps trade detail for time, linearly.
 QUALITY_STEPS = {"low": 10, "medium": 20, "high": 30, "auto": STEPS}
-OUTPUT_FORMAT = "png"
+OUTPUT_FORMAT: Final = "png"
 OUTPUT_COMPRESSION = 100  # jpeg/webp quality, 0-100; webp at 100 is lossless (the PNG's pixels)
 
 # -- choices ------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ is bounded (`max_queue`): past it, `Overloaded` is raised at once.
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping, cast
 
 import torch
 from PIL import Image
@@ -149,7 +149,8 @@ class JanusFlowRuntime:
         lang = bundle.config.language
         layout = KVLayout(lang.num_hidden_layers, lang.num_key_value_heads, lang.head_dim, dtype)
         engines = torch_engines(bundle, dtype, device)
-        executors: dict[str, object] = {}
+        generation_executor: GenerationExecutor | None = None
+        chat_executor: ChatExecutor | None = None
         if fast:
             from .batching.fast_chat import DEFAULT_CHUNK, TorchChatExecutor
             from .batching.fast_prefill import PrefillGraphs
@@ -158,11 +159,12 @@ class JanusFlowRuntime:
             graphs = on_cuda if cuda_graphs is None else cuda_graphs
             bundle.model.attention = "sdpa"  # the fused kernels; the engines share the model
             prefills = PrefillGraphs(bundle.model, bundle.processor.tokenizer.pad_id, max_len, graphs)
-            executors = {"generation_executor": TorchGenerationExecutor(bundle.model, grid, graphs, compile_step),
-                         "chat_executor": TorchChatExecutor(bundle.model, graphs, DEFAULT_CHUNK if chunk is None else chunk,
-                                                            prefills, EngineChatExecutor(engines))}
+            generation_executor = TorchGenerationExecutor(bundle.model, grid, graphs, compile_step)
+            chat_executor = TorchChatExecutor(bundle.model, graphs, DEFAULT_CHUNK if chunk is None else chunk, prefills,
+                                              EngineChatExecutor(engines))
         return cls(engines, bundle.processor, (bundle.latent_channels, size, size), grid, bundle.image_size, max_len,
-                   DEFAULT_MAX_ROWS, "torch", max_queue, kv_budget_bytes, None, layout, prefix_cache_bytes, **executors)
+                   DEFAULT_MAX_ROWS, "torch", max_queue, kv_budget_bytes, None, layout, prefix_cache_bytes,
+                   generation_executor, chat_executor)
 
     @property
     def tokenizer(self):
@@ -243,7 +245,7 @@ class JanusFlowRuntime:
 
         job = CallJob(self.scheduler.alive)
         self.scheduler.call(run, job)
-        return to_pil(job.result())
+        return to_pil(cast(torch.Tensor, job.result()))  # what `run` returned
 
     # -- understanding -------------------------------------------------------------------------
 
@@ -317,7 +319,7 @@ class JanusFlowRuntime:
                              system_prompt, history, image_turn)
         self.scheduler.submit(job)
         for tokens, logits in stream_rows(job):
-            if on_logits is not None:
+            if on_logits is not None and logits is not None:  # logits are kept when on_logits asks for them
                 on_logits(logits)
             yield tokens
 

@@ -27,7 +27,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from jfexport.core.manifest import GraphFile, Limits, file_record
+from jfexport.core.manifest import GraphFile, Limits
 from jfexport.reference.bundle import ModelBundle
 from jfexport.core.errors import UserError
 from jfexport.core.graph_contract import NEW, PAST
@@ -241,8 +241,6 @@ def build_int8(bundle: ModelBundle, limits: Limits, fp32_files: dict[str, Path],
         kept = [r.layer for r in table if not r.quantized]
         progress(f"{name} [int8]: {len(table) - len(kept)}/{len(table)} layers INT8, rel RMS {parity['max_rel_rms']:.2e} "
                  f"({parity['worst_output']}), kept fp32: {', '.join(kept) or 'none'}")
-        graph = file_record(staging, path.name)
-        info = GraphFile(graph.file, graph.sha256, graph.size, [file_record(staging, e) for e in extra], parity,
-                         layers=[r.to_json() for r in table])
+        info = GraphFile.recorded(staging, path.name, list(extra), parity, layers=[r.to_json() for r in table])
         result[name] = Int8Graph(info, cache, name in observers)
     return result

@@ -37,8 +37,9 @@ def build_cmd(checkpoint, vae, preset, fp16, int8, backend, out, max_batch, max_
     manifest = build(bundle, out, fp16=fp16, int8=int8, backend=backend, limits=build_limits(bundle, max_batch, max_seq),
                      progress=lambda msg: click.echo(msg, err=True))
     done = ([f"rebuilt {', '.join(manifest.rebuilt)}"] if manifest.rebuilt else []) + [
-        f"added {', '.join(precisions)} to {name}" for name, precisions in manifest.added.items()]
-    click.echo(f"built {out} ({manifest.backend.name}): " + ("; ".join(done) or "everything up to date"))
+        f"added {', '.join(precisions)} to {name}" for name, precisions in (manifest.added or {}).items()]
+    backend = manifest.backend.name if manifest.backend is not None else "onnxruntime"
+    click.echo(f"built {out} ({backend}): " + ("; ".join(done) or "everything up to date"))
 
 
 @click.command("generate")

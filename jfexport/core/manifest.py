@@ -28,7 +28,7 @@ import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal, overload
 
 from jfexport.core.errors import UserError
 from jfexport.core.graph_contract import GRAPH_NAMES
@@ -103,6 +103,14 @@ class GraphFile:
     peak_rss_gib: float | None = None
     layers: list[dict[str, Any]] | None = None  # INT8 files: the per-layer error table
     engine: EngineRecord | None = None
+
+    @classmethod
+    def recorded(cls, folder: Path, name: str, external: list[str], parity: dict[str, Any], **fields: Any) -> "GraphFile":
+        """The graph file `folder/name` as a build records it, hashed and sized now, with its external-data
+        files (hashed like the graph file: the weights of a graph over 2 GB live there)."""
+        path = folder / name
+        return cls(name, sha256_file(path), path.stat().st_size, [file_record(folder, e) for e in external], parity,
+                   **fields)
 
     @property
     def record(self) -> FileRecord:
@@ -439,18 +447,34 @@ def _checked(parent: dict, key: str, where: str, ok: Callable[[Any], bool], expe
     return value
 
 
+@overload
+def _obj(parent: dict, key: str, where: str, optional: Literal[False] = False) -> dict: ...
+@overload
+def _obj(parent: dict, key: str, where: str, optional: Literal[True]) -> dict | None: ...
 def _obj(parent: dict, key: str, where: str, optional: bool = False) -> dict | None:
     return _checked(parent, key, where, lambda v: isinstance(v, dict), "an object", optional)
 
 
+@overload
+def _pos_int(parent: dict, key: str, where: str, optional: Literal[False] = False) -> int: ...
+@overload
+def _pos_int(parent: dict, key: str, where: str, optional: Literal[True]) -> int | None: ...
 def _pos_int(parent: dict, key: str, where: str, optional: bool = False) -> int | None:
     return _checked(parent, key, where, lambda v: _is_int(v) and v > 0, "a positive int", optional)
 
 
+@overload
+def _nonneg_int(parent: dict, key: str, where: str, optional: Literal[False] = False) -> int: ...
+@overload
+def _nonneg_int(parent: dict, key: str, where: str, optional: Literal[True]) -> int | None: ...
 def _nonneg_int(parent: dict, key: str, where: str, optional: bool = False) -> int | None:
     return _checked(parent, key, where, lambda v: _is_int(v) and v >= 0, "an int >= 0", optional)
 
 
+@overload
+def _number(parent: dict, key: str, where: str, optional: Literal[False] = False) -> float: ...
+@overload
+def _number(parent: dict, key: str, where: str, optional: Literal[True]) -> float | None: ...
 def _number(parent: dict, key: str, where: str, optional: bool = False) -> float | None:
     return _checked(parent, key, where, lambda v: (_is_int(v) or isinstance(v, float)) and v >= 0, "a number >= 0",
                     optional)
@@ -466,6 +490,10 @@ def _any_text(parent: dict, key: str, where: str) -> str:
     return _checked(parent, key, where, lambda v: isinstance(v, str), "a string")
 
 
+@overload
+def _list(parent: dict, key: str, where: str, optional: Literal[False] = False) -> list: ...
+@overload
+def _list(parent: dict, key: str, where: str, optional: Literal[True]) -> list | None: ...
 def _list(parent: dict, key: str, where: str, optional: bool = False) -> list | None:
     return _checked(parent, key, where, lambda v: isinstance(v, list), "a list", optional)
 
@@ -616,8 +644,8 @@ def _tokenizer(m: dict) -> tuple[dict[str, str] | None, str | None]:
 
 def _manifest(m: dict) -> Manifest:
     model = _model(m)
-    limits = _obj(m, "limits", "")
-    limits = Limits(_pos_int(limits, "max_batch", "limits"), _pos_int(limits, "max_seq", "limits"))
+    limits_json = _obj(m, "limits", "")
+    limits = Limits(_pos_int(limits_json, "max_batch", "limits"), _pos_int(limits_json, "max_seq", "limits"))
     precisions = _list(m, "precisions", "")
     for i, p in enumerate(precisions):
         _expect(p in PRECISIONS, f"precisions[{i}]", f"one of {', '.join(PRECISIONS)}", p)
@@ -662,6 +690,14 @@ def _tensor_shape(manifest: Manifest, graph: str, kind: str, tensor: str) -> tup
     raise _Invalid(f"graphs.{graph}.spec.{kind}", f"no tensor {tensor!r} (the graph contract names it)")
 
 
+def _present_shape(manifest: Manifest, graph: str, kind: str, tensor: str) -> tuple[int | str, ...]:
+    """`_tensor_shape` of a graph the caller knows the manifest lists."""
+    shape = _tensor_shape(manifest, graph, kind, tensor)
+    if shape is None:
+        raise _Invalid(f"graphs.{graph}", "missing")
+    return shape
+
+
 def _extra(manifest: Manifest, graph: str, keys: tuple[str, ...]) -> dict:
     where = f"graphs.{graph}.spec"
     extra = manifest.graphs[graph].spec.extra
@@ -685,7 +721,7 @@ def _cross_checks(manifest: Manifest) -> None:
     if "gen_encoder" in manifest.graphs:
         extra = _extra(manifest, "gen_encoder", ("grid", "latent"))
         _same("model.grid", grid, "graphs.gen_encoder.spec.extra.grid", extra["grid"])
-        z = _tensor_shape(manifest, "gen_encoder", "outputs", "z_embeds")
+        z = _present_shape(manifest, "gen_encoder", "outputs", "z_embeds")
         if z[1] != grid * grid:
             raise _Invalid("model.grid", f"{grid} ({grid * grid} image tokens) does not match graphs.gen_encoder "
                                          f"z_embeds shape[1] ({z[1]} image tokens)")
@@ -709,7 +745,7 @@ def _cross_checks(manifest: Manifest) -> None:
         _same(where, size, "graphs.vision_encoder pixel_values shape[2]", pixels[2])
         _same(where, size, "graphs.vision_encoder pixel_values shape[3]", pixels[3])
         tokens = _extra(manifest, "vision_encoder", ("image_tokens",))["image_tokens"]
-        embeds = _tensor_shape(manifest, "vision_encoder", "outputs", "image_embeds")
+        embeds = _present_shape(manifest, "vision_encoder", "outputs", "image_embeds")
         if embeds[1] != tokens + 1:
             raise _Invalid("graphs.vision_encoder.spec.extra.image_tokens", f"{tokens} does not match image_embeds "
                                                                           f"shape[1] ({embeds[1]} = image tokens + 1)")

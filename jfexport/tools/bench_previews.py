@@ -13,7 +13,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict
-from typing import Callable
+from typing import Any, Callable
 
 from jfexport.tools.bench import machine_info, peak_rss_mib
 from jfexport.tools.bench_serve import Calls, Record, Workload, closed_loop, percentiles
@@ -82,12 +82,12 @@ def bench_previews(runtime, workload: Workload, previews: int, rounds: int = 3,
             phases[name].append(_phase(*closed_loop(_calls(runtime, workload, k), workload), worker.take()))
 
     def mean_of(name: str, *keys: str) -> float:
-        values = []
+        values: list[float] = []
         for p in phases[name]:
-            v = p
+            v: Any = p
             for key in keys:
                 v = v[key]
-            values.append(v)
+            values.append(float(v))
         return statistics.fmean(values)
 
     plain_ms = mean_of("plain", "gen-0", "latency", "mean_ms")

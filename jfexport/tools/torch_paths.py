@@ -212,7 +212,7 @@ class FastDecoder:
             bad = [i for i, step in enumerate(out.first_bad) if step >= 0]
             if bad:
                 raise NonFiniteOutput(f"llm: output 'logits' has NaN/Inf values in rows {bad}")
-            if out.logits is not None:
+            if out.logits is not None and on_logits is not None:
                 on_logits(out.logits[:, 0].to(logits.device))
             rows = [replace(r, token=t[0], length=cache.lengths[i], remaining=r.remaining - 1, finished=f)
                     for i, (r, t, f) in enumerate(zip(rows, out.tokens, out.finished))]

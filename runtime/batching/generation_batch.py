@@ -27,7 +27,7 @@ from jfexport.core.schedulers import FlowEulerCFGScheduler, clean_estimate, prev
 
 from ..engine import Engine
 from ..lru import LRU
-from ..errors import NonFiniteOutput
+from ..errors import NonFiniteOutput, RuntimeFailure
 from .generation_step import GenerationExecutor, PromptKV, advance
 from .jobs import GenerationJob
 
@@ -106,6 +106,8 @@ class GenerationRows:
             # Keep each prompt's own columns: from its BOS on, positions start at 0 there.
             start = int(pad[p])
             uncond = self._uncond.get(lengths[p])
+            if uncond is None:  # put above for every missing length, and the LRU holds more lengths than a batch
+                raise RuntimeError(f"the unconditional K/V of length {lengths[p]} left the cache mid-prefill")
             past = [(torch.stack([k, uk]), torch.stack([v, uv])) for (k, v), (uk, uv) in zip(columns(p, start), uncond)]
             states.append(PromptKV(past, mask[[p, count + p], start:]))
         p = 0
@@ -162,7 +164,7 @@ class GenerationRows:
             if r.job in failures:
                 continue
             r.z, r.k = z_next[i], r.k + 1
-        if marked:
+        if estimates is not None:
             for job, error in self._previews([rows[i] for i in marked], estimates):
                 failures.setdefault(job, error)
         self._finish()
@@ -172,7 +174,7 @@ class GenerationRows:
         """One VAE call for the previews of `rows` (their step just taken, `r.k - 1`), handed to their
         jobs; an error fails the jobs that wanted them and never re-runs the step."""
         try:
-            images = self.vae.run({"latents": estimates})["images"]
+            images = self._vae().run({"latents": estimates})["images"]
         except Exception as e:  # noqa: BLE001 - the error is the result of the requests that asked for previews
             return [(job, e) for job in dict.fromkeys(r.job for r in rows)]
         self.observe("vae", len(rows))
@@ -219,9 +221,17 @@ class GenerationRows:
         self.to_decode = self.to_decode[len(batch):]
         return batch
 
+    def _vae(self) -> Engine:
+        if self.vae is None:  # the runtime refuses what needs it (`JanusFlowRuntime._need`)
+            raise RuntimeFailure("vae_decoder: this runtime opened no VAE engine")
+        return self.vae
+
     def decode(self, jobs: list[GenerationJob]) -> list[Failure]:
-        latents = torch.cat([job.latents for job in jobs])
-        images = self.vae.run({"latents": latents})["images"]
+        done = [job.latents for job in jobs if job.latents is not None]
+        if len(done) != len(jobs):  # a job joins `to_decode` with its latents set
+            raise RuntimeError("a request reached the VAE without its latents")
+        latents = torch.cat(done)
+        images = self._vae().run({"latents": latents})["images"]
         self.observe("vae", latents.shape[0])
         failures: list[Failure] = []
         start = 0

@@ -167,7 +167,10 @@ def advance(ex: GenerationExecutor, prompts: list[PromptKV], z: torch.Tensor, ti
         b = ex.buffers(prompts, z[0])
         b.load_prompts(prompts)
         b.load_step(z, timesteps, cfg, dt)
-        return ex.run(b), b.velocity
+        z_next = ex.run(b)
+        if b.velocity is None:
+            raise RuntimeError("the step ran without keeping its guided velocity")
+        return z_next, b.velocity
 
 
 class EngineGenerationExecutor:

@@ -148,7 +148,7 @@ class Job:
         if self.expired(now):
             self.cancelled = True
             self.error, self.finished = RequestTimeout(f"{self.kind} request timed out after "
-                                                       f"{self.deadline - self.created:.3g} s"), True
+                                                       f"{(self.deadline or now) - self.created:.3g} s"), True
         elif not self._alive():
             self.error, self.finished = SchedulerStopped("the scheduler stopped before the request finished"), True
         if self.finished:

@@ -81,6 +81,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         actor_options["num_gpus"] = gpus
     settings = ServeSettings.from_options({"api_key": os.environ.get("JFEXPORT_API_KEY"), **args})
     # serve.deployment made the class a Deployment; Ray's stubs still type it as the class.
-    deployment = JanusFlowDeployment.options(  # type: ignore[attr-defined]num_replicas=int(args.get("replicas", 1)), ray_actor_options=actor_options,
-                                             graceful_shutdown_timeout_s=settings.grace)
+    deployment = JanusFlowDeployment.options(  # type: ignore[attr-defined]
+        num_replicas=int(args.get("replicas", 1)), ray_actor_options=actor_options,
+        graceful_shutdown_timeout_s=settings.grace)
     return deployment.bind(str(args["engines"]), settings)

@@ -145,7 +145,7 @@ def check_previews(previews: object, steps: int, name: str = "previews") -> int:
 def check_generation(n: object, steps: object, cfg: object, seed: object, previews: object = 0) -> None:
     """Parameters of text-to-image generation."""
     check_images_per_prompt(n)
-    check_steps(steps)
+    count = check_steps(steps)
     check_cfg(cfg)
     check_seed(seed)
-    check_previews(previews, steps)
+    check_previews(previews, count)
