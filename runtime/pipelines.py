@@ -69,7 +69,7 @@ class JanusFlowRuntime:
         # cache is sized at the first prefill. `prefix_cache_bytes`: K/V kept for follow-up turns (0: none).
         observers = Observers()
         generation = GenerationRows(generation_executor or EngineGenerationExecutor(engines, grid),
-                                    engines.get("vae_decoder"), processor.tokenizer.pad_id, max(1, max_rows // 2),
+                                    engines, processor.tokenizer.pad_id, max(1, max_rows // 2),
                                     observers)
         chat = ChatSlots(chat_executor or EngineChatExecutor(engines), processor, max_rows, max_len, kv_budget_bytes,
                          observers, kv_layout, prefix_cache_bytes)

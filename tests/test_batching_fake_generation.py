@@ -100,7 +100,7 @@ class Harness:
         self.observers = Observers()
         self.steps: list[int] = []  # rows of every generation step
         self.observers.add(lambda kind, rows: self.steps.append(rows) if kind == "generation" else None)
-        generation = GenerationRows(self.executor, None, PAD, max_images, self.observers)
+        generation = GenerationRows(self.executor, {}, PAD, max_images, self.observers)
         chat = ChatSlots({}, None, 2 * max_images, 64, 1 << 20, self.observers)
         self.scheduler = Scheduler(generation, chat, self.observers, start=False)
 

@@ -86,7 +86,7 @@ class Harness:
         self.steps: list[int] = []
         observers = Observers()
         observers.add(lambda kind, rows: self.steps.append(rows) if kind == "generation" else None)
-        generation = GenerationRows(FakeExecutor(), self.vae, PAD, max_images, observers)
+        generation = GenerationRows(FakeExecutor(), {"vae_decoder": self.vae}, PAD, max_images, observers)
         self.scheduler = Scheduler(generation, ChatSlots({}, None, 2 * max_images, 64, 1 << 20, observers),
                                    observers, start=False)
 

@@ -443,3 +443,14 @@ def test_a_request_cancelled_between_its_parts_frees_its_rows_and_leaves_the_que
     assert len(behind.result(timeout=60)) == 1
     _wait(lambda: runtime.stats()["active_generation_rows"] == 0 and runtime.stats()["queue_depth"] == 0)
     runtime.close()
+
+
+def test_an_image_request_runs_only_serving_and_core_code(build_dir):
+    # The layout's measure (docs/architecture.md): from the route to the engine calls and back, a
+    # request runs runtime/ and jfexport/core/ code only, never the reference, tooling or exporter.
+    from jfexport.tools.request_path import request_files
+
+    files = [f for f in request_files(build_dir) if f != "jfexport/tools/request_path.py"]
+    assert "runtime/serving/image_gen.py" in files and "runtime/batching/generation_step.py" in files
+    assert "runtime/backends/ort_backend.py" in files  # the engine calls are inside the measured span
+    assert [f for f in files if not f.startswith(("runtime/", "jfexport/core/"))] == []

@@ -16,7 +16,7 @@ that asked for none take no part in it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
@@ -53,10 +53,12 @@ class GenerationRows:
     """The rows in flight and what happens to them: admission, prefill, the step of all rows
     (through `executor`), failures attributed to their request, the VAE batches."""
 
-    def __init__(self, executor: GenerationExecutor, vae: Engine | None, pad_id: int, max_images: int,
+    def __init__(self, executor: GenerationExecutor, engines: Mapping[str, Engine], pad_id: int, max_images: int,
                  observe: Callable[[str, int], None]):
         self.executor = executor
-        self.vae = vae  # `vae_decoder`; None where the runtime opened no VAE (it then takes no request that needs one)
+        # Read for `vae_decoder` at each call, as the executors read theirs: whoever holds the runtime's
+        # mapping (the bench's timed proxies) sees every call. Without one the runtime takes no request that needs it.
+        self.engines = engines
         self.pad_id = pad_id
         self.max_images = max_images  # rows per call: the LLM runs 2 per image
         self.observe = observe
@@ -222,9 +224,10 @@ class GenerationRows:
         return batch
 
     def _vae(self) -> Engine:
-        if self.vae is None:  # the runtime refuses what needs it (`JanusFlowRuntime._need`)
+        vae = self.engines.get("vae_decoder")
+        if vae is None:  # the runtime refuses what needs it (`JanusFlowRuntime._need`)
             raise RuntimeFailure("vae_decoder: this runtime opened no VAE engine")
-        return self.vae
+        return vae
 
     def decode(self, jobs: list[GenerationJob]) -> list[Failure]:
         done = [job.latents for job in jobs if job.latents is not None]
