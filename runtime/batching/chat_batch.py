@@ -51,7 +51,7 @@ class _Active:
         job, row = self.job, self.row
         # Before its first token a row has nothing to feed: that choice comes from the prefill's logits.
         return DecodeRow(row.tokens[-1] if row.tokens else 0, length, job.temperature, job.top_p, row.generator,
-                         job.rule.max_new_tokens - self.produced, job.rule.eos_id)
+                         job.rule.max_new_tokens - self.produced, job.rule.eos_id, keep_logits=job.wants_logits)
 
 
 Failure = tuple[ChatJob, BaseException]
@@ -219,7 +219,7 @@ class ChatSlots:
     def _decode(self, rows: list[_Active], idx: list[int], k: int, decoded: dict) -> None:
         """One executor call for rows `idx` (held by the slots of those numbers)."""
         out = self.executor.decode(self.cache, [rows[i].decode_row(self.cache.lengths[i]) for i in idx], idx, k,
-                                   any(rows[i].job.keep_logits for i in idx))
+                                   any(rows[i].job.wants_logits for i in idx))
         self.observe("chat", len(idx))
         for j, i in enumerate(idx):
             decoded[i] = (out.tokens[j], out.first_bad[j], None if out.logits is None else out.logits[j])
@@ -233,14 +233,14 @@ class ChatSlots:
         """The row's first token, from its prefill logits [V]."""
         i = self.rows.index(active)
         token = first_token(logits, active.decode_row(self.cache.lengths[i]), self.executor.draws_ahead)
-        self._push(active, [token], logits[None].cpu() if active.job.keep_logits else None)
+        self._push(active, [token], logits[None].cpu() if active.job.wants_logits else None)
 
     def _push(self, active: _Active, tokens: list[int], logits: torch.Tensor | None) -> None:
         """The row's tokens of this step up to the one that ends it; a row that has ended leaves its slot at once."""
         job = active.job
         for j, token in enumerate(tokens):
             active.produced += 1
-            reason = job.push(active.row, token, logits[j] if job.keep_logits else None, active.produced)
+            reason = job.push(active.row, token, logits[j] if job.wants_logits else None, active.produced)
             if reason is not None:
                 # Its columns past the end token hold the step's padding tokens: only `count` are kept.
                 self.cache.lengths[self.rows.index(active)] -= len(tokens) - 1 - j

@@ -48,6 +48,7 @@ class DecodeRow:
     remaining: int  # tokens it may still produce
     eos: int
     finished: bool = False  # a row that stopped but keeps its place in the batch: it gets EOS
+    keep_logits: bool = False  # its logits come back to the host (its request reports logprobs)
 
 
 @dataclass
@@ -57,7 +58,7 @@ class Decoded:
     tokens: list[list[int]]  # [n][k]
     first_bad: list[int]  # the step index whose logits were not finite, -1 if none
     finished: list[bool]
-    logits: torch.Tensor | None  # [n,k,V] on the host, where kept
+    logits: list[torch.Tensor | None] | None  # per row, [k,V] on the host where that row keeps them
 
 
 class DecodeRows:
@@ -85,11 +86,13 @@ class DecodeRows:
         self.logits = z(rows, k, vocab, dtype=torch.float32) if keep_logits and vocab is not None else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self._inputs: dict[str, torch.Tensor] = {}
+        self._keep: list[bool] = []
 
     def load(self, rows: Sequence[DecodeRow], draws: torch.Tensor | None = None) -> None:
         """Set the inputs of the next step; kept so that they can be restored after a capture.
         `draws` [n,k]: the rows' uniforms where they were taken already (else drawn here)."""
         pad = self.rows - len(rows)
+        self._keep = [r.keep_logits for r in rows]
 
         def column(values: list, fill, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values + [fill] * pad, dtype=dtype)
@@ -118,8 +121,13 @@ class DecodeRows:
 
     def result(self, n: int) -> Decoded:
         """The first n rows' outputs (the step's one host synchronisation)."""
-        # A copy even on CPU (where .cpu() returns the buffer itself): the next step overwrites it.
-        logits = self.logits[:n].to("cpu", copy=True) if self.logits is not None else None
+        logits = None
+        if self.logits is not None:
+            # Only the rows that asked cross to the host: the others in the batch pay no copy. The
+            # gather is a copy even on CPU: the next step overwrites the buffer.
+            keep = [i for i in range(n) if self._keep[i]]
+            kept = iter(self.logits[keep].cpu()) if keep else iter(())
+            logits = [next(kept) if wanted else None for wanted in self._keep[:n]]
         return Decoded(self.tokens[:n].tolist(), self.first_bad[:n].tolist(), self.finished[:n].tolist(), logits)
 
 

@@ -34,17 +34,19 @@ def when_done(handle) -> asyncio.Future:
 
 
 class TokenFeed:
-    """A chat handle's token ids on the event loop: woken by the handle's listener, read without blocking."""
+    """The token ids of a chat request's answers (handles of one request's rows) on the event loop:
+    woken by one listener, read without blocking."""
 
-    def __init__(self, handle):
-        self._handle = handle
+    def __init__(self, handles: list):
+        self._handles = handles
         self._loop = asyncio.get_running_loop()
         self._event = asyncio.Event()
         self._posted = False  # a wake-up is on its way to the loop: later tokens ride along with it
-        self._read = 0
-        self._pending: collections.deque[int] = collections.deque()
-        self._over = False
-        self._remove = handle.add_listener(self._from_worker)
+        self._read = [0] * len(handles)
+        self._over = [False] * len(handles)
+        self._pending: collections.deque[tuple[int, int | None]] = collections.deque()
+        # The handles share one job: one listener hears every row.
+        self._remove = handles[0].add_listener(self._from_worker)
 
     def _from_worker(self) -> None:  # on the scheduler's thread: one post per batch of news at most
         if not self._posted:
@@ -55,17 +57,23 @@ class TokenFeed:
         self._posted = False
         self._event.set()
 
-    async def next(self, timeout: float) -> int | None:
-        """The next token id, None at the end; raises the request's error, or TimeoutError after
-        `timeout` s without news (the caller's cue to check its client and call again)."""
+    async def next(self, timeout: float) -> tuple[int, int | None] | None:
+        """(answer, its next token id), (answer, None) once that answer is over, None once all are;
+        raises the request's error, or TimeoutError after `timeout` s without news (the caller's cue
+        to check its client and call again)."""
         while not self._pending:
-            if self._over:
+            if all(self._over):
                 return None
             self._event.clear()  # before reading: news after the read sets it again
-            tokens, self._over = self._handle.tokens_since(self._read)
-            self._read += len(tokens)
-            self._pending.extend(tokens)
-            if not tokens and not self._over:
+            for i, handle in enumerate(self._handles):
+                if self._over[i]:
+                    continue
+                tokens, self._over[i] = handle.tokens_since(self._read[i])
+                self._read[i] += len(tokens)
+                self._pending.extend((i, t) for t in tokens)
+                if self._over[i]:
+                    self._pending.append((i, None))
+            if not self._pending:
                 await asyncio.wait_for(self._event.wait(), timeout)
         return self._pending.popleft()
 

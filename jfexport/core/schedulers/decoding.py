@@ -64,6 +64,23 @@ def choose_next(logits: torch.Tensor, finished: torch.Tensor, eos_id: int, tempe
     return token
 
 
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A chosen token's log-probability and the `top` most likely tokens at its position."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> TokenLogprobs:
+    """Log-softmax of the served logits [V] in fp32: the model's distribution, before the
+    temperature scaling and top-p filtering that only decide the draw."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = logp.topk(top)
+    return TokenLogprobs(token, float(logp[token]), tuple(zip(ids.tolist(), values.tolist())))
+
+
 def row_uniforms(generators: Sequence[torch.Generator], count: int) -> torch.Tensor:
     """[B, count] fp32 uniforms in [0, 1): row i takes the next `count` draws of `generators[i]`.
 
