@@ -13,11 +13,15 @@ import openai
 import pytest
 import torch
 
-from .serve_helpers import QUESTION, build_engines, chat_messages, data_url, running_server, shape_image
+from .serve_helpers import build_engines, chat_messages, data_url, running_server, shape_image
 
 # The build serves fp32 engines (ONNX Runtime on the CPU): its logits differ from the PyTorch
 # reference's by float32 rounding in a different summation order, far below this.
 LOGPROB_ATOL = 1e-4
+# The bundled model answers this with several words it is unsure between (its colour question it
+# answers " red" at any temperature), so sampled answers with different seeds differ.
+QUESTION = "Describe the image."
+T = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +38,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def messages():
-    return chat_messages(data_url(shape_image()))
+    return chat_messages(data_url(shape_image()), QUESTION)
 
 
 def _ask(client, messages, **fields):
@@ -42,8 +46,8 @@ def _ask(client, messages, **fields):
 
 
 def test_n_answers_are_the_answers_of_seeds_seed_plus_i(client, messages):
-    got = _ask(client, messages, n=3, temperature=1.5, seed=11, max_tokens=12)
-    alone = [_ask(client, messages, temperature=1.5, seed=11 + i, max_tokens=12) for i in range(3)]
+    got = _ask(client, messages, n=3, temperature=T, seed=11, max_tokens=12)
+    alone = [_ask(client, messages, temperature=T, seed=11 + i, max_tokens=12) for i in range(3)]
     assert [c.index for c in got.choices] == [0, 1, 2]
     assert [c.message.content for c in got.choices] == [a.choices[0].message.content for a in alone]
     assert [c.finish_reason for c in got.choices] == [a.choices[0].finish_reason for a in alone]
@@ -63,7 +67,7 @@ def test_greedy_answers_are_all_the_same(client, messages):
 
 
 def test_stop_sequences_end_each_answer_on_its_own(client, messages):
-    fields = dict(n=3, temperature=1.5, seed=5, max_tokens=16)
+    fields = dict(n=3, temperature=T, seed=11, max_tokens=16)
     free = [c.message.content for c in _ask(client, messages, **fields).choices]
     stop = free[0][2:4]
     assert stop, free
@@ -76,7 +80,7 @@ def test_stop_sequences_end_each_answer_on_its_own(client, messages):
 
 
 def test_streamed_answers_carry_their_index(client, messages):
-    fields = dict(n=3, temperature=1.5, seed=11, max_tokens=12, logprobs=True, top_logprobs=2)
+    fields = dict(n=3, temperature=T, seed=11, max_tokens=12, logprobs=True, top_logprobs=2)
     whole = _ask(client, messages, **fields)
     texts, finish, entries = ["", "", ""], [None] * 3, [[], [], []]
     for chunk in _ask(client, messages, stream=True, **fields):
@@ -101,9 +105,9 @@ def _sse(response: httpx.Response) -> list[dict | str]:
 
 
 def test_raw_sse_of_n_answers(server, client, messages):
-    body = {"messages": messages, "n": 2, "temperature": 1.5, "seed": 3, "max_tokens": 10,
+    body = {"messages": messages, "n": 2, "temperature": T, "seed": 3, "max_tokens": 10,
             "stream": True, "stream_options": {"include_usage": True}}
-    whole = _ask(client, messages, n=2, temperature=1.5, seed=3, max_tokens=10)
+    whole = _ask(client, messages, n=2, temperature=T, seed=3, max_tokens=10)
     with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=60) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = _sse(r)
@@ -143,7 +147,7 @@ def _reference_logits(temperature: float = 0.0, seed: int = 0, max_tokens: int =
     return bundle.processor.tokenizer, tokens, logits
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.5])
+@pytest.mark.parametrize("temperature", [0.0, T])
 def test_logprobs_are_the_log_softmax_of_the_reference_logits(client, messages, temperature):
     """Sampled or not, the values are the model's distribution, not the temperature-scaled one drawn from."""
     tokenizer, tokens, logits = _reference_logits(temperature, seed=9)
@@ -161,12 +165,12 @@ def test_logprobs_are_the_log_softmax_of_the_reference_logits(client, messages, 
 
 
 def test_logprobs_without_top_logprobs_and_none_unasked(client, messages):
-    got = _ask(client, messages, n=2, temperature=1.5, seed=2, max_tokens=8, logprobs=True)
+    got = _ask(client, messages, n=2, temperature=T, seed=2, max_tokens=8, logprobs=True)
     for choice in got.choices:
         content = choice.logprobs.content
         assert content and all(e.top_logprobs == [] and e.logprob <= 0 for e in content)
         assert b"".join(bytes(e.bytes) for e in content).decode() == choice.message.content
     assert sum(len(c.logprobs.content) for c in got.choices) == got.usage.completion_tokens
-    plain = _ask(client, messages, n=2, temperature=1.5, seed=2, max_tokens=8)
+    plain = _ask(client, messages, n=2, temperature=T, seed=2, max_tokens=8)
     assert [c.logprobs for c in plain.choices] == [None, None]
     assert [c.message.content for c in plain.choices] == [c.message.content for c in got.choices]
