@@ -219,9 +219,8 @@ class _Answer:
         self.created = int(time.time())
 
     async def deltas(self) -> AsyncIterator[tuple[int, str]]:
-        """(answer, text delta) until every answer has ended at EOS, its
-        token limit or a stop sequence (an empty delta where an answer ends); the request is cancelled
-        on any early exit."""
+        """(answer, text delta) until every answer has ended at EOS, its token limit or a stop sequence
+        (a delta, maybe empty, where an answer ends); the request is cancelled on any early exit."""
         feed = TokenFeed([c.handle for c in self.choices])
         metrics = self.service.metrics
         first, ended = True, False
