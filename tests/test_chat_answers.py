@@ -174,3 +174,17 @@ def test_logprobs_without_top_logprobs_and_none_unasked(client, messages):
     plain = _ask(client, messages, n=2, temperature=T, seed=2, max_tokens=8)
     assert [c.logprobs for c in plain.choices] == [None, None]
     assert [c.message.content for c in plain.choices] == [c.message.content for c in got.choices]
+
+
+def test_a_token_holding_part_of_a_character_shows_its_bytes():
+    """As OpenAI shows such tokens: `bytes:\\xNN`, where decoding the token alone gives U+FFFD."""
+    from jfexport.reference.bundle import load_bundle
+    from jfexport.runtime.serving.chat import _token_entry
+
+    tokenizer = load_bundle().processor.tokenizer
+    vocab = tokenizer.backend.get_vocab()
+    half, word = vocab["Ã"], vocab["Ġthe"]  # byte-level spellings of the byte 0xC3 and of " the"
+    assert tokenizer.decode([half]) == "\ufffd"
+    assert _token_entry(tokenizer, half, -1.5) == {"token": "bytes:\\xc3", "logprob": -1.5, "bytes": [0xC3]}
+    assert _token_entry(tokenizer, word, -0.5) == {"token": " the", "logprob": -0.5, "bytes": list(b" the")}
+    assert _token_entry(tokenizer, tokenizer.eos_id, 0.0)["token"] == "<｜end▁of▁sentence｜>"
