@@ -283,3 +283,11 @@ def test_a_row_ended_early_leaves_while_the_others_go_on(chunk):
     assert first.tokens == expected(prompts[0], 1)  # its prefill token only: nothing recorded after
     assert second.tokens == expected(prompts[1], 8) and second.finish_reason == "length"
     assert both.finished and chat.active_rows == 0
+
+
+def test_ending_a_row_of_a_failed_request_keeps_it_failed():
+    failed = job([[2, IMAGE_ID, 3], [9, IMAGE_ID, 1]], 8)
+    failed.fail(NonFiniteOutput("broken"))
+    failed.end_row(failed.chat_rows[0])
+    assert failed.finished and isinstance(failed.error, NonFiniteOutput)
+    assert failed.chat_rows[0].finish_reason is None

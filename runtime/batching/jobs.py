@@ -382,10 +382,11 @@ class ChatJob(Job):
         """End one row early (its caller has what it wants, e.g. a stop sequence) while the others go on;
         the worker frees its slot at its next token."""
         with self.cond:
-            if row.finish_reason is None:
-                row.finish_reason = "stop"
-                self.finished = all(r.finish_reason is not None for r in self.chat_rows)
-                self.cond.notify_all()
+            if self.finished or row.finish_reason is not None:  # a failed job stays failed
+                return
+            row.finish_reason = "stop"
+            self.finished = all(r.finish_reason is not None for r in self.chat_rows)
+            self.cond.notify_all()
         self._notify_end() if self.finished else self._notify()
 
     def push(self, row: ChatRow, token: int, logits: torch.Tensor | None, produced: int) -> FinishReason | None:
