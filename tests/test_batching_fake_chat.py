@@ -241,12 +241,13 @@ def test_a_follow_up_turn_reuses_the_prefix_k_v():
 @pytest.mark.parametrize("chunk", [1, 3])
 def test_only_rows_that_ask_for_logprobs_bring_logits_back(chunk):
     executor = FakeExecutor(chunk)
-    seen = []  # per decode call: whether logits were kept, and per row whether they came back
+    seen = []  # per decode call: whether logits were kept, and per row whether logits / logprobs came back
     decode = executor.decode
 
     def spy(cache, rows, slots, k, keep_logits):
         out = decode(cache, rows, slots, k, keep_logits)
-        seen.append((keep_logits, None if out.logits is None else [x is not None for x in out.logits]))
+        seen.append((keep_logits, None if out.logits is None else
+                     ([x is not None for x in out.logits], [x is not None for x in out.logprobs])))
         return out
 
     executor.decode = spy
@@ -259,7 +260,8 @@ def test_only_rows_that_ask_for_logprobs_bring_logits_back(chunk):
                      False, None, lambda: True, top_logprobs=2)
     chat.prefill([asking])
     run(chat)
-    assert all(keep and kept.count(True) == 1 for keep, kept in seen[1:])  # the asking row's alone
+    # Computed where the logits are for the asking row alone; no row's whole logits cross to the host.
+    assert all(keep and raw == [False] * len(raw) and asked.count(True) == 1 for keep, (raw, asked) in seen[1:])
     assert plain.chat_rows[0].logprobs == [] and plain.chat_rows[0].tokens == expected([3, IMAGE_ID, 11], 6)
     row = asking.chat_rows[0]
     assert row.tokens == expected([5, IMAGE_ID, 2], 6) and len(row.logprobs) == 6

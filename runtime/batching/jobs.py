@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from jfexport.core.schedulers import FinishReason, StopRule, TokenLogprobs, token_logprobs
+from jfexport.core.schedulers import FinishReason, StopRule, TokenLogprobs
 
 from ..errors import RequestTimeout, SchedulerStopped
 
@@ -389,17 +389,17 @@ class ChatJob(Job):
             self.cond.notify_all()
         self._notify_end() if self.finished else self._notify()
 
-    def push(self, row: ChatRow, token: int, logits: torch.Tensor | None, produced: int) -> FinishReason | None:
-        """Record the row's next token; returns why the row ends, if it does (also when it was ended already)."""
+    def push(self, row: ChatRow, token: int, logits: torch.Tensor | None, produced: int,
+             logprobs: TokenLogprobs | None = None) -> FinishReason | None:
+        """Record the row's next token (with its logits and logprobs where the job keeps them); returns
+        why the row ends, if it does (also when it was ended already)."""
         reason = self.rule.finish_reason(token, produced)
-        # Computed before the lock: readers of the stream must not wait for it.
-        logprobs = token_logprobs(logits, token, self.top_logprobs) if self.top_logprobs is not None else None
         with self.cond:
             if row.finish_reason is not None:  # ended by `end_row`: nothing more is recorded
                 return row.finish_reason
             if self.first_token_at is None:
                 self.first_token_at = time.monotonic()
-            if logprobs is not None:
+            if self.top_logprobs is not None:
                 row.logprobs.append(logprobs)
             row.tokens.append(token)
             if self.keep_logits:

@@ -73,12 +73,14 @@ class TokenLogprobs:
     top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
 
 
-def token_logprobs(logits: torch.Tensor, token: int, top: int) -> TokenLogprobs:
-    """Log-softmax of the served logits [V] in fp32: the model's distribution, before the
-    temperature scaling and top-p filtering that only decide the draw."""
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int) -> list[TokenLogprobs]:
+    """Log-softmax of the served logits [T,V] in fp32: the model's distribution, before the
+    temperature scaling and top-p filtering that only decide the draw. Computed where the logits
+    are (on the device, only T x (1 + top) numbers come back)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
-    values, ids = logp.topk(top)
-    return TokenLogprobs(token, float(logp[token]), tuple(zip(ids.tolist(), values.tolist())))
+    chosen = logp.gather(-1, torch.tensor(list(tokens), device=logp.device)[:, None])[:, 0].tolist()
+    values, ids = logp.topk(top, dim=-1)
+    return [TokenLogprobs(t, c, tuple(zip(i, v))) for t, c, i, v in zip(tokens, chosen, ids.tolist(), values.tolist())]
 
 
 def row_uniforms(generators: Sequence[torch.Generator], count: int) -> torch.Tensor:
