@@ -21,7 +21,7 @@ from jfexport.core.graph_contract import GENERATION_GRAPHS, UNDERSTANDING_GRAPHS
 from jfexport.core.images import initial_noise, to_uint8
 from jfexport.core.manifest import EnginesError
 from jfexport.core.processor import JanusProcessor
-from jfexport.core.processor.request_checks import check_generation, check_sampling
+from jfexport.core.processor.request_checks import check_choices, check_generation, check_sampling, check_top_logprobs
 from jfexport.core.schedulers import StopRule, answers_from_stream, row_generators
 
 from jfexport import defaults
@@ -252,12 +252,14 @@ class JanusFlowRuntime:
     def _chat_job(self, images: list[Image.Image], questions: list[str], max_new_tokens: int, temperature: float,
                   top_p: float, seed: int, keep_logits: bool, timeout: float | None,
                   system_prompt: str | None = None, history: list[tuple[str, str]] | None = None,
-                  image_turn: int = 0) -> ChatJob:
+                  image_turn: int = 0, top_logprobs: int | None = None, n: int = 1) -> ChatJob:
+        """`n` rows per question (its answers), sharing its prompt and image; row i draws from seed + i."""
         self._need(UNDERSTANDING_GRAPHS, "understanding")
         if len(images) != len(questions) or not questions:
             raise InputError(f"need one image per question, got {len(images)} images for {len(questions)} questions")
         check_sampling(temperature, top_p, seed, max_new_tokens)
-        self._check_rows(len(questions), self.max_rows, f"{len(questions)} question(s)")
+        self._check_rows(len(questions) * n, self.max_rows,
+                         f"{len(questions)} question(s)" if n == 1 else f"{n} answers (n)")
         if history is None and image_turn == 0:
             ids = [self.processor.understanding_ids(q, system_prompt) for q in questions]
             what = "question"
@@ -265,10 +267,11 @@ class JanusFlowRuntime:
             ids = [self._conversation_ids(q, history, image_turn, system_prompt) for q in questions]
             what = f"history: the conversation ({len(history or ()) + 1} turns with the question)"
         self._check_len(max(map(len, ids)), what, max_new_tokens)
-        gens = row_generators(seed, len(questions))
-        rows = [ChatRow(i, self.processor.pixel_values(img), g) for i, img, g in zip(ids, images, gens)]
+        gens = iter(row_generators(seed, len(questions) * n))
+        rows = [ChatRow(i, pixels, next(gens)) for i, img in zip(ids, images)
+                for pixels in [self.processor.pixel_values(img)] for _ in range(n)]
         return ChatJob(rows, StopRule(self.tokenizer.eos_id, max_new_tokens), float(temperature), float(top_p),
-                       keep_logits, timeout, self.scheduler.alive)
+                       keep_logits, timeout, self.scheduler.alive, top_logprobs)
 
     def _conversation_ids(self, question: str, history: list[tuple[str, str]] | None, image_turn: int,
                           system_prompt: str | None) -> list[int]:
@@ -284,8 +287,13 @@ class JanusFlowRuntime:
     def submit_chat(self, image: Image.Image, question: str, max_new_tokens: int = defaults.MAX_NEW_TOKENS,
                     temperature: float = defaults.TEMPERATURE, top_p: float = defaults.TOP_P, seed: int = defaults.SEED, timeout: float | None = None,
                     system_prompt: str | None = None, history: list[tuple[str, str]] | None = None,
-                    image_turn: int = 0) -> ChatHandle:
+                    image_turn: int = 0, n: int = 1, top_logprobs: int | None = None) -> ChatHandle:
         """Queue one question; iterate the handle for token ids as they are decoded.
+
+        `n` answers to it, rows of one batch, answer i sampled with seed + i (the answer a request
+        seeded seed + i alone gets): `handle.choice(i)`. `top_logprobs`: keep every token's
+        log-probability and that many alternatives (`handle.logprobs(i)`, `TokenLogprobs`); None keeps
+        none, and the request's logits then never leave the device.
 
         `system_prompt` replaces the processor's default system prompt for this request (None
         keeps it; "" is none); it is tokenized as plain text, as the question is.
@@ -298,8 +306,11 @@ class JanusFlowRuntime:
         first (0) by default, so with no history the image goes with the question, as without
         these arguments. The whole conversation plus `max_new_tokens` must fit the engines'
         `max_seq` (else an InputError naming the sizes); `handle.prompt_tokens` counts it all."""
+        check_choices(n)
+        if top_logprobs is not None:
+            check_top_logprobs(top_logprobs)
         job = self._chat_job([image], [question], max_new_tokens, temperature, top_p, seed, False, timeout,
-                             system_prompt, history, image_turn)
+                             system_prompt, history, image_turn, top_logprobs, n)
         self.scheduler.submit(job)
         return ChatHandle(job, self.tokenizer, len(job.chat_rows[0].ids))
 

@@ -236,3 +236,60 @@ def test_a_follow_up_turn_reuses_the_prefix_k_v():
             assert len(executor.prefills) == prefills_before + 1 and executor.forwards == []
     conversation = first_prompt + expected(first_prompt, 5) + turn
     assert answers[0] == answers[1 << 16] == expected(conversation, 6)
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_only_rows_that_ask_for_logprobs_bring_logits_back(chunk):
+    executor = FakeExecutor(chunk)
+    seen = []  # per decode call: whether logits were kept, and per row whether logits / logprobs came back
+    decode = executor.decode
+
+    def spy(cache, rows, slots, k, keep_logits):
+        out = decode(cache, rows, slots, k, keep_logits)
+        seen.append((keep_logits, None if out.logits is None else
+                     ([x is not None for x in out.logits], [x is not None for x in out.logprobs])))
+        return out
+
+    executor.decode = spy
+    chat = slots(executor)
+    plain = job([[3, IMAGE_ID, 11]], 6)
+    chat.prefill([plain])
+    chat.step()
+    assert seen == [(False, None)]  # no row asks: nothing kept, nothing copied
+    asking = ChatJob([ChatRow([5, IMAGE_ID, 2], torch.zeros(2), torch.Generator())], StopRule(VOCAB + 1, 6), 0.0, 1.0,
+                     False, None, lambda: True, top_logprobs=2)
+    chat.prefill([asking])
+    run(chat)
+    # Computed where the logits are for the asking row alone; no row's whole logits cross to the host.
+    assert all(keep and raw == [False] * len(raw) and asked.count(True) == 1 for keep, (raw, asked) in seen[1:])
+    assert plain.chat_rows[0].logprobs == [] and plain.chat_rows[0].tokens == expected([3, IMAGE_ID, 11], 6)
+    row = asking.chat_rows[0]
+    assert row.tokens == expected([5, IMAGE_ID, 2], 6) and len(row.logprobs) == 6
+    # The fake's logits are one-hot (1 at the chosen token): log-softmax gives 1 - log(e + V - 1) there.
+    chosen = 1 - torch.log(torch.tensor(torch.e + VOCAB - 1)).item()
+    for token, lp in zip(row.tokens, row.logprobs):
+        assert lp.token == token and lp.logprob == pytest.approx(chosen, abs=1e-6)
+        assert [t for t, _ in lp.top][0] == token and len(lp.top) == 2
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_a_row_ended_early_leaves_while_the_others_go_on(chunk):
+    chat = slots(FakeExecutor(chunk))
+    prompts = [[2, IMAGE_ID, 3], [9, IMAGE_ID, 1, 1]]
+    both = job(prompts, 8)
+    chat.prefill([both])
+    first, second = both.chat_rows
+    both.end_row(first)
+    assert first.finish_reason == "stop" and not both.finished
+    run(chat)
+    assert first.tokens == expected(prompts[0], 1)  # its prefill token only: nothing recorded after
+    assert second.tokens == expected(prompts[1], 8) and second.finish_reason == "length"
+    assert both.finished and chat.active_rows == 0
+
+
+def test_ending_a_row_of_a_failed_request_keeps_it_failed():
+    failed = job([[2, IMAGE_ID, 3], [9, IMAGE_ID, 1]], 8)
+    failed.fail(NonFiniteOutput("broken"))
+    failed.end_row(failed.chat_rows[0])
+    assert failed.finished and isinstance(failed.error, NonFiniteOutput)
+    assert failed.chat_rows[0].finish_reason is None

@@ -246,6 +246,30 @@ def test_chat_rows_joining_mid_answer(pair):
     assert results[0] == results[1]
 
 
+def test_n_answers_and_logprobs_on_both_paths(pair):
+    """n answers with logprobs (kept in chunks of 8 on the fast path, beside a request that keeps none)
+    are the engine path's, and answer i is the answer of seed + i alone."""
+    results = []
+    for rt in pair:
+        asking = rt.submit_chat(IMAGES[0], QUESTIONS[0], max_new_tokens=20, n=2, top_logprobs=3)
+        plain = rt.submit_chat(IMAGES[1], QUESTIONS[1], max_new_tokens=20)
+        answers = [list(asking.choice(i)) for i in range(2)]
+        logprobs = [[asking.choice(i).logprobs(j) for j in range(len(a))] for i, a in enumerate(answers)]
+        assert list(plain) and plain._row.logprobs == []
+        assert answers[0] == answers[1]  # greedy
+        sampled = rt.submit_chat(IMAGES[0], QUESTIONS[0], max_new_tokens=12, n=2, temperature=0.9, seed=3)
+        alone = [list(rt.submit_chat(IMAGES[0], QUESTIONS[0], max_new_tokens=12, temperature=0.9, seed=3 + i))
+                 for i in range(2)]
+        assert [list(sampled.choice(i)) for i in range(2)] == alone
+        results.append((answers, logprobs))
+    (want, want_lp), (got, got_lp) = results
+    assert got == want
+    for a, b in zip(sum(want_lp, []), sum(got_lp, [])):
+        assert a.token == b.token and abs(a.logprob - b.logprob) < 1e-4
+        assert [t for t, _ in a.top] == [t for t, _ in b.top]
+        assert max(abs(x - y) for (_, x), (_, y) in zip(a.top, b.top)) < 1e-4
+
+
 def test_rows_decode_up_to_a_full_cache_width():
     """With a short K/V cache (max_len 200) two rows of different lengths decode until the cache's
     width is max_len: on the engine path the width grows bucket by bucket while both rows are

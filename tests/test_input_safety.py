@@ -581,12 +581,14 @@ def _http_bounds_cases():
         (ChatCompletionRequest, chat, "max_tokens", rc.check_max_new_tokens, [1, rc.MAX_NEW_TOKENS, rc.MAX_NEW_TOKENS + 1]),
         (ChatCompletionRequest, chat, "max_completion_tokens", rc.check_max_new_tokens,
          [1, rc.MAX_NEW_TOKENS, rc.MAX_NEW_TOKENS + 1]),
+        (ChatCompletionRequest, chat, "n", rc.check_choices, [0, 1, rc.MAX_CHOICES, rc.MAX_CHOICES + 1]),
+        (ChatCompletionRequest, {**chat, "logprobs": True}, "top_logprobs", rc.check_top_logprobs,
+         [-1, 0, rc.MAX_TOP_LOGPROBS, rc.MAX_TOP_LOGPROBS + 1]),
     ]
 
 
 # Numeric fields with no request check behind them: OpenAI's own ranges, or values refused by name.
-HTTP_ONLY_FIELDS = {("ImageGenerationRequest", "output_compression"), ("ImageGenerationRequest", "partial_images"),
-                    ("ChatCompletionRequest", "n"), ("ChatCompletionRequest", "top_logprobs")}
+HTTP_ONLY_FIELDS = {("ImageGenerationRequest", "output_compression"), ("ImageGenerationRequest", "partial_images")}
 
 
 def test_http_bounds_are_the_request_checks():

@@ -21,7 +21,7 @@ import openai
 import pytest
 from PIL import Image
 
-from jfexport.core.processor.request_checks import MAX_IMAGES_PER_PROMPT
+from jfexport.core.processor.request_checks import MAX_CHOICES, MAX_IMAGES_PER_PROMPT, MAX_TOP_LOGPROBS
 
 from .serve_helpers import (QUESTION, ServerProcess, build_engines, chat_messages, data_url, free_port, metric,
                             running_server, shape_image)
@@ -500,9 +500,6 @@ def test_image_detail_and_text_response_format_are_accepted(client, runtime):
     ("/v1/images/generations", {"prompt": "a red circle", "stream": True, "n": 2}, "stream"),
     ("/v1/images/generations", {"prompt": "a red circle", "partial_images": 2}, "partial_images"),
     ("/v1/images/generations", {"prompt": "a red circle", "output_compression": 50}, "output_compression"),
-    ("/v1/chat/completions", {"messages": chat_messages("x"), "n": 2}, "n"),
-    ("/v1/chat/completions", {"messages": chat_messages("x"), "logprobs": True}, "logprobs"),
-    ("/v1/chat/completions", {"messages": chat_messages("x"), "top_logprobs": 3}, "top_logprobs"),
     ("/v1/chat/completions", {"messages": chat_messages("x"), "response_format": {"type": "json_object"}},
      "response_format"),
     ("/v1/chat/completions", {"messages": chat_messages("x"), "response_format": {
@@ -522,8 +519,8 @@ def test_the_openai_client_gets_the_named_refusals(client):
     assert e.value.body["param"] == "background" and "transparent" in e.value.body["message"]
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="janusflow", messages=chat_messages(data_url(shape_image())),
-                                       logprobs=True, top_logprobs=2)
-    assert e.value.body["param"] in ("logprobs", "top_logprobs")
+                                       top_logprobs=2)
+    assert e.value.body["param"] == "top_logprobs" and "logprobs: true" in e.value.body["message"]
 
 
 # --- errors ------------------------------------------------------------------------------------
@@ -537,7 +534,10 @@ def _chat_body(**fields):
     ("/v1/chat/completions", _chat_body(temprature=0.5), "temprature"),
     ("/v1/chat/completions", _chat_body(temperature=5), "temperature"),
     ("/v1/chat/completions", _chat_body(max_tokens=0), "max_tokens"),
-    ("/v1/chat/completions", _chat_body(n=2), "n"),
+    ("/v1/chat/completions", _chat_body(n=0), "n"),
+    ("/v1/chat/completions", _chat_body(n=MAX_CHOICES + 1), "n"),
+    ("/v1/chat/completions", _chat_body(logprobs=True, top_logprobs=MAX_TOP_LOGPROBS + 1), "top_logprobs"),
+    ("/v1/chat/completions", _chat_body(logprobs=False, top_logprobs=1), "top_logprobs"),
     ("/v1/chat/completions", {"messages": chat_messages("https://example.com/cat.png")},
      "messages[0].content[0].image_url.url"),
     ("/v1/chat/completions", {"messages": chat_messages("data:image/png;base64,!!!")},

@@ -28,6 +28,8 @@ import torch
 from jfexport.core.errors import InputError
 
 from ..errors import NonFiniteOutput
+from jfexport.core.schedulers import TokenLogprobs, token_logprobs
+
 from .decode_step import ChatExecutor, DecodeRow, first_token
 from .kv_cache import KVCache, KVLayout, PrefixCache
 from .jobs import ChatJob, ChatRow
@@ -51,7 +53,8 @@ class _Active:
         job, row = self.job, self.row
         # Before its first token a row has nothing to feed: that choice comes from the prefill's logits.
         return DecodeRow(row.tokens[-1] if row.tokens else 0, length, job.temperature, job.top_p, row.generator,
-                         job.rule.max_new_tokens - self.produced, job.rule.eos_id)
+                         job.rule.max_new_tokens - self.produced, job.rule.eos_id, keep_logits=job.keep_logits,
+                         logprobs=job.top_logprobs)
 
 
 Failure = tuple[ChatJob, BaseException]
@@ -190,7 +193,7 @@ class ChatSlots:
         k = min(self.executor.chunk, max(a.job.rule.max_new_tokens - a.produced for a in rows), self.max_len - longest)
         cache.fit(longest + k)
         failures: dict[ChatJob, BaseException] = {}
-        decoded: dict[int, tuple[list[int], int, torch.Tensor | None]] = {}
+        decoded: dict[int, tuple] = {}  # row -> (tokens, first bad step, logits, logprobs)
         try:
             self._decode(rows, list(range(len(rows))), k, decoded)
         except Exception as batch_error:  # noqa: BLE001 - the error is the result of the requests at fault
@@ -212,17 +215,18 @@ class ChatSlots:
             self._zero(job)
         for i, active in enumerate(rows):
             if active.job not in failures:
-                tokens, _, logits = decoded[i]
-                self._push(active, tokens, logits)
+                tokens, _, logits, logprobs = decoded[i]
+                self._push(active, tokens, logits, logprobs)
         return list(failures.items())
 
     def _decode(self, rows: list[_Active], idx: list[int], k: int, decoded: dict) -> None:
         """One executor call for rows `idx` (held by the slots of those numbers)."""
         out = self.executor.decode(self.cache, [rows[i].decode_row(self.cache.lengths[i]) for i in idx], idx, k,
-                                   any(rows[i].job.keep_logits for i in idx))
+                                   any(rows[i].job.wants_logits for i in idx))
         self.observe("chat", len(idx))
         for j, i in enumerate(idx):
-            decoded[i] = (out.tokens[j], out.first_bad[j], None if out.logits is None else out.logits[j])
+            decoded[i] = (out.tokens[j], out.first_bad[j], None if out.logits is None else out.logits[j],
+                          None if out.logprobs is None else out.logprobs[j])
 
     def _zero(self, job: ChatJob) -> None:
         for i, a in enumerate(self.rows):
@@ -233,14 +237,18 @@ class ChatSlots:
         """The row's first token, from its prefill logits [V]."""
         i = self.rows.index(active)
         token = first_token(logits, active.decode_row(self.cache.lengths[i]), self.executor.draws_ahead)
-        self._push(active, [token], logits[None].cpu() if active.job.keep_logits else None)
+        job = active.job
+        self._push(active, [token], logits[None].cpu() if job.keep_logits else None,
+                   None if job.top_logprobs is None else token_logprobs(logits[None], [token], job.top_logprobs))
 
-    def _push(self, active: _Active, tokens: list[int], logits: torch.Tensor | None) -> None:
+    def _push(self, active: _Active, tokens: list[int], logits: torch.Tensor | None,
+              logprobs: list[TokenLogprobs] | None) -> None:
         """The row's tokens of this step up to the one that ends it; a row that has ended leaves its slot at once."""
         job = active.job
         for j, token in enumerate(tokens):
             active.produced += 1
-            reason = job.push(active.row, token, logits[j] if job.keep_logits else None, active.produced)
+            reason = job.push(active.row, token, None if logits is None else logits[j], active.produced,
+                              None if logprobs is None else logprobs[j])
             if reason is not None:
                 # Its columns past the end token hold the step's padding tokens: only `count` are kept.
                 self.cache.lengths[self.rows.index(active)] -= len(tokens) - 1 - j

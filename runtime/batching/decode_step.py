@@ -28,7 +28,7 @@ import torch
 
 from jfexport.core.graph_contract import NEW, kv_names
 from jfexport.core.layout import image_gather_index, splice_image_embeds, understanding_positions
-from jfexport.core.schedulers import row_uniforms, sample_next_device, sample_rows, stop_rows
+from jfexport.core.schedulers import TokenLogprobs, row_uniforms, sample_next_device, sample_rows, stop_rows, token_logprobs
 
 from ..engine import Engine
 from .kv_cache import COLUMN_BUCKET, KVCache
@@ -48,6 +48,8 @@ class DecodeRow:
     remaining: int  # tokens it may still produce
     eos: int
     finished: bool = False  # a row that stopped but keeps its place in the batch: it gets EOS
+    keep_logits: bool = False  # its logits come back to the host (its caller reads them)
+    logprobs: int | None = None  # its tokens' logprobs, with this many alternatives, come back (computed on the device)
 
 
 @dataclass
@@ -57,7 +59,8 @@ class Decoded:
     tokens: list[list[int]]  # [n][k]
     first_bad: list[int]  # the step index whose logits were not finite, -1 if none
     finished: list[bool]
-    logits: torch.Tensor | None  # [n,k,V] on the host, where kept
+    logits: list[torch.Tensor | None] | None  # per row, [k,V] on the host where that row keeps them
+    logprobs: list[list[TokenLogprobs] | None] | None = None  # per row, k of them where that row asks
 
 
 class DecodeRows:
@@ -85,11 +88,13 @@ class DecodeRows:
         self.logits = z(rows, k, vocab, dtype=torch.float32) if keep_logits and vocab is not None else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self._inputs: dict[str, torch.Tensor] = {}
+        self._keep: list[tuple[bool, int | None]] = []
 
     def load(self, rows: Sequence[DecodeRow], draws: torch.Tensor | None = None) -> None:
         """Set the inputs of the next step; kept so that they can be restored after a capture.
         `draws` [n,k]: the rows' uniforms where they were taken already (else drawn here)."""
         pad = self.rows - len(rows)
+        self._keep = [(r.keep_logits, r.logprobs) for r in rows]
 
         def column(values: list, fill, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values + [fill] * pad, dtype=dtype)
@@ -118,9 +123,17 @@ class DecodeRows:
 
     def result(self, n: int) -> Decoded:
         """The first n rows' outputs (the step's one host synchronisation)."""
-        # A copy even on CPU (where .cpu() returns the buffer itself): the next step overwrites it.
-        logits = self.logits[:n].to("cpu", copy=True) if self.logits is not None else None
-        return Decoded(self.tokens[:n].tolist(), self.first_bad[:n].tolist(), self.finished[:n].tolist(), logits)
+        tokens = self.tokens[:n].tolist()
+        logits = logprobs = None
+        if self.logits is not None:
+            # Only the rows that asked cross to the host, their logprobs as a few numbers: the others in
+            # the batch pay no copy. The gather is a copy even on CPU: the next step overwrites the buffer.
+            keep = [i for i in range(n) if self._keep[i][0]]
+            kept = iter(self.logits[keep].cpu()) if keep else iter(())
+            logits = [next(kept) if raw else None for raw, _ in self._keep[:n]]
+            logprobs = [None if top is None else token_logprobs(self.logits[i], tokens[i], top)
+                        for i, (_, top) in enumerate(self._keep[:n])]
+        return Decoded(tokens, self.first_bad[:n].tolist(), self.finished[:n].tolist(), logits, logprobs)
 
 
 def choose_tokens(logits: torch.Tensor, s: DecodeRows, j: int) -> torch.Tensor:

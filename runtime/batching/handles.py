@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
 
 import torch
 
-from jfexport.core.schedulers import FinishReason
+from jfexport.core.schedulers import FinishReason, TokenLogprobs
 
 from .jobs import ChatJob, GenerationJob, Job
 
@@ -137,13 +137,43 @@ class GenerationHandle(_Handle):
 
 
 class ChatHandle(_Handle):
-    """A submitted question: iterate it for token ids as they are decoded (EOS is not yielded)."""
+    """A submitted question: iterate it for token ids as they are decoded (EOS is not yielded).
 
-    def __init__(self, job: ChatJob, tokenizer, prompt_tokens: int):
-        super().__init__(job)
-        self._row = job.chat_rows[0]
+    A request for n answers holds n rows; this handle reads the first, `choice(i)` the i-th."""
+
+    def __init__(self, job: ChatJob, tokenizer, prompt_tokens: int, row: int = 0, owner: "ChatHandle | None" = None):
+        if owner is None:
+            super().__init__(job)
+        else:  # a view of another row: dropping it must not cancel the request, which its owner does
+            self._job, self._owner = job, owner
+        self._row = job.chat_rows[row]
         self.tokenizer = tokenizer
         self.prompt_tokens = prompt_tokens
+
+    @property
+    def n(self) -> int:
+        """Answers (rows) of the request."""
+        return self._job.rows
+
+    def choice(self, i: int) -> "ChatHandle":
+        """The handle of answer i (row i, seeded seed + i); it keeps this one, and so the request, alive."""
+        return ChatHandle(self._job, self.tokenizer, self.prompt_tokens, i, self)
+
+    def stop(self) -> None:
+        """End this answer where it is (the others go on): what the caller has read is its answer."""
+        self._job.end_row(self._row)
+
+    @property
+    def top_logprobs(self) -> int | None:
+        """Alternatives kept per token (`submit_chat`'s top_logprobs); None: no log-probabilities kept."""
+        return self._job.top_logprobs
+
+    def logprobs(self, i: int) -> TokenLogprobs:
+        """The i-th token's log-probability and alternatives; for requests submitted with `top_logprobs`,
+        for tokens already read (`tokens_since`, iteration)."""
+        if self._job.top_logprobs is None:
+            raise ValueError("this request was submitted without top_logprobs: no log-probabilities were kept")
+        return self._row.logprobs[i]
 
     @property
     def token_ids(self) -> list[int]:
@@ -164,6 +194,8 @@ class ChatHandle(_Handle):
             tokens = row.tokens[start:]
             if eos in tokens:
                 return tokens[:tokens.index(eos)], True
+            if row.finish_reason is not None:  # its limit, or ended by `stop`, while other rows go on
+                return tokens, True
             if not job.finished:
                 return tokens, False
             if job.error is not None and not tokens:
@@ -175,7 +207,7 @@ class ChatHandle(_Handle):
         i = 0
         while True:
             with job.waiting():
-                job.wait_for(lambda: len(row.tokens) > i)
+                job.wait_for(lambda: len(row.tokens) > i or row.finish_reason is not None)
                 if len(row.tokens) <= i:
                     return
                 token = row.tokens[i]
@@ -185,7 +217,7 @@ class ChatHandle(_Handle):
             yield token
 
     def text(self, timeout: float | None = None) -> str:
-        job = self._job
+        job, row = self._job, self._row
         with job.waiting():
-            job.wait_for(lambda: False, timeout)  # until it ends; raises its error if it failed
+            job.wait_for(lambda: row.finish_reason is not None, timeout)  # until it ends; raises its error if it failed
         return self.tokenizer.decode(self.token_ids)

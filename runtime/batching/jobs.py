@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from jfexport.core.schedulers import FinishReason, StopRule
+from jfexport.core.schedulers import FinishReason, StopRule, TokenLogprobs
 
 from ..errors import RequestTimeout, SchedulerStopped
 
@@ -366,6 +366,7 @@ class ChatRow:
     generator: torch.Generator
     tokens: list[int] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token, where the job asks for them
     finish_reason: FinishReason | None = None
 
 
@@ -373,22 +374,46 @@ class ChatJob(Job):
     kind = "chat"
 
     def __init__(self, rows: list[ChatRow], rule: StopRule, temperature: float, top_p: float, keep_logits: bool,
-                 timeout: float | None, alive: Callable[[], bool]):
+                 timeout: float | None, alive: Callable[[], bool], top_logprobs: int | None = None):
+        """`keep_logits`: every token's logits [V] are kept (`stream_rows`); `top_logprobs`: every
+        token's log-probability and that many alternatives are kept (`TokenLogprobs`), None for none."""
         super().__init__(timeout, alive)
         self.chat_rows, self.rule, self.temperature, self.top_p = rows, rule, temperature, top_p
-        self.keep_logits = keep_logits
+        self.keep_logits, self.top_logprobs = keep_logits, top_logprobs
         self.first_token_at: float | None = None
 
     @property
     def rows(self) -> int:
         return len(self.chat_rows)
 
-    def push(self, row: ChatRow, token: int, logits: torch.Tensor, produced: int) -> FinishReason | None:
-        """Record the row's next token; returns why the row ends, if it does."""
+    @property
+    def wants_logits(self) -> bool:
+        """Whether the decode step must hand this job's logits back to the host (a cost others do not pay)."""
+        return self.keep_logits or self.top_logprobs is not None
+
+    def end_row(self, row: ChatRow) -> None:
+        """End one row early (its caller has what it wants, e.g. a stop sequence) while the others go on;
+        the worker frees its slot at its next token."""
+        with self.cond:
+            if self.finished or row.finish_reason is not None:  # a failed job stays failed
+                return
+            row.finish_reason = "stop"
+            self.finished = all(r.finish_reason is not None for r in self.chat_rows)
+            self.cond.notify_all()
+        self._notify_end() if self.finished else self._notify()
+
+    def push(self, row: ChatRow, token: int, logits: torch.Tensor | None, produced: int,
+             logprobs: TokenLogprobs | None = None) -> FinishReason | None:
+        """Record the row's next token (with its logits and logprobs where the job keeps them); returns
+        why the row ends, if it does (also when it was ended already)."""
         reason = self.rule.finish_reason(token, produced)
         with self.cond:
+            if row.finish_reason is not None:  # ended by `end_row`: nothing more is recorded
+                return row.finish_reason
             if self.first_token_at is None:
                 self.first_token_at = time.monotonic()
+            if self.top_logprobs is not None:
+                row.logprobs.append(logprobs)
             row.tokens.append(token)
             if self.keep_logits:
                 row.logits.append(logits)

@@ -36,14 +36,13 @@ def when_done(handle) -> asyncio.Future:
 
 class Feed:
     """What a handle publishes, on the event loop: woken by the handle's listener, read without
-    blocking by `read(start) -> (items from index start on, whether no more will come)`."""
+    blocking by `read() -> (items not read before, whether no more will come)`."""
 
-    def __init__(self, handle, read: Callable[[int], tuple[list, bool]]):
-        self._read_from = read
+    def __init__(self, handle, read: Callable[[], tuple[list, bool]]):
+        self._read_new = read
         self._loop = asyncio.get_running_loop()
         self._event = asyncio.Event()
         self._posted = False  # a wake-up is on its way to the loop: later news rides along with it
-        self._read = 0
         self._pending: collections.deque = collections.deque()
         self._over = False
         self._remove = handle.add_listener(self._from_worker)
@@ -64,8 +63,7 @@ class Feed:
             if self._over:
                 return None
             self._event.clear()  # before reading: news after the read sets it again
-            items, self._over = self._read_from(self._read)
-            self._read += len(items)
+            items, self._over = self._read_new()
             self._pending.extend(items)
             if not items and not self._over:
                 await asyncio.wait_for(self._event.wait(), timeout)
@@ -75,8 +73,37 @@ class Feed:
         self._remove()
 
 
-class TokenFeed(Feed):
-    """A chat handle's token ids (`ChatHandle.tokens_since`)."""
+def unread(read_since: Callable[[int], tuple[list, bool]]) -> Callable[[], tuple[list, bool]]:
+    """`read_since(start) -> (items from index start on, over)` as a reader of what is new at each call."""
+    done = 0
 
-    def __init__(self, handle):
-        super().__init__(handle, handle.tokens_since)
+    def read() -> tuple[list, bool]:
+        nonlocal done
+        items, over = read_since(done)
+        done += len(items)
+        return items, over
+
+    return read
+
+
+class TokenFeed(Feed):
+    """The token ids of a chat request's answers (`ChatHandle.tokens_since` of each answer's handle) as
+    (answer, token id), then (answer, None) once that answer is over; the handles share one job, so
+    one listener hears every row."""
+
+    def __init__(self, handles: list):
+        readers = [unread(h.tokens_since) for h in handles]
+        over = [False] * len(handles)
+
+        def read() -> tuple[list, bool]:
+            items: list[tuple[int, int | None]] = []
+            for i, reader in enumerate(readers):
+                if over[i]:
+                    continue
+                tokens, over[i] = reader()
+                items.extend((i, t) for t in tokens)
+                if over[i]:
+                    items.append((i, None))
+            return items, all(over)
+
+        super().__init__(handles[0], read)

@@ -147,72 +147,116 @@ async def chat_completion(request: Request, body: ChatCompletionRequest, service
     question = await service.blocking(lambda: read_question(body.messages, service.settings), deadline)
     runtime = service.admit()
     max_tokens = body.max_completion_tokens or body.max_tokens or service.settings.default_max_tokens
+    top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     # The scheduler's timeout is what is left of the request's: preparing it counted too.
     handle = await service.blocking(lambda: runtime.submit_chat(
         question.image, question.text, max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
         seed=body.seed or 0, timeout=left(deadline), system_prompt=question.system_prompt,
-        history=question.history, image_turn=question.image_turn), deadline)
+        history=question.history, image_turn=question.image_turn, n=body.n, top_logprobs=top_logprobs), deadline)
     service.track(handle)
-    request.state.rows = 1
-    answer = _Answer(request, service, handle, TextStream(runtime.tokenizer, body.stop or []), start)
+    request.state.rows = body.n
+    answer = _Answer(request, service, handle, runtime.tokenizer, body.stop or [], start)
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return StreamingResponse(answer.events(include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
-        text = "".join([delta async for delta in answer.deltas()])
+        async for _ in answer.deltas():
+            pass
     except ClientGone:
         return Response(status_code=499)
     return JSONResponse({
         "id": answer.id, "object": "chat.completion", "created": answer.created, "model": service.model_id,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                     "finish_reason": answer.finish_reason}],
+        "choices": [{"index": i, "message": {"role": "assistant", "content": c.text.text},
+                     "logprobs": c.logprobs(0), "finish_reason": c.finish_reason}
+                    for i, c in enumerate(answer.choices)],
         "usage": answer.usage(),
     })
 
 
-class _Answer:
-    """One request's answer: token ids from the scheduler turned into text, stopped and cancelled as needed."""
+def _token_entry(tokenizer, token: int, logprob: float) -> dict:
+    """A token as OpenAI's logprobs show it: its text alone, or `bytes:\\xNN...` where its bytes are
+    part of a UTF-8 character (as OpenAI shows such tokens); `bytes` holds them either way."""
+    raw = tokenizer.token_bytes(token)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+    return {"token": text, "logprob": logprob, "bytes": list(raw)}
 
-    def __init__(self, request: Request, service: Service, handle, text: TextStream, start: float):
+
+class _Choice:
+    """One answer of a request: its row's handle, its text and what of it has been sent."""
+
+    def __init__(self, handle, text: TextStream):
+        self.handle = handle
+        self.text = text
+        self.finish_reason: str | None = None
+
+    def logprobs(self, since: int) -> dict | None:
+        """OpenAI's `logprobs` of tokens [since, read so far), None where the request asked for none."""
+        if self.handle.top_logprobs is None:
+            return None
+        tokenizer = self.handle.tokenizer
+        content = []
+        for i in range(since, self.text.completion_tokens):
+            lp = self.handle.logprobs(i)
+            content.append({**_token_entry(tokenizer, lp.token, lp.logprob),
+                            "top_logprobs": [_token_entry(tokenizer, t, v) for t, v in lp.top]})
+        return {"content": content}
+
+
+class _Answer:
+    """One request's answers: token ids from the scheduler turned into text, stopped and cancelled as needed."""
+
+    def __init__(self, request: Request, service: Service, handle, tokenizer, stop: list[str], start: float):
         self.request = request
         self.service = service
         self.handle = handle
-        self.text = text
+        self.choices = [_Choice(handle.choice(i), TextStream(tokenizer, stop)) for i in range(handle.n)]
         self.start = start
         self.id = f"chatcmpl-{request.state.request_id}"
         self.created = int(time.time())
-        self.finish_reason: str | None = None
 
-    async def deltas(self) -> AsyncIterator[str]:
-        """Text deltas until EOS, the token limit or a stop sequence; the handle is cancelled on any early exit."""
-        feed = TokenFeed(self.handle)
+    async def deltas(self) -> AsyncIterator[tuple[int, str]]:
+        """(answer, text delta) until every answer has ended at EOS, its token limit or a stop sequence
+        (a delta, maybe empty, where an answer ends); the request is cancelled on any early exit."""
+        feed = TokenFeed([c.handle for c in self.choices])
         metrics = self.service.metrics
+        first, ended = True, False
         try:
             while True:
                 try:
-                    token = await feed.next(POLL_S)
+                    news = await feed.next(POLL_S)
                 except TimeoutError:
                     if await self.request.is_disconnected():
                         raise ClientGone from None
                     continue
+                if news is None:
+                    ended = True
+                    return
+                i, token = news
+                choice = self.choices[i]
+                if choice.finish_reason is not None:  # stopped by a stop sequence: its row's last tokens
+                    continue
                 if token is None:
-                    self.finish_reason = self.handle.finish_reason or "stop"
-                    if tail := self.text.finish():
-                        yield tail
-                    return
-                if self.text.completion_tokens == 0:
+                    choice.finish_reason = choice.handle.finish_reason or "stop"
+                    yield i, choice.text.finish()
+                    continue
+                if first:
                     metrics.ttft.observe(time.perf_counter() - self.start)
-                delta = self.text.push(token)
+                    first = False
+                delta = choice.text.push(token)
                 metrics.tokens.labels("completion").inc()
-                if delta:
-                    yield delta
-                if self.text.stopped:
-                    self.finish_reason = "stop"
-                    return
+                if choice.text.stopped:
+                    choice.finish_reason = "stop"
+                    choice.handle.stop()  # the other answers go on
+                    yield i, delta
+                elif delta:
+                    yield i, delta
         finally:
             feed.close()
-            if self.finish_reason is None or self.text.stopped:
+            if not ended:
                 self.handle.cancel()
             metrics.tokens.labels("prompt").inc(self.prompt_tokens)
 
@@ -221,20 +265,32 @@ class _Answer:
         return self.handle.prompt_tokens
 
     def usage(self) -> dict:
-        n = self.text.completion_tokens
+        # As OpenAI counts n answers: the prompt once, every answer's tokens.
+        n = sum(c.text.completion_tokens for c in self.choices)
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n}
 
-    def _chunk(self, delta: dict, finish_reason: str | None = None) -> str:
+    def _chunk(self, index: int, delta: dict, logprobs: dict | None = None, finish_reason: str | None = None) -> str:
         return _event({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                        "model": self.service.model_id,
-                       "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]})
+                       "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                    "finish_reason": finish_reason}]})
 
     async def events(self, include_usage: bool) -> AsyncIterator[str]:
-        """OpenAI's chunk events, ending with `[DONE]`; an error after the 200 goes in an error event."""
-        yield self._chunk({"role": "assistant", "content": ""})
+        """OpenAI's chunk events, each answer's with its `index`, ending with `[DONE]`; an error after
+        the 200 goes in an error event."""
+        for i in range(len(self.choices)):
+            yield self._chunk(i, {"role": "assistant", "content": ""})
+        reported = [0] * len(self.choices)  # tokens whose logprobs were sent, per answer
         try:
-            async for delta in self.deltas():
-                yield self._chunk({"content": delta})
+            async for i, delta in self.deltas():
+                choice = self.choices[i]
+                # A token's logprobs go out with the first text it makes safe to send (or at its answer's end).
+                unreported = choice.handle.top_logprobs is not None and choice.text.completion_tokens > reported[i]
+                if delta or (choice.finish_reason is not None and unreported):
+                    yield self._chunk(i, {"content": delta}, choice.logprobs(reported[i]))
+                    reported[i] = choice.text.completion_tokens
+                if choice.finish_reason is not None:
+                    yield self._chunk(i, {}, finish_reason=choice.finish_reason)
         except ClientGone:
             return
         except Exception as e:
@@ -243,7 +299,6 @@ class _Answer:
             yield _event(error.body())
             yield "data: [DONE]\n\n"
             return
-        yield self._chunk({}, self.finish_reason)
         if include_usage:
             yield _event({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                           "model": self.service.model_id, "choices": [], "usage": self.usage()})

@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from jfexport.core.processor.errors import RequestError
 from jfexport.core.processor.request_checks import check_previews
 
-from .bridge import Feed, when_done
+from .bridge import Feed, unread, when_done
 from .chat import POLL_S
 from .errors import api_error_from, bad_request, shown
 from .images import encoded_base64
@@ -79,7 +79,7 @@ async def _events(request: Request, service: Service, handle, body: ImageGenerat
                   common: dict, image_tokens: int) -> AsyncIterator[str]:
     """The previews as they are decoded, then the image; an error after the 200 goes in an `error`
     event. Any early exit (the client left: the server stops iterating) cancels the request."""
-    feed = Feed(handle, handle.previews_since)
+    feed = Feed(handle, unread(handle.previews_since))
     fmt, compression = body.output_format, body.compression()
     try:
         while True:

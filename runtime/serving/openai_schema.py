@@ -13,8 +13,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInf
 from jfexport import defaults
 from jfexport.core.processor.errors import RequestError
 from jfexport.core.processor.request_checks import (
-    MAX_PREVIEWS, check_cfg, check_images_per_prompt, check_max_new_tokens, check_seed, check_steps, check_temperature,
-    check_top_p,
+    MAX_PREVIEWS, check_cfg, check_choices, check_images_per_prompt, check_max_new_tokens, check_seed, check_steps,
+    check_temperature, check_top_logprobs, check_top_p,
 )
 
 from .errors import APIError, shown
@@ -107,9 +107,9 @@ class ChatCompletionRequest(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
-    n: int = 1
+    n: Annotated[int, checked(check_choices)] = 1
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Annotated[int | None, checked(check_top_logprobs)] = None
     user: str | None = None
 
     @field_validator("stop")
@@ -128,19 +128,11 @@ class ChatCompletionRequest(_Body):
                               "grammar-constrained decoding")
         return v
 
-    @field_validator("n")
+    @field_validator("top_logprobs")
     @classmethod
-    def _one_answer(cls, v):
-        if v != 1:
-            raise Unsupported(f"one answer per request (n=1) is served, not {v}: send one request per answer, "
-                              "with seeds seed, seed+1, ...")
-        return v
-
-    @field_validator("logprobs", "top_logprobs")
-    @classmethod
-    def _no_logprobs(cls, v, info: ValidationInfo):
-        if v not in (None, False):
-            raise Unsupported(f"{info.field_name} are not returned by this server yet")
+    def _with_logprobs(cls, v, info: ValidationInfo):
+        if v is not None and not info.data.get("logprobs"):
+            raise ValueError("needs logprobs: true (top_logprobs are the alternatives listed beside each token's logprob)")
         return v
 
 

@@ -14,6 +14,8 @@ Accepted ranges (inclusive unless stated):
 | `seed` | int in 0 .. 2**63 - 1 (fits every torch/numpy generator; torch itself takes [-2**63, 2**64 - 1]) |
 | `max_new_tokens` | int in 0 .. MAX_NEW_TOKENS |
 | `n` | int in 1 .. MAX_IMAGES_PER_PROMPT |
+| `n` (answers to one question) | int in 1 .. MAX_CHOICES |
+| `top_logprobs` | int in 0 .. MAX_TOP_LOGPROBS |
 | `steps` | int in 1 .. MAX_STEPS |
 | `cfg` | finite real in 0 .. MAX_CFG |
 | `previews` | int in 0 .. MAX_PREVIEWS, and fewer than `steps` (each preview at its own step before the last) |
@@ -43,6 +45,11 @@ MAX_TEMPERATURE = 2.0
 # and a runtime sizes its KV cache from this number.
 MAX_NEW_TOKENS = 65536
 MAX_IMAGES_PER_PROMPT = 64
+# Answers to one question in one request: each is a row of the chat batch (a K/V slot), so a
+# request cannot take more of the batch than this; OpenAI's own limit is 128.
+MAX_CHOICES = 16
+# OpenAI's bound: alternatives reported per answer token.
+MAX_TOP_LOGPROBS = 20
 # The official demo uses 30 Euler steps; 1000 is far past any quality gain and bounds the work.
 MAX_STEPS = 1000
 # The demo's guidance slider stops at 10; beyond 100 the CFG extrapolation only produces saturated noise.
@@ -113,6 +120,14 @@ def check_max_new_tokens(max_new_tokens: object, name: str = "max_new_tokens") -
 
 def check_images_per_prompt(n: object, name: str = "n") -> int:
     return _integer(name, n, 1, MAX_IMAGES_PER_PROMPT)
+
+
+def check_choices(n: object, name: str = "n") -> int:
+    return _integer(name, n, 1, MAX_CHOICES)
+
+
+def check_top_logprobs(top: object, name: str = "top_logprobs") -> int:
+    return _integer(name, top, 0, MAX_TOP_LOGPROBS)
 
 
 def check_steps(steps: object, name: str = "steps") -> int:

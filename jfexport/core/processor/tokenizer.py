@@ -24,13 +24,30 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer
+from tokenizers import AddedToken, Tokenizer, decoders
 
 from jfexport.core.processor.errors import ProcessorInputError, TokenizerFilesError
 
 log = logging.getLogger(__name__)
 
 PAD_TOKEN = "<｜▁pad▁｜>"
+
+
+def _byte_level_table() -> dict[str, int]:
+    """The characters a byte-level BPE (GPT-2's `bytes_to_unicode`) spells each byte with, to their byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF = _byte_level_table()
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 @dataclass(frozen=True)
@@ -148,6 +165,17 @@ class JanusTokenizer:
         if self.added_ids.intersection(ids):
             raise ProcessorInputError(f"the text {text!r} encodes to a special token even as plain text; remove it")
         return ids
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for alone: a byte-level token may hold part of a UTF-8 character,
+        which decoding it alone would turn into U+FFFD."""
+        piece = self.backend.id_to_token(token_id)
+        if piece is not None and token_id not in self.added_ids:
+            if isinstance(self.backend.decoder, decoders.ByteLevel) and all(c in _BYTE_OF for c in piece):
+                return bytes(_BYTE_OF[c] for c in piece)
+            if m := _BYTE_FALLBACK.fullmatch(piece):
+                return bytes([int(m[1], 16)])
+        return self.decode([token_id], skip_special_tokens=False).encode()
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         text = self.backend.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -64,6 +64,25 @@ def choose_next(logits: torch.Tensor, finished: torch.Tensor, eos_id: int, tempe
     return token
 
 
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A chosen token's log-probability and the `top` most likely tokens at its position."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int) -> list[TokenLogprobs]:
+    """Log-softmax of the served logits [T,V] in fp32: the model's distribution, before the
+    temperature scaling and top-p filtering that only decide the draw. Computed where the logits
+    are (on the device, only T x (1 + top) numbers come back)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, torch.tensor(list(tokens), device=logp.device)[:, None])[:, 0].tolist()
+    values, ids = logp.topk(top, dim=-1)
+    return [TokenLogprobs(t, c, tuple(zip(i, v))) for t, c, i, v in zip(tokens, chosen, ids.tolist(), values.tolist())]
+
+
 def row_uniforms(generators: Sequence[torch.Generator], count: int) -> torch.Tensor:
     """[B, count] fp32 uniforms in [0, 1): row i takes the next `count` draws of `generators[i]`.
 
