@@ -13,18 +13,30 @@ import dataclasses
 import gc
 from pathlib import Path
 
-from jfexport import defaults
-from jfexport.core.manifest import (MANIFEST, BackendRecord, CalibrationRecord, EnginesError, GateRecord, GraphRecord,
-                                    Int8Record, Limits, Manifest, sha256_file, versions)
 from jfexport.reference.bundle import ModelBundle
-from jfexport.core.errors import UserError
 from jfexport.runtime.backend_choice import BackendChoice, choose_backend
 from jfexport.runtime.folder_files import confine_manifest
 from jfexport.runtime.int8_arithmetic import MATMUL_TOLERANCE, WEIGHT_MAX, cpu_name, describe_cpu, matmul_error
 
+from jfexport import defaults
+from jfexport.core.errors import UserError
+from jfexport.core.graph_spec import GraphSpec
+from jfexport.core.manifest import (
+    MANIFEST,
+    BackendRecord,
+    CalibrationRecord,
+    EnginesError,
+    GateRecord,
+    GraphRecord,
+    Int8Record,
+    Limits,
+    Manifest,
+    sha256_file,
+    versions,
+)
+
 from .build_folder import BuildFolder, named_os_error, open_build_folder
 from .exporter import Progress, export_graphs, manifest_for, weights_sha256
-from jfexport.core.graph_spec import GraphSpec
 from .quantize.cache import read_cache, write_cache
 from .quantize.int8_build import QUANTIZED_GRAPHS, build_int8
 from .quantize.int8_gate import end_to_end_gate

@@ -15,14 +15,24 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from jfexport.core.manifest import (MANIFEST, EnginesError, GraphFile, GraphRecord, Limits, Manifest, ModelRecord,
-                                    SpecRecord, versions)
 from jfexport.reference.bundle import ModelBundle
-from jfexport.core.errors import UserError
 from jfexport.reference.graphs import GRAPH_NAMES, build_graph, graph_weights
 
-from .build_folder import BuildFolderError, named_os_error, open_build_folder
+from jfexport.core.errors import UserError
 from jfexport.core.graph_spec import GraphSpec
+from jfexport.core.manifest import (
+    MANIFEST,
+    EnginesError,
+    GraphFile,
+    GraphRecord,
+    Limits,
+    Manifest,
+    ModelRecord,
+    SpecRecord,
+    versions,
+)
+
+from .build_folder import BuildFolderError, named_os_error, open_build_folder
 from .onnx_export import export_graph
 from .precision import to_fp16_, use_explicit_softmax
 from .trt_ops import check_file

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from jfexport.core.graph_spec import GraphSpec
+
 from .samples import sample_inputs
 
 log = logging.getLogger(__name__)

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from transformers import AttentionInterface
-
 from jfexport.reference.modules.janusflow import JanusFlowModel
 from jfexport.reference.modules.uvit import GlobalResponseNorm
+from torch import nn
+from transformers import AttentionInterface
 
 
 class FP32LayerNorm(nn.LayerNorm):

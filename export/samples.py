@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from jfexport.core.layout import understanding_positions
-
 from jfexport.core.graph_spec import GraphSpec
+from jfexport.core.layout import understanding_positions
 
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
 

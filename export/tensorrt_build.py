@@ -12,9 +12,10 @@ import gc
 from pathlib import Path
 from typing import Callable
 
+from jfexport.runtime.trt_plan import engine_file_name, engine_is_current, gpu_compute_capability
+
 from jfexport.core.manifest import EngineRecord, GraphFile, GraphRecord, sha256_file
 from jfexport.core.profiles import optimization_profiles
-from jfexport.runtime.trt_plan import engine_file_name, engine_is_current, gpu_compute_capability
 
 TIMING_CACHE = "timing.cache"
 OPTIMIZATION_LEVEL = 3  # TensorRT's default: level 5 multiplies build time for a few percent

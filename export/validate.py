@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from jfexport.core.graph_spec import GraphSpec
+
 from .onnx_export import typed_feeds
 from .samples import meaningful, sample_inputs
 

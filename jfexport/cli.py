@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+
 import click
 
 from jfexport.commands.bench_cmd import bench_cmd
@@ -27,8 +28,8 @@ def cli(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
-for _command in (build_cmd, generate_cmd, chat_cmd, verify_cmd, bench_cmd, bench_serve_cmd, bench_startup_cmd, bench_torch_cmd, export_cmd, verify_reference_cmd, train_cmd,
-                 train_default_cmd, eval_cmd, serve_cmd):
+for _command in (build_cmd, generate_cmd, chat_cmd, verify_cmd, bench_cmd, bench_serve_cmd, bench_startup_cmd, bench_torch_cmd,
+                 export_cmd, verify_reference_cmd, train_cmd, train_default_cmd, eval_cmd, serve_cmd):
     cli.add_command(_command)
 
 

@@ -15,16 +15,17 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
-from .checkpoint import CONFIG_NAME, load_checkpoint, weight_files
 from jfexport.core.config import JanusFlowConfig
 from jfexport.core.errors import CheckpointError, InputError
 from jfexport.core.graph_spec import GraphSpec
 from jfexport.core.graph_specs import graph_specs
 from jfexport.core.manifest import Limits
-from .init import init_random
-from .modules.janusflow import JanusFlowModel
 from jfexport.core.presets import preset_config, preset_vae_config
 from jfexport.core.processor import JanusProcessor, JanusTokenizer, load_tokenizer
+
+from .checkpoint import CONFIG_NAME, load_checkpoint, weight_files
+from .init import init_random
+from .modules.janusflow import JanusFlowModel
 
 log = logging.getLogger(__name__)
 

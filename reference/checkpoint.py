@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from jfexport.core.config import JanusFlowConfig
 from jfexport.core.errors import CheckpointError
+
 from .modules.janusflow import JanusFlowModel
 from .modules.siglip import TOWER_PREFIX, UNUSED_PREFIX, hf_to_timm, official_key, timm_to_hf
 

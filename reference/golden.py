@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from jfexport.core.errors import InputError
+
 from .modules.janusflow import JanusFlowModel
 from .pipelines.generation import sample_latents
 from .pipelines.understanding import decode_tokens
@@ -138,7 +139,8 @@ def _check_gen(model: JanusFlowModel, g: GoldenFile, out: list[Comparison]) -> N
         step0["last_hidden"] = lambda: hidden[:, pos_rows]
         step0["enc_out"] = lambda: seen["step0.enc_out"][:batch].flatten(2)[:, :, img]
         step0["z_emb_aligned"] = lambda: seen["step0.z_emb_aligned"][:batch, img]
-        step0["dec_in"] = lambda: model.vision_gen_dec_aligner(model.vision_gen_dec_aligner_norm(hidden[:, 1:]))[:, img].transpose(1, 2)
+        step0["dec_in"] = lambda: (model.vision_gen_dec_aligner(model.vision_gen_dec_aligner_norm(hidden[:, 1:]))[:, img]
+                                   .transpose(1, 2))
     for what, fn in step0.items():
         key = f"gen.step0.{what}"
         if key in g.tensors:
@@ -178,6 +180,7 @@ def format_table(results: list[Comparison]) -> str:
             lines.append(f"{r.name:<28} {int(r.max_abs):>11d} {'':>11} {'':>10} {'exact':>10}  {'ok' if r.ok else 'FAIL'}")
         else:
             lines.append(
-                f"{r.name:<28} {r.max_abs:>11.3e} {r.max_rel:>11.3e} {r.ref_absmax:>10.3g} {r.tolerance:>10.1e}  {'ok' if r.ok else 'FAIL'}"
+                f"{r.name:<28} {r.max_abs:>11.3e} {r.max_rel:>11.3e} {r.ref_absmax:>10.3g} {r.tolerance:>10.1e}  "
+                f"{'ok' if r.ok else 'FAIL'}"
             )
     return "\n".join(lines)

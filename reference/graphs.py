@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from jfexport.core.graph_contract import GRAPH_NAMES, LLM_INPUTS, LLM_OUTPUTS, NEW, PAST, PRESENT, kv_names
+
 from .modules.janusflow import JanusFlowModel
 
 # State-dict prefixes (of JanusFlowModel, or of the VAE for vae_decoder) of the weights each graph
@@ -94,7 +95,8 @@ class LLMGraph(nn.Module):
         self.input_names = LLM_INPUTS + (kv_names(PAST, layers) if with_past else ())
         self.output_names = LLM_OUTPUTS + kv_names(NEW if with_past else PRESENT, layers)
 
-    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, *past_flat: torch.Tensor):
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                *past_flat: torch.Tensor):
         past = list(zip(past_flat[0::2], past_flat[1::2])) if self.with_past else None
         hidden, kv, _ = self.model.llm(inputs_embeds, attention_mask, position_ids, past, new_only=self.with_past)
         logits = self.model.logits(hidden[:, -1])

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import BackendUnavailable
-
 from jfexport.defaults import BACKENDS, ENGINE_BACKENDS  # noqa: F401 - re-exported: where callers look for them
+
+from .errors import BackendUnavailable
 
 TENSORRT_INSTALL = (
     "TensorRT is not installed. Install it on a machine with an NVIDIA GPU from NVIDIA's package index "

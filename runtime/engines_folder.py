@@ -17,7 +17,6 @@ import torch
 # What each pipeline runs (GENERATION_GRAPHS, UNDERSTANDING_GRAPHS): pass one as `graphs` and a text-to-image
 # service does not open the vision encoder, a chat one not the VAE. One definition, in the graph contract.
 from jfexport.core.graph_contract import GENERATION_GRAPHS, UNDERSTANDING_GRAPHS
-
 from jfexport.core.manifest import MANIFEST, EnginesError, Int8Record, Manifest
 
 from .backend_choice import choose_backend

@@ -5,15 +5,16 @@ everything in the tokenizer folder must resolve, symlinks followed, inside the f
 for all of them before any of them is opened, so a manifest naming `/etc/passwd`,
 `../other/x.onnx` or a symlink out of the folder is refused instead of read or run.
 
-Content: each served file (and each tokenizer file the manifest hashes) is compared with the
-sha256 the manifest records for it, which refuses a flipped byte, a graph from another build of
-the same architecture (other weights, same size) and two swapped files. Hashing costs: sha256 runs at 1.8-2.1 GB/s on one core of the 2-core
-development machine (SHA-NI, from the page cache, measured while other work shared the cores), so
-the 20 GB full-size build costs about 10-11 s of one core on its first start. Files are hashed in
-parallel threads (hashlib and file reads release the GIL): 2.07 GB/s with 2 threads against
-1.81 GB/s one after the other here; with enough cores the largest file bounds the wall time. Where
-the disk is slower than the hash, the engines read those bytes anyway, so a first start pays about
-one extra read of every file. That is acceptable once, not on every start of every replica, so:
+Content: each served file (and each tokenizer file the manifest hashes) is compared with the sha256
+the manifest records for it, which refuses a flipped byte, a graph from another build of the same
+architecture (other weights, same size) and two swapped files. Hashing costs: sha256 runs at 1.8-2.1
+GB/s on one core of the 2-core development machine (SHA-NI, from the page cache, measured while
+other work shared the cores), so the 20 GB full-size build costs about 10-11 s of one core on its
+first start. Files are hashed in parallel threads (hashlib and file reads release the GIL): 2.07
+GB/s with 2 threads against 1.81 GB/s one after the other here; with enough cores the largest file
+bounds the wall time. Where the disk is slower than the hash, the engines read those bytes anyway,
+so a first start pays about one extra read of every file. That is acceptable once, not on every
+start of every replica, so:
 
 - the first start hashes every served file and records a verified stamp per file (size, mtime_ns,
   ctime_ns, inode, device, sha256) in `.jfexport-verified.json` in the folder, or, where the folder

@@ -95,7 +95,8 @@ def _probe_model(w: np.ndarray) -> bytes:
     k, n = w.shape
     inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.ones(n, np.float32), "w_scale"),
              numpy_helper.from_array(np.zeros(n, np.int8), "w_zero"),
-             numpy_helper.from_array(np.array(1.0, np.float32), "x_scale"), numpy_helper.from_array(np.array(0, np.int8), "x_zero")]
+             numpy_helper.from_array(np.array(1.0, np.float32), "x_scale"),
+             numpy_helper.from_array(np.array(0, np.int8), "x_zero")]
     nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zero"], ["x_q"]),
              helper.make_node("DequantizeLinear", ["x_q", "x_scale", "x_zero"], ["x_dq"]),
              helper.make_node("DequantizeLinear", ["w", "w_scale", "w_zero"], ["w_dq"], axis=1),

@@ -11,11 +11,12 @@ is bounded (`max_queue`): past it, `Overloaded` is raised at once.
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Iterator, Mapping, cast
+from typing import Callable, Iterator, Mapping
 
 import torch
 from PIL import Image
 
+from jfexport import defaults
 from jfexport.core.errors import InputError
 from jfexport.core.graph_contract import GENERATION_GRAPHS, UNDERSTANDING_GRAPHS
 from jfexport.core.images import initial_noise, to_uint8
@@ -24,17 +25,16 @@ from jfexport.core.processor import JanusProcessor
 from jfexport.core.processor.request_checks import check_choices, check_generation, check_sampling, check_top_logprobs
 from jfexport.core.schedulers import StopRule, answers_from_stream, row_generators
 
-from jfexport import defaults
-from .engine import Engine
-from .errors import check_finite
 from .batching.chat_batch import ChatSlots
 from .batching.decode_step import ChatExecutor, EngineChatExecutor
 from .batching.generation_batch import GenerationRows
 from .batching.generation_step import EngineGenerationExecutor, GenerationExecutor
 from .batching.handles import ChatHandle, GenerationHandle
-from .batching.scheduler import Observers, Scheduler
-from .batching.kv_cache import KVLayout
 from .batching.jobs import CallJob, ChatJob, ChatRow, GenerationJob, stream_rows
+from .batching.kv_cache import KVLayout
+from .batching.scheduler import Observers, Scheduler
+from .engine import Engine
+from .errors import check_finite
 
 # Longest sequence when the engines declare none (the torch backend): K/V slots are this long.
 DEFAULT_MAX_LEN = defaults.MAX_SEQ
@@ -243,9 +243,9 @@ class JanusFlowRuntime:
             check_finite("vae_decoder", "images", images)
             return to_uint8(images).cpu()
 
-        job = CallJob(self.scheduler.alive)
+        job: CallJob[torch.Tensor] = CallJob(self.scheduler.alive)
         self.scheduler.call(run, job)
-        return to_pil(cast(torch.Tensor, job.result()))  # what `run` returned
+        return to_pil(job.result())
 
     # -- understanding -------------------------------------------------------------------------
 
@@ -285,7 +285,8 @@ class JanusFlowRuntime:
         return self.processor.conversation_ids([*history, ("user", question)], image_turn, system_prompt, names)
 
     def submit_chat(self, image: Image.Image, question: str, max_new_tokens: int = defaults.MAX_NEW_TOKENS,
-                    temperature: float = defaults.TEMPERATURE, top_p: float = defaults.TOP_P, seed: int = defaults.SEED, timeout: float | None = None,
+                    temperature: float = defaults.TEMPERATURE, top_p: float = defaults.TOP_P, seed: int = defaults.SEED,
+                    timeout: float | None = None,
                     system_prompt: str | None = None, history: list[tuple[str, str]] | None = None,
                     image_turn: int = 0, n: int = 1, top_logprobs: int | None = None) -> ChatHandle:
         """Queue one question; iterate the handle for token ids as they are decoded.

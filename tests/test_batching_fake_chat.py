@@ -14,14 +14,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
-from jfexport.core.graph_contract import PRESENT, kv_name
-from jfexport.core.schedulers import StopRule
 from jfexport.runtime.batching.chat_batch import ChatSlots
 from jfexport.runtime.batching.decode_step import DecodeRows, run_decode_step
 from jfexport.runtime.batching.jobs import ChatJob, ChatRow
 from jfexport.runtime.batching.kv_cache import KVLayout
 from jfexport.runtime.errors import NonFiniteOutput
+
+from jfexport.core.graph_contract import PRESENT, kv_name
+from jfexport.core.schedulers import StopRule
 
 VOCAB = 101
 IMAGE_ID = 7

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from jfexport.core.schedulers import euler_schedule
 from jfexport.runtime.batching.chat_batch import ChatSlots
 from jfexport.runtime.batching.generation_batch import GenerationRows
 from jfexport.runtime.batching.generation_step import KV, PromptKV, StepBuffers, cfg_euler_step
 from jfexport.runtime.batching.jobs import GenerationJob
 from jfexport.runtime.batching.scheduler import Observers, Scheduler
 from jfexport.runtime.errors import NonFiniteOutput, SchedulerStopped
+
+from jfexport.core.schedulers import euler_schedule
 
 BOS, PAD = 1, 0
 NAN_TOKEN = 13  # its K is NaN: the image's velocity is NaN from the first step

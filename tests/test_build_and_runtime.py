@@ -7,14 +7,14 @@ import shutil
 
 import pytest
 import torch
-from PIL import Image
-
-from jfexport.core.manifest import FORMAT, EnginesError
 from jfexport.export.build import build
 from jfexport.reference.bundle import load_preset
-from jfexport.core.errors import InputError
 from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
 from jfexport.runtime.pipelines import JanusFlowRuntime
+from PIL import Image
+
+from jfexport.core.errors import InputError
+from jfexport.core.manifest import FORMAT, EnginesError
 
 from .conftest import run_cli
 

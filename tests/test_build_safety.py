@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from jfexport.export.build import build
 from jfexport.export.build_folder import LOCK, BuildFolderError, BuildLockedError
 from jfexport.reference.bundle import load_preset
-from jfexport.core.manifest import EnginesError
 from jfexport.runtime.folder_files import STAMPS
 from jfexport.runtime.pipelines import JanusFlowRuntime
+
+from jfexport.core.manifest import EnginesError
 
 from .conftest import REPO, run_cli
 

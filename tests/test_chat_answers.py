@@ -128,9 +128,10 @@ def test_raw_sse_of_n_answers(server, client, messages):
 
 def _reference_logits(temperature: float = 0.0, seed: int = 0, max_tokens: int = 8):
     """The reference model's tokens and logits [V] per position for the served conversation."""
-    from jfexport.core.schedulers import row_generators
     from jfexport.reference.bundle import load_bundle
     from jfexport.reference.pipelines.understanding import decode_tokens
+
+    from jfexport.core.schedulers import row_generators
 
     bundle = load_bundle()
     batch = bundle.processor.understanding_batch([QUESTION], [shape_image()])

@@ -8,12 +8,12 @@ import shutil
 
 import pytest
 import torch
+from jfexport.reference.checkpoint import load_checkpoint, save_checkpoint
+from jfexport.reference.modules.siglip import UNUSED_PREFIX
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from jfexport.reference.checkpoint import load_checkpoint, save_checkpoint
 from jfexport.core.errors import CheckpointError, ConfigError
-from jfexport.reference.modules.siglip import UNUSED_PREFIX
 
 from .conftest import run_cli
 

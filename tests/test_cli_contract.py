@@ -11,14 +11,14 @@ import time
 
 import click
 import pytest
+from jfexport.runtime.backend_choice import BACKENDS, ENGINE_BACKENDS
+from jfexport.runtime.errors import NonFiniteOutput
 
 from jfexport.cli import cli, main
 from jfexport.commands.options import ENGINE_PRECISIONS
-from jfexport.core.manifest import Limits
 from jfexport.core.errors import InputError
+from jfexport.core.manifest import Limits
 from jfexport.core.presets import PRESETS
-from jfexport.runtime.backend_choice import BACKENDS, ENGINE_BACKENDS
-from jfexport.runtime.errors import NonFiniteOutput
 
 from .conftest import REPO, run_cli
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from jfexport.runtime.backend_choice import choose_backend, tensorrt_available
+from jfexport.runtime.errors import BackendUnavailable
 
 from jfexport.core.config import JanusFlowConfig
 from jfexport.core.presets import preset_config
-from jfexport.runtime.backend_choice import choose_backend, tensorrt_available
 from jfexport.tools.cost_model import _llm_params, generation_cost, llm_cost
-from jfexport.runtime.errors import BackendUnavailable
 
 FULL = JanusFlowConfig.from_dict(preset_config("janusflow-1.3b"))
 

@@ -17,9 +17,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import numpy_helper
-
-from jfexport.core.manifest import EnginesError, Limits, Manifest
 from jfexport.export.build import build
 from jfexport.reference.bundle import load_preset
 from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
@@ -27,6 +24,9 @@ from jfexport.runtime.backends.ort_backend import OrtEngine
 from jfexport.runtime.engines_folder import GENERATION_GRAPHS, UNDERSTANDING_GRAPHS, load_engines, pick_precision
 from jfexport.runtime.folder_files import STAMPS
 from jfexport.runtime.pipelines import JanusFlowRuntime
+from onnx import numpy_helper
+
+from jfexport.core.manifest import EnginesError, Limits, Manifest
 from jfexport.tools.verify import verify
 
 from .conftest import run_cli
@@ -160,7 +160,8 @@ def test_a_size_the_manifest_records_is_compared_on_every_start(folder):
     load_engines(folder, device="cpu", graphs=["embed_tokens"])
     info["size"] += 1
     write_manifest(folder, manifest)
-    with pytest.raises(EnginesError, match=r"embed_tokens: .*embed_tokens.onnx does not match the manifest \(\d+ bytes, it records \d+\)"):
+    with pytest.raises(EnginesError,
+                       match=r"embed_tokens: .*embed_tokens.onnx does not match the manifest \(\d+ bytes, it records \d+\)"):
         load_engines(folder, device="cpu", graphs=["embed_tokens"])
 
 

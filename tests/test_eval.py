@@ -6,14 +6,12 @@ from __future__ import annotations
 import random
 
 import pytest
-
-from PIL import Image
-
 from jfexport.reference.bundle import load_vae
 from jfexport.reference.eval.analyser import analyse
 from jfexport.reference.eval.evaluate import evaluate
 from jfexport.reference.training.toy_data import Scene, all_scenes, render, split_scenes
 from jfexport.reference.training.vae import train_vae
+from PIL import Image
 
 from .conftest import run_cli
 
@@ -47,7 +45,8 @@ class _Oracle:
         answers = []
         for image, q in zip(images, questions):
             d = analyse(image)[0]
-            answers.append((d.position if q.startswith("Where") else d.colour if "colour" in q else d.shape) if self.perfect else "?")
+            truth = d.position if q.startswith("Where") else d.colour if "colour" in q else d.shape
+            answers.append(truth if self.perfect else "?")
         return answers
 
 
@@ -83,6 +82,7 @@ def test_bundled_default_model_meets_its_targets():
 
 def test_a_missing_bundled_model_is_named(monkeypatch, tmp_path):
     from jfexport.reference import bundle as bundle_module
+
     from jfexport.core.errors import CheckpointError
 
     monkeypatch.setattr(bundle_module, "DEFAULT_MODEL_DIR", tmp_path / "default")

@@ -7,12 +7,12 @@ import json
 import onnx
 import pytest
 import torch
-
-from jfexport.core.graph_spec import GraphSpec
 from jfexport.export.trt_ops import check_file, check_model
 from jfexport.export.validate import compare, reference_cases
 from jfexport.reference.bundle import load_preset
 from jfexport.reference.graphs import GRAPH_NAMES, build_graph
+
+from jfexport.core.graph_spec import GraphSpec
 
 from .conftest import run_cli
 
@@ -108,7 +108,8 @@ def test_operator_check_names_the_offending_node():
               onnx.helper.make_tensor_value_info("s", onnx.TensorProto.STRING, [1])],
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 1, 4, 4]),
          onnx.helper.make_tensor_value_info("t", onnx.TensorProto.STRING, [1])])
-    findings = {f.node: f.problem for f in check_model(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]))}
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    findings = {f.node: f.problem for f in check_model(model)}
     assert "CRD" in findings["shuffle"] and "not supported" in findings["strings"]
 
 

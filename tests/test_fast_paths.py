@@ -7,18 +7,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from jfexport.reference.bundle import load_bundle, load_preset
+from jfexport.runtime.batching.fast_chat import TorchChatExecutor
+from jfexport.runtime.batching.jobs import stream_rows
+from jfexport.runtime.batching.torch_generation import TorchGenerationExecutor
+from jfexport.runtime.pipelines import JanusFlowRuntime
 from PIL import Image
 
-from jfexport.reference.bundle import load_bundle, load_preset
 from jfexport.core.schedulers import StopRule, row_generators, row_uniforms, sample_next, sample_next_device, stop_rows
-from jfexport.runtime.pipelines import JanusFlowRuntime
-from jfexport.runtime.batching.fast_chat import TorchChatExecutor
-from jfexport.runtime.batching.torch_generation import TorchGenerationExecutor
-from jfexport.runtime.batching.jobs import stream_rows
 
 # The scheduler's guarantees, rerun below on the fast executors (the `runtime` fixture of this module).
-from tests.test_scheduler import Rows
 from tests.test_scheduler import (  # noqa: F401 - collected here as tests of the fast path
+    Rows,
     test_a_callback_may_call_the_runtime,
     test_a_paused_or_dropped_stream_blocks_nobody_and_frees_its_slot,
     test_a_question_gets_its_first_token_while_images_are_generated,
@@ -342,8 +342,9 @@ def test_fast_generation_previews_equal_the_engine_path(pair):
 def test_a_compiler_that_fails_costs_speed_not_requests(pair, caplog):
     """torch.compile with a backend that cannot build the step (as without Triton): the executor
     logs it once and goes on eagerly, with the engine path's latents."""
-    from jfexport.core.errors import InputError
     from jfexport.runtime.batching.generation_step import cfg_euler_step
+
+    from jfexport.core.errors import InputError
 
     def no_compiler(graph, inputs):
         raise RuntimeError("this backend builds nothing")
@@ -475,8 +476,9 @@ def test_bench_measures_each_change_on_and_off():
 
 def test_step_stages_in_order_are_the_euler_step():
     """The benchmark times the stages of `cfg_euler_step` one by one: together they must be that step."""
-    from jfexport.core.images import initial_noise
     from jfexport.runtime.batching.generation_step import cfg_euler_step
+
+    from jfexport.core.images import initial_noise
     from jfexport.tools.torch_paths import FastSampler, step_stages
 
     bundle = load_preset("tiny")

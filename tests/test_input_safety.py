@@ -17,25 +17,32 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers
-
 from jfexport.reference.bundle import TINY_ASSETS, load_bundle, load_vae
 from jfexport.reference.checkpoint import load_checkpoint
-from jfexport.core.config import JanusFlowConfig
-from jfexport.core.errors import CheckpointError, ConfigError, InputError
 from jfexport.reference.modules.siglip import VisionUnderstandingTower
 from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
-from jfexport.core.presets import preset_config, preset_vae_config
-from jfexport.core.processor import JanusProcessor, load_image, load_tokenizer
-from jfexport.core.processor.request_checks import (
-    MAX_CFG, MAX_IMAGES_PER_PROMPT, MAX_NEW_TOKENS, MAX_SEED, MAX_STEPS, MAX_TEMPERATURE, check_generation,
-    check_sampling, check_text,
-)
 from jfexport.reference.training.config import TrainConfig
 from jfexport.reference.training.loop import train
 from jfexport.reference.training.state_io import load_state, save_state
+from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
+
+from jfexport.core.config import JanusFlowConfig
+from jfexport.core.errors import CheckpointError, ConfigError, InputError
+from jfexport.core.presets import preset_config, preset_vae_config
+from jfexport.core.processor import JanusProcessor, load_image, load_tokenizer
+from jfexport.core.processor.request_checks import (
+    MAX_CFG,
+    MAX_IMAGES_PER_PROMPT,
+    MAX_NEW_TOKENS,
+    MAX_SEED,
+    MAX_STEPS,
+    MAX_TEMPERATURE,
+    check_generation,
+    check_sampling,
+    check_text,
+)
 
 S, N = 64, 16
 
@@ -82,7 +89,8 @@ def test_every_added_token_is_covered(safe):
     names = {"<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>", "<image_placeholder>", "<begin_of_image>",
              "<end_of_image>", "<｜begin▁of▁generation｜>"}
     assert set(_specials(safe)) == names
-    assert {tok.bos_id, tok.eos_id, tok.pad_id, tok.image_id, tok.image_start_id, tok.image_end_id, tok.image_gen_id} == tok.added_ids
+    tags = {tok.bos_id, tok.eos_id, tok.pad_id, tok.image_id, tok.image_start_id, tok.image_end_id, tok.image_gen_id}
+    assert tags == tok.added_ids
 
 
 def _expected_understanding_specials(proc: JanusProcessor) -> dict[int, int]:
@@ -206,8 +214,8 @@ def test_the_smallest_temperature_samples_without_nan():
 
 
 def test_edge_parameters_are_accepted():
-    for temperature, top_p, seed, tokens in [(0, 1, 0, 0), (0.0, 1e-9, MAX_SEED, MAX_NEW_TOKENS), (MAX_TEMPERATURE, 0.5, np.int64(7), np.int32(3)),
-                                             (1e-5, 1, 0, 1)]:
+    for temperature, top_p, seed, tokens in [(0, 1, 0, 0), (0.0, 1e-9, MAX_SEED, MAX_NEW_TOKENS),
+                                             (MAX_TEMPERATURE, 0.5, np.int64(7), np.int32(3)), (1e-5, 1, 0, 1)]:
         check_sampling(temperature, top_p, seed, tokens)
     for n, steps, cfg, seed in [(1, 1, 0, 0), (MAX_IMAGES_PER_PROMPT, MAX_STEPS, MAX_CFG, MAX_SEED), (2, 30, 1, 5)]:
         check_generation(n, steps, cfg, seed)
@@ -560,8 +568,9 @@ def test_build_limits_below_the_export_samples_are_refused():
 # --- the HTTP protocol models take their bounds from these checks ------------------------------
 
 def _http_bounds_cases():
-    from jfexport.core.processor import request_checks as rc
     from jfexport.runtime.serving.openai_schema import ChatCompletionRequest, ImageGenerationRequest
+
+    from jfexport.core.processor import request_checks as rc
 
     chat = {"messages": [{"role": "user", "content": "hi"}]}
     images = {"prompt": "a red circle"}
@@ -595,9 +604,9 @@ def test_http_bounds_are_the_request_checks():
     """Every bound a request check states, the protocol models enforce the same, on both sides, and
     no numeric field of theirs has a bound of its own: a restated bound that drifts fails here."""
     import pydantic
+    from jfexport.runtime.serving.openai_schema import ChatCompletionRequest, ImageGenerationRequest
 
     from jfexport.core.processor.errors import RequestError
-    from jfexport.runtime.serving.openai_schema import ChatCompletionRequest, ImageGenerationRequest
 
     cases = _http_bounds_cases()
     covered = {(model.__name__, field) for model, _, field, _, _ in cases}

@@ -12,13 +12,16 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
-
 from jfexport.export.build import build, build_limits
-from jfexport.core.manifest import EnginesError, Manifest, sha256_file
 from jfexport.export.quantize.cache import CACHE_FILE
-from jfexport.export.quantize.int8_build import (OUTPUT_BOUND, QUANTIZED_GRAPHS, Int8ParityError, Samples,
-                                                 quantize_graph, record_requests)
+from jfexport.export.quantize.int8_build import (
+    OUTPUT_BOUND,
+    QUANTIZED_GRAPHS,
+    Int8ParityError,
+    Samples,
+    quantize_graph,
+    record_requests,
+)
 from jfexport.export.quantize.int8_gate import Int8GateError, end_to_end_gate
 from jfexport.export.quantize.qdq import linear_layers
 from jfexport.export.quantize.requests import Recipe, requests
@@ -29,6 +32,9 @@ from jfexport.reference.training.toy_data import split_scenes
 from jfexport.runtime.engines_folder import load_engines, pick_precision
 from jfexport.runtime.int8_arithmetic import LEGACY_WEIGHT_MAX, MATMUL_TOLERANCE, WEIGHT_MAX, describe_cpu, matmul_error
 from jfexport.runtime.pipelines import JanusFlowRuntime
+from onnx import numpy_helper
+
+from jfexport.core.manifest import EnginesError, Manifest, sha256_file
 from jfexport.tools.verify import verify
 
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from jfexport.export.quantize.qdq import quantize_weight
-from jfexport.runtime.int8_arithmetic import (LEGACY_WEIGHT_MAX, MATMUL_TOLERANCE, WEIGHT_MAX, describe_cpu, int8_isa,
-                                              matmul_error)
+from jfexport.runtime.int8_arithmetic import LEGACY_WEIGHT_MAX, MATMUL_TOLERANCE, WEIGHT_MAX, describe_cpu, int8_isa, matmul_error
 
 # Kernel families that sum u8 x s8 pairs in a saturating int16 (vpmaddubsw): full-range weights overflow there.
 SATURATING = ("avx2", "avx512", "sse")

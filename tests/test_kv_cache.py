@@ -8,15 +8,15 @@ import shutil
 
 import pytest
 import torch
-from PIL import Image
-
-from jfexport.core.manifest import FORMAT, EnginesError
 from jfexport.export.build import build
 from jfexport.reference.bundle import load_preset
-from jfexport.core.graph_contract import NEW, kv_name
 from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
-from jfexport.runtime.pipelines import JanusFlowRuntime
 from jfexport.runtime.batching.kv_cache import KVCache, KVLayout, PrefixCache
+from jfexport.runtime.pipelines import JanusFlowRuntime
+from PIL import Image
+
+from jfexport.core.graph_contract import NEW, kv_name
+from jfexport.core.manifest import FORMAT, EnginesError
 
 COLOURS = [(210, 30, 30), (30, 200, 30), (30, 30, 220), (200, 200, 30), (20, 20, 20), (240, 240, 240),
            (120, 40, 160), (30, 160, 160)]

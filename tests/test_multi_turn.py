@@ -12,13 +12,13 @@ JanusFlow demo, the image turn's content "<image_placeholder>\\n{question}".
 from __future__ import annotations
 
 import pytest
+from jfexport.reference.bundle import TINY_ASSETS, load_bundle
+from jfexport.runtime.pipelines import JanusFlowRuntime
 from PIL import Image
 
-from jfexport.reference.bundle import TINY_ASSETS, load_bundle
 from jfexport.core.errors import InputError
 from jfexport.core.processor import SYSTEM_PROMPT, JanusProcessor
 from jfexport.core.processor.templates import conversation_prompt
-from jfexport.runtime.pipelines import JanusFlowRuntime
 
 S, N = 64, 16
 EOS = "<｜end▁of▁sentence｜>"

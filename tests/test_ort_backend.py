@@ -5,10 +5,9 @@ from __future__ import annotations
 import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper
-
 from jfexport.runtime.backends.ort_backend import OrtEngine
 from jfexport.runtime.errors import RuntimeFailure
+from onnx import TensorProto, helper
 
 
 @pytest.fixture(scope="module")

@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from jfexport.core.images import to_uint8
-from jfexport.core.processor.errors import RequestError
-from jfexport.core.processor.request_checks import check_previews
-from jfexport.core.schedulers import FlowEulerCFGScheduler, clean_estimate, euler_schedule, preview_steps
 from jfexport.runtime.batching.chat_batch import ChatSlots
 from jfexport.runtime.batching.generation_batch import GenerationRows
 from jfexport.runtime.batching.handles import GenerationHandle
 from jfexport.runtime.batching.jobs import GenerationJob
 from jfexport.runtime.batching.scheduler import Observers, Scheduler
+
+from jfexport.core.images import to_uint8
+from jfexport.core.processor.errors import RequestError
+from jfexport.core.processor.request_checks import check_previews
+from jfexport.core.schedulers import FlowEulerCFGScheduler, clean_estimate, euler_schedule, preview_steps
 
 from .test_batching_fake_generation import BOS, LATENT, PAD, FakeExecutor, expected
 

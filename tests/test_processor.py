@@ -8,18 +8,23 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from jfexport.reference.bundle import TINY_ASSETS
+from jfexport.reference.make_tiny_tokenizer import build
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 from transformers.image_transforms import normalize, rescale
 
-from jfexport.reference.bundle import TINY_ASSETS
 from jfexport.core.errors import CheckpointError, InputError
 from jfexport.core.processor import (
-    SYSTEM_PROMPT, JanusProcessor, generation_prompt, load_image, load_tokenizer, preprocess_image,
+    SYSTEM_PROMPT,
+    JanusProcessor,
+    generation_prompt,
+    load_image,
+    load_tokenizer,
+    preprocess_image,
     understanding_prompt,
 )
-from jfexport.reference.make_tiny_tokenizer import build
 
 N = 16
 S = 64

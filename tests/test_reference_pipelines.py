@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-
 from jfexport.reference.pipelines.generation import sample_latents
+from jfexport.reference.pipelines.understanding import decode_tokens
+
 from jfexport.core.layout import cfg_prompt_rows, offset_positions
 from jfexport.core.schedulers import euler_schedule
-from jfexport.reference.pipelines.understanding import decode_tokens
 
 PAD = 2
 

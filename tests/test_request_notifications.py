@@ -7,12 +7,11 @@ import threading
 import time
 
 import pytest
-from PIL import Image
-
 from jfexport.reference.bundle import load_bundle
+from jfexport.runtime.batching.jobs import CallJob
 from jfexport.runtime.errors import RequestCancelled, RequestTimeout, SchedulerStopped
 from jfexport.runtime.pipelines import JanusFlowRuntime
-from jfexport.runtime.batching.jobs import CallJob
+from PIL import Image
 
 PROMPT = "a red circle at the top left"
 IMAGE = Image.new("RGB", (64, 64), (210, 30, 30))  # greedy answers about it run to any token limit

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
-
 from jfexport.reference.bundle import load_preset
 from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
 from jfexport.runtime.pipelines import JanusFlowRuntime
+from PIL import Image
 
 PROMPTS = ["a red circle at the top left", "a blue star"]
 
@@ -64,6 +63,7 @@ def _understanding_inputs(bundle, device="cpu"):
 
 def test_static_kv_decoder_matches_the_reference(tiny_bundle):
     from jfexport.reference.pipelines.understanding import decode_tokens
+
     from jfexport.tools.torch_paths import FastDecoder
 
     model = tiny_bundle.model
@@ -81,6 +81,7 @@ def test_static_kv_decoder_matches_the_reference(tiny_bundle):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_static_kv_decoder_cuda_graph_matches_eager():
     from jfexport.reference.bundle import load_preset
+
     from jfexport.tools.torch_paths import FastDecoder
 
     bundle = load_preset("tiny")
@@ -98,6 +99,7 @@ def test_static_kv_decoder_cuda_graph_matches_eager():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_step_matches_eager_and_is_reused():
     from jfexport.reference.bundle import load_preset
+
     from jfexport.core.images import initial_noise
     from jfexport.tools.torch_paths import FastSampler
 

@@ -10,12 +10,12 @@ import time
 
 import pytest
 import torch
-from PIL import Image
-
 from jfexport.reference.bundle import load_bundle
-from jfexport.core.errors import InputError
 from jfexport.runtime.errors import NonFiniteOutput, Overloaded, RequestCancelled, RequestTimeout, SchedulerStopped
 from jfexport.runtime.pipelines import JanusFlowRuntime
+from PIL import Image
+
+from jfexport.core.errors import InputError
 
 PROMPT = "a red circle at the top left"
 LONG_PROMPT = "a big green triangle at the bottom right of the picture, drawn on a plain background"
@@ -128,7 +128,8 @@ def test_a_paused_or_dropped_stream_blocks_nobody_and_frees_its_slot(runtime):
     paused.close()
     _wait(lambda: runtime.stats()["active_chat_rows"] == 0, 2.0)
     handle = runtime.submit_chat(IMAGE, "Describe the picture.", max_new_tokens=60, temperature=1.0, seed=3)
-    _wait(lambda: runtime.stats()["active_chat_rows"] == 1 or handle.done(), 5.0)
+    # The handle as an argument, not a closure over the name that `del` clears.
+    _wait(lambda h=handle: runtime.stats()["active_chat_rows"] == 1 or h.done(), 5.0)
     del handle  # dropped unread: the request is cancelled
     _wait(lambda: runtime.stats()["active_chat_rows"] == 0, 2.0)
 

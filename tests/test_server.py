@@ -23,8 +23,17 @@ from PIL import Image
 
 from jfexport.core.processor.request_checks import MAX_CHOICES, MAX_IMAGES_PER_PROMPT, MAX_TOP_LOGPROBS
 
-from .serve_helpers import (QUESTION, ServerProcess, build_engines, chat_messages, data_url, free_port, metric,
-                            running_server, shape_image)
+from .serve_helpers import (
+    QUESTION,
+    ServerProcess,
+    build_engines,
+    chat_messages,
+    data_url,
+    free_port,
+    metric,
+    running_server,
+    shape_image,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

@@ -25,8 +25,7 @@ import pytest
 from PIL import Image
 
 from .conftest import run_cli
-from .serve_helpers import (ServerProcess, build_engines, chat_messages, data_url, free_port, metric, running_server,
-                            shape_image)
+from .serve_helpers import ServerProcess, build_engines, chat_messages, data_url, free_port, metric, running_server, shape_image
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -443,7 +442,6 @@ def test_a_bug_is_a_json_500_that_closes_its_connection_and_is_counted_as_500(en
     import logging
 
     import uvicorn
-
     from jfexport.runtime.pipelines import JanusFlowRuntime
     from jfexport.runtime.serving.app import build_app
     from jfexport.runtime.serving.connections import guarded_protocol

@@ -4,12 +4,12 @@ the runtime's chat calls (the server's side: tests/test_server.py)."""
 from __future__ import annotations
 
 import pytest
+from jfexport.reference.bundle import TINY_ASSETS, load_bundle
+from jfexport.runtime.pipelines import JanusFlowRuntime
 from PIL import Image
 
-from jfexport.reference.bundle import TINY_ASSETS, load_bundle
 from jfexport.core.errors import InputError
 from jfexport.core.processor import SYSTEM_PROMPT, JanusProcessor, understanding_prompt
-from jfexport.runtime.pipelines import JanusFlowRuntime
 
 S, N = 64, 16
 QUESTION = "What colour is the shape?"

@@ -6,12 +6,12 @@ import importlib.util
 
 import pytest
 import torch
-
-from jfexport.core.manifest import EngineRecord, GraphFile, GraphRecord, SpecRecord
 from jfexport.reference.bundle import load_preset
-from jfexport.core.profiles import optimization_profiles, select_profile
 from jfexport.runtime.batching.torch_step import prompt_bucket
 from jfexport.runtime.trt_plan import engine_file_name, engine_is_current, stale_engine_reason
+
+from jfexport.core.manifest import EngineRecord, GraphFile, GraphRecord, SpecRecord
+from jfexport.core.profiles import optimization_profiles, select_profile
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
 

@@ -7,9 +7,9 @@ import random
 import shutil
 
 import pytest
+from jfexport.reference.bundle import DEFAULT_MODEL_DIR, TINY_ASSETS
 from transformers import PreTrainedTokenizerFast
 
-from jfexport.reference.bundle import DEFAULT_MODEL_DIR, TINY_ASSETS
 from jfexport.core.processor import load_tokenizer
 from jfexport.core.processor.tokenizer import Tags
 

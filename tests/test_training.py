@@ -7,11 +7,10 @@ import json
 
 import pytest
 import torch
-
 from jfexport.reference.bundle import load_bundle, load_preset
 from jfexport.reference.training.config import TrainConfig
-from jfexport.reference.training.losses import RepaHead
 from jfexport.reference.training.loop import ToyBatches, train
+from jfexport.reference.training.losses import RepaHead
 from jfexport.reference.training.objectives import generation_loss, text_loss, understanding_loss
 from jfexport.reference.training.stages import apply_stage, trainable_names
 
@@ -64,14 +63,15 @@ def test_loop_resumes_and_writes_a_loadable_checkpoint(tmp_path):
                log_every=2, checkpoint_every=2)
     train(TrainConfig(**cfg), log=lambda m: None)
     train(TrainConfig(**{**cfg, "steps": 6}), log=lambda m: None)
-    lines = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert [l["step"] for l in lines] == [1, 2, 3, 4, 5, 6]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
     bundle = load_bundle(checkpoint=tmp_path / "run" / "checkpoint")
     assert bundle.vae is not None and bundle.processor is not None
     init = load_preset("tiny").model.state_dict()
     trained = bundle.model.state_dict()
     # Stage 1 trains only the new modules: the LLM and SigLIP in the checkpoint are the initial ones.
-    assert torch.equal(trained["language_model.model.layers.0.mlp.up_proj.weight"], init["language_model.model.layers.0.mlp.up_proj.weight"])
+    up = "language_model.model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(trained[up], init[up])
     assert not torch.equal(trained["vision_gen_dec_aligner.weight"], init["vision_gen_dec_aligner.weight"])
 
 

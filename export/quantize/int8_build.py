@@ -18,19 +18,18 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-
-from jfexport.core.manifest import GraphFile, Limits
 from jfexport.reference.bundle import ModelBundle
+
 from jfexport.core.errors import UserError
 from jfexport.core.graph_contract import NEW, PAST
+from jfexport.core.manifest import GraphFile, Limits
 
 from ..samples import meaningful
 from ..trt_ops import check_model

@@ -9,8 +9,9 @@ measured once.
 
 When the check fails, the graphs responsible stay fp32 (their INT8 files are not written): each INT8
 graph that can move the failing checks (only the LLM's, when only the answers fail) is checked alone,
-beside fp32 others, and those failing alone are dropped; the rest are checked together again. If that still fails (no graph fails alone, but together they do), or every graph
-fails alone, the build fails naming the graphs and the checks: nothing is committed.
+beside fp32 others, and those failing alone are dropped; the rest are checked together again. If
+that still fails (no graph fails alone, but together they do), or every graph fails alone, the build
+fails naming the graphs and the checks: nothing is committed.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from jfexport.core.manifest import Limits
 from jfexport.reference.bundle import ModelBundle
+
 from jfexport.core.errors import UserError
 from jfexport.core.graph_contract import UNDERSTANDING_GRAPHS
+from jfexport.core.manifest import Limits
 from jfexport.tools.verify import NEW_TOKENS, Check, Outputs, compare, measure
 
 from .int8_build import files_runtime

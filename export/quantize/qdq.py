@@ -10,14 +10,15 @@ quantization wants it and ONNX Runtime's CPU provider fuses into MatMulIntegerTo
 
 Weights are symmetric per output channel (axis 1 of [K, N]) within +-WEIGHT_MAX = 64, not the full
 int8 range: ONNX Runtime's x86 kernels without VNNI sum pairs of u8 x s8 products in a saturating
-int16, which full-range weights overflow (runtime/int8_arithmetic.py measures it; the manifest records
-the bound). Activations are symmetric per tensor, full range; every zero point an int8 0. Each layer gets its own Q/DQ pair, also where several layers read one
-activation (q/k/v projections, gate/up) with one scale: ONNX Runtime fuses the pair into the MatMul
-(MatMulIntegerToFloat) only when the Q and the DQ serve that one MatMul. A shared pair leaves those
-layers unfused, dequantizing their weights on every call (measured: llm_decode of the `small`
-preset 5x slower at one token), and ORT's common-subexpression elimination merges identical Q
-nodes into a shared pair: so the k-th reader's scale is the activation's scale moved by k ulps
-(a relative change of ~1e-7 per reader, far below INT8's 1/254 step).
+int16, which full-range weights overflow (runtime/int8_arithmetic.py measures it; the manifest
+records the bound). Activations are symmetric per tensor, full range; every zero point an int8 0.
+Each layer gets its own Q/DQ pair, also where several layers read one activation (q/k/v projections,
+gate/up) with one scale: ONNX Runtime fuses the pair into the MatMul (MatMulIntegerToFloat) only
+when the Q and the DQ serve that one MatMul. A shared pair leaves those layers unfused, dequantizing
+their weights on every call (measured: llm_decode of the `small` preset 5x slower at one token), and
+ORT's common-subexpression elimination merges identical Q nodes into a shared pair: so the k-th
+reader's scale is the activation's scale moved by k ulps (a relative change of ~1e-7 per reader, far
+below INT8's 1/254 step).
 """
 
 from __future__ import annotations
@@ -28,9 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
-
 from jfexport.runtime.int8_arithmetic import WEIGHT_MAX
+from onnx import TensorProto, helper, numpy_helper
 
 INT8_MAX = 127  # activations: the full symmetric int8 range
 # Graphs whose tensors pass this are written with ONNX external data (protobuf's 2 GB limit), as the

@@ -16,9 +16,8 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Mapping
 
 import torch
-from PIL import Image
-
 from jfexport.reference.training.toy_data import QUESTIONS, render, split_scenes
+from PIL import Image
 
 Feeds = dict[str, torch.Tensor]
 

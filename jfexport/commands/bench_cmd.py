@@ -46,9 +46,9 @@ def bench_cmd(checkpoint, vae, preset, engines, backend, steps, cfg, batch, warm
     from PIL import Image
 
     from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
-    from jfexport.tools.bench import bench_pipelines
     from jfexport.runtime.engines_folder import EngineSet
     from jfexport.runtime.pipelines import JanusFlowRuntime
+    from jfexport.tools.bench import bench_pipelines
 
     if wanted:
         return _bench_precisions(engines, backend, wanted, checkpoint, vae, steps, cfg, batch, warmup, runs,
@@ -114,8 +114,8 @@ def _bench_precisions(engines, backend, wanted, checkpoint, vae, steps, cfg, bat
     from PIL import Image
 
     from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
-    from jfexport.tools.bench import bench_precisions
     from jfexport.runtime.pipelines import JanusFlowRuntime
+    from jfexport.tools.bench import bench_precisions
 
     manifest = Manifest.read(engines)
     bundle = reference_bundle_for_build(engines, checkpoint, vae)

@@ -8,7 +8,6 @@ from pathlib import Path
 import click
 
 from jfexport import defaults
-
 from jfexport.core.errors import InputError
 
 from .options import DEFAULT_ENGINES, precision_option
@@ -48,8 +47,8 @@ def bench_serve_cmd(engines, precision, clients, requests_, mix, steps, cfg, max
     if decode:
         _bench_decode(engines, precision, max_new_tokens, json_path)
         return
-    from jfexport.tools.bench_serve import Workload, bench_serve
     from jfexport.runtime.pipelines import JanusFlowRuntime
+    from jfexport.tools.bench_serve import Workload, bench_serve
 
     check_json_target(json_path)
     try:
@@ -83,10 +82,10 @@ def bench_serve_cmd(engines, precision, clients, requests_, mix, steps, cfg, max
 
 
 def _bench_decode(engines: Path, precision: str | None, max_new_tokens: int, json_path: Path | None) -> None:
-    from jfexport.tools.bench_decode import bench_decode
     from jfexport.core.manifest import Manifest
     from jfexport.runtime.engines_folder import pick_precision
     from jfexport.runtime.pipelines import JanusFlowRuntime
+    from jfexport.tools.bench_decode import bench_decode
 
     check_json_target(json_path)
     manifest = Manifest.read(engines)

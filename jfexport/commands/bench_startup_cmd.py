@@ -79,8 +79,8 @@ def bench_startup_cmd(engines, runs, json_path):
     """Startup: import of jfexport.cli, `jfexport --help`, a 1-token `chat`, and `serve` until /ready."""
     from PIL import Image
 
-    from jfexport.tools.bench import machine_info, summarize
     from jfexport.core.manifest import Manifest
+    from jfexport.tools.bench import machine_info, summarize
 
     check_json_target(json_path)
     Manifest.read(engines)  # a missing build is named now, not as a failed child process

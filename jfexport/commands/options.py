@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Callable
 import click
 
 from jfexport.core.presets import PRESETS
-from jfexport.defaults import BACKENDS, ENGINE_PRECISIONS, ENGINES as DEFAULT_ENGINES
+from jfexport.defaults import BACKENDS, ENGINE_PRECISIONS
+from jfexport.defaults import ENGINES as DEFAULT_ENGINES
 
 if TYPE_CHECKING:  # the torch side is imported only when a command runs it
     from jfexport.reference.pipelines.reference_pipeline import Numerics
@@ -78,8 +79,8 @@ def open_pipeline(engines, backend, precision, checkpoint, vae, preset, numerics
 
 def reference_bundle_for_build(engines: Path, checkpoint=None, vae=None):
     """The model a build was made from (as its manifest records), checked by weights fingerprint."""
-    from jfexport.reference.bundle import load_bundle
     from jfexport.core.manifest import EnginesError, Manifest
+    from jfexport.reference.bundle import load_bundle
 
     manifest = Manifest.read(engines)
     source = manifest.model.source
@@ -92,5 +93,6 @@ def reference_bundle_for_build(engines: Path, checkpoint=None, vae=None):
     else:
         raise EnginesError(f"the reference model {source} recorded in the manifest is gone; pass --checkpoint")
     if bundle.fingerprint != manifest.model.fingerprint:
-        raise EnginesError(f"{engines} was built from other weights than {bundle.source}: rebuild, or pass the right --checkpoint")
+        raise EnginesError(f"{engines} was built from other weights than {bundle.source}: "
+                           "rebuild, or pass the right --checkpoint")
     return bundle

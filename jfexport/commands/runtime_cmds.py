@@ -8,14 +8,21 @@ from pathlib import Path
 import click
 
 from jfexport import defaults
+from jfexport.core.processor.request_checks import MAX_PREVIEWS, check_previews
 from jfexport.defaults import ENGINE_BACKENDS
 
-from jfexport.core.processor.request_checks import MAX_PREVIEWS, check_previews
-
 from .image_output import plan_image_paths, provenance, write_png
+from .options import (
+    DEFAULT_ENGINES,
+    backend_option,
+    load_model,
+    model_options,
+    open_pipeline,
+    precision_option,
+    reference_bundle_for_build,
+    runtime_options,
+)
 from .output_files import OutputError, ensure_writable_folder
-from .options import (DEFAULT_ENGINES, backend_option, load_model, model_options, open_pipeline, precision_option,
-                      reference_bundle_for_build, runtime_options)
 
 
 @click.command("build")
@@ -45,7 +52,8 @@ def build_cmd(checkpoint, vae, preset, fp16, int8, backend, out, max_batch, max_
 @click.command("generate")
 @click.argument("prompts", nargs=-1, required=True)
 @runtime_options
-@click.option("-n", "--num-images", type=click.IntRange(min=1), default=defaults.IMAGES_PER_PROMPT, show_default=True, help="Images per prompt.")
+@click.option("-n", "--num-images", type=click.IntRange(min=1), default=defaults.IMAGES_PER_PROMPT, show_default=True,
+              help="Images per prompt.")
 @click.option("--steps", type=click.IntRange(min=1), default=defaults.STEPS, show_default=True, help="Euler steps of the flow.")
 @click.option("--cfg", default=defaults.CFG, show_default=True, help="Classifier-free guidance weight.")
 @click.option("--seed", type=click.IntRange(min=0), default=defaults.SEED, show_default=True, help="Seed of the initial noise.")
@@ -59,8 +67,8 @@ def build_cmd(checkpoint, vae, preset, fp16, int8, backend, out, max_batch, max_
                    "heads for) to this folder, as <image name>_preview_<j>.png; needs built engines.")
 @click.option("--num-previews", type=click.IntRange(1, MAX_PREVIEWS), default=MAX_PREVIEWS, show_default=True,
               help="Previews per image with --previews, at steps spread before the last.")
-def generate_cmd(prompts, engines, backend, precision, verify_files, checkpoint, vae, preset, num_images, steps, cfg, seed, numerics, out,
-                 overwrite, previews_dir, num_previews):
+def generate_cmd(prompts, engines, backend, precision, verify_files, checkpoint, vae, preset, num_images, steps, cfg, seed,
+                 numerics, out, overwrite, previews_dir, num_previews):
     """Text-to-image: write PNG files for PROMPTS."""
     paths = plan_image_paths(out, len(prompts) * num_images, overwrite)
     if previews_dir is not None:
@@ -132,9 +140,10 @@ def _model_record(pipe, engines: Path, numerics: str) -> dict:
 @click.option("--temperature", type=click.FloatRange(min=0), default=defaults.TEMPERATURE, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=defaults.TOP_P, show_default=True,
               help="Nucleus sampling mass (with --temperature > 0).")
-@click.option("--seed", type=click.IntRange(min=0), default=defaults.SEED, show_default=True, help="Sampling seed (with --temperature > 0).")
-def chat_cmd(question, engines, backend, precision, verify_files, checkpoint, vae, preset, image_path, max_new_tokens, temperature,
-             top_p, seed):
+@click.option("--seed", type=click.IntRange(min=0), default=defaults.SEED, show_default=True,
+              help="Sampling seed (with --temperature > 0).")
+def chat_cmd(question, engines, backend, precision, verify_files, checkpoint, vae, preset, image_path, max_new_tokens,
+             temperature, top_p, seed):
     """Answer QUESTION about an image, streaming the answer."""
     from jfexport.core.processor import load_image
 
@@ -165,12 +174,13 @@ def chat_cmd(question, engines, backend, precision, verify_files, checkpoint, va
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Reference model (default: the one the manifest records).")
 @click.option("--vae", type=click.Path(path_type=Path), default=None, help="diffusers AutoencoderKL folder of the reference.")
-@click.option("--steps", type=click.IntRange(min=1), default=defaults.STEPS, show_default=True, help="Euler steps of the end-to-end check.")
+@click.option("--steps", type=click.IntRange(min=1), default=defaults.STEPS, show_default=True,
+              help="Euler steps of the end-to-end check.")
 def verify_cmd(engines, backend, precision, checkpoint, vae, steps):
     """End-to-end parity of built engines with the PyTorch reference."""
     from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
-    from jfexport.runtime.pipelines import JanusFlowRuntime
     from jfexport.runtime.engines_folder import check_build
+    from jfexport.runtime.pipelines import JanusFlowRuntime
     from jfexport.tools.verify import format_checks, verify
 
     # verify is the command that re-establishes trust: every file is hashed, whatever the stamps say.

@@ -36,7 +36,8 @@ def uncond_rows(cond_ids: torch.Tensor, cond_mask: torch.Tensor, pad_id: int) ->
     return uncond_ids, uncond_mask
 
 
-def cfg_prompt_rows(cond_ids: torch.Tensor, cond_mask: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def cfg_prompt_rows(cond_ids: torch.Tensor, cond_mask: torch.Tensor,
+                    pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cond + uncond rows for classifier-free guidance, with the last prompt token dropped.
 
     Returns (ids [2B,L-1], mask [2B,L-1], left-pad counts [2B]).

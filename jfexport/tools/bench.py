@@ -273,5 +273,5 @@ def bench_precisions(open_runtime: Callable[[str], JanusFlowRuntime], precisions
             / r["understanding"]["time_to_first_token"]["median_ms"],
         }
     return {"threads": threads_used, "generation": {"batch": batch, "steps": steps, "cfg": cfg},
-            "understanding": {"max_new_tokens": max_new_tokens}, "precisions": results, "reference_eager": reference_result, "ratios": ratios,
-            "peak_rss_mib": peak_rss_mib(), "machine": machine_info()}
+            "understanding": {"max_new_tokens": max_new_tokens}, "precisions": results, "reference_eager": reference_result,
+            "ratios": ratios, "peak_rss_mib": peak_rss_mib(), "machine": machine_info()}

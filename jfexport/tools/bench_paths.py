@@ -33,15 +33,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from jfexport.core.images import initial_noise
 from jfexport.reference.bundle import ModelBundle
 from jfexport.reference.pipelines.generation import sample_latents
-from jfexport.core.images import initial_noise
-
+from jfexport.runtime.batching.fast_chat import DEFAULT_CHUNK
+from jfexport.runtime.pipelines import JanusFlowRuntime
 from jfexport.tools.bench import machine_info, summarize, sync_gpu, time_token_stream
 from jfexport.tools.cost_model import Cost, floor_ms, generation_cost, llm_cost, vision_cost
 from jfexport.tools.fp8 import fp8_matmuls, scaled_mm_available
-from jfexport.runtime.pipelines import JanusFlowRuntime
-from jfexport.runtime.batching.fast_chat import DEFAULT_CHUNK
 from jfexport.tools.torch_paths import FastDecoder, FastSampler, step_stages, understanding_embeds
 
 log = logging.getLogger(__name__)
@@ -254,8 +253,8 @@ def bench_torch_paths(bundle: ModelBundle, device: str, dtype: torch.dtype, batc
             if variant_latents is not None and reference is not None:
                 variant_row["generation"]["max_abs_vs_engine_path"] = float((variant_latents - reference).abs().max())
     results["serving_through_the_scheduler"] = serving
-    if fp8 and all(n in outputs for n in (f"fast_fp8_chunk{chunk}",
-                                          f"fast_cuda_graphs_chunk{chunk}" if dev.type == "cuda" else f"fast_eager_chunk{chunk}")):
+    fast_name = f"fast_cuda_graphs_chunk{chunk}" if dev.type == "cuda" else f"fast_eager_chunk{chunk}"
+    if fp8 and all(n in outputs for n in (f"fast_fp8_chunk{chunk}", fast_name)):
         fp8_name = f"fast_fp8_chunk{chunk}"
         base_name = f"fast_cuda_graphs_chunk{chunk}" if dev.type == "cuda" else f"fast_eager_chunk{chunk}"
         kernel = "torch._scaled_mm" if scaled_mm_available(dev, dtype) else "dequantised emulation"

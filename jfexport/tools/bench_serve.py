@@ -18,7 +18,6 @@ from typing import Callable, cast
 from PIL import Image
 
 from jfexport import defaults
-
 from jfexport.tools.bench import machine_info, peak_rss_mib
 
 # Prompts and questions in the bundled model's own vocabulary (its toy shapes data).

@@ -57,7 +57,8 @@ def gen_encoder_cost(cfg: JanusFlowConfig, rows: int, latent: int, bytes_per_ele
     time_mlp = rows * 2 * (enc.channels * enc.hidden_size + enc.hidden_size**2)
     blocks = enc.layers_in_middle * _convnext_cost(enc.channels, enc.hidden_size, n, rows) if enc.use_mid_block else 0
     aligner = rows * n * 2 * enc.channels * cfg.language.hidden_size
-    params = enc.channels * (enc.input_channels * enc.kernel_size**2 + cfg.language.hidden_size) + enc.hidden_size * (enc.channels + enc.hidden_size)
+    params = (enc.channels * (enc.input_channels * enc.kernel_size**2 + cfg.language.hidden_size)
+              + enc.hidden_size * (enc.channels + enc.hidden_size))
     params += enc.layers_in_middle * (enc.channels * 49 + 8 * enc.channels**2 + 2 * enc.channels * enc.hidden_size)
     return Cost(conv + time_mlp + blocks + aligner, params * bytes_per_elem)
 
@@ -70,7 +71,8 @@ def gen_decoder_cost(cfg: JanusFlowConfig, rows: int, latent: int, bytes_per_ele
     aligner = rows * n * 2 * cfg.language.hidden_size * dec.in_channels
     blocks = dec.layers_in_middle * _convnext_cost(width, dec.hidden_size, n, rows) if dec.use_mid_block else 0
     out = rows * n * 2 * width * dec.out_channels * 4
-    params = cfg.language.hidden_size * dec.in_channels + dec.layers_in_middle * (width * 49 + 8 * width**2 + 2 * width * dec.hidden_size)
+    params = (cfg.language.hidden_size * dec.in_channels
+              + dec.layers_in_middle * (width * 49 + 8 * width**2 + 2 * width * dec.hidden_size))
     return Cost(aligner + blocks + out, params * bytes_per_elem)
 
 

@@ -14,10 +14,9 @@ from typing import Callable
 
 import httpx
 
-from jfexport.tools.bench_serve import Calls, Record, Workload, closed_loop, summarize
 from jfexport.runtime.errors import RuntimeFailure
-
 from jfexport.runtime.serving.images import encoded_base64
+from jfexport.tools.bench_serve import Calls, Record, Workload, closed_loop, summarize
 
 
 def _error(kind: str, start: float, r: httpx.Response) -> Record:

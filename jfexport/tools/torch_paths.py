@@ -21,14 +21,14 @@ from jfexport.core.layout import cfg_prompt_rows, offset_positions, understandin
 from jfexport.core.schedulers import FlowEulerCFGScheduler, StopRule
 from jfexport.reference.modules.janusflow import JanusFlowModel
 from jfexport.runtime.backends.torch_backend import exact_fp32
-from jfexport.runtime.errors import NonFiniteOutput, check_finite
-from jfexport.runtime.lru import LRU
 from jfexport.runtime.batching.decode_step import DecodeRow
 from jfexport.runtime.batching.fast_chat import TorchChatExecutor
 from jfexport.runtime.batching.generation_step import PromptKV, StepBuffers, guided_euler, step_inputs, step_velocity
 from jfexport.runtime.batching.kv_cache import KVCache, KVLayout
 from jfexport.runtime.batching.torch_generation import TorchGenerationExecutor
 from jfexport.runtime.batching.torch_step import DECODE_BUCKET, capture_graph
+from jfexport.runtime.errors import NonFiniteOutput, check_finite
+from jfexport.runtime.lru import LRU
 
 
 def step_stages(ex: TorchGenerationExecutor, b: StepBuffers) -> list[tuple[str, Callable[[], None]]]:
@@ -201,7 +201,8 @@ class FastDecoder:
         token = logits.argmax(dim=-1)
         draws = torch.Generator("cpu")  # greedy rows never use their draws; the device chooser takes them all the same
         rows = [DecodeRow(t, cache.lengths[i], 0.0, 1.0, draws, max_new_tokens - 1, eos_id,
-                          rule.finish_reason(t, 1) is not None) for i, t in enumerate(token.tolist())]
+                          rule.finish_reason(t, 1) is not None, keep_logits=on_logits is not None)
+                for i, t in enumerate(token.tolist())]
         yield token
         slots = list(range(batch))
         for _ in range(max_new_tokens - 1):
@@ -212,8 +213,9 @@ class FastDecoder:
             bad = [i for i, step in enumerate(out.first_bad) if step >= 0]
             if bad:
                 raise NonFiniteOutput(f"llm: output 'logits' has NaN/Inf values in rows {bad}")
-            if out.logits is not None and on_logits is not None:
-                on_logits(out.logits[:, 0].to(logits.device))
+            if on_logits is not None:
+                kept = out.logits or []
+                on_logits(torch.stack([row[0] for row in kept if row is not None]).to(logits.device))
             rows = [replace(r, token=t[0], length=cache.lengths[i], remaining=r.remaining - 1, finished=f)
                     for i, (r, t, f) in enumerate(zip(rows, out.tokens, out.finished))]
             yield torch.tensor([t[0] for t in out.tokens], device=logits.device)

@@ -19,10 +19,9 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from jfexport.reference.pipelines.generation import decode_latents
 from jfexport.core.manifest import EnginesError
+from jfexport.reference.pipelines.generation import decode_latents
 from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
-
 from jfexport.runtime.pipelines import JanusFlowRuntime
 
 PROMPTS = ["a red circle at the top left", "two blue squares"]
@@ -115,8 +114,8 @@ def compare(precision: str, got: Outputs, ref: Outputs, steps: int = 30, new_tok
         agree = (tok_rt[:n] == tok_ref[:n]).float().mean().item() if n else 0.0
         # Answers of different lengths (one stopped at EOS) disagree over the difference.
         agree *= n / max(tok_rt.shape[0], tok_ref.shape[0], 1)
-        checks.append(Check(f"greedy token agreement ({new_tokens or NEW_TOKENS['int8']})", agree, f">= {INT8_MIN_TOKEN_AGREEMENT}",
-                            agree >= INT8_MIN_TOKEN_AGREEMENT))
+        checks.append(Check(f"greedy token agreement ({new_tokens or NEW_TOKENS['int8']})", agree,
+                            f">= {INT8_MIN_TOKEN_AGREEMENT}", agree >= INT8_MIN_TOKEN_AGREEMENT))
         differ = (tok_rt[:n] != tok_ref[:n]).any(dim=1).nonzero()
         steps_both = min(steps_both, int(differ[0]) + 1 if len(differ) else steps_both)
         logit_err = max(_rel_max(logits_rt[i], logits_ref[i].float()) for i in range(steps_both))

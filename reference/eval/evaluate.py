@@ -10,7 +10,6 @@ from dataclasses import asdict, dataclass
 from ..training.toy_data import QUESTIONS, render, split_scenes
 from .analyser import analyse
 
-
 CHAT_CHUNK = 8
 # How far a cheaper precision's accuracies may fall below its baseline's (`jfexport eval --against`):
 # 0.05 is 1 of the 18 held-out questions, or ~5 of the 96 generated attributes.

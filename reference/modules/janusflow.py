@@ -7,6 +7,7 @@ from torch import nn
 
 from jfexport.core.config import JanusFlowConfig
 from jfexport.core.layout import image_gather_index, splice_image_embeds
+
 from .llama import KV, build_llama, llama_forward
 from .norms import RMSNorm
 from .siglip import VisionUnderstandingTower

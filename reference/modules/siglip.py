@@ -104,7 +104,8 @@ def official_key(key: str, hf_prefix: str) -> str:
         return TOWER_PREFIX + "norm." + name.rsplit(".", 1)[1]
     if (m := re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.[qkv]_proj\.(weight|bias)", name)) is not None:
         return f"{TOWER_PREFIX}blocks.{m.group(1)}.attn.qkv.{m.group(2)}"
-    m = re.fullmatch(r"encoder\.layers\.(\d+)\.(layer_norm1|layer_norm2|self_attn\.out_proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)", name)
+    m = re.fullmatch(r"encoder\.layers\.(\d+)\.(layer_norm1|layer_norm2|self_attn\.out_proj|mlp\.fc1|mlp\.fc2)"
+                     r"\.(weight|bias)", name)
     if m is None:
         raise KeyError(f"no official name for tower parameter {key!r}")
     layer, module, kind = m.groups()

@@ -12,6 +12,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
 from jfexport.core.config import GenDecoderConfig, GenEncoderConfig
+
 from .norms import RMSNorm
 
 

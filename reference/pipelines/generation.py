@@ -12,9 +12,10 @@ from typing import Callable, Literal
 
 import torch
 
-from ..modules.janusflow import JanusFlowModel
-from jfexport.core.schedulers import FlowEulerCFGScheduler
 from jfexport.core.layout import cfg_prompt_rows, offset_positions
+from jfexport.core.schedulers import FlowEulerCFGScheduler
+
+from ..modules.janusflow import JanusFlowModel
 
 Observer = Callable[[str, torch.Tensor], None]
 Schedule = Literal["cached", "recompute"]

@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 
 from jfexport import defaults
-
-from ..bundle import ModelBundle
 from jfexport.core.errors import InputError
+from jfexport.core.images import initial_noise, to_uint8
 from jfexport.core.processor.request_checks import check_generation, check_sampling
 from jfexport.core.schedulers import answers_from_stream, row_generators
+
+from ..bundle import ModelBundle
 from .generation import Schedule, decode_latents, sample_latents
-from jfexport.core.images import initial_noise, to_uint8
 from .understanding import decode_tokens
 
 Numerics = Literal["fp32", "bf16"]

@@ -6,9 +6,10 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from ..modules.janusflow import JanusFlowModel
-from jfexport.core.schedulers import StopRule, decode_loop
 from jfexport.core.layout import understanding_positions
+from jfexport.core.schedulers import StopRule, decode_loop
+
+from ..modules.janusflow import JanusFlowModel
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from jfexport.core.errors import ConfigError
+
 from .stages import STAGES
 
 

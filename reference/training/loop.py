@@ -14,9 +14,10 @@ from typing import Callable
 import numpy as np
 import torch
 
+from jfexport.core.errors import CheckpointError, ConfigError
+
 from ..bundle import ModelBundle, load_bundle
 from ..checkpoint import save_checkpoint
-from jfexport.core.errors import CheckpointError, ConfigError
 from .config import TrainConfig
 from .ema import EMA
 from .losses import RepaHead

@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..modules.janusflow import JanusFlowModel
 from jfexport.core.layout import left_pad_counts, offset_positions, uncond_rows, understanding_positions
 from jfexport.core.processor import JanusProcessor
 from jfexport.core.processor.image import preprocess_image
+
+from ..modules.janusflow import JanusFlowModel
 from .losses import IGNORE, RepaHead, ar_loss, logit_normal, repa_loss, rf_loss
 
 

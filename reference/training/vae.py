@@ -15,6 +15,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from jfexport.core.presets import preset_vae_config
+
 from .toy_data import render, split_scenes
 
 KL_WEIGHT = 1e-6

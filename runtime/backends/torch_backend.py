@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Mapping, Protocol, Sequence, cast
 
 import torch
-
 from jfexport.reference.bundle import ModelBundle
 from jfexport.reference.graphs import GRAPH_NAMES, build_graph
 
@@ -45,7 +44,8 @@ class TorchEngine:
         return {n: r for n, r in zip(self.module.output_names, results) if names is None or n in names}
 
 
-def torch_engines(bundle: ModelBundle, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> dict[str, TorchEngine]:
+def torch_engines(bundle: ModelBundle, dtype: torch.dtype = torch.float32,
+                  device: str | torch.device = "cpu") -> dict[str, TorchEngine]:
     device = torch.device(device)
     model = bundle.model.to(device=device, dtype=dtype)
     names = [g for g in GRAPH_NAMES if g != "vae_decoder" or bundle.vae is not None]

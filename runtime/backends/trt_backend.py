@@ -22,10 +22,9 @@ from typing import Mapping, Sequence
 import torch
 
 from jfexport.core.manifest import GraphRecord
-
-from ..errors import RuntimeFailure
 from jfexport.core.profiles import optimization_profiles, select_profile
 
+from ..errors import RuntimeFailure
 from ..trt_plan import gpu_compute_capability, stale_engine_reason
 
 

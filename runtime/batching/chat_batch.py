@@ -26,13 +26,12 @@ from typing import Callable
 import torch
 
 from jfexport.core.errors import InputError
-
-from ..errors import NonFiniteOutput
 from jfexport.core.schedulers import TokenLogprobs, token_logprobs
 
+from ..errors import NonFiniteOutput, RuntimeFailure
 from .decode_step import ChatExecutor, DecodeRow, first_token
-from .kv_cache import KVCache, KVLayout, PrefixCache
 from .jobs import ChatJob, ChatRow
+from .kv_cache import KVCache, KVLayout, PrefixCache
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +71,21 @@ class ChatSlots:
         self.observe = observe
         self.kv_layout = kv_layout
         # Sized from the manifest when it is known; else (engines handed over bare) at the first prefill.
-        self.cache: KVCache | None = self._make_cache(kv_layout) if kv_layout is not None else None
+        self._cache: KVCache | None = self._make_cache(kv_layout) if kv_layout is not None else None
         self.prefixes = PrefixCache(prefix_cache_bytes)
-        self.slots = self.cache.slots if self.cache is not None else max_rows
+        self.slots = self._cache.slots if self._cache is not None else max_rows
         self.rows: list[_Active] = []
+
+    @property
+    def cache(self) -> KVCache:
+        """The K/V slots of the rows in flight."""
+        if self._cache is None:
+            raise RuntimeFailure("chat: no K/V cache yet: without a layout it is sized at the first prefill")
+        return self._cache
+
+    @cache.setter
+    def cache(self, cache: KVCache) -> None:
+        self._cache = cache
 
     def _make_cache(self, layout: KVLayout) -> KVCache:
         return KVCache.within_budget(layout, self.max_rows, self.max_len, self.kv_budget_bytes, self.executor.device,
@@ -103,7 +113,7 @@ class ChatSlots:
         """Prefill the new rows of `jobs` (together, or from a stored prefix), choose their first tokens,
         give them slots."""
         pairs = [(job, row, image_hash(row.pixels)) for job in jobs for row in job.chat_rows]
-        if self.cache is not None:
+        if self._cache is not None:
             self._check_room(len(pairs))
         failed: dict[ChatJob, BaseException] = {}
         fresh = []
@@ -134,7 +144,7 @@ class ChatSlots:
         batch = self.processor.understanding_rows([r.ids for _, r, _ in pairs], [r.pixels for _, r, _ in pairs])
         out, mask = self.executor.prefill(batch)
         self.observe("prefill", len(pairs))
-        if self.cache is None:
+        if self._cache is None:
             self.cache = self._make_cache(KVLayout.from_present(out))
             self.slots = self.cache.slots
             self._check_room(len(pairs))

@@ -27,7 +27,7 @@ from jfexport.core.schedulers import row_uniforms
 
 from ..backends.torch_backend import exact_fp32
 from ..lru import LRU
-from .decode_step import DecodeRow, Decoded, DecodeRows, EngineChatExecutor, run_decode_step
+from .decode_step import Decoded, DecodeRow, DecodeRows, EngineChatExecutor, run_decode_step
 from .fast_prefill import PrefillGraphs
 from .kv_cache import KVCache
 from .torch_step import DECODE_BUCKET, capture_or_none

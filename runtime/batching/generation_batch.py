@@ -26,15 +26,15 @@ from jfexport.core.processor.processor import left_pad
 from jfexport.core.schedulers import FlowEulerCFGScheduler, clean_estimate, preview_steps
 
 from ..engine import Engine
-from ..lru import LRU
 from ..errors import NonFiniteOutput, RuntimeFailure
+from ..lru import LRU
 from .generation_step import GenerationExecutor, PromptKV, advance
-from .jobs import GenerationJob
+from .jobs import GenerationPart
 
 
 @dataclass(eq=False)  # identity: rows hold tensors, and two rows are never the same row
 class _Row:
-    job: GenerationJob
+    job: GenerationPart
     prompt: PromptKV
     z: torch.Tensor  # [C,h,w] fp32
     schedule: FlowEulerCFGScheduler
@@ -43,7 +43,7 @@ class _Row:
     k: int = 0
 
 
-Failure = tuple[GenerationJob, BaseException]
+Failure = tuple[GenerationPart, BaseException]
 
 # Prompt lengths whose unconditional row K/V are kept (each at most max_seq columns).
 UNCOND_LENGTHS = 64
@@ -63,26 +63,26 @@ class GenerationRows:
         self.max_images = max_images  # rows per call: the LLM runs 2 per image
         self.observe = observe
         self.rows: list[_Row] = []
-        self.to_decode: list[GenerationJob] = []
+        self.to_decode: list[GenerationPart] = []
         self._uncond: LRU[int, list] = LRU(UNCOND_LENGTHS)  # prompt length -> unconditional row K/V, per layer [Hkv,P,Dh]
 
     @property
     def active_rows(self) -> int:
         return len(self.rows)
 
-    def fits(self, job: GenerationJob) -> bool:
+    def fits(self, job: GenerationPart) -> bool:
         return len(self.rows) + job.rows <= self.max_images
 
-    def jobs(self) -> set[GenerationJob]:
+    def jobs(self) -> set[GenerationPart]:
         return {r.job for r in self.rows} | set(self.to_decode)
 
-    def drop(self, job: GenerationJob) -> None:
+    def drop(self, job: GenerationPart) -> None:
         self.rows = [r for r in self.rows if r.job is not job]
         self.to_decode = [j for j in self.to_decode if j is not job]
 
     # -- prefill -----------------------------------------------------------------------------
 
-    def prefill(self, jobs: list[GenerationJob]) -> list[Failure]:
+    def prefill(self, jobs: list[GenerationPart]) -> list[Failure]:
         prompts = [(job, ids) for job in jobs for ids in job.prompt_ids]
         cond_ids, cond_mask = left_pad([ids for _, ids in prompts], self.pad_id)
         ids, mask, pad = cfg_prompt_rows(cond_ids, cond_mask, self.pad_id)
@@ -152,7 +152,7 @@ class GenerationRows:
         z_next, v = advance(self.executor, [r.prompt for r in rows], z, timesteps, cfg, dt)
         self.observe("generation", count)
         bad = ~torch.isfinite(z_next).flatten(1).all(dim=1)
-        failures: dict[GenerationJob, BaseException] = {}
+        failures: dict[GenerationPart, BaseException] = {}
         for i, r in enumerate(rows):
             if bool(bad[i]):
                 failures.setdefault(r.job, NonFiniteOutput(f"gen_decoder: output 'velocity' has NaN/Inf values at "
@@ -183,7 +183,7 @@ class GenerationRows:
         finite = torch.isfinite(images).flatten(1).all(dim=1)
         pictures = to_uint8(images).cpu()
         failures: list[Failure] = []
-        per_job: dict[GenerationJob, list] = {}
+        per_job: dict[GenerationPart, list] = {}
         for i, r in enumerate(rows):
             if not bool(finite[i]):
                 failures.append((r.job, NonFiniteOutput("vae_decoder: output 'images' has NaN/Inf values for a "
@@ -213,9 +213,9 @@ class GenerationRows:
 
     # -- VAE ---------------------------------------------------------------------------------
 
-    def decode_batch(self) -> list[GenerationJob]:
+    def decode_batch(self) -> list[GenerationPart]:
         """The next jobs for the VAE, whole jobs at a time, within the engines' row limit per call."""
-        batch: list[GenerationJob] = []
+        batch: list[GenerationPart] = []
         for job in self.to_decode:
             if batch and sum(j.rows for j in batch) + job.rows > 2 * self.max_images:
                 break
@@ -229,7 +229,7 @@ class GenerationRows:
             raise RuntimeFailure("vae_decoder: this runtime opened no VAE engine")
         return vae
 
-    def decode(self, jobs: list[GenerationJob]) -> list[Failure]:
+    def decode(self, jobs: list[GenerationPart]) -> list[Failure]:
         done = [job.latents for job in jobs if job.latents is not None]
         if len(done) != len(jobs):  # a job joins `to_decode` with its latents set
             raise RuntimeError("a request reached the VAE without its latents")

@@ -7,22 +7,27 @@ from __future__ import annotations
 
 import time
 import weakref
-from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Generic, Iterator, TypeVar
 
 import torch
 
 from jfexport.core.schedulers import FinishReason, TokenLogprobs
 
+from ..errors import RuntimeFailure
 from .jobs import ChatJob, GenerationJob, Job
 
 if TYPE_CHECKING:
     from PIL import Image
 
 
-class _Handle:
+J = TypeVar("J", bound=Job)
+
+
+class _Handle(Generic[J]):
     """What both handles share: the job, cancellation and completion."""
 
-    def __init__(self, job: Job):
+    def __init__(self, job: J):
         self._job = job
         # A handle dropped before its request ends cancels it instead of computing for nobody.
         weakref.finalize(self, job.cancel)
@@ -49,7 +54,8 @@ class _Handle:
         return self._job.poll()
 
 
-class Preview(NamedTuple):
+@dataclass(frozen=True)
+class Preview:
     """One preview: its index among the image's previews (0 first), the picture, and which of the
     request's images it shows (its index in `result()`)."""
 
@@ -58,7 +64,7 @@ class Preview(NamedTuple):
     image: int
 
 
-class GenerationHandle(_Handle):
+class GenerationHandle(_Handle[GenerationJob]):
     """A submitted text-to-image request."""
 
     def __init__(self, job: GenerationJob, to_images: Callable[[torch.Tensor], list]):
@@ -126,6 +132,8 @@ class GenerationHandle(_Handle):
 
     def latents(self, timeout: float | None = None, on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
         self.wait(timeout, on_step)
+        if self._job.latents is None:  # `wait` returns once they are set, or raises the request's error
+            raise RuntimeFailure("generation: the request ended without latents")
         return self._job.latents
 
     def result(self, timeout: float | None = None, on_step: Callable[[int, int], None] | None = None) -> list:
@@ -133,10 +141,12 @@ class GenerationHandle(_Handle):
         if not self._job.decode:
             raise ValueError("this request was submitted for latents only: use latents()")
         self.wait(timeout, on_step)
+        if self._job.images is None:  # `wait` returns once they are set, or raises the request's error
+            raise RuntimeFailure("generation: the request ended without images")
         return self._to_images(self._job.images)
 
 
-class ChatHandle(_Handle):
+class ChatHandle(_Handle[ChatJob]):
     """A submitted question: iterate it for token ids as they are decoded (EOS is not yielded).
 
     A request for n answers holds n rows; this handle reads the first, `choice(i)` the i-th."""

@@ -22,13 +22,15 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Generic, Iterator, TypeVar, cast
 
 import torch
 
 from jfexport.core.schedulers import FinishReason, StopRule, TokenLogprobs
 
-from ..errors import RequestTimeout, SchedulerStopped
+from ..errors import RequestTimeout, RuntimeFailure, SchedulerStopped
+
+Value = TypeVar("Value")
 
 log = logging.getLogger(__name__)
 
@@ -200,25 +202,25 @@ def _run_notifications(fns: list[Callable[[], None]]) -> None:
         _notifying.active = outer
 
 
-class CallJob(Job):
+class CallJob(Job, Generic[Value]):
     """A function run on the worker between iterations; its return value is the result."""
 
     kind = "call"
 
     def __init__(self, alive: Callable[[], bool]):
         super().__init__(None, alive)
-        self.value: object = None
+        self.value: Value | None = None
 
-    def set_value(self, value: object) -> None:
+    def set_value(self, value: Value) -> None:
         with self.cond:
             self.value, self.finished = value, True
             self.cond.notify_all()
         self._notify_end()
 
-    def result(self) -> object:
+    def result(self) -> Value:
         with self.waiting():
-            self.wait_for(lambda: False)
-        return self.value
+            self.wait_for(lambda: False)  # until it ends; raises the call's error if it failed
+        return cast(Value, self.value)  # set with `finished`: None only where the function returned None
 
 
 class GenerationJob(Job):
@@ -413,9 +415,13 @@ class ChatJob(Job):
             if self.first_token_at is None:
                 self.first_token_at = time.monotonic()
             if self.top_logprobs is not None:
+                if logprobs is None:
+                    raise RuntimeFailure(f"chat: the decode step kept no logprobs for a row that asked for them (token {token})")
                 row.logprobs.append(logprobs)
             row.tokens.append(token)
             if self.keep_logits:
+                if logits is None:
+                    raise RuntimeFailure(f"chat: the decode step kept no logits for a row that keeps them (token {token})")
                 row.logits.append(logits)
             row.finish_reason = reason
             if all(r.finish_reason is not None for r in self.chat_rows):

@@ -28,7 +28,8 @@ import collections
 import logging
 import threading
 import time
-from typing import Callable
+from collections.abc import Sequence
+from typing import Any, Callable, TypeVar
 
 import torch
 
@@ -43,7 +44,11 @@ from .jobs import CallJob, ChatJob, GenerationJob, GenerationPart, Job
 log = logging.getLogger(__name__)
 
 Observer = Callable[[str, int], None]
-Failure = tuple[Job, BaseException]
+Failure = tuple[Job | GenerationPart, BaseException]
+# What a batched phase takes: requests, or the parts of image requests the generation rows hold.
+Work = TypeVar("Work", ChatJob, GenerationJob, GenerationPart)
+Queued = TypeVar("Queued", ChatJob, GenerationJob)
+Value = TypeVar("Value")
 
 
 class Observers:
@@ -81,7 +86,7 @@ class Scheduler:
         self.chat = chat
         self._cond = threading.Condition()
         self._queue: collections.deque[Job] = collections.deque()
-        self._calls: collections.deque[tuple[Callable[[], object], Job]] = collections.deque()
+        self._calls: collections.deque[tuple[Callable[[], Any], CallJob[Any]]] = collections.deque()
         self._closed = False
         self._death: BaseException | None = None
         self._iteration_s = 0.01  # running mean of one iteration: the Retry-After estimate
@@ -108,7 +113,7 @@ class Scheduler:
             self._queue.append(job)
             self._cond.notify_all()
 
-    def call(self, fn: Callable[[], object], job: CallJob) -> None:
+    def call(self, fn: Callable[[], Value], job: CallJob[Value]) -> None:
         """Run `fn` on the worker between iterations (engine work outside the two request kinds)."""
         with self._cond:
             if self._closed or not self.alive():
@@ -118,7 +123,7 @@ class Scheduler:
 
     def torch_threads(self) -> int:
         """torch's intra-op thread count on the worker, where the runtime's torch work runs."""
-        job = CallJob(self.alive)
+        job: CallJob[int] = CallJob(self.alive)
         self.call(torch.get_num_threads, job)
         return job.result()
 
@@ -224,7 +229,7 @@ class Scheduler:
 
     @staticmethod
     def _ended(job: Job, now: float) -> BaseException:
-        if job.expired(now) and not job.cancelled:
+        if job.deadline is not None and job.expired(now) and not job.cancelled:
             return RequestTimeout(f"{job.kind} request timed out after {job.deadline - job.created:.3g} s")
         return RequestCancelled(f"{job.kind} request cancelled")
 
@@ -236,13 +241,13 @@ class Scheduler:
                     self._queue.remove(job)
             for part in job.parts:
                 self.generation.drop(part)
-        else:
+        elif isinstance(job, ChatJob):
             self.chat.drop(job)
         job.fail(error)
 
-    def _admit(self, kind: type, fits: Callable[[Job], bool]) -> list[Job]:
+    def _admit(self, kind: type[Queued], fits: Callable[[Queued, list[Queued]], bool]) -> list[Queued]:
         with self._cond:
-            admitted: list[Job] = []
+            admitted: list[Queued] = []
             for job in list(self._queue):
                 if not isinstance(job, kind):
                     continue
@@ -252,12 +257,12 @@ class Scheduler:
                 self._queue.remove(job)
             return admitted
 
-    def _settle(self, failures: list[Failure]) -> None:
+    def _settle(self, failures: Sequence[Failure]) -> None:
         for job, error in failures:
             log.info("%s request failed: %s", job.kind, error)
             self._drop(job, error)
 
-    def _isolated(self, phase: Callable[[list], list[Failure]], jobs: list[Job]) -> None:
+    def _isolated(self, phase: Callable[[list[Work]], Sequence[Failure]], jobs: list[Work]) -> None:
         """Run a batched phase; if it raises, run it again job by job so the culprit fails alone."""
         try:
             self._settle(phase(jobs))

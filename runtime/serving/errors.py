@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import math
 
-from jfexport.core.errors import RuntimeFailure, UserError
 from jfexport.runtime.errors import Overloaded, RequestCancelled, RequestTimeout, SchedulerStopped
+
+from jfexport.core.errors import RuntimeFailure, UserError
 
 
 class APIError(Exception):

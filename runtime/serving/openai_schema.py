@@ -13,8 +13,16 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInf
 from jfexport import defaults
 from jfexport.core.processor.errors import RequestError
 from jfexport.core.processor.request_checks import (
-    MAX_PREVIEWS, check_cfg, check_choices, check_images_per_prompt, check_max_new_tokens, check_seed, check_steps,
-    check_temperature, check_top_logprobs, check_top_p,
+    MAX_PREVIEWS,
+    check_cfg,
+    check_choices,
+    check_images_per_prompt,
+    check_max_new_tokens,
+    check_seed,
+    check_steps,
+    check_temperature,
+    check_top_logprobs,
+    check_top_p,
 )
 
 from .errors import APIError, shown
@@ -103,7 +111,7 @@ class ChatCompletionRequest(_Body):
     temperature: Annotated[float, checked(check_temperature)] = defaults.TEMPERATURE
     top_p: Annotated[float, checked(check_top_p)] = defaults.TOP_P
     seed: Seed = None
-    stop: str | list[str] | None = None
+    stop: list[str] | None = None  # OpenAI also takes one string: made a list before validation
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
@@ -112,10 +120,15 @@ class ChatCompletionRequest(_Body):
     top_logprobs: Annotated[int | None, checked(check_top_logprobs)] = None
     user: str | None = None
 
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop_string(cls, v):
+        return [v] if isinstance(v, str) else v
+
     @field_validator("stop")
     @classmethod
-    def _stop_sequences(cls, v):
-        stops = [v] if isinstance(v, str) else (v or [])
+    def _stop_sequences(cls, v: list[str] | None) -> list[str]:
+        stops = v or []
         if len(stops) > MAX_STOPS or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
             raise ValueError(f"up to {MAX_STOPS} non-empty stop sequences of at most {MAX_STOP_CHARS} characters")
         return stops
@@ -196,7 +209,8 @@ class ImageGenerationRequest(_Body):
 
 
 def param_name(loc: tuple) -> str:
-    """('body', 'messages', 0, 'content', 'list[...]', 0, 'image_url', 'image_url', 'url') -> 'messages[0].content[0].image_url.url'."""
+    """pydantic's error location as a field path: ('body', 'messages', 0, 'content', 'list[...]', 0,
+    'image_url', 'image_url', 'url') -> 'messages[0].content[0].image_url.url'."""
     parts = list(loc[1:] if loc and loc[0] == "body" else loc)
     name = ""
     for i, part in enumerate(parts):
@@ -204,7 +218,8 @@ def param_name(loc: tuple) -> str:
             name += f"[{part}]"
             continue
         # pydantic names the union member it tried ('str', 'list[...]', a tag repeated before the field).
-        if part in _UNION_LABELS or "[" in part or (i + 1 < len(parts) and parts[i + 1] == part and isinstance(parts[i - 1], int)):
+        repeated_tag = i + 1 < len(parts) and parts[i + 1] == part and isinstance(parts[i - 1], int)
+        if part in _UNION_LABELS or "[" in part or repeated_tag:
             continue
         name += f".{part}" if name else part
     return name or "body"

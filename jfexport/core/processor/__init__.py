@@ -25,7 +25,12 @@ _HOMES = {
 }
 _MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
 
-__all__ = sorted(_MODULE_OF)
+__all__ = [
+    "GenerationBatch", "JanusProcessor", "JanusTokenizer", "MAX_PIXELS", "ProcessorInputError", "RequestError",
+    "SYSTEM_PROMPT", "Tags", "TokenizerFilesError", "UnderstandingBatch", "check_generation", "check_sampling",
+    "check_seed", "check_text", "generation_prompt", "load_image", "load_tokenizer", "preprocess_image",
+    "understanding_prompt",
+]
 
 
 def __getattr__(name: str) -> Any:

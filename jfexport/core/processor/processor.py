@@ -21,7 +21,15 @@ from PIL import Image
 from jfexport.core.processor.errors import ProcessorInputError, TokenizerFilesError
 from jfexport.core.processor.image import MAX_PIXELS, check_image_size, preprocess_image, to_rgb
 from jfexport.core.processor.request_checks import check_text
-from jfexport.core.processor.templates import SEP2, SYSTEM_PROMPT, Parts, check_turns, conversation_parts, generation_parts, understanding_parts
+from jfexport.core.processor.templates import (
+    SEP2,
+    SYSTEM_PROMPT,
+    Parts,
+    check_turns,
+    conversation_parts,
+    generation_parts,
+    understanding_parts,
+)
 from jfexport.core.processor.tokenizer import JanusTokenizer, Tags, load_tokenizer, read_json
 
 
