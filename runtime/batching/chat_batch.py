@@ -95,9 +95,6 @@ class ChatSlots:
     def active_rows(self) -> int:
         return len(self.rows)
 
-    def fits(self, job: ChatJob) -> bool:
-        return len(self.rows) + job.rows <= self.slots
-
     def jobs(self) -> set[ChatJob]:
         return {a.job for a in self.rows}
 

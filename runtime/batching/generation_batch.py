@@ -70,9 +70,6 @@ class GenerationRows:
     def active_rows(self) -> int:
         return len(self.rows)
 
-    def fits(self, job: GenerationPart) -> bool:
-        return len(self.rows) + job.rows <= self.max_images
-
     def jobs(self) -> set[GenerationPart]:
         return {r.job for r in self.rows} | set(self.to_decode)
 
