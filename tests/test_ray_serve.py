@@ -208,3 +208,14 @@ def test_sigterm_lets_in_flight_requests_finish(ray_server):
     assert proc.proc.wait(120) == 0, proc.log()[-3000:]
     assert [status for status, _ in results] == [200] * 3, results
     assert all(end > signalled for _, end in results)  # they were in flight when the signal came
+
+
+def test_a_replica_takes_as_many_requests_as_its_queue():
+    """Ray holds back requests past max_ongoing_requests (they wait at the proxy instead of getting
+    the scheduler's 429): the app's max_queue must set it, not the default's."""
+    from jfexport.runtime.serving.ray_app import build_app
+
+    for max_queue in (7, 200):
+        # Application has no public accessor for what it binds; the Deployment's field is public.
+        deployment = build_app({"engines": "engines", "max_queue": max_queue})._bound_deployment
+        assert deployment.max_ongoing_requests == max_queue

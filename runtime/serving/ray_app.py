@@ -33,8 +33,8 @@ from .settings import ServeSettings
 DEPLOYMENT = "JanusFlow"
 
 
-# max_ongoing_requests: a replica takes as many requests as its scheduler queues by default; past
-# --max-queue the scheduler itself answers 429.
+# max_ongoing_requests: a replica takes as many requests as its scheduler queues (max_queue, set per
+# app in build_app); past that the scheduler itself answers 429.
 @serve.deployment(name=DEPLOYMENT, health_check_period_s=5, health_check_timeout_s=30,
                   graceful_shutdown_timeout_s=defaults.GRACE_S, max_ongoing_requests=defaults.MAX_QUEUE)
 @serve.ingress()
@@ -83,5 +83,5 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     # serve.deployment made the class a Deployment; Ray's stubs still type it as the class.
     deployment = JanusFlowDeployment.options(  # type: ignore[attr-defined]
         num_replicas=int(args.get("replicas", 1)), ray_actor_options=actor_options,
-        graceful_shutdown_timeout_s=settings.grace)
+        graceful_shutdown_timeout_s=settings.grace, max_ongoing_requests=settings.max_queue)
     return deployment.bind(str(args["engines"]), settings)
