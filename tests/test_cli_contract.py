@@ -87,10 +87,13 @@ def test_a_failed_check_is_a_user_error_worded_as_the_others(capsys):
     assert capsys.readouterr().err == "error: verification failed: latent\n"
 
 
-def test_an_option_out_of_range_is_a_usage_error_worded_as_the_others():
-    res = run_cli("chat", "--image", "x.png", "q", "--max-new-tokens", "0")
+@pytest.mark.parametrize("option, value", [("--max-new-tokens", "0"), ("--max-new-tokens", "65537"),
+                                           ("--temperature", "2.5")])
+def test_an_option_out_of_range_is_a_usage_error_worded_as_the_others(option, value):
+    # Refused by the options, before any model loads: the bounds are the request checks'.
+    res = run_cli("chat", "--image", "x.png", "q", option, value)
     assert res.returncode == 2 and res.stderr.startswith("Usage: jfexport chat ")
-    assert res.stderr.splitlines()[-1].startswith("error: Invalid value for '--max-new-tokens'")
+    assert res.stderr.splitlines()[-1].startswith(f"error: Invalid value for '{option}'")
 
 
 def test_real_user_error_names_the_file_without_traceback(tmp_path):

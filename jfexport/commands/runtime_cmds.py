@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from jfexport import defaults
-from jfexport.core.processor.request_checks import MAX_PREVIEWS, check_previews
+from jfexport.core.processor.request_checks import MAX_NEW_TOKENS, MAX_PREVIEWS, MAX_TEMPERATURE, check_previews
 from jfexport.defaults import ENGINE_BACKENDS
 
 from .image_output import plan_image_paths, provenance, write_png
@@ -135,9 +135,10 @@ def _model_record(pipe, engines: Path, numerics: str) -> dict:
 @click.argument("question")
 @runtime_options
 @click.option("--image", "image_path", type=click.Path(path_type=Path), required=True, help="The image to ask about.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=defaults.MAX_NEW_TOKENS, show_default=True,
+@click.option("--max-new-tokens", type=click.IntRange(1, MAX_NEW_TOKENS), default=defaults.MAX_NEW_TOKENS, show_default=True,
               help="Longest answer, in tokens.")
-@click.option("--temperature", type=click.FloatRange(min=0), default=defaults.TEMPERATURE, show_default=True, help="0 = greedy.")
+@click.option("--temperature", type=click.FloatRange(0, MAX_TEMPERATURE), default=defaults.TEMPERATURE, show_default=True,
+              help="0 = greedy.")
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=defaults.TOP_P, show_default=True,
               help="Nucleus sampling mass (with --temperature > 0).")
 @click.option("--seed", type=click.IntRange(min=0), default=defaults.SEED, show_default=True,
