@@ -9,6 +9,7 @@ import click
 
 from jfexport import defaults
 from jfexport.core.errors import InputError
+from jfexport.core.processor.request_checks import MAX_PREVIEWS
 
 from .options import DEFAULT_ENGINES, precision_option
 from .output_files import check_json_target, write_json
@@ -34,7 +35,7 @@ from .output_files import check_json_target, write_json
 @click.option("--decode", is_flag=True,
               help="Instead: decode tokens/s at 1, 4 and 8 rows at short and long context, time to first token of a "
                    "3-turn conversation with and without prefix reuse, K/V bytes per step against the floor.")
-@click.option("--previews", type=click.IntRange(1, 3), default=None,
+@click.option("--previews", type=click.IntRange(1, MAX_PREVIEWS), default=None,
               help="Instead: images only, every request without previews against the same requests with every "
                    "other one asking for this many previews (interleaved, rounds alternating): images/s of each, "
                    "and what the previews cost the requests without.")
