@@ -41,6 +41,35 @@ def ray_server(tmp_path_factory):
         assert code == 0, proc.log()[-3000:]
 
 
+def test_requests_past_a_replicas_queue_get_429_from_the_proxy(tmp_path_factory):
+    """With --max-queue 1 a replica takes one request and Ray's proxy holds one more: the rest are
+    refused at once with 429 and Retry-After, not queued without end; the others are answered.
+    Its own Ray instance, first in the module: the shared one below starts after it has stopped."""
+    engines = build_engines(tmp_path_factory)
+    port = free_port()
+    proc = ServerProcess(["serve", "--ray", "--replicas", "1", "--max-queue", "1", "--engines", str(engines),
+                          "--port", str(port)], tmp_path_factory.mktemp("ray-queue") / "ray-serve.log")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        proc.wait_ready(url, timeout=240)
+        # 300 Euler steps: about 1.6 s each on this CPU, so the 6 requests overlap the first.
+        body = {"prompt": "a red circle", "n": 1, "size": "64x64", "steps": 300}
+        answers: list[httpx.Response] = []
+        threads = [threading.Thread(target=lambda: answers.append(
+            httpx.post(f"{url}/v1/images/generations", json=body, timeout=REQUEST_TIMEOUT_S * 3))) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        code = proc.stop(timeout=60)
+    assert code == 0, proc.log()[-3000:]
+    statuses = sorted(a.status_code for a in answers)
+    assert len(answers) == 6 and set(statuses) == {200, 429}, statuses
+    assert statuses.count(200) >= 2, statuses  # the replica's request and the one the proxy held
+    assert all(a.headers.get("retry-after") for a in answers if a.status_code == 429)
+
+
 def replica_of(response: httpx.Response) -> str:
     return response.headers["x-jfexport-replica"]
 

@@ -23,6 +23,7 @@ import os
 from typing import Any
 
 from ray import serve
+from ray.serve.config import BackpressureConfig
 
 from jfexport import defaults
 
@@ -33,10 +34,8 @@ from .settings import ServeSettings
 DEPLOYMENT = "JanusFlow"
 
 
-# max_ongoing_requests: a replica takes as many requests as its scheduler queues (max_queue, set per
-# app in build_app); past that the scheduler itself answers 429.
 @serve.deployment(name=DEPLOYMENT, health_check_period_s=5, health_check_timeout_s=30,
-                  graceful_shutdown_timeout_s=defaults.GRACE_S, max_ongoing_requests=defaults.MAX_QUEUE)
+                  graceful_shutdown_timeout_s=defaults.GRACE_S)
 @serve.ingress()
 class JanusFlowDeployment:
     def __init__(self, engines: str, settings: ServeSettings = ServeSettings()):
@@ -81,7 +80,11 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         actor_options["num_gpus"] = gpus
     settings = ServeSettings.from_options({"api_key": os.environ.get("JFEXPORT_API_KEY"), **args})
     # serve.deployment made the class a Deployment; Ray's stubs still type it as the class.
+    # Bounded at both ends, as `jfexport serve` is: a replica takes max_queue requests at once (past
+    # its scheduler's queue, that scheduler answers 429), and each proxy holds at most max_queue more
+    # waiting for a replica, answering 429 with Retry-After past them (Ray's default queues without end).
     deployment = JanusFlowDeployment.options(  # type: ignore[attr-defined]
         num_replicas=int(args.get("replicas", 1)), ray_actor_options=actor_options,
-        graceful_shutdown_timeout_s=settings.grace, max_ongoing_requests=settings.max_queue)
+        graceful_shutdown_timeout_s=settings.grace, max_ongoing_requests=settings.max_queue,
+        max_queued_requests=settings.max_queue, backpressure_config=BackpressureConfig(status_code=429, retry_after_s=1))
     return deployment.bind(str(args["engines"]), settings)
