@@ -473,6 +473,17 @@ def test_unreadable_config_files_are_named(tmp_path):
         JanusFlowConfig.from_file(path)
 
 
+@pytest.mark.parametrize("content", [b'{"add_bos_token": ', b'{"pad_token": "\xff"}', b"[" * 100_000, b"[1, 2]"])
+def test_unreadable_tokenizer_files_are_named(tmp_path, content):
+    from jfexport.core.processor import TokenizerFilesError
+    from jfexport.core.processor.tokenizer import load_tokenizer
+
+    shutil.copy(Path(TINY_ASSETS) / "tokenizer.json", tmp_path)
+    (tmp_path / "tokenizer_config.json").write_bytes(content)
+    with pytest.raises(TokenizerFilesError, match="tokenizer_config.json: (not valid JSON|expected a JSON object)"):
+        load_tokenizer(tmp_path)
+
+
 def test_released_and_preset_configs_still_load():
     assert JanusFlowConfig.from_dict(BASE).parameters < 2.1e9
     for name in ("tiny", "small"):

@@ -84,6 +84,11 @@ def test_bad_training_configs(tmp_path):
     path.write_text(json.dumps({"out": "x", "learning_rate": 1}))
     with pytest.raises(ConfigError, match="learning_rate"):
         TrainConfig.from_file(path)
+    # Not JSON in three ways; each a ConfigError naming the file, none a traceback.
+    for content in (b'{"out": ', b'{"out": "\xff\xfe"}', b"[" * 100_000):
+        path.write_bytes(content)
+        with pytest.raises(ConfigError, match=r"c\.json: not valid JSON"):
+            TrainConfig.from_file(path)
 
 
 def test_default_recipe_chains_vae_and_stages_and_resumes(tmp_path):

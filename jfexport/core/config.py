@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from jfexport.core.errors import ConfigError
+from jfexport.core.json_file import read_json
 
 MODEL_TYPE = "multi_modality"
 
@@ -383,10 +384,9 @@ class JanusFlowConfig:
             raise ConfigError(f"{path}: no such file (a checkpoint folder needs config.json)")
         if (size := path.stat().st_size) > MAX_CONFIG_BYTES:
             raise ConfigError(f"{path}: {size} bytes, over the {MAX_CONFIG_BYTES} a config.json may have")
-        try:
-            raw = json.loads(path.read_bytes().decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-            raise ConfigError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
+        raw = read_json(path, ConfigError)
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
         try:
             return cls(raw)
         except ConfigError as e:

@@ -32,6 +32,7 @@ from typing import Any, Callable, Literal, overload
 
 from jfexport.core.errors import UserError
 from jfexport.core.graph_contract import GRAPH_NAMES
+from jfexport.core.json_file import read_json
 
 MANIFEST = "manifest.json"
 # Format 3: one shape per record, every file hashed, the tokenizer and INT8 records always present where
@@ -338,12 +339,7 @@ class Manifest:
             raise EnginesError(f"{folder}: engines folder does not exist (run `jfexport build --out {folder}`)")
         if not path.is_file():
             raise EnginesError(f"{folder}: no {MANIFEST}; not a finished build (run `jfexport build --out {folder}`)")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise EnginesError(f"{path}: not valid JSON ({e})") from None
-        except (UnicodeDecodeError, RecursionError) as e:  # not UTF-8; nested deeper than the parser recurses
-            raise EnginesError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:80]})") from None
+        data = read_json(path, EnginesError)
         return cls.from_json(data, path)
 
     def write(self, folder: Path, scratch: Path | None = None) -> None:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from jfexport.core.errors import ConfigError
+from jfexport.core.json_file import read_json
 
 from .stages import STAGES
 
@@ -54,10 +54,7 @@ class TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: training config not found")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        raw = read_json(path, ConfigError)
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
         known = {f.name for f in fields(cls)}

@@ -17,7 +17,6 @@ decoded text to transformers' `PreTrainedTokenizerFast` on the same files.
 from __future__ import annotations
 
 import bisect
-import json
 import logging
 import re
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders
 
+from jfexport.core import json_file
 from jfexport.core.processor.errors import ProcessorInputError, TokenizerFilesError
 
 log = logging.getLogger(__name__)
@@ -202,10 +202,10 @@ def read_json(path: Path) -> dict:
     """The JSON object in `path`, or {} when the file is absent (the code defaults then apply)."""
     if not path.is_file():
         return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokenizerFilesError(f"{path}: not valid JSON ({e})") from None
+    value = json_file.read_json(path, TokenizerFilesError)
+    if not isinstance(value, dict):
+        raise TokenizerFilesError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def load_tokenizer(folder: str | Path, processor_config: dict | None = None) -> JanusTokenizer:
