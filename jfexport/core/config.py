@@ -385,10 +385,8 @@ class JanusFlowConfig:
         if (size := path.stat().st_size) > MAX_CONFIG_BYTES:
             raise ConfigError(f"{path}: {size} bytes, over the {MAX_CONFIG_BYTES} a config.json may have")
         raw = read_json(path, ConfigError)
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
         try:
-            return cls(raw)
+            return cls(_section(raw, "config"))
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
 
