@@ -1,4 +1,6 @@
-"""Shared fixtures: the official-A golden checkpoint (regenerated, never stored) and the tiny preset."""
+"""Shared fixtures: the official-A golden checkpoint (regenerated, never stored), the tiny preset, and the
+two builds the suite reads (each built once per session: a test that builds into a folder or changes one
+of its files works on its own copy)."""
 
 from __future__ import annotations
 
@@ -95,3 +97,33 @@ def tiny_export(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("engines-tiny")
     return out, export_all(load_preset("tiny"), out, precisions=("fp32", "fp16")).to_json()
+
+
+def copy_build(src: Path, dst: Path) -> Path:
+    """A copy of a build folder to build into or change: the tokenizer link kept as a link, and none of the
+    verified stamps that runtimes opened on the original wrote (the copy's first start hashes, as a user's
+    copy's would)."""
+    from jfexport.runtime.folder_files import STAMPS
+
+    shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns(STAMPS))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tmp_path_factory) -> Path:
+    """The tiny preset built once per session (fp32, ONNX Runtime)."""
+    from jfexport.export.build import build
+    from jfexport.reference.bundle import load_preset
+
+    out = tmp_path_factory.mktemp("tiny-build") / "engines"
+    build(load_preset("tiny"), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def default_build(tmp_path_factory) -> Path:
+    """The bundled default model built once per session by `jfexport build`, as a user builds it."""
+    out = tmp_path_factory.mktemp("default-build") / "engines"
+    res = run_cli("build", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    return out

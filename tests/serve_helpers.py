@@ -1,5 +1,5 @@
-"""What the server tests share: an engines folder built once per session, a server process on a
-free port, images as data: URLs and Prometheus samples."""
+"""What the server tests share: a server process on a free port (over conftest's `default_build`),
+images as data: URLs and Prometheus samples."""
 
 from __future__ import annotations
 
@@ -19,17 +19,9 @@ import httpx
 from PIL import Image, ImageDraw
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import REPO, run_cli
+from .conftest import REPO
 
 QUESTION = "What colour is the shape?"
-
-
-def build_engines(tmp_path_factory) -> Path:
-    """The bundled default model built once per session (a second call finds it up to date)."""
-    out = tmp_path_factory.getbasetemp() / "serve-engines"
-    res = run_cli("build", "--out", str(out))
-    assert res.returncode == 0, res.stderr
-    return out
 
 
 def free_port() -> int:

@@ -20,10 +20,8 @@ from .conftest import run_cli
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    out = tmp_path_factory.mktemp("build")
-    build(load_preset("tiny"), out)
-    return out
+def built(tiny_build):
+    return tiny_build
 
 
 def test_second_build_reuses_everything_and_a_changed_weight_rebuilds_one_graph(built, tmp_path):

@@ -1,7 +1,7 @@
 """A build folder you can trust: builds are all-or-nothing, locked, and never destroy what they did not write.
 
 Kill tests use real signals on a real `jfexport build` process; the full disk is a real tmpfs.
-One tiny build per module is copied for each case.
+The suite's tiny build is copied for each case.
 """
 
 from __future__ import annotations
@@ -32,10 +32,8 @@ STAGING_PREFIX = ".jfexport-staging-"
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("base") / "engines"
-    build(load_preset("tiny"), out)
-    return out
+def base(tiny_build) -> Path:
+    return tiny_build
 
 
 @pytest.fixture(scope="module")

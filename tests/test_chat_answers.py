@@ -13,7 +13,7 @@ import openai
 import pytest
 import torch
 
-from .serve_helpers import build_engines, chat_messages, data_url, running_server, shape_image
+from .serve_helpers import chat_messages, data_url, running_server, shape_image
 
 # The build serves fp32 engines (ONNX Runtime on the CPU): its logits differ from the PyTorch
 # reference's by float32 rounding in a different summation order, far below this.
@@ -25,9 +25,8 @@ T = 2.0
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    engines = build_engines(tmp_path_factory)
-    with running_server(["--engines", str(engines)], tmp_path_factory.mktemp("answers") / "server.log") as (url, _):
+def server(tmp_path_factory, default_build):
+    with running_server(["--engines", str(default_build)], tmp_path_factory.mktemp("answers") / "server.log") as (url, _):
         yield url
 
 

@@ -80,10 +80,8 @@ def test_bench_torch_runs_on_cpu_at_a_small_preset(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    from .serve_helpers import build_engines
-
-    return build_engines(tmp_path_factory)
+def engines(default_build):
+    return default_build
 
 
 def test_generate_more_images_than_one_engine_call_and_say_which_prompt_made_each(engines, tmp_path):

@@ -29,15 +29,17 @@ from onnx import numpy_helper
 from jfexport.core.manifest import EnginesError, Limits, Manifest
 from jfexport.tools.verify import verify
 
-from .conftest import run_cli
+from .conftest import copy_build, run_cli
 
 ALL_GRAPHS = set(GENERATION_GRAPHS) | set(UNDERSTANDING_GRAPHS)
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Path:
-    """One fp32 + fp16 tiny build; every test works on its own copy."""
+def built(tmp_path_factory, tiny_build) -> Path:
+    """One fp32 + fp16 tiny build (the suite's fp32 build, its graphs reused, with fp16 added); every test
+    works on its own copy."""
     out = tmp_path_factory.mktemp("trust") / "build"
+    copy_build(tiny_build, out)
     build(load_preset("tiny"), out, fp16=True, limits=Limits(max_batch=16, max_seq=1024))
     return out
 

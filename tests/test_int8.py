@@ -37,16 +37,22 @@ from onnx import numpy_helper
 from jfexport.core.manifest import EnginesError, Manifest, sha256_file
 from jfexport.tools.verify import verify
 
+from .conftest import copy_build
 
+
+# Each INT8 build starts from a copy of the suite's fp32 build of the same model: its fp32 graphs are
+# reused, so the fixture runs calibration and quantization only.
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    out = tmp_path_factory.mktemp("int8")
+def built(tmp_path_factory, tiny_build):
+    out = tmp_path_factory.mktemp("int8") / "engines"
+    copy_build(tiny_build, out)
     return out, build(load_preset("tiny"), out, int8=True).to_json()
 
 
 @pytest.fixture(scope="module")
-def bundled(tmp_path_factory):
-    out = tmp_path_factory.mktemp("int8-bundled")
+def bundled(tmp_path_factory, default_build):
+    out = tmp_path_factory.mktemp("int8-bundled") / "engines"
+    copy_build(default_build, out)
     return out, build(load_bundle(), out, int8=True).to_json()
 
 

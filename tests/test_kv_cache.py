@@ -8,7 +8,6 @@ import shutil
 
 import pytest
 import torch
-from jfexport.export.build import build
 from jfexport.reference.bundle import load_preset
 from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
 from jfexport.runtime.batching.kv_cache import KVCache, KVLayout, PrefixCache
@@ -27,10 +26,8 @@ TOKENS = 70  # every comparison below runs past 64 tokens
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    out = tmp_path_factory.mktemp("kv-build")
-    build(load_preset("tiny"), out)
-    return out
+def built(tiny_build):
+    return tiny_build
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from .serve_helpers import ServerProcess, build_engines, chat_messages, data_url, free_port, shape_image
+from .serve_helpers import ServerProcess, chat_messages, data_url, free_port, shape_image
 
 pytest.importorskip("ray.serve")
 
@@ -27,10 +27,9 @@ REQUEST_TIMEOUT_S = 20  # a client gives up after this: an answer must come soon
 
 
 @pytest.fixture(scope="module")
-def ray_server(tmp_path_factory):
-    engines = build_engines(tmp_path_factory)
+def ray_server(tmp_path_factory, default_build):
     port = free_port()
-    proc = ServerProcess(["serve", "--ray", "--replicas", "2", "--engines", str(engines), "--port", str(port)],
+    proc = ServerProcess(["serve", "--ray", "--replicas", "2", "--engines", str(default_build), "--port", str(port)],
                          tmp_path_factory.mktemp("ray") / "ray-serve.log")
     url = f"http://127.0.0.1:{port}"
     try:
@@ -41,13 +40,12 @@ def ray_server(tmp_path_factory):
         assert code == 0, proc.log()[-3000:]
 
 
-def test_requests_past_a_replicas_queue_get_429_from_the_proxy(tmp_path_factory):
+def test_requests_past_a_replicas_queue_get_429_from_the_proxy(tmp_path_factory, default_build):
     """With --max-queue 1 a replica takes one request and Ray's proxy holds one more: the rest are
     refused at once with 429 and Retry-After, not queued without end; the others are answered.
     Its own Ray instance, first in the module: the shared one below starts after it has stopped."""
-    engines = build_engines(tmp_path_factory)
     port = free_port()
-    proc = ServerProcess(["serve", "--ray", "--replicas", "1", "--max-queue", "1", "--engines", str(engines),
+    proc = ServerProcess(["serve", "--ray", "--replicas", "1", "--max-queue", "1", "--engines", str(default_build),
                           "--port", str(port)], tmp_path_factory.mktemp("ray-queue") / "ray-serve.log")
     url = f"http://127.0.0.1:{port}"
     try:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import REPO, SHARED, shared_present
-from .serve_helpers import build_engines, running_server
+from .serve_helpers import running_server
 
 MARKED = re.compile(r"^<!-- readme-test(?::\s*(?P<options>[^>]*?))?\s*-->\n```(?P<lang>\w+)\n(?P<body>.*?)^```$",
                     re.M | re.S)
@@ -50,10 +50,10 @@ def test_the_marked_blocks_are_found():
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
+def folder(tmp_path_factory, default_build) -> Path:
     folder = tmp_path_factory.mktemp("readme")
     (folder / ".venv").symlink_to(Path(sys.prefix))
-    shutil.copytree(build_engines(tmp_path_factory), folder / "engines" / "default", symlinks=True)
+    shutil.copytree(default_build, folder / "engines" / "default", symlinks=True)
     return folder
 
 

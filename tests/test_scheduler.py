@@ -24,12 +24,8 @@ QUESTION = "What colour is the shape?"
 
 
 @pytest.fixture(scope="module")
-def build_dir(tmp_path_factory):
-    from jfexport.export.build import build
-
-    out = tmp_path_factory.mktemp("default-build")
-    build(load_bundle(), out)
-    return out
+def build_dir(default_build):
+    return default_build
 
 
 def _open(kind: str, build_dir, **kwargs) -> JanusFlowRuntime:

@@ -26,7 +26,6 @@ from jfexport.core.processor.request_checks import MAX_CHOICES, MAX_IMAGES_PER_P
 from .serve_helpers import (
     QUESTION,
     ServerProcess,
-    build_engines,
     chat_messages,
     data_url,
     free_port,
@@ -47,8 +46,8 @@ LONG = 800  # tokens: within the default model's 1024 positions with the prompt
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    return build_engines(tmp_path_factory)
+def engines(default_build):
+    return default_build
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .serve_helpers import build_engines, chat_messages, data_url, metric, running_server, shape_image
+from .serve_helpers import chat_messages, data_url, metric, running_server, shape_image
 from .test_server import BABBLE_IMAGE
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -32,9 +32,8 @@ SPARE_THREADS = 16
 
 
 @pytest.fixture(scope="module")
-def busy_server(tmp_path_factory):
-    engines = build_engines(tmp_path_factory)
-    with running_server(["--engines", str(engines), "--max-queue", "512", "--request-timeout", "300"],
+def busy_server(tmp_path_factory, default_build):
+    with running_server(["--engines", str(default_build), "--max-queue", "512", "--request-timeout", "300"],
                         tmp_path_factory.mktemp("busy") / "server.log") as running:
         yield running
 

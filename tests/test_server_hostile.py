@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 
 from .conftest import run_cli
-from .serve_helpers import ServerProcess, build_engines, chat_messages, data_url, free_port, metric, running_server, shape_image
+from .serve_helpers import ServerProcess, chat_messages, data_url, free_port, metric, running_server, shape_image
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -34,8 +34,8 @@ IMAGE_PARAM = "messages[0].content[0].image_url.url"
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    return build_engines(tmp_path_factory)
+def engines(default_build):
+    return default_build
 
 
 @pytest.fixture(scope="module")

@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 
 from .conftest import REPO
-from .serve_helpers import build_engines, running_server, shape_image
+from .serve_helpers import running_server, shape_image
 
 HEAVY = ("torch", "transformers", "diffusers", "onnx", "onnxruntime")
 MODEL_CODE = ("transformers", "diffusers", "jfexport.reference.modules")
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory) -> Path:
-    return build_engines(tmp_path_factory)
+def engines(default_build) -> Path:
+    return default_build
 
 
 def _imported(stderr: str) -> set[str]:
@@ -83,5 +83,7 @@ def test_bench_startup_writes_the_spread_of_each_measurement(engines, tmp_path):
     for name in ("import_jfexport_cli", "help", "chat_one_token", "serve_to_ready"):
         m = data[name]
         assert m["runs"] == 1 and 0 < m["min_ms"] <= m["median_ms"] <= m["max_ms"], name
-    # The import is part of every command's start.
-    assert data["import_jfexport_cli"]["median_ms"] < data["help"]["median_ms"] < data["serve_to_ready"]["median_ms"]
+    # Serving starts by loading the engines: far longer than an import or `--help`, which differ by the
+    # help text alone (one run of each: their order is the machine's noise, not a property to assert).
+    quick = max(data["import_jfexport_cli"]["median_ms"], data["help"]["median_ms"])
+    assert quick < data["serve_to_ready"]["median_ms"]
