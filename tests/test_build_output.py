@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .conftest import run_cli
+from .conftest import copy_build, run_cli
 
 
 def _files(out) -> dict[str, dict[str, str]]:
@@ -12,10 +12,8 @@ def _files(out) -> dict[str, dict[str, str]]:
     return {n: {p: f["file"] for p, f in g["files"].items()} for n, g in manifest["graphs"].items()}
 
 
-def test_fp16_after_a_plain_build_reuses_the_fp32_graphs_and_a_plain_build_says_it_removes_fp16(tmp_path):
-    out = tmp_path / "engines"
-    res = run_cli("build", "--preset", "tiny", "--out", str(out))
-    assert res.returncode == 0, res.stderr
+def test_fp16_after_a_plain_build_reuses_the_fp32_graphs_and_a_plain_build_says_it_removes_fp16(tiny_build, tmp_path):
+    out = copy_build(tiny_build, tmp_path / "engines")  # a plain build of the tiny preset
     plain = _files(out)
     fp32_bytes = {n: (out / f["fp32"]).read_bytes() for n, f in plain.items()}
 
