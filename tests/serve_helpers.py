@@ -24,6 +24,15 @@ from .conftest import REPO
 QUESTION = "What colour is the shape?"
 
 
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.02) -> float:
+    """Seconds until `predicate()` held; fails after `timeout`."""
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < timeout, f"{what}: not within {timeout} s"
+        time.sleep(interval)
+    return time.monotonic() - start
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -32,6 +32,7 @@ from .serve_helpers import (
     metric,
     running_server,
     shape_image,
+    wait_for,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -88,15 +89,6 @@ def runtime(engines):
 
 def metrics(http) -> str:
     return http.get("/metrics").text
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.02) -> float:
-    """Seconds until `predicate()` held; fails after `timeout`."""
-    start = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - start < timeout, f"{what}: not within {timeout} s"
-        time.sleep(interval)
-    return time.monotonic() - start
 
 
 # --- text of an answer: stop sequences across tokens (no server needed) ---------------------

@@ -12,6 +12,7 @@ import base64
 import io
 import json
 import random
+import re
 import signal
 import socket
 import struct
@@ -25,7 +26,16 @@ import pytest
 from PIL import Image
 
 from .conftest import run_cli
-from .serve_helpers import ServerProcess, chat_messages, data_url, free_port, metric, running_server, shape_image
+from .serve_helpers import (
+    ServerProcess,
+    chat_messages,
+    data_url,
+    free_port,
+    metric,
+    running_server,
+    shape_image,
+    wait_for,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -218,7 +228,7 @@ def test_fuzzed_images_over_http_get_answers_or_named_4xx(server, http):
     assert "Traceback" not in server[1].log()
 
 
-# --- what an error echoes ------------------------------------------------------------------------
+# --- what an error and the access log echo ------------------------------------------------------------
 
 
 @pytest.mark.parametrize("size", ["\ud800", "éé", "x" * 100_000, "64x64\x00"])
@@ -243,6 +253,26 @@ def test_unknown_fields_and_models_with_odd_names_are_named_safely(http):
     r = http.post("/v1/images/generations", content=json.dumps({"prompt": "x", "model": "\ud800é" * 1000}),
                   headers={"content-type": "application/json"})
     assert r.status_code == 404 and len(r.json()["error"]["message"]) < 200
+
+
+def test_a_path_or_request_id_cannot_write_lines_or_fields_into_the_access_log(server):
+    url, proc = server
+    forged = "2026-12-07 12:00:00 INFO jfexport.serve: forged"
+    target = "/v1/models%0A" + forged.replace(" ", "%20") + "%0D%1B[31m" + "x" * 1000
+    sock = _connect(url)
+    sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\nX-Request-Id: spoof status=200\r\n"
+                 "Connection: close\r\n\r\n".encode())
+    status, headers, _ = _read_response(sock, 10)
+    sock.close()
+    assert status == 404
+    ours = headers["x-request-id"]  # an id with a space or `=` is replaced, and the answer names the new one
+    assert re.fullmatch(r"[0-9a-f]{32}", ours), ours
+    wait_for(lambda: f"request_id={ours} " in proc.log(), 5, "access log line")
+    line = next(x for x in proc.log().splitlines() if f"request_id={ours} " in x)
+    assert "/v1/models%0A2026-12-07%2012:00:00%20INFO%20jfexport.serve:%20forged%0D%1B" in line and "status=404" in line
+    assert len(line) < 500  # the path is cut
+    assert not any(x.startswith(forged) for x in proc.log().splitlines())
+    assert "spoof" not in proc.log() and "\x1b" not in proc.log()
 
 
 # --- sampling parameters ------------------------------------------------------------------------

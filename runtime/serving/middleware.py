@@ -9,14 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
+from urllib.parse import quote
 
 from .errors import APIError, api_error_from
 from .service import Service
 
 access_log = logging.getLogger("jfexport.access")
 log = logging.getLogger("jfexport.serve")
+
+# What the access log takes from the client is kept to characters that cannot start a line or a field of
+# its own: a request id of other characters (a space, `=`, a control character) is replaced by one of
+# ours, and the path, which the server has percent-decoded (`%0A` is a newline), is encoded again.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+-]{1,64}")
+_LOGGED_PATH = 256
 
 # Routes that run the model: counted in flight (the SIGTERM drain waits for them) and logged.
 MODEL_ROUTES = {"/v1/chat/completions": "chat", "/v1/images/generations": "image"}
@@ -31,7 +39,9 @@ class ServingMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")
+        if not _REQUEST_ID.fullmatch(request_id):
+            request_id = uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state.update(request_id=request_id, kind=MODEL_ROUTES.get(scope["path"], "other"), rows=0)
         extra_headers = [(b"x-request-id", request_id.encode("latin-1")),
@@ -115,8 +125,11 @@ class ServingMiddleware:
         await send({"type": "http.response.body", "body": body})
 
     def _log(self, scope, state, status: int, start: float) -> None:
+        path = quote(scope["path"], safe="/!$&'()*+,;=:@-._~")
+        if len(path) > _LOGGED_PATH:
+            path = path[:_LOGGED_PATH] + "..."
         access_log.info("request_id=%s %s %s status=%d kind=%s rows=%d latency_ms=%.1f", state["request_id"],
-                        scope["method"], scope["path"], status, state["kind"], state.get("rows", 0),
+                        scope["method"], path, status, state["kind"], state.get("rows", 0),
                         (time.perf_counter() - start) * 1e3)
 
 
