@@ -16,7 +16,7 @@ from jfexport.runtime.batching.chat_batch import ChatSlots
 from jfexport.runtime.batching.generation_batch import GenerationRows
 from jfexport.runtime.batching.generation_step import KV, PromptKV, StepBuffers, cfg_euler_step
 from jfexport.runtime.batching.jobs import GenerationJob
-from jfexport.runtime.batching.scheduler import Observers, Scheduler
+from jfexport.runtime.batching.scheduler import Observers, Scheduler, fair_shares
 from jfexport.runtime.errors import NonFiniteOutput, SchedulerStopped
 
 from jfexport.core.schedulers import euler_schedule
@@ -188,11 +188,38 @@ def test_the_prompt_columns_are_reloaded_only_when_the_rows_change():
 def test_a_request_larger_than_one_call_runs_in_parts():
     h = Harness(max_images=2)
     big = h.submit([A, B], n=3, steps=2, seed=4)  # 6 images, 2 rows per call
-    small = h.submit([C], steps=2, seed=5)  # waits until all of `big` is admitted
+    small = h.submit([C], steps=2, seed=5)
     h.drain()
     assert max(h.steps) == 2 and sum(h.steps) == 2 * 7  # every image took its 2 steps, 2 at a time
     check(big, [A, B], 3, 2, 2.0)  # in image order, each image with its own noise
     check(small, [C], 1, 2, 2.0)
+
+
+def test_a_small_request_behind_a_large_one_starts_at_the_next_free_rows():
+    h = Harness(max_images=2)
+    big = h.submit([A, B], n=3, steps=2, seed=4)
+    small = h.submit([C], steps=2, seed=5)
+    h.iterate(2)
+    # The first free rows were shared, one image each: `small` is done while most of `big` still waits
+    # (first come first served would have run it after all six of big's images, at the 8th step).
+    assert small.finished and big.pending == 5 and h.steps == [2, 2]
+    h.drain()
+    check(big, [A, B], 3, 2, 2.0)
+    check(small, [C], 1, 2, 2.0)
+
+
+@pytest.mark.parametrize("pending,free,shares", [
+    ([6, 1], 2, [1, 1]),
+    ([6, 1], 4, [3, 1]),
+    ([1, 6, 2], 8, [1, 5, 2]),
+    ([2, 2, 2], 3, [1, 1, 1]),
+    ([3, 3], 1, [1, 0]),  # too few rows for everyone: the earlier request first
+    ([1, 1], 5, [1, 1]),  # rows left over stay free
+    ([], 4, []),
+    ([4], 0, [0]),
+])
+def test_free_rows_are_shared_one_image_each_in_turn(pending, free, shares):
+    assert fair_shares(pending, free) == shares
 
 
 def test_a_nan_fails_only_its_request():

@@ -11,11 +11,13 @@ Each iteration, in this order:
    VAE (one batched call).
 So the engines alternate between one chat token and one Euler step: a question that arrives
 while images are generated waits at most for the step in flight before it is prefilled, and
-images advance while answers stream. Admission is first come, first served within each kind; a
+images advance while answers stream. Questions are admitted first come, first served; a
 question batch that does not fit waits, and so do those behind it (no starvation of large
-requests). An image request takes the rows that are free and the rest of its images join as rows
-free up (in parts, `GenerationPart`), so a request may hold more images than one engine call;
-requests behind it wait until all of its images are admitted.
+requests). Image rows are shared: when rows free up, the waiting image requests take one image
+each in turn, first come first, until the rows run out (`fair_shares`). An image request takes the
+rows it is given and the rest of its images join as rows free up (in parts, `GenerationPart`), so
+a request may hold more images than one engine call, and a small request behind a large one
+starts at the next free rows instead of after all of the large one's images.
 
 Failures stay with their request: a batched call that raises is retried request by request, and
 a NaN is attributed to its row. Anything that escapes the loop stops the scheduler and fails
@@ -310,20 +312,32 @@ class Scheduler:
             self._settle(gen.step())
 
     def _admit_images(self, free: int) -> list[GenerationPart]:
-        """Parts of the queued image requests, first come first served, for `free` rows; a request
-        leaves the queue once all of its images are admitted."""
+        """Parts of the queued image requests for `free` image rows, shared out by `fair_shares`; a
+        request leaves the queue once all of its images are admitted."""
         parts: list[GenerationPart] = []
         with self._cond:
-            for job in list(self._queue):
-                if not isinstance(job, GenerationJob):
-                    continue
-                while free > 0 and job.pending:
-                    parts.append(job.take_part(free))
-                    free -= parts[-1].rows
-                if job.pending:
-                    break
-                self._queue.remove(job)
+            waiting = [job for job in self._queue if isinstance(job, GenerationJob)]
+            for job, share in zip(waiting, fair_shares([job.pending for job in waiting], free)):
+                while share > 0:  # a part holds images of one prompt: a share may span several
+                    parts.append(job.take_part(share))
+                    share -= parts[-1].rows
+                if not job.pending:
+                    self._queue.remove(job)
         return parts
+
+
+def fair_shares(pending: Sequence[int], free: int) -> list[int]:
+    """How many of `free` rows each waiting request gets: one each in turn, first come first, until
+    the rows or the requests run out. A request behind a large one starts at the next free rows
+    instead of after all of the large one's images, and the large one still gets its turn first
+    each round (it is never starved either)."""
+    shares = [0] * len(pending)
+    while free > 0 and any(share < want for share, want in zip(shares, pending)):
+        for i, want in enumerate(pending):
+            if free > 0 and shares[i] < want:
+                shares[i] += 1
+                free -= 1
+    return shares
 
 
 def _request(job: Job | GenerationPart) -> Job:
