@@ -1,6 +1,6 @@
 """A one-image request submitted just behind a large one: its latency with the free image rows shared
 (`fair_shares`, what the scheduler does) against first come, first served (the policy it replaced,
-swapped in here for the comparison), and what sharing costs the large request. The runtime API on a
+set as the scheduler's `share_rows` here for the comparison), and what sharing costs the large request. The runtime API on a
 build folder, ONNX Runtime fp32, the two policies interleaved round by round.
 
     .venv/bin/python bench/shared_rows.py engines/default > bench/results/default-shared-rows-cpu.json
@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import jfexport.runtime.batching.scheduler as scheduler
+from jfexport.runtime.batching.scheduler import fair_shares
 from jfexport.runtime.pipelines import JanusFlowRuntime
 
 from jfexport.tools.bench import machine_info
@@ -47,18 +47,15 @@ def one_round(runtime: JanusFlowRuntime) -> dict[str, float]:
 
 def main(folder: Path) -> dict[str, object]:
     runtime = JanusFlowRuntime.from_engines(folder, backend="onnxruntime")
-    policies = {"shared": scheduler.fair_shares, "first_come_first_served": first_come_first_served}
+    policies = {"shared": fair_shares, "first_come_first_served": first_come_first_served}
     runtime.submit_generate(PROMPT, n=8, steps=2).result(timeout=600)  # warm-up
     times: dict[str, dict[str, list[float]]] = {name: {"small_s": [], "large_s": []} for name in policies}
-    try:
-        for _ in range(ROUNDS):
-            for name, policy in policies.items():
-                scheduler.fair_shares = policy  # read by the scheduler at each admission
-                for key, value in one_round(runtime).items():
-                    times[name][key].append(value)
-    finally:
-        scheduler.fair_shares = policies["shared"]
-        runtime.close()
+    for _ in range(ROUNDS):
+        for name, policy in policies.items():
+            runtime.scheduler.share_rows = policy  # read at each admission; nothing is in flight between rounds
+            for key, value in one_round(runtime).items():
+                times[name][key].append(value)
+    runtime.close()
     result: dict[str, object] = {
         name: {key: {"median": statistics.median(v), "min": min(v), "max": max(v)} for key, v in sides.items()}
         for name, sides in times.items()

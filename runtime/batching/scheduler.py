@@ -86,6 +86,8 @@ class Scheduler:
         self._observers = observers
         self.generation = generation
         self.chat = chat
+        # How free image rows are shared among the waiting image requests (a bench swaps in others).
+        self.share_rows: Callable[[Sequence[int], int], list[int]] = fair_shares
         self._cond = threading.Condition()
         self._queue: collections.deque[Job] = collections.deque()
         self._calls: collections.deque[tuple[Callable[[], Any], CallJob[Any]]] = collections.deque()
@@ -312,12 +314,14 @@ class Scheduler:
             self._settle(gen.step())
 
     def _admit_images(self, free: int) -> list[GenerationPart]:
-        """Parts of the queued image requests for `free` image rows, shared out by `fair_shares`; a
-        request leaves the queue once all of its images are admitted."""
+        """Parts of the queued image requests for `free` image rows, shared out by `share_rows`
+        (`fair_shares`); a request leaves the queue once all of its images are admitted."""
         parts: list[GenerationPart] = []
+        if free <= 0:  # the usual iteration while images run: nothing to hand out, no queue to walk
+            return parts
         with self._cond:
             waiting = [job for job in self._queue if isinstance(job, GenerationJob)]
-            for job, share in zip(waiting, fair_shares([job.pending for job in waiting], free)):
+            for job, share in zip(waiting, self.share_rows([job.pending for job in waiting], free)):
                 while share > 0:  # a part holds images of one prompt: a share may span several
                     parts.append(job.take_part(share))
                     share -= parts[-1].rows
