@@ -41,6 +41,7 @@ MAX_IMAGE_MB = 4.0
 MAX_IMAGE_PIXELS = 4096 * 4096  # of an image in a chat request, read from its header before decoding
 HEADER_TIMEOUT_S = 10.0  # for a request's headers to arrive; 408 and the connection closed past it
 BODY_TIMEOUT_S = 60.0  # for a request's body to arrive; 408 past it
+SEND_TIMEOUT_S = 60.0  # an answer waits this long on a client that reads none of it; the connection is closed past it
 MAX_HEADER_KB = 64  # 431 past it
 MAX_CONNECTIONS = 512  # open connections; past it a new one gets 503 and is closed
 # Threads for short blocking work of requests (image decoding, tokenizing, image encoding), off the

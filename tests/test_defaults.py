@@ -27,7 +27,7 @@ def _default(command: str, option: str):
     ("serve", "request_timeout", defaults.REQUEST_TIMEOUT_S), ("serve", "grace", defaults.GRACE_S),
     ("serve", "max_body_mb", defaults.MAX_BODY_MB), ("serve", "max_image_mb", defaults.MAX_IMAGE_MB),
     ("serve", "header_timeout", defaults.HEADER_TIMEOUT_S), ("serve", "body_timeout", defaults.BODY_TIMEOUT_S),
-    ("serve", "max_connections", defaults.MAX_CONNECTIONS),
+    ("serve", "send_timeout", defaults.SEND_TIMEOUT_S), ("serve", "max_connections", defaults.MAX_CONNECTIONS),
 ])
 def test_cli_defaults_are_the_table(command, option, value):
     assert _default(command, option) == value
@@ -70,8 +70,9 @@ def test_the_server_takes_the_table():
         defaults.REQUEST_TIMEOUT_S, defaults.GRACE_S, defaults.MAX_QUEUE)
     assert (settings.max_body_bytes, settings.max_image_bytes) == (int(defaults.MAX_BODY_MB * 2**20),
                                                                    int(defaults.MAX_IMAGE_MB * 2**20))
-    assert (settings.header_timeout, settings.body_timeout, settings.max_connections, settings.model_id) == (
-        defaults.HEADER_TIMEOUT_S, defaults.BODY_TIMEOUT_S, defaults.MAX_CONNECTIONS, defaults.MODEL_NAME)
+    assert (settings.header_timeout, settings.body_timeout, settings.send_timeout, settings.max_connections,
+            settings.model_id) == (defaults.HEADER_TIMEOUT_S, defaults.BODY_TIMEOUT_S, defaults.SEND_TIMEOUT_S,
+                                   defaults.MAX_CONNECTIONS, defaults.MODEL_NAME)
     # The options of `serve` and the Ray app, absent or None, are the table's too.
     assert ServeSettings.from_options({}) == settings == ServeSettings.from_options({"max_queue": None, "grace": None})
     assert ServeSettings.from_options({"max_body_mb": 2, "model": "m", "grace": 0}) == ServeSettings(
@@ -105,7 +106,7 @@ def test_readme_documents_the_table():
     section = readme.split("## Defaults", 1)[1].split("\n## ", 1)[0]
     for name in ("STEPS", "CFG", "IMAGES_PER_PROMPT", "SEED", "MAX_NEW_TOKENS", "TEMPERATURE", "TOP_P", "MAX_BATCH",
                  "MAX_QUEUE", "REQUEST_TIMEOUT_S", "GRACE_S", "MAX_BODY_MB", "MAX_IMAGE_MB", "PORT", "HEADER_TIMEOUT_S",
-                 "BODY_TIMEOUT_S", "MAX_CONNECTIONS"):
+                 "BODY_TIMEOUT_S", "SEND_TIMEOUT_S", "MAX_CONNECTIONS"):
         value = getattr(defaults, name)
         assert f"| `{name}` | {value:g} |" in section if isinstance(value, float) else f"| `{name}` | {value} |" in section, name
     quality = section.split("| `QUALITY_STEPS` |", 1)[1].split("\n", 1)[0]

@@ -12,8 +12,10 @@ import base64
 import io
 import json
 import signal
+import socket
 import threading
 import time
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -581,6 +583,7 @@ def _chat_body(**fields):
     ("/v1/images/generations", {"prompt": "a red circle", "n": MAX_IMAGES_PER_PROMPT + 1}, "n"),
     ("/v1/images/generations", {"prompt": "a red circle", "steps": 0}, "steps"),
     ("/v1/images/generations", {"prompt": ""}, "prompt"),
+    ("/v1/images/generations", {"prompt": " \n\t "}, "prompt"),
     ("/v1/images/generations", {"prompt": "a red circle", "cfg": 3}, "cfg"),
 ])
 def test_bad_input_is_400_naming_the_field(http, path, body, param):
@@ -631,6 +634,7 @@ def test_full_scheduler_is_429_with_retry_after(http):
     assert 429 in statuses and 200 in statuses and set(statuses) <= {200, 429, 504}, statuses
     refused = next(r for r in results if r.status_code == 429)
     assert int(refused.headers["retry-after"]) >= 1 and refused.json()["error"]["code"] == "overloaded"
+    assert refused.json()["error"]["message"].count("retry later") == 1, refused.text
 
 
 def test_request_timeout_is_504(impatient_server):
@@ -639,6 +643,8 @@ def test_request_timeout_is_504(impatient_server):
         r = _generate(http, steps=1000)
         elapsed = time.monotonic() - start
         assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error", r.text
+        # The runtime's own error, naming what ran out: not the encoder pool's, met with no time left.
+        assert "generation request timed out" in r.json()["error"]["message"], r.text
         assert 0.9 < elapsed < 4
         wait_for(lambda: metric(metrics(http), "jfexport_active_rows", kind="generation") == 0, 2, "rows freed")
         assert metric(metrics(http), "jfexport_errors_total", type="timeout") == 1
@@ -658,6 +664,24 @@ def test_disconnect_mid_stream_frees_the_row(http, server):
     freed = wait_for(lambda: metric(metrics(http), "jfexport_active_rows", kind="chat") == 0, 2, "chat row freed")
     steps = metric(metrics(http), "jfexport_batch_rows_count", kind="chat") - steps_before
     assert steps < LONG / 2, f"{steps} decode steps ran for a client that left ({freed:.2f} s to free)"
+
+
+def test_disconnect_mid_answer_cancels_it(http, server):
+    """Not streamed, its tokens coming without a pause: the client's leaving is noticed all the same."""
+    body = json.dumps({"messages": chat_messages(data_url(BABBLE_IMAGE)), "max_tokens": LONG}).encode()
+    steps_before = metric(metrics(http), "jfexport_batch_rows_count", kind="chat")
+    address = urlsplit(server[0])
+    with socket.create_connection((address.hostname, address.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: %s\r\nX-Request-Id: leaves-early"
+                     b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                     % (AUTH["Authorization"].encode(), len(body)) + body)
+        wait_for(lambda: metric(metrics(http), "jfexport_active_rows", kind="chat") == 1, 10, "the answer started",
+                 interval=0.005)
+    wait_for(lambda: "request_id=leaves-early" in server[1].log(), 5, "the request ended")
+    steps = metric(metrics(http), "jfexport_batch_rows_count", kind="chat") - steps_before
+    assert steps < LONG / 2, f"{steps} decode steps ran for a client that left"
+    line = next(x for x in server[1].log().splitlines() if "request_id=leaves-early" in x)
+    assert "status=499" in line, line
 
 
 def test_disconnect_mid_generation_cancels_it(http, server):

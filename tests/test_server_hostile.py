@@ -40,6 +40,7 @@ from .serve_helpers import (
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 MAX_CONNECTIONS = 40
+SEND_TIMEOUT_S = 1
 IMAGE_PARAM = "messages[0].content[0].image_url.url"
 
 
@@ -51,7 +52,8 @@ def engines(default_build):
 @pytest.fixture(scope="module")
 def server(engines, tmp_path_factory):
     with running_server(["--engines", str(engines), "--header-timeout", "1", "--body-timeout", "3",
-                         "--max-connections", str(MAX_CONNECTIONS), "--request-timeout", "60"],
+                         "--send-timeout", str(SEND_TIMEOUT_S), "--max-connections", str(MAX_CONNECTIONS),
+                         "--request-timeout", "60"],
                         tmp_path_factory.mktemp("hostile") / "server.log") as running:
         yield running
 
@@ -462,6 +464,31 @@ def test_a_body_that_stalls_gets_408(server):
     assert headers["connection"] == "close" and time.monotonic() - start < 5
 
 
+def test_a_client_that_reads_none_of_its_answer_is_closed_after_the_send_timeout(server, http):
+    """A streamed answer far larger than the socket buffers, to a client that never reads: without the send
+    timeout the request stays in flight for as long as the client holds the connection."""
+    url, proc = server
+    body = json.dumps({"messages": chat_messages(data_url(Image.new("RGB", (64, 64), (200, 30, 30)))), "n": 16,
+                       "max_tokens": 800, "temperature": 1.0, "seed": 1, "stream": True, "logprobs": True,
+                       "top_logprobs": 20}).encode()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    host, port = url.removeprefix("http://").split(":")
+    sock.connect((host, int(port)))
+    try:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Request-Id: never-reads\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        wait_for(lambda: "request_id=never-reads" in proc.log(), 60, "the request ended while its client held on")
+        assert "closed a connection whose client read none of its answer for 1 s" in proc.log()
+        text = http.get("/metrics").text
+        assert metric(text, "jfexport_requests_in_flight") == 0
+        wait_for(lambda: metric(http.get("/metrics").text, "jfexport_active_rows", kind="chat") == 0, 5,
+                 "its rows freed")
+    finally:
+        sock.close()
+    assert "Traceback" not in proc.log()
+
+
 # --- metrics and logs of a bug's 500 ------------------------------------------------------------
 
 
@@ -556,16 +583,58 @@ def _sigterm_with_requests_in_flight(engines, tmp_path, grace: float, path: str,
         proc.stop()
 
 
-def test_sigterm_past_the_grace_answers_503_and_exits_0_promptly(engines, tmp_path):
+@pytest.mark.parametrize("path,body", [
+    ("/v1/images/generations", {"prompt": "a red circle", "n": 4, "steps": 1000}),
+    ("/v1/chat/completions", {"messages": chat_messages(data_url(Image.new("RGB", (64, 64), (200, 30, 30)))),
+                              "n": 16, "max_tokens": 800, "temperature": 1.0}),
+])
+def test_sigterm_past_the_grace_answers_503_and_exits_0_promptly(engines, tmp_path, path, body):
     grace = 2.0
-    body = json.dumps({"prompt": "a red circle", "n": 4, "steps": 1000}).encode()
-    code, exited, log, responses = _sigterm_with_requests_in_flight(engines, tmp_path, grace, "/v1/images/generations",
-                                                                    body, requests=2, in_flight=2)
+    code, exited, log, responses = _sigterm_with_requests_in_flight(engines, tmp_path, grace, path,
+                                                                    json.dumps(body).encode(), requests=2, in_flight=2)
     assert code == 0 and exited < grace + 1, (code, exited, log[-2000:])
     assert len(responses) == 2
     for r in responses:
         error = _named_4xx(r, 503)
         assert r.headers["retry-after"] and "shutting down" in error["message"]
+        assert error["code"] == "shutting_down", error
+
+
+def test_sigterm_while_bodies_arrive_waits_for_them_within_the_grace(engines, tmp_path):
+    """A body still arriving at SIGTERM is a request in flight: one that arrives within the grace is
+    answered, one that does not gets the drain's 503, and neither meets uvicorn's plain-text 500."""
+    grace = 3.0
+    port = free_port()
+    proc = ServerProcess(["serve", "--engines", str(engines), "--port", str(port), "--grace", str(grace)],
+                         tmp_path / "server.log")
+    url = f"http://127.0.0.1:{port}"
+    body = json.dumps({"messages": chat_messages(data_url(shape_image())), "max_tokens": 2}).encode()
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body))
+    try:
+        proc.wait_ready(url)
+        late, never = _connect(url), _connect(url)
+        for sock in (late, never):
+            sock.sendall(head + body[:100])
+        wait_for(lambda: metric(httpx.get(f"{url}/metrics").text, "jfexport_requests_in_flight") == 2, 5,
+                 "the uploads counted in flight")
+        signalled = time.monotonic()
+        proc.proc.send_signal(signal.SIGTERM)
+        time.sleep(1.5)  # past uvicorn's own shutdown timeout (1 s), within the grace
+        late.sendall(body[100:])
+        late_status, _, late_body = _read_response(late, 10)
+        never_status, _, never_body = _read_response(never, 10)
+        code = proc.proc.wait(10)
+        exited = time.monotonic() - signalled
+        late.close()
+        never.close()
+        log = proc.log()
+    finally:
+        proc.stop()
+    assert late_status == 200 and json.loads(late_body)["choices"], late_body[:300]
+    assert never_status == 503 and json.loads(never_body)["error"]["code"] == "shutting_down", never_body[:300]
+    assert code == 0 and exited < grace + 1.5, (code, exited, log[-2000:])
+    assert "Traceback" not in log and log.count("status=503 kind=chat") == 1, log[-2000:]
 
 
 def test_sigterm_while_preparation_runs_on_the_pool_exits_promptly(engines, tmp_path):

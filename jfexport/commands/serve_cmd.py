@@ -72,13 +72,16 @@ def _api_key(ctx, param, value):
               help="Seconds a request's headers may take to arrive; 408 and the connection closed past it.")
 @click.option("--body-timeout", type=POSITIVE, default=defaults.BODY_TIMEOUT_S, show_default=True,
               help="Seconds a request's body may take to arrive; 408 past it.")
+@click.option("--send-timeout", type=POSITIVE, default=defaults.SEND_TIMEOUT_S, show_default=True,
+              help="Seconds an answer may wait on a client that reads none of it; the connection is closed past it.")
 @click.option("--max-connections", type=click.IntRange(min=1), default=defaults.MAX_CONNECTIONS, show_default=True,
               help="Open connections; past it a new one gets 503 and is closed (logged).")
 @click.option("--ray", "use_ray", is_flag=True, help="Run the Ray Serve application on a local Ray instance instead.")
 @click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
               help="--ray: replicas, each holding one runtime.")
 def serve_cmd(engines, precision, host, port, api_key, model_name, max_queue, request_timeout, grace,
-              max_body_mb, max_image_mb, header_timeout, body_timeout, max_connections, use_ray, replicas):
+              max_body_mb, max_image_mb, header_timeout, body_timeout, send_timeout, max_connections, use_ray,
+              replicas):
     """Serve the engines over the OpenAI API: chat completions with an image, image generations.
 
     The engines run on the backend the build was made for (TensorRT or ONNX Runtime).
@@ -101,7 +104,7 @@ def serve_cmd(engines, precision, host, port, api_key, model_name, max_queue, re
     options = {"precision": precision, "max_queue": max_queue, "api_key": api_key, "model": model_name,
                "request_timeout": request_timeout, "max_body_mb": max_body_mb, "max_image_mb": max_image_mb,
                "grace": grace, "header_timeout": header_timeout, "body_timeout": body_timeout,
-               "max_connections": max_connections}
+               "send_timeout": send_timeout, "max_connections": max_connections}
     if use_ray:
         from jfexport.runtime.serving.ray_local import serve_on_ray
 

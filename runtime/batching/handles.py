@@ -49,6 +49,10 @@ class _Handle(Generic[J]):
         """`fn()` after each new token or step and at the end; returns its remover (`Job.add_listener`)."""
         return self._job.add_listener(fn)
 
+    def exception(self) -> BaseException | None:
+        """Without blocking: the error the request ended with; None while it runs, or once it succeeded."""
+        return self._job.error if self._job.finished else None
+
     def poll(self) -> bool:
         """Without blocking: whether the request has ended, enforcing its deadline as a waiting caller would."""
         return self._job.poll()

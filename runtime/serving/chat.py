@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
+from jfexport.runtime.errors import RequestCancelled
 from PIL import Image
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -27,6 +28,7 @@ from .service import Service, left
 from .settings import ServeSettings
 
 POLL_S = 0.05  # how often a waiting request checks that its client is still there
+_NO_NEWS = object()
 
 
 @dataclass
@@ -224,13 +226,22 @@ class _Answer:
         feed = TokenFeed([c.handle for c in self.choices])
         metrics = self.service.metrics
         first, ended = True, False
+        checked = time.monotonic()
         try:
             while True:
                 try:
                     news = await feed.next(POLL_S)
                 except TimeoutError:
+                    news = _NO_NEWS
+                except RequestCancelled as e:
+                    raise self.service.answer_for(e) from None
+                # Checked on a clock, not only when tokens pause: an answer whose tokens keep coming
+                # would otherwise run to its end for a client that left.
+                if time.monotonic() - checked >= POLL_S:
+                    checked = time.monotonic()
                     if await self.request.is_disconnected():
-                        raise ClientGone from None
+                        raise ClientGone
+                if news is _NO_NEWS:
                     continue
                 if news is None:
                     ended = True

@@ -6,6 +6,12 @@ open: 1,100 clients sending headers a byte at a time would hold every file descr
 protocol adds a header deadline (408, then close) and a connection cap (503, then close), logs
 both refusals (at most once a second, with a count) and answers an over-long header block with
 431 rather than a bare 400. Refusals are OpenAI's error JSON, as every other error of the server.
+
+Nor does uvicorn bound how long an answer waits on a client that reads none of it: its `send`
+waits for the socket's buffers to drain, for as long as the client holds the connection, with the
+request counted in flight (a SIGTERM drain would wait for it, then uvicorn cancel it with a
+traceback). Here writing that stays paused for the send timeout closes the connection: the route
+sees a client that left, as if it had disconnected, and its request is cancelled.
 """
 
 from __future__ import annotations
@@ -71,11 +77,14 @@ def guarded_protocol(settings: ServeSettings) -> type[H11Protocol]:
     """The protocol class for `uvicorn.Config(http=...)`, with the settings' header timeout and connection cap."""
     refused_log = _RateLimitedLog(f"refused a connection: {settings.max_connections} are open (the connection cap)")
     slow_log = _RateLimitedLog(f"closed a connection whose request headers took over {settings.header_timeout:g} s")
+    stalled_log = _RateLimitedLog(f"closed a connection whose client read none of its answer for "
+                                  f"{settings.send_timeout:g} s")
 
     class GuardedH11Protocol(H11Protocol):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self._header_timer: asyncio.TimerHandle | None = None
+            self._stall_timer: asyncio.TimerHandle | None = None  # armed while writing is paused
             self._refused = False  # answered with an error: what the client still sends is dropped
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -107,7 +116,38 @@ def guarded_protocol(settings: ServeSettings) -> type[H11Protocol]:
                 return
             self._refused = True
             self._disarm_header_timer()
+            self._disarm_stall_timer()
             super().connection_lost(exc)
+            # A `send` waiting for the buffers to drain would wait for ever: the transport reports no
+            # drain once closed. Woken, it finds the cycle disconnected and returns.
+            self.flow.resume_writing()
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._stall_timer is None:
+                self._stall_timer = self.loop.call_later(settings.send_timeout, self._client_not_reading)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            self._disarm_stall_timer()
+
+        def shutdown(self) -> None:
+            # The server is stopping (its drain is over): an answer stuck on a client that does not read
+            # is not waited for (uvicorn would cancel its task, with a traceback, a second later).
+            if self._stall_timer is not None:
+                self.transport.abort()
+                return
+            super().shutdown()
+
+        def _client_not_reading(self) -> None:
+            self._stall_timer = None
+            stalled_log()
+            self.transport.abort()  # close() would wait to flush what the client does not read
+
+        def _disarm_stall_timer(self) -> None:
+            if self._stall_timer is not None:
+                self._stall_timer.cancel()
+                self._stall_timer = None
 
         def send_400_response(self, msg: str) -> None:
             self._disarm_header_timer()

@@ -52,7 +52,7 @@ def api_error_from(exc: BaseException) -> APIError:
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, Overloaded):
-        return APIError(429, f"the scheduler is full ({exc}); retry later", "rate_limit_error", code="overloaded",
+        return APIError(429, f"the scheduler is full: {exc}", "rate_limit_error", code="overloaded",
                         retry_after=exc.retry_after)
     if isinstance(exc, RequestTimeout):
         return APIError(504, f"the request timed out ({exc})", "timeout_error", code="timeout")

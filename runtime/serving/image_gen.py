@@ -68,6 +68,8 @@ async def image_generation(request: Request, body: ImageGenerationRequest, servi
 
 async def _final_images(service: Service, handle, body: ImageGenerationRequest, deadline: float | None) -> list[str]:
     """The ended request's images, encoded: result() returns at once (or raises its error)."""
+    if (error := handle.exception()) is not None:  # its own error (a timeout names what ran out), not the pool's
+        raise service.answer_for(error)
     fmt, compression = body.output_format, body.compression()
     images = await service.blocking(lambda: [encoded_base64(image, fmt, compression)
                                              for image in handle.result(timeout=0)], deadline)
@@ -98,7 +100,7 @@ async def _events(request: Request, service: Service, handle, body: ImageGenerat
             yield _event("image_generation.completed", {"b64_json": b64, "created_at": int(time.time()), **common,
                                                         "usage": usage(handle.prompt_tokens, image_tokens)})
     except Exception as e:
-        error = api_error_from(e)
+        error = api_error_from(service.answer_for(e))
         service.count_error(error)
         yield f"event: error\ndata: {json.dumps(error.body(), separators=(',', ':'))}\n\n"
     finally:

@@ -65,13 +65,13 @@ class ServingMiddleware:
             # Decided on arrival: a request counted in flight below is one the drain waits for.
             await self._send_error(send_with_headers, self.service.draining_error())
             return self._log(scope, state, 503, start)
-        if scope["method"] == "POST":
-            receive = await self._buffered_body(receive, headers, send_with_headers)
-            if receive is None:
-                return self._log(scope, state, status[0], start)
-        if model_route:
+        if model_route:  # counted from its arrival: the drain waits for a body still arriving too
             self.service.request_started()
         try:
+            if scope["method"] == "POST":
+                receive = await self._buffered_body(receive, headers, send_with_headers)
+                if receive is None:
+                    return
             await self.app(scope, receive, send_with_headers)
         except Exception as exc:
             # Answered here, not by Starlette's last-resort handler, which answers and then re-raises to
@@ -96,14 +96,18 @@ class ServingMiddleware:
             more = False
             size = int(declared)
         deadline = time.monotonic() + settings.body_timeout
+        aborted = self.service.until_aborted()  # a drain past its grace stops waiting for the body too
         while more:
-            try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
-                await self._send_error(send, APIError(408, f"the request body did not arrive within "
-                                                           f"{settings.body_timeout:g} s", param="body",
-                                                      code="body_timeout"))
+            receiving = asyncio.ensure_future(receive())
+            done, _ = await asyncio.wait({receiving, aborted}, timeout=max(0.0, deadline - time.monotonic()),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if receiving not in done:
+                receiving.cancel()
+                await self._send_error(send, self.service.aborted_error() if aborted.done() else APIError(
+                    408, f"the request body did not arrive within {settings.body_timeout:g} s", param="body",
+                    code="body_timeout"))
                 return None
+            message = receiving.result()
             if message["type"] == "http.disconnect":
                 return _replay(message, receive)
             chunks.append(message.get("body", b""))

@@ -11,13 +11,14 @@ from typing import Annotated, Any, Callable, Literal, Union
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from jfexport import defaults
-from jfexport.core.processor.errors import RequestError
+from jfexport.core.errors import InputError
 from jfexport.core.processor.request_checks import (
     MAX_PREVIEWS,
     check_cfg,
     check_choices,
     check_images_per_prompt,
     check_max_new_tokens,
+    check_prompt,
     check_seed,
     check_steps,
     check_temperature,
@@ -51,7 +52,7 @@ def checked(check: Callable[[Any, str], Any]) -> AfterValidator:
         name = info.field_name or "value"
         try:
             return check(value, name)
-        except RequestError as e:
+        except InputError as e:
             raise ValueError(str(e).removeprefix(f"{name}: ")) from None
 
     return AfterValidator(validate)
@@ -150,7 +151,7 @@ class ChatCompletionRequest(_Body):
 
 
 class ImageGenerationRequest(_Body):
-    prompt: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    prompt: Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS), checked(check_prompt)]
     model: str | None = None
     n: Annotated[int, checked(check_images_per_prompt)] = defaults.IMAGES_PER_PROMPT  # any n, in as many calls as needed
     size: str | None = None

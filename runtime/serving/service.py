@@ -11,6 +11,8 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, TypeVar
 
+from jfexport.runtime.errors import RequestCancelled
+
 from .errors import APIError, shown
 from .metrics import ServingMetrics
 from .settings import ServeSettings
@@ -53,10 +55,8 @@ class Service:
         """
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.settings.blocking_threads, thread_name_prefix="jfexport-serve")
-        loop = asyncio.get_running_loop()
-        if self._aborted is None:
-            self._aborted = loop.create_future()
-        if self._aborted.done():
+        aborted = self.until_aborted()
+        if aborted.done():
             raise self.aborted_error()
 
         def counted() -> T:
@@ -68,13 +68,13 @@ class Service:
                 with self._busy_lock:
                     self._busy -= 1
 
-        work = loop.run_in_executor(self._pool, counted)
+        work = asyncio.get_running_loop().run_in_executor(self._pool, counted)
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        done, _ = await asyncio.wait({work, self._aborted}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({work, aborted}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         if work in done:
             return work.result()
         work.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody awaits it any more
-        if self._aborted in done:
+        if aborted in done:
             raise self.aborted_error()
         raise APIError(504, f"the request timed out (preparing it took over {self.settings.request_timeout:g} s)",
                        "timeout_error", code="timeout")
@@ -88,14 +88,27 @@ class Service:
         """Count `handle` (a runtime request) among those `abort()` cancels."""
         self._handles.add(handle)
 
-    def abort(self) -> None:
-        """Give up on every request in flight (the drain's grace is over): each answers a 503. On the loop."""
+    def until_aborted(self) -> asyncio.Future:
+        """A future resolved once `abort()` gives up on the requests in flight. On the loop."""
         if self._aborted is None:
             self._aborted = asyncio.get_running_loop().create_future()
-        if not self._aborted.done():
-            self._aborted.set_result(None)
+        return self._aborted
+
+    def abort(self) -> None:
+        """Give up on every request in flight (the drain's grace is over): each answers a 503. On the loop."""
+        if not self.until_aborted().done():
+            self.until_aborted().set_result(None)
         for handle in list(self._handles):
             handle.cancel()
+
+    @property
+    def aborting(self) -> bool:
+        """Whether `abort()` gave up on the requests in flight."""
+        return self._aborted is not None and self._aborted.done()
+
+    def answer_for(self, error: BaseException) -> BaseException:
+        """What to answer for a request's runtime `error`: the drain's 503 where `abort()` cancelled it."""
+        return self.aborted_error() if self.aborting and isinstance(error, RequestCancelled) else error
 
     def aborted_error(self) -> APIError:
         return APIError(503, "the server is shutting down and gave up on this request; retry on another replica",

@@ -36,6 +36,7 @@ class ServeSettings:
     # byte, or from the end of the previous answer on a kept-alive one) and for its whole body
     header_timeout: float = defaults.HEADER_TIMEOUT_S
     body_timeout: float = defaults.BODY_TIMEOUT_S
+    send_timeout: float = defaults.SEND_TIMEOUT_S  # seconds an answer waits on a client that reads none of it
     max_header_bytes: int = defaults.MAX_HEADER_KB << 10
     max_connections: int = defaults.MAX_CONNECTIONS
     # stopping: seconds in-flight requests get after SIGTERM
@@ -48,7 +49,8 @@ class ServeSettings:
         ValueError naming the option."""
         known = {f.name for f in fields(cls)} | {"max_body_mb", "max_image_mb", "model"}
         given = {k: v for k, v in options.items() if k in known and v is not None}
-        for key in ("request_timeout", "max_body_mb", "max_image_mb", "header_timeout", "body_timeout"):
+        for key in ("request_timeout", "max_body_mb", "max_image_mb", "header_timeout", "body_timeout",
+                    "send_timeout"):
             if key in given:
                 given[key] = _positive(key, given[key])
         for key in ("max_queue", "max_connections"):

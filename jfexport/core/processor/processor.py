@@ -20,7 +20,7 @@ from PIL import Image
 
 from jfexport.core.processor.errors import ProcessorInputError, TokenizerFilesError
 from jfexport.core.processor.image import MAX_PIXELS, check_image_size, preprocess_image, to_rgb
-from jfexport.core.processor.request_checks import check_text
+from jfexport.core.processor.request_checks import check_prompt, check_text
 from jfexport.core.processor.templates import (
     SEP2,
     SYSTEM_PROMPT,
@@ -228,7 +228,7 @@ class JanusProcessor:
 
     def generation_ids(self, prompt: str) -> list[int]:
         """[BOS, prompt tokens..., image_start tag], as the official demo tokenises the prompt."""
-        ids = self._encode("prompt", generation_parts(check_text("prompt", prompt), self.tags.image_start))
+        ids = self._encode("prompt", generation_parts(check_prompt(prompt), self.tags.image_start))
         # Dropping the last token removes the tag only if it is exactly one token.
         if ids[-1] != self.tokenizer.image_start_id:
             raise ProcessorInputError(f"prompt: the image tag {self.tags.image_start!r} does not encode to one final token")

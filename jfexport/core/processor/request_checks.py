@@ -92,6 +92,14 @@ def _real(name: str, value: object) -> float:
     return number
 
 
+def check_prompt(prompt: object, name: str = "prompt") -> str:
+    """Text with more than whitespace in it: the template strips the prompt, and nothing is left to render."""
+    text = check_text(name, prompt)
+    if not text.strip():
+        raise RequestError(f"{name}: empty prompt (only whitespace)")
+    return text
+
+
 def check_seed(seed: object, name: str = "seed") -> int:
     return _integer(name, seed, 0, MAX_SEED)
 
