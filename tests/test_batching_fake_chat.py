@@ -16,7 +16,7 @@ import pytest
 import torch
 from jfexport.runtime.batching.chat_batch import ChatSlots
 from jfexport.runtime.batching.decode_step import DecodeRows, run_decode_step
-from jfexport.runtime.batching.jobs import ChatJob, ChatRow
+from jfexport.runtime.batching.jobs import ChatJob, ChatPart, ChatRow
 from jfexport.runtime.batching.kv_cache import KVLayout
 from jfexport.runtime.errors import NonFiniteOutput
 
@@ -126,6 +126,11 @@ def job(prompts: list[list[int]], max_new_tokens: int, eos: int = VOCAB + 1) -> 
     return ChatJob(rows, StopRule(eos, max_new_tokens), 0.0, 1.0, False, None, lambda: True)
 
 
+def whole(*jobs: ChatJob) -> list[ChatPart]:
+    """Each job's rows as one part: what the scheduler admits when the slots are free."""
+    return [j.take_part(j.rows) for j in jobs]
+
+
 def run(chat: ChatSlots, limit: int = 100) -> tuple[list[ChatJob], list]:
     """Step until no row is left: (jobs in the order they ended, failures). Failed jobs are dropped
     as the scheduler drops them."""
@@ -148,7 +153,7 @@ def test_rows_of_different_lengths_leave_their_slots_in_any_order(chunk):
     prompts = [[3, IMAGE_ID, 11], [5, IMAGE_ID, 2, 9, 4, 1], [8, IMAGE_ID, 6, 6]]
     limits = [4, 11, 7]
     jobs = [job([p], n) for p, n in zip(prompts, limits)]
-    assert chat.prefill(jobs) == []
+    assert chat.prefill(whole(*jobs)) == []
     assert executor.prefills == [3]  # admitted together: one prefill call
     assert chat.active_rows == 3
     ended, failures = run(chat)
@@ -163,7 +168,7 @@ def test_rows_of_different_lengths_leave_their_slots_in_any_order(chunk):
 def test_one_executor_call_per_step_for_all_rows():
     executor = FakeExecutor()
     chat = slots(executor)
-    chat.prefill([job([[1, IMAGE_ID, 2]], 3), job([[4, IMAGE_ID, 5, 6], [2, IMAGE_ID]], 6)])
+    chat.prefill(whole(job([[1, IMAGE_ID, 2]], 3), job([[4, IMAGE_ID, 5, 6], [2, IMAGE_ID]], 6)))
     calls = []
     while chat.rows:
         rows = chat.active_rows
@@ -182,7 +187,7 @@ def test_eos_and_max_new_tokens_stop_rows(chunk):
     assert eos not in expected(prompts[1], 8) + expected(prompts[0], 2)
     chat = slots(FakeExecutor(chunk))
     both = job(prompts, 8, eos)
-    chat.prefill([both])
+    chat.prefill(whole(both))
     run(chat)
     first, second = both.chat_rows
     assert first.tokens == expected(prompts[0], 3) and first.finish_reason == "stop"
@@ -198,7 +203,7 @@ def test_a_nan_in_one_row_fails_only_its_request(chunk):
     executor = FakeExecutor(chunk, poison)
     chat = slots(executor)
     healthy, broken = job([healthy_prompt], 9), job([broken_prompt], 9)
-    chat.prefill([broken, healthy])  # the broken row takes slot 0: the healthy one moves into it when it leaves
+    chat.prefill(whole(broken, healthy))  # the broken row takes slot 0: the healthy one moves into it when it leaves
     for _ in range(5):  # the poison is fed by the third step at the latest
         failures = chat.step()
         if failures:
@@ -221,11 +226,11 @@ def test_a_follow_up_turn_reuses_the_prefix_k_v():
         executor = FakeExecutor()
         chat = slots(executor, prefix_cache_bytes=budget)
         first = job([first_prompt], 5)
-        chat.prefill([first])
+        chat.prefill(whole(first))
         run(chat)
         follow = job([first_prompt + first.chat_rows[0].tokens + turn], 6)
         prefills_before = len(executor.prefills)
-        chat.prefill([follow])
+        chat.prefill(whole(follow))
         run(chat)
         answers[budget] = follow.chat_rows[0].tokens
         if budget:
@@ -253,12 +258,12 @@ def test_only_rows_that_ask_for_logprobs_bring_logits_back(chunk):
     executor.decode = spy
     chat = slots(executor)
     plain = job([[3, IMAGE_ID, 11]], 6)
-    chat.prefill([plain])
+    chat.prefill(whole(plain))
     chat.step()
     assert seen == [(False, None)]  # no row asks: nothing kept, nothing copied
     asking = ChatJob([ChatRow([5, IMAGE_ID, 2], torch.zeros(2), torch.Generator())], StopRule(VOCAB + 1, 6), 0.0, 1.0,
                      False, None, lambda: True, top_logprobs=2)
-    chat.prefill([asking])
+    chat.prefill(whole(asking))
     run(chat)
     # Computed where the logits are for the asking row alone; no row's whole logits cross to the host.
     assert all(keep and raw == [False] * len(raw) and asked.count(True) == 1 for keep, (raw, asked) in seen[1:])
@@ -277,7 +282,7 @@ def test_a_row_ended_early_leaves_while_the_others_go_on(chunk):
     chat = slots(FakeExecutor(chunk))
     prompts = [[2, IMAGE_ID, 3], [9, IMAGE_ID, 1, 1]]
     both = job(prompts, 8)
-    chat.prefill([both])
+    chat.prefill(whole(both))
     first, second = both.chat_rows
     both.end_row(first)
     assert first.finish_reason == "stop" and not both.finished
@@ -293,3 +298,37 @@ def test_ending_a_row_of_a_failed_request_keeps_it_failed():
     failed.end_row(failed.chat_rows[0])
     assert failed.finished and isinstance(failed.error, NonFiniteOutput)
     assert failed.chat_rows[0].finish_reason is None
+
+
+def test_a_small_question_behind_large_ones_starts_at_the_next_free_slots():
+    """K/V slots are shared as image rows are: a question's rows may start at different iterations,
+    so a small question waits for free slots, not for a whole large question ahead of it to start."""
+    from jfexport.runtime.batching.generation_batch import GenerationRows
+    from jfexport.runtime.batching.scheduler import Observers, Scheduler
+
+    observers = Observers()
+    chat = slots(FakeExecutor(), max_rows=4)
+    scheduler = Scheduler(GenerationRows(None, {}, 0, 0, observers), chat, observers, start=False)  # type: ignore[arg-type]
+    running = job([[3, IMAGE_ID, 11]] * 4, 6)
+    scheduler.submit(running)
+    scheduler.run_iteration()
+    large = job([[8, IMAGE_ID, 6, 6]] * 4, 12)
+    small = job([[2, IMAGE_ID, 9]], 2)
+    scheduler.submit(large)
+    scheduler.submit(small)
+    scheduler.run_iteration()
+    assert chat.active_rows == 4 and large.pending == 4 and small.pending == 1  # every slot is running's
+    ended_at = {}
+    for iteration in range(1, 100):
+        busy = scheduler.run_iteration()
+        for name, j in (("large", large), ("small", small)):
+            if j.finished:
+                ended_at.setdefault(name, iteration)
+        if not busy:
+            break
+    # Admitted whole, `large` would take the 4 slots `running` frees and `small` would wait for its end;
+    # shared, `small` takes one of them, beside three of large's rows.
+    assert ended_at["small"] < ended_at["large"], ended_at
+    for j, prompt, count in ((running, [3, IMAGE_ID, 11], 6), (large, [8, IMAGE_ID, 6, 6], 12), (small, [2, IMAGE_ID, 9], 2)):
+        assert j.finished and j.error is None
+        assert all(row.tokens == expected(prompt, count) for row in j.chat_rows)

@@ -30,7 +30,7 @@ from jfexport.core.schedulers import TokenLogprobs, token_logprobs
 
 from ..errors import NonFiniteOutput, RuntimeFailure
 from .decode_step import ChatExecutor, DecodeRow, first_token
-from .jobs import ChatJob, ChatRow
+from .jobs import ChatJob, ChatPart, ChatRow
 from .kv_cache import KVCache, KVLayout, PrefixCache
 
 log = logging.getLogger(__name__)
@@ -106,10 +106,10 @@ class ChatSlots:
 
     # -- prefill -----------------------------------------------------------------------------
 
-    def prefill(self, jobs: list[ChatJob]) -> list[Failure]:
-        """Prefill the new rows of `jobs` (together, or from a stored prefix), choose their first tokens,
+    def prefill(self, parts: list[ChatPart]) -> list[Failure]:
+        """Prefill the rows of `parts` (together, or from a stored prefix), choose their first tokens,
         give them slots."""
-        pairs = [(job, row, image_hash(row.pixels)) for job in jobs for row in job.chat_rows]
+        pairs = [(part.job, row, image_hash(row.pixels)) for part in parts for row in part.chat_rows]
         if self._cache is not None:
             self._check_room(len(pairs))
         failed: dict[ChatJob, BaseException] = {}

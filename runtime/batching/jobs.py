@@ -383,10 +383,22 @@ class ChatJob(Job):
         self.chat_rows, self.rule, self.temperature, self.top_p = rows, rule, temperature, top_p
         self.keep_logits, self.top_logprobs = keep_logits, top_logprobs
         self.first_token_at: float | None = None
+        self._next_row = 0  # rows before it are admitted (they hold, or held, a K/V slot)
 
     @property
     def rows(self) -> int:
         return len(self.chat_rows)
+
+    @property
+    def pending(self) -> int:
+        """Rows not admitted yet."""
+        return self.rows - self._next_row
+
+    def take_part(self, rows: int) -> "ChatPart":
+        """The next at most `rows` rows, to be prefilled together."""
+        start = self._next_row
+        self._next_row = min(start + rows, self.rows)
+        return ChatPart(self, self.chat_rows[start:self._next_row])
 
     @property
     def wants_logits(self) -> bool:
@@ -429,6 +441,19 @@ class ChatJob(Job):
             self.cond.notify_all()
         self._notify_end() if self.finished else self._notify()
         return reason
+
+
+@dataclass(eq=False)
+class ChatPart:
+    """Rows of a ChatJob admitted together. A request's answers may start at different iterations:
+    each row samples with its own generator, so when it starts changes nothing of what it answers."""
+
+    job: ChatJob
+    chat_rows: list[ChatRow]
+
+    @property
+    def rows(self) -> int:
+        return len(self.chat_rows)
 
 
 def stream_rows(job: ChatJob) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:

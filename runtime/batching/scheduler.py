@@ -11,13 +11,13 @@ Each iteration, in this order:
    VAE (one batched call).
 So the engines alternate between one chat token and one Euler step: a question that arrives
 while images are generated waits at most for the step in flight before it is prefilled, and
-images advance while answers stream. Questions are admitted first come, first served; a
-question batch that does not fit waits, and so do those behind it (no starvation of large
-requests). Image rows are shared: when rows free up, the waiting image requests take one image
-each in turn, first come first, until the rows run out (`fair_shares`). An image request takes the
-rows it is given and the rest of its images join as rows free up (in parts, `GenerationPart`), so
-a request may hold more images than one engine call, and a small request behind a large one
-starts at the next free rows instead of after all of the large one's images.
+images advance while answers stream. Rows are shared, image rows and K/V slots alike: when
+they free up, the waiting requests of that kind take one row each in turn (an image, or one of a
+question's `n` answers), first come first, until the rows run out (`fair_shares`). A request takes
+the rows it is given and the rest join as rows free up (in parts, `GenerationPart`, `ChatPart`),
+so a request may hold more images than one engine call, and a small request behind a large one
+starts at the next free rows instead of after all of the large one's rows; the earlier request
+takes the first turn of every round, so a large one is not starved either.
 
 Failures stay with their request: a batched call that raises is retried request by request, and
 a NaN is attributed to its row. Anything that escapes the loop stops the scheduler and fails
@@ -36,19 +36,18 @@ from typing import Any, Callable, TypeVar
 import torch
 
 from jfexport import defaults
-from jfexport.core.errors import InputError
 
 from ..errors import Overloaded, RequestCancelled, RequestTimeout, SchedulerStopped
 from .chat_batch import ChatSlots
 from .generation_batch import GenerationRows
-from .jobs import CallJob, ChatJob, GenerationJob, GenerationPart, Job
+from .jobs import CallJob, ChatJob, ChatPart, GenerationJob, GenerationPart, Job
 
 log = logging.getLogger(__name__)
 
 Observer = Callable[[str, int], None]
-Failure = tuple[Job | GenerationPart, BaseException]
-# What a batched phase takes: requests, or the parts of image requests the generation rows hold.
-Work = TypeVar("Work", ChatJob, GenerationJob, GenerationPart)
+Failure = tuple[Job | GenerationPart | ChatPart, BaseException]
+# What a batched phase takes: the parts of requests that the rows and slots hold.
+Work = TypeVar("Work", ChatPart, GenerationPart)
 Queued = TypeVar("Queued", ChatJob, GenerationJob)
 Value = TypeVar("Value")
 
@@ -237,33 +236,22 @@ class Scheduler:
             return RequestTimeout(f"{job.kind} request timed out after {job.deadline - job.created:.3g} s")
         return RequestCancelled(f"{job.kind} request cancelled")
 
-    def _drop(self, job: Job | GenerationPart, error: BaseException) -> None:
+    def _drop(self, job: Job | GenerationPart | ChatPart, error: BaseException) -> None:
         job = _request(job)
-        if isinstance(job, GenerationJob):
+        if isinstance(job, (GenerationJob, ChatJob)):
             with self._cond:
-                if job in self._queue:  # images still waiting for rows
+                if job in self._queue:  # rows still waiting for their turn
                     self._queue.remove(job)
+        if isinstance(job, GenerationJob):
             for part in job.parts:
                 self.generation.drop(part)
         elif isinstance(job, ChatJob):
             self.chat.drop(job)
         job.fail(error)
 
-    def _admit(self, kind: type[Queued], fits: Callable[[Queued, list[Queued]], bool]) -> list[Queued]:
-        with self._cond:
-            admitted: list[Queued] = []
-            for job in list(self._queue):
-                if not isinstance(job, kind):
-                    continue
-                if not fits(job, admitted):
-                    break
-                admitted.append(job)
-                self._queue.remove(job)
-            return admitted
-
     def _settle(self, failures: Sequence[Failure]) -> None:
         for job, error in failures:
-            log.info("%s request failed: %s", job.kind, error)
+            log.info("%s request failed: %s", _request(job).kind, error)
             self._drop(job, error)
 
     def _isolated(self, phase: Callable[[list[Work]], Sequence[Failure]], jobs: list[Work]) -> None:
@@ -275,7 +263,7 @@ class Scheduler:
                 self._settle([(jobs[0], e)])
                 return
             for job in jobs:
-                if job.finished:  # a part of a request that another part failed
+                if _request(job).finished:  # a part of a request that another part failed
                     continue
                 try:
                     self._settle(phase([job]))
@@ -283,46 +271,36 @@ class Scheduler:
                     self._settle([(job, e)])
 
     def _admit_chat(self) -> None:
-        """Prefill the queued questions that fit the free slots; each gets its first token."""
+        """Prefill rows of the queued questions for the free K/V slots; each row gets its first token."""
         chat = self.chat
-        admitted = self._admit(ChatJob, lambda job, taken: chat.active_rows + sum(j.rows for j in taken) + job.rows
-                               <= chat.slots)
-        if not admitted and not chat.rows:
-            self._refuse_oversized()
-        for job in [j for j in admitted if j.rule.max_new_tokens == 0]:
+        with self._cond:  # a question answered with no token needs no slot: it ends where it stands
+            prefill_only = [j for j in self._queue if isinstance(j, ChatJob) and j.rule.max_new_tokens == 0]
+            for job in prefill_only:
+                self._queue.remove(job)
+        for job in prefill_only:
             job.complete()
-        admitted = [j for j in admitted if j.rule.max_new_tokens > 0]
+        admitted = self._admit_parts(ChatJob, chat.slots - chat.active_rows)
         if admitted:
             self._isolated(chat.prefill, admitted)
 
-    def _refuse_oversized(self) -> None:
-        """A question batch wider than the K/V slots (known once the store is sized) can never start."""
-        with self._cond:
-            head = next((j for j in self._queue if isinstance(j, ChatJob)), None)
-            if head is None or head.rows <= self.chat.slots:
-                return
-            self._queue.remove(head)
-        head.fail(InputError(f"{head.rows} questions in one call, the K/V cache holds {self.chat.slots} rows"
-                             " (raise kv_budget_bytes or ask fewer at once)"))
-
     def _generation(self) -> None:
         gen = self.generation
-        admitted = self._admit_images(gen.max_images - gen.active_rows)
+        admitted = self._admit_parts(GenerationJob, gen.max_images - gen.active_rows)
         if admitted:
             self._isolated(gen.prefill, admitted)
         if gen.rows:
             self._settle(gen.step())
 
-    def _admit_images(self, free: int) -> list[GenerationPart]:
-        """Parts of the queued image requests for `free` image rows, shared out by `share_rows`
-        (`fair_shares`); a request leaves the queue once all of its images are admitted."""
-        parts: list[GenerationPart] = []
-        if free <= 0:  # the usual iteration while images run: nothing to hand out, no queue to walk
+    def _admit_parts(self, kind: type[Queued], free: int) -> list[Any]:
+        """Parts of the queued requests of `kind` for `free` rows (image rows or K/V slots), shared out
+        by `share_rows` (`fair_shares`); a request leaves the queue once all of its rows are admitted."""
+        parts: list[Any] = []
+        if free <= 0:  # the usual iteration while rows run: nothing to hand out, no queue to walk
             return parts
         with self._cond:
-            waiting = [job for job in self._queue if isinstance(job, GenerationJob)]
+            waiting = [job for job in self._queue if isinstance(job, kind)]
             for job, share in zip(waiting, self.share_rows([job.pending for job in waiting], free)):
-                while share > 0:  # a part holds images of one prompt: a share may span several
+                while share > 0:  # an image part holds images of one prompt: a share may span several
                     parts.append(job.take_part(share))
                     share -= parts[-1].rows
                 if not job.pending:
@@ -344,6 +322,6 @@ def fair_shares(pending: Sequence[int], free: int) -> list[int]:
     return shares
 
 
-def _request(job: Job | GenerationPart) -> Job:
+def _request(job: Job | GenerationPart | ChatPart) -> Job:
     """The request a job of the rows belongs to (a part's request, else the job itself)."""
-    return job.job if isinstance(job, GenerationPart) else job
+    return job.job if isinstance(job, (GenerationPart, ChatPart)) else job
