@@ -18,7 +18,6 @@ from jfexport.runtime.backend_choice import BackendChoice, choose_backend
 from jfexport.runtime.folder_files import confine_manifest
 from jfexport.runtime.int8_arithmetic import MATMUL_TOLERANCE, WEIGHT_MAX, cpu_name, describe_cpu, matmul_error
 
-from jfexport import defaults
 from jfexport.core.errors import UserError
 from jfexport.core.graph_spec import GraphSpec
 from jfexport.core.manifest import (
@@ -36,7 +35,7 @@ from jfexport.core.manifest import (
 )
 
 from .build_folder import BuildFolder, named_os_error, open_build_folder
-from .exporter import Progress, export_graphs, manifest_for, weights_sha256
+from .exporter import Progress, build_limits, export_graphs, manifest_for, weights_sha256
 from .quantize.cache import read_cache, write_cache
 from .quantize.int8_build import QUANTIZED_GRAPHS, build_int8
 from .quantize.int8_gate import end_to_end_gate
@@ -46,29 +45,8 @@ PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "preprocessor_config.json")
 
 
-class BuildLimitsError(UserError):
-    pass
-
-
 class Int8ArithmeticError(UserError):
     pass
-
-
-def build_limits(bundle: ModelBundle, max_batch: int = defaults.MAX_BATCH, max_seq: int | None = None) -> Limits:
-    """The build's limits: `max_seq` defaults to the model's positions (at most 4096) and may not exceed them."""
-    positions = bundle.config.language.max_position_embeddings
-    # The graphs are exported at sample sizes (jfexport/core/graph_specs.py) that every range must hold, so
-    # that no dimension is baked in: 3 rows, and a sequence of 11 tokens after a past of 7.
-    if max_batch < 3:
-        raise BuildLimitsError(f"--max-batch {max_batch}: at least 3 rows (the export samples 3)")
-    if max_seq is not None and max_seq < 12:
-        raise BuildLimitsError(f"--max-seq {max_seq}: at least 12 tokens (the export samples 11 after a past of 7)")
-    if max_seq is None:
-        return Limits(max_batch, min(defaults.MAX_SEQ, positions))
-    if max_seq > positions:
-        raise BuildLimitsError(f"--max-seq {max_seq} exceeds the model's max_position_embeddings {positions} "
-                               f"({bundle.source}): build with --max-seq {positions} or less")
-    return Limits(max_batch, max_seq)
 
 
 def _reusable(entry: GraphRecord | None, out: Path, weights: str, wanted: tuple[str, ...], spec: GraphSpec) -> bool:

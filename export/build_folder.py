@@ -48,6 +48,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,6 +83,11 @@ def check_output_folder(out: Path) -> None:
         tempfile.NamedTemporaryFile(dir=out, prefix=".probe.").close()
     except OSError as e:
         raise BuildFolderError(f"{out}: output folder is not writable ({e.strerror})") from None
+    # The commit replaces manifest.json: what cannot be replaced by a file is said now, not after the export.
+    manifest = out / MANIFEST
+    if manifest.is_dir() and not manifest.is_symlink():
+        raise BuildFolderError(f"{manifest}: is a folder, where the build writes its manifest; move it away and build "
+                               "again")
 
 
 def listed_files(manifest: Manifest | None) -> set[str]:
@@ -121,10 +127,17 @@ def locked(folder: Path, progress: Progress) -> Iterator[None]:
     """Hold `folder`'s build lock; refuse when a live process holds it."""
     path = folder / LOCK
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        # Never through a link: the lock is truncated and written, and a link would hand that to its target.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as e:
-        raise BuildFolderError(f"{path}: cannot create the build lock ({e.strerror})") from None
+        why = "it is a link, and a build's lock is a file of its own" if e.errno == errno.ELOOP else e.strerror
+        raise BuildFolderError(f"{path}: cannot use it as the build lock ({why}); remove it and build again") from None
     try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            raise BuildFolderError(f"{path}: cannot use it as the build lock (it is "
+                                   f"{'not a regular file' if not stat.S_ISREG(info.st_mode) else 'a file with other names'}"
+                                   ", and a build's lock is a file of its own); remove it and build again")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -18,6 +18,7 @@ from typing import Callable
 from jfexport.reference.bundle import ModelBundle
 from jfexport.reference.graphs import GRAPH_NAMES, build_graph, graph_weights
 
+from jfexport import defaults
 from jfexport.core.errors import UserError
 from jfexport.core.graph_spec import GraphSpec
 from jfexport.core.manifest import (
@@ -129,6 +130,27 @@ def export_graphs(
     return entries
 
 
+class BuildLimitsError(UserError):
+    pass
+
+
+def build_limits(bundle: ModelBundle, max_batch: int = defaults.MAX_BATCH, max_seq: int | None = None) -> Limits:
+    """The build's limits: `max_seq` defaults to the model's positions (at most 4096) and may not exceed them."""
+    positions = bundle.config.language.max_position_embeddings
+    # The graphs are exported at sample sizes (jfexport/core/graph_specs.py) that every range must hold, so
+    # that no dimension is baked in: 3 rows, and a sequence of 11 tokens after a past of 7.
+    if max_batch < 3:
+        raise BuildLimitsError(f"--max-batch {max_batch}: at least 3 rows (the export samples 3)")
+    if max_seq is not None and max_seq < 12:
+        raise BuildLimitsError(f"--max-seq {max_seq}: at least 12 tokens (the export samples 11 after a past of 7)")
+    if max_seq is None:
+        return Limits(max_batch, min(defaults.MAX_SEQ, positions))
+    if max_seq > positions:
+        raise BuildLimitsError(f"--max-seq {max_seq} exceeds the model's max_position_embeddings {positions} "
+                               f"({bundle.source}): build with --max-seq {positions} or less")
+    return Limits(max_batch, max_seq)
+
+
 def manifest_for(bundle: ModelBundle, limits: Limits, precisions: tuple[str, ...],
                  graphs: dict[str, GraphRecord]) -> Manifest:
     """An export's manifest (a build adds its backend, tokenizer and INT8 records)."""
@@ -139,13 +161,15 @@ def manifest_for(bundle: ModelBundle, limits: Limits, precisions: tuple[str, ...
 
 
 def export_all(bundle: ModelBundle, out: Path, graphs: list[str] | None = None, precisions: tuple[str, ...] = ("fp32",),
-               limits: Limits = Limits(), progress: Progress = lambda msg: None) -> Manifest:
+               limits: Limits | None = None, progress: Progress = lambda msg: None) -> Manifest:
     """`jfexport export`: every selected graph, then the manifest; returns the manifest.
 
     An export folder is a workbench: its graphs keep their plain names and are replaced by the
     next export. A build folder is refused (its manifest would be replaced by one without the
     backend, tokenizer and other graphs); export writes nowhere until every graph has passed.
+    `limits` defaults to a build's (`build_limits`), so that a runtime accepts the manifest.
     """
+    limits = build_limits(bundle) if limits is None else limits
     names = select_graphs(graphs, bundle.graph_specs(limits))
     out = Path(out)
     try:

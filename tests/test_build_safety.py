@@ -212,6 +212,35 @@ def test_a_failed_build_takes_back_the_graphs_it_had_placed(base, tmp_path):
     assert [p.name for p in out.iterdir() if p.name.startswith("build-")] == []
 
 
+@pytest.mark.parametrize("make", ["symlink", "hardlink", "fifo"])
+def test_a_lock_that_is_not_a_file_of_its_own_is_refused_and_left_alone(tmp_path, make):
+    """The lock is truncated and rewritten: through a link it would empty the link's target (a user's file)."""
+    out = tmp_path / "engines"
+    out.mkdir()
+    precious = tmp_path / "notes.txt"
+    precious.write_text("precious user data")
+    lock = out / ".jfexport.lock"
+    if make == "symlink":
+        lock.symlink_to(precious)
+    elif make == "hardlink":
+        os.link(precious, lock)
+    else:
+        os.mkfifo(lock)
+    res = run_cli("build", "--preset", "tiny", "--out", str(out))
+    assert res.returncode == 2 and f"error: {lock}: cannot use it as the build lock" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and precious.read_text() == "precious user data"
+    assert sorted(p.name for p in out.iterdir()) == [".jfexport.lock"]
+
+
+def test_a_manifest_path_holding_a_folder_is_named_before_any_export(tmp_path):
+    out = tmp_path / "engines"
+    (out / "manifest.json").mkdir(parents=True)
+    (out / "manifest.json" / "mine.txt").write_text("kept")
+    res = run_cli("build", "--preset", "tiny", "--out", str(out))
+    assert res.returncode == 2 and f"error: {out / 'manifest.json'}: is a folder" in res.stderr, res.stderr
+    assert "exporting" not in res.stderr.lower() and (out / "manifest.json" / "mine.txt").read_text() == "kept"
+
+
 def test_export_into_a_build_folder_is_refused(base, tmp_path):
     out = tmp_path / "engines"
     shutil.copytree(base, out)

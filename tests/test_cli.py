@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 from PIL import Image
 
-from .conftest import run_cli
+from .conftest import REPO, run_cli
 
 
 def test_generate_writes_pngs_and_chat_answers(tmp_path):
@@ -152,3 +156,26 @@ def test_bench_of_a_build_names_both_sides_and_gives_them_the_same_threads(engin
     for side in (data["precisions"]["fp32"], data["reference_eager"]):
         timing = side["end_to_end"]
         assert timing["runs"] == 2 and timing["min_ms"] <= timing["median_ms"] <= timing["max_ms"]
+
+
+@pytest.mark.parametrize("stdout", ["full", "closed"])
+def test_a_standard_output_that_fails_is_named_and_loses_no_image(engines, tmp_path, stdout):
+    """The paths are printed once every image is written: a full disk (/dev/full) or a reader that closed
+    the pipe gets `error: cannot write to standard output`, exit 2, and all the images."""
+    command = [sys.executable, "-m", "jfexport.cli", "generate", "a red circle", "-n", "3", "--steps", "2",
+               "--engines", str(engines), "-o", str(tmp_path / "out")]
+    if stdout == "full":
+        with open("/dev/full", "w") as full:
+            res = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True, timeout=300, cwd=REPO)
+        message = "(No space left on device)"
+    else:
+        read, write = os.pipe()
+        os.close(read)  # the reader is gone before anything is written
+        try:
+            res = subprocess.run(command, stdout=write, stderr=subprocess.PIPE, text=True, timeout=300, cwd=REPO)
+        finally:
+            os.close(write)
+        message = "(Broken pipe)"
+    assert res.returncode == 2 and f"error: cannot write to standard output {message}" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and "Exception ignored" not in res.stderr, res.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["image_0.png", "image_1.png", "image_2.png"]

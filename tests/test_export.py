@@ -56,6 +56,17 @@ def test_manifest_lists_all_graphs_with_hashes(tiny_export):
     assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != ".jfexport.lock"]
 
 
+def test_an_export_manifest_has_a_builds_limits_and_reads_back(tiny_export):
+    """Its limits are a build's (max_seq within the model's positions), so the manifest reader accepts it."""
+    from jfexport.export.exporter import build_limits
+    from jfexport.reference.bundle import load_preset
+
+    from jfexport.core.manifest import Manifest
+
+    out, manifest = tiny_export
+    assert Manifest.read(out).limits == build_limits(load_preset("tiny"))
+
+
 @pytest.mark.parametrize("name", GRAPH_NAMES)
 def test_fp32_parity_at_other_shapes(tiny_export, fresh_tiny, name):
     out, manifest = tiny_export

@@ -567,7 +567,7 @@ def test_a_broken_golden_index_or_weight_map_is_named(tmp_path):
 
 
 def test_build_limits_below_the_export_samples_are_refused():
-    from jfexport.export.build import BuildLimitsError, build_limits
+    from jfexport.export.exporter import BuildLimitsError, build_limits
 
     bundle = load_bundle(preset="tiny")
     with pytest.raises(BuildLimitsError, match="--max-batch 2"):

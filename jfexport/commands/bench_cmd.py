@@ -13,7 +13,7 @@ from jfexport.core.manifest import Manifest
 from jfexport.defaults import BACKENDS
 
 from .options import backend_option, load_model, model_options, reference_bundle_for_build
-from .output_files import check_json_target, write_json
+from .output_files import check_json_target, say, write_json
 
 
 @click.command("bench")
@@ -74,7 +74,7 @@ def bench_cmd(checkpoint, vae, preset, engines, backend, steps, cfg, batch, warm
     result = {"compared": compared, "model": bundle.source, "backend": backend,
               "command": " ".join(["jfexport", *sys.argv[1:]]), **result}
     text = json.dumps(result, indent=2)
-    click.echo(text)
+    say(text)
     if json_path is not None:
         write_json(json_path, text)
 
@@ -132,6 +132,6 @@ def _bench_precisions(engines, backend, wanted, checkpoint, vae, steps, cfg, bat
     result = {"compared": compared, "model": bundle.source, "backend": name,
               "command": " ".join(["jfexport", *sys.argv[1:]]), **result}
     text = json.dumps(result, indent=2)
-    click.echo(text)
+    say(text)
     if json_path is not None:
         write_json(json_path, text)

@@ -12,7 +12,7 @@ from jfexport.core.errors import InputError
 from jfexport.core.processor.request_checks import MAX_PREVIEWS
 
 from .options import DEFAULT_ENGINES, precision_option
-from .output_files import check_json_target, write_json
+from .output_files import check_json_target, say, write_json
 
 
 @click.command("bench-serve")
@@ -77,7 +77,7 @@ def bench_serve_cmd(engines, precision, clients, requests_, mix, steps, cfg, max
             runtime.close()
         results["engines"] = str(engines)
     text = json.dumps(results, indent=2)
-    click.echo(text)
+    say(text)
     if json_path is not None:
         write_json(json_path, text)
 
@@ -98,6 +98,6 @@ def _bench_decode(engines: Path, precision: str | None, max_new_tokens: int, jso
                            progress=lambda m: click.echo(m, err=True))
     results["engines"] = str(engines)
     text = json.dumps(results, indent=2)
-    click.echo(text)
+    say(text)
     if json_path is not None:
         write_json(json_path, text)

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from .options import DEFAULT_ENGINES
-from .output_files import check_json_target, write_json
+from .output_files import check_json_target, say, write_json
 
 # How often the server's /ready is polled: the resolution of the time-to-ready figure.
 POLL_S = 0.02
@@ -103,6 +103,6 @@ def bench_startup_cmd(engines, runs, json_path):
                       f"first 200 on /ready (polled every {POLL_S * 1e3:.0f} ms)",
               **{k: summarize(v) for k, v in samples.items()}, "machine": machine_info()}
     text = json.dumps(result, indent=2)
-    click.echo(text)
+    say(text)
     if json_path is not None:
         write_json(json_path, text)

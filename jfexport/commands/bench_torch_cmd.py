@@ -13,7 +13,7 @@ import click
 from jfexport import defaults
 
 from .options import load_model, model_options
-from .output_files import check_json_target, write_json
+from .output_files import check_json_target, say, write_json
 
 
 @click.command("bench-torch")
@@ -58,6 +58,6 @@ def bench_torch_cmd(checkpoint, vae, preset, device, dtype, batches, steps, cfg,
                                "a red circle at the top left", chunk, fp8, compile_step)
     result = {"model": bundle.source, "command": " ".join(["jfexport", *sys.argv[1:]]), **result}
     text = json.dumps(result, indent=2)
-    click.echo(text)
+    say(text)
     if json_path is not None:
         write_json(json_path, text)

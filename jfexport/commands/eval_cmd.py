@@ -10,7 +10,7 @@ import click
 from jfexport import defaults
 
 from .options import ENGINE_PRECISIONS, open_pipeline, runtime_options
-from .output_files import check_json_target, write_json
+from .output_files import check_json_target, say, write_json
 
 
 @click.command("eval")
@@ -43,7 +43,7 @@ def eval_cmd(engines, backend, precision, verify_files, checkpoint, vae, preset,
         report = {"precision": precision or "default", **report, "against": {"precision": against, **baseline.to_json()},
                   "accuracy_drop": drops, "max_accuracy_drop": MAX_ACCURACY_DROP, "ok": not failed}
     text = json.dumps(report, indent=2)
-    click.echo(text)
+    say(text)
     if json_path is not None:
         write_json(json_path, text)
     if failed:

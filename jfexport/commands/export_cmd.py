@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from .options import load_model, model_options
+from .output_files import say
 
 
 def parse_graphs(value: str | None) -> list[str] | None:
@@ -28,4 +29,4 @@ def export_cmd(checkpoint, vae, preset, out, graphs, fp16):
     bundle = load_model(checkpoint, vae, preset)
     manifest = export_all(bundle, out, names, ("fp32", "fp16") if fp16 else ("fp32",),
                           progress=lambda msg: click.echo(msg, err=True))
-    click.echo(f"{len(manifest.graphs)} graphs written to {out}")
+    say(f"{len(manifest.graphs)} graphs written to {out}")

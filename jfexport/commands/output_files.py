@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import BinaryIO, Callable
+
+import click
 
 from jfexport.core.errors import UserError
 
 
 class OutputError(UserError):
     """An output option names a place the command cannot write."""
+
+
+def say(text: str = "", nl: bool = True) -> None:
+    """A command's result on standard output. A write that fails (a full disk, a reader that closed the
+    pipe) is named like any other output's, rather than a traceback; what is left unwritten is dropped,
+    or the interpreter's exit would fail on it again."""
+    try:
+        click.echo(text, nl=nl)
+    except OSError as e:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise OutputError(f"cannot write to standard output ({e.strerror or e})") from None
 
 
 def ensure_writable_folder(folder: Path, option: str) -> None:

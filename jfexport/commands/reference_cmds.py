@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from .output_files import say
+
 
 @click.command("verify-reference")
 @click.option("--checkpoint", type=click.Path(path_type=Path), required=True, help="config.json + weights.")
@@ -17,8 +19,8 @@ def verify_reference_cmd(checkpoint, golden):
 
     golden_file = GoldenFile(golden)
     results = verify_golden(load_checkpoint(checkpoint), golden_file)
-    click.echo(format_table(results))
+    say(format_table(results))
     failed = [r.name for r in results if not r.ok]
     if failed:
         raise click.ClickException(f"{len(failed)} tensor(s) outside tolerance: {', '.join(failed)}")
-    click.echo(f"all {len(results)} golden tensors within tolerance")
+    say(f"all {len(results)} golden tensors within tolerance")

@@ -22,7 +22,7 @@ from .options import (
     reference_bundle_for_build,
     runtime_options,
 )
-from .output_files import OutputError, ensure_writable_folder
+from .output_files import OutputError, ensure_writable_folder, say
 
 
 @click.command("build")
@@ -46,7 +46,7 @@ def build_cmd(checkpoint, vae, preset, fp16, int8, backend, out, max_batch, max_
     done = ([f"rebuilt {', '.join(manifest.rebuilt)}"] if manifest.rebuilt else []) + [
         f"added {', '.join(precisions)} to {name}" for name, precisions in (manifest.added or {}).items()]
     backend = manifest.backend.name if manifest.backend is not None else "onnxruntime"
-    click.echo(f"built {out} ({backend}): " + ("; ".join(done) or "everything up to date"))
+    say(f"built {out} ({backend}): " + ("; ".join(done) or "everything up to date"))
 
 
 @click.command("generate")
@@ -89,7 +89,9 @@ def generate_cmd(prompts, engines, backend, precision, verify_files, checkpoint,
                                          paths, overwrite)
     for index, (image, path) in enumerate(zip(images, paths, strict=True)):
         write_png(image, path, overwrite, provenance(list(prompts), num_images, index, seed, steps, cfg, model))
-        click.echo(str(path))
+    # Named once every image is written: a standard output that fails (closed, full) loses none of them.
+    for path in paths:
+        say(str(path))
 
 
 def _generate_with_previews(pipe, prompts: list[str], n: int, steps: int, cfg: float, seed: int, previews: int,
@@ -162,9 +164,9 @@ def chat_cmd(question, engines, backend, precision, verify_files, checkpoint, va
         # Decode the whole answer each time: a byte-level token may be half a character, so hold
         # back a trailing replacement character until the next token completes it.
         text = tokenizer.decode(ids).rstrip("\ufffd")
-        click.echo(text[len(printed):], nl=False)
+        say(text[len(printed):], nl=False)
         printed = text
-    click.echo()
+    say()
 
 
 @click.command("verify")
@@ -189,8 +191,8 @@ def verify_cmd(engines, backend, precision, checkpoint, vae, steps):
     runtime = JanusFlowRuntime.from_engines(engines, backend, checked.precision, checked.device)
     bundle = reference_bundle_for_build(engines, checkpoint, vae)
     checks = verify(runtime, ReferencePipeline(bundle), steps=steps)
-    click.echo(format_checks(checks))
+    say(format_checks(checks))
     failed = [c.name for c in checks if not c.ok]
     if failed:
         raise click.ClickException(f"verification failed: {', '.join(failed)}")
-    click.echo(f"{engines}: engines match the reference")
+    say(f"{engines}: engines match the reference")

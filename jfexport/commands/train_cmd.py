@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .output_files import ensure_writable_folder
+from .output_files import ensure_writable_folder, say
 
 
 @click.command("train")
@@ -19,7 +19,7 @@ def train_cmd(config):
     cfg = TrainConfig.from_file(config)
     ensure_writable_folder(Path(cfg.out), f"{config}: out")
     last = train(cfg, log=lambda msg: click.echo(msg, err=True))
-    click.echo(f"checkpoint (EMA weights, official layout): {Path(cfg.out) / 'checkpoint'}; last losses {last}")
+    say(f"checkpoint (EMA weights, official layout): {Path(cfg.out) / 'checkpoint'}; last losses {last}")
 
 
 @click.command("train-default")
@@ -31,4 +31,4 @@ def train_default_cmd(out, seed):
 
     ensure_writable_folder(out, "OUT")
     final = train_default(out, seed, log=lambda msg: click.echo(msg, err=True))
-    click.echo(f"default model (official layout, with vae/ and tokenizer): {final}")
+    say(f"default model (official layout, with vae/ and tokenizer): {final}")
