@@ -91,6 +91,36 @@ def test_bad_training_configs(tmp_path):
             TrainConfig.from_file(path)
 
 
+@pytest.mark.parametrize("key,value,message", [
+    ("log_every", 0, "log_every: must be >= 1"), ("checkpoint_every", 0, "checkpoint_every: must be >= 1"),
+    ("lr", -1.0, "lr: must be > 0"), ("warmup", -5, "warmup: must be >= 0"), ("seed", 2**64, "seed: must be in"),
+    ("ema_decay", 2.0, "ema_decay: must be in"), ("prompt_drop", 5.0, "prompt_drop: must be in"),
+    ("grad_clip", -1.0, "grad_clip: must be > 0"), ("logit_std", 0.0, "logit_std: must be > 0"),
+    ("image_size", 0, "image_size: must be"), ("repa_layer", -5, "repa_layer: must be"),
+    ("init", {}, "init: expected"), ("init", {"preset": "tiny", "extra": 1}, "init: expected"),
+    ("ratio", (0, 0, 1), "stage 1 trains only the modules around the LLM"),
+])
+def test_config_values_out_of_range_are_named(key, value, message):
+    """Each used to be met steps into training (a ZeroDivisionError, the optimizer's refusal) or trained with."""
+    from jfexport.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(out="x", **{key: value})
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("repa_layer", 99, r"repa_layer: 99, but the LLM has blocks 1 \.\. "),
+    ("image_size", 7, "image_size: 7: the model's generation encoder cannot take images of this size"),
+])
+def test_config_values_the_model_cannot_take_are_named_before_anything_is_written(tmp_path, key, value, message):
+    from jfexport.core.errors import ConfigError
+
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=message):
+        train(TrainConfig(out=str(out), steps=1, batch_size=1, **{key: value}), log=lambda m: None)
+    assert not out.exists()
+
+
 def test_default_recipe_chains_vae_and_stages_and_resumes(tmp_path):
     from jfexport.reference.training.recipe import Recipe, StagePlan, train_default
 

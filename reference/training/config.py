@@ -46,8 +46,27 @@ class TrainConfig:
         if len(ratio) != 3 or sum(ratio) <= 0 or min(ratio) < 0:
             raise ConfigError(f"ratio needs three non-negative weights (und, gen, text), got {ratio}")
         self.ratio = (ratio[0], ratio[1], ratio[2])
-        if self.steps < 1 or self.batch_size < 1:
-            raise ConfigError("steps and batch_size must be >= 1")
+        if self.stage == 1 and ratio[0] + ratio[1] == 0:
+            raise ConfigError(f"ratio {list(ratio)}: stage 1 trains only the modules around the LLM, which text "
+                              "batches do not reach: give understanding or generation a weight")
+        # Ranges, so that a wrong value is named here rather than met steps into training (a division
+        # by zero, an optimizer's refusal) or, worse, trained with (a negative clip, a decay above 1).
+        for key, ok, want in (
+            ("steps", self.steps >= 1, ">= 1"), ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("log_every", self.log_every >= 1, ">= 1"), ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
+            ("lr", self.lr > 0, "> 0"), ("warmup", self.warmup >= 0, ">= 0"),
+            ("seed", 0 <= self.seed < 2**63, "in 0 .. 2**63 - 1"),
+            ("image_size", self.image_size is None or self.image_size >= 1, ">= 1 or null"),
+            ("repa_layer", self.repa_layer is None or self.repa_layer >= 1, ">= 1 (an LLM block) or null"),
+            ("repa_weight", self.repa_weight >= 0, ">= 0"), ("logit_std", self.logit_std > 0, "> 0"),
+            ("prompt_drop", 0 <= self.prompt_drop <= 1, "in [0, 1]"), ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)"),
+            ("grad_clip", self.grad_clip > 0, "> 0"),
+        ):
+            if not ok:
+                raise ConfigError(f"{key}: must be {want}, got {getattr(self, key)!r}")
+        if not (len(self.init) == 1 and next(iter(self.init)) in ("preset", "checkpoint")
+                and isinstance(next(iter(self.init.values())), str)):
+            raise ConfigError(f'init: expected {{"preset": NAME}} or {{"checkpoint": DIR}}, got {self.init!r}')
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TrainConfig":

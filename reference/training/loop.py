@@ -85,10 +85,25 @@ def _save(bundle: ModelBundle, ema: EMA, out: Path) -> None:
                 p.copy_(raw[n])
 
 
+def _check_against_model(cfg: TrainConfig, model, vae) -> None:
+    """What the config asks of the model, checked before anything is written: the REPA block exists, and the
+    generation encoder takes toy images of the size asked (tried on one blank image)."""
+    layers = model.config.language.num_hidden_layers
+    if cfg.repa_layer is not None and not 1 <= cfg.repa_layer <= layers:
+        raise ConfigError(f"repa_layer: {cfg.repa_layer}, but the LLM has blocks 1 .. {layers}")
+    if cfg.image_size is not None:
+        with torch.no_grad():
+            try:
+                latents = vae.encode(torch.zeros(1, 3, cfg.image_size, cfg.image_size)).latent_dist.mean
+                model.gen_encode(latents, torch.zeros(1))
+            except RuntimeError as e:
+                raise ConfigError(f"image_size: {cfg.image_size}: the model's generation encoder cannot take images "
+                                  f"of this size ({str(e).splitlines()[0]})") from None
+
+
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, float]:
     """Run (or resume) a training; returns the last logged losses."""
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     if (out / PICKLED_STATE).is_file() and not (out / STATE).is_file():
         raise CheckpointError(
             f"{out / PICKLED_STATE}: a pickled training state (older jfexport); it is not loaded because unpickling "
@@ -99,6 +114,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, flo
     model, vae, processor = bundle.model.float().train(), bundle.require_vae().float().eval(), bundle.require_processor()
     vae.requires_grad_(False)
     lang, und = model.config.language, model.config.vision_und
+    _check_against_model(cfg, model, vae)
+    out.mkdir(parents=True, exist_ok=True)
     repa = RepaHead(lang.hidden_size, und.width) if cfg.repa_layer is not None else None
     params = apply_stage(model, repa, cfg.stage)
     lr, warmup = cfg.lr, cfg.warmup
