@@ -17,7 +17,7 @@ import torch
 # What each pipeline runs (GENERATION_GRAPHS, UNDERSTANDING_GRAPHS): pass one as `graphs` and a text-to-image
 # service does not open the vision encoder, a chat one not the VAE. One definition, in the graph contract.
 from jfexport.core.graph_contract import GENERATION_GRAPHS, UNDERSTANDING_GRAPHS
-from jfexport.core.manifest import MANIFEST, EnginesError, Int8Record, Manifest
+from jfexport.core.manifest import MANIFEST, EnginesError, Int8Record, Manifest, SpecRecord
 
 from .backend_choice import choose_backend
 from .engine import Engine
@@ -129,6 +129,22 @@ def check_build(folder: str | Path, backend: str = "auto", precision: str | None
                         {name: [next(checks) for _ in files] for name, files in listed.items()}, tokenizer)
 
 
+def check_tensors(name: str, path: Path, spec: SpecRecord, inputs: Iterable[str], outputs: Iterable[str]) -> None:
+    """A file whose tensors are not its graph's (files swapped between graphs in a manifest whose hashes
+    were made to match, or a graph replaced) is refused when it is opened, naming it, rather than met as a
+    missing input in the middle of a request. Every input the file takes is one the graph's spec feeds,
+    and every output the spec names is one the file gives."""
+    unknown = sorted(set(inputs) - {t.name for t in spec.inputs})
+    missing = sorted({t.name for t in spec.outputs} - set(outputs))
+    if unknown or missing:
+        def few(names: list[str]) -> str:
+            return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+        what = "; ".join(part for part in (unknown and f"it takes inputs the graph has not ({few(unknown)})",
+                                           missing and f"it lacks outputs the graph gives ({few(missing)})") if part)
+        raise EnginesError(f"{path}: listed as graph {name}, but it is not that graph: {what}")
+
+
 def load_engines(folder: str | Path, backend: str = "auto", precision: str | None = None, device: str | None = None,
                  graphs: Iterable[str] | None = None, verify_files: bool = False,
                  threads: int | None = None) -> tuple[EngineSet, Manifest, str]:
@@ -149,7 +165,9 @@ def load_engines(folder: str | Path, backend: str = "auto", precision: str | Non
         else:
             from .backends.ort_backend import OrtEngine
 
-            engines[name] = OrtEngine(name, build.folder / build.files[name][0].file.name, device=build.device,
-                                      threads=threads)
+            path = build.folder / build.files[name][0].file.name
+            engine = OrtEngine(name, path, device=build.device, threads=threads)
+            check_tensors(name, path, build.manifest.graphs[name].spec, engine.input_dtypes, engine.output_names)
+            engines[name] = engine
     return (EngineSet(engines, build.precision, build.device, build.files, build.tokenizer), build.manifest,
             build.backend)

@@ -154,6 +154,20 @@ def test_a_changed_file_is_refused_after_stamps_were_recorded(folder, change):
         load_engines(folder, device="cpu")
 
 
+@pytest.mark.parametrize("a,b", [("gen_encoder", "gen_decoder"), ("embed_tokens", "llm_prefill")])
+def test_graph_files_swapped_with_their_hashes_are_refused_at_open(folder, a, b):
+    """A manifest whose file records (name, hash, size) were swapped between two graphs passes every hash
+    check: the files' own tensors tell them apart, at open and not as a missing input mid-request."""
+    manifest = read_manifest(folder)
+    first, second = manifest["graphs"][a]["files"]["fp32"], manifest["graphs"][b]["files"]["fp32"]
+    for key in ("file", "sha256", "size", "external_data"):
+        if key in first or key in second:
+            first[key], second[key] = second.get(key), first.get(key)
+    write_manifest(folder, manifest)
+    with pytest.raises(EnginesError, match=rf"listed as graph ({a}|{b}), but it is not that graph"):
+        load_engines(folder, device="cpu")
+
+
 def test_a_size_the_manifest_records_is_compared_on_every_start(folder):
     manifest = read_manifest(folder)
     info = manifest["graphs"]["embed_tokens"]["files"]["fp32"]
