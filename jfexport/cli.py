@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import click
@@ -34,21 +35,33 @@ for _command in (build_cmd, generate_cmd, chat_cmd, verify_cmd, bench_cmd, bench
 
 
 INTERRUPTED = 130
+TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process the signal ended
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a service manager or `timeout` stopping the command): it unwinds as Ctrl-C does, so that
+    what a build or a write had half done is removed rather than left for the next run to clean up."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated()
 
 
 def main(group: click.Group = cli, args: list[str] | None = None) -> None:
     """Run `group` as a user's command. Exit codes: 0 done; 2 a usage error (the usage line, then
     `error: ...`) or a user error (`error: ...` alone: UserError, a failed check); 3 a runtime failure
-    (`error: ...` alone: RuntimeFailure); 130 Ctrl-C; 1 a bug: anything else (ValueError, OSError, ...)
-    propagates with its traceback.
+    (`error: ...` alone: RuntimeFailure); 130 Ctrl-C; 143 SIGTERM (cleaned up as for Ctrl-C); 1 a bug:
+    anything else (ValueError, OSError, ...) propagates with its traceback.
     """
+    signal.signal(signal.SIGTERM, _terminated)  # `serve` installs its own (a drain) while it serves
     try:
         code = group.main(args, prog_name="jfexport", standalone_mode=False)
         if isinstance(code, int) and code:
             sys.exit(code)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(INTERRUPTED)
+    except click.exceptions.Abort as e:
+        terminated = isinstance(e.__cause__, Terminated)
+        click.echo("terminated" if terminated else "aborted", err=True)
+        sys.exit(TERMINATED if terminated else INTERRUPTED)
     except click.UsageError as e:
         if e.ctx is not None:
             click.echo(e.ctx.get_usage(), err=True)

@@ -144,14 +144,15 @@ def test_killed_after_the_commit_the_next_build_retires_the_old_files(base, base
     assert not (out / "gen_encoder.onnx").exists() and _staging_folders(out) == []
 
 
-def test_interrupted_fp16_rebuild_cleans_up_and_keeps_the_previous_build(base, base_latents, tmp_path):
+@pytest.mark.parametrize("sig,code,said", [(signal.SIGINT, 130, "aborted"), (signal.SIGTERM, 143, "terminated")])
+def test_interrupted_fp16_rebuild_cleans_up_and_keeps_the_previous_build(base, base_latents, tmp_path, sig, code, said):
     out = tmp_path / "engines"
     shutil.copytree(base, out)
     before = _snapshot(out)
     proc = _start_build(out, "--preset", "tiny", "--fp16")
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "aborted" in err, err
+    assert proc.returncode == code and said in err, err
     assert _snapshot(out) == before and _staging_folders(out) == []
     assert torch.equal(_latents(out), base_latents)
 
