@@ -98,7 +98,7 @@ def load_checkpoint(folder: str | Path, dtype: torch.dtype = torch.float32) -> J
     """Build the model from `folder/config.json` and load its weights (upcast exactly from bf16)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise CheckpointError(f"{folder}: checkpoint folder does not exist")
+        raise CheckpointError(f"{folder}: checkpoint folder {'is not a folder' if folder.exists() else 'does not exist'}")
     config = JanusFlowConfig.from_file(folder / CONFIG_NAME)
     model = JanusFlowModel(config)
     model.unused_tensors = load_weights(model, read_state_dict(folder), str(folder))

@@ -186,7 +186,8 @@ def check_files(folder: Path, listed: list[ListedFile], full: bool = False) -> l
         except OSError:
             st = None
         if st is None or not path.is_file():
-            raise EnginesError(f"{folder / f.name}: listed in the manifest for {f.graph} but missing "
+            what = "missing" if st is None else "not a regular file (a folder, a FIFO, a device)"
+            raise EnginesError(f"{folder / f.name}: listed in the manifest for {f.graph} but {what} "
                                "(rebuild the engines)")
         if f.size is not None and st.st_size != f.size:
             raise EnginesError(f"{f.graph}: {folder / f.name} does not match the manifest ({st.st_size} bytes, "

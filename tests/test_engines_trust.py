@@ -387,6 +387,24 @@ def test_max_seq_beyond_the_graph_dims_is_refused_naming_both_numbers(folder):
         load_engines(folder, device="cpu")
 
 
+def test_what_is_not_a_file_or_folder_is_named_for_what_it_is(folder, tmp_path):
+    """A path that exists but is the wrong kind of thing is not reported as missing."""
+    from jfexport.core.processor.errors import ProcessorInputError
+    from jfexport.core.processor.image import load_image
+
+    (folder / "embed_tokens.onnx").unlink()
+    (folder / "embed_tokens.onnx").mkdir()
+    with pytest.raises(EnginesError, match=r"embed_tokens\.onnx: listed in the manifest for embed_tokens but not a "
+                                           "regular file"):
+        load_engines(folder, device="cpu")
+    not_a_folder = tmp_path / "engines.txt"
+    not_a_folder.write_text("x")
+    with pytest.raises(EnginesError, match="engines folder is not a folder"):
+        load_engines(not_a_folder, device="cpu")
+    with pytest.raises(ProcessorInputError, match="not a regular file"):
+        load_image(tmp_path)
+
+
 # 5. graph subsets
 
 

@@ -336,7 +336,8 @@ class Manifest:
         folder = Path(folder)
         path = folder / MANIFEST
         if not folder.is_dir():
-            raise EnginesError(f"{folder}: engines folder does not exist (run `jfexport build --out {folder}`)")
+            what = "is not a folder" if folder.exists() else "does not exist"
+            raise EnginesError(f"{folder}: engines folder {what} (run `jfexport build --out {folder}`)")
         if not path.is_file():
             raise EnginesError(f"{folder}: no {MANIFEST}; not a finished build (run `jfexport build --out {folder}`)")
         data = read_json(path, EnginesError)

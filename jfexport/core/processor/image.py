@@ -76,7 +76,8 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """The RGB image in `path`; refused before decoding when its header declares over `max_pixels`."""
     path = Path(path)
     if not path.is_file():
-        raise ProcessorInputError(f"{path}: image file not found")
+        what = "not a regular file (a folder, a FIFO, a device)" if path.exists() else "image file not found"
+        raise ProcessorInputError(f"{path}: {what}")
     try:
         img = Image.open(path)
     except _DECODE_ERRORS as e:
