@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -179,3 +180,19 @@ def test_a_standard_output_that_fails_is_named_and_loses_no_image(engines, tmp_p
     assert res.returncode == 2 and f"error: cannot write to standard output {message}" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr and "Exception ignored" not in res.stderr, res.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["image_0.png", "image_1.png", "image_2.png"]
+
+
+def test_a_checkpoint_without_a_vae_is_named_before_sampling(tmp_path):
+    checkpoint = tmp_path / "no-vae"
+    shutil.copytree(REPO / "reference" / "assets" / "default", checkpoint, ignore=shutil.ignore_patterns("vae"))
+    res = run_cli("generate", "a red circle", "--steps", "2", "--checkpoint", str(checkpoint), "-o", str(tmp_path / "o"))
+    assert res.returncode == 2 and "no VAE loaded" in res.stderr and "sampling" not in res.stderr, res.stderr
+
+
+def test_a_refused_generate_leaves_no_folder_it_created(engines, tmp_path):
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    res = run_cli("generate", "   ", "--steps", "4", "-o", str(tmp_path / "new" / "deeper"), "--previews",
+                  str(kept / "previews"), "--engines", str(engines))
+    assert res.returncode == 2 and "empty prompt" in res.stderr, res.stderr
+    assert not (tmp_path / "new").exists() and list(kept.iterdir()) == []

@@ -32,11 +32,13 @@ def eval_cmd(engines, backend, precision, verify_files, checkpoint, vae, preset,
     if against is not None and engines is None:
         raise click.UsageError("--against compares two precisions of one build: pass --engines DIR")
     pipe = open_pipeline(engines, backend, precision, checkpoint, vae, preset, verify_files=verify_files)
+    # Both opened before either is scored: a precision the build lacks is named before minutes of evaluation.
+    base = (open_pipeline(engines, backend, against, checkpoint, vae, preset, verify_files=verify_files)
+            if against is not None else None)
     result = evaluate(pipe, pipe.processor.image_size, images_per_prompt=images_per_prompt, steps=steps, cfg=cfg)
     report = result.to_json()
     failed = []
-    if against is not None:
-        base = open_pipeline(engines, backend, against, checkpoint, vae, preset, verify_files=verify_files)
+    if base is not None:
         baseline = evaluate(base, base.processor.image_size, images_per_prompt=images_per_prompt, steps=steps, cfg=cfg)
         drops = accuracy_drops(result, baseline)
         failed = [name for name, drop in drops.items() if drop > MAX_ACCURACY_DROP]

@@ -66,7 +66,10 @@ def open_pipeline(engines, backend, precision, checkpoint, vae, preset, numerics
 
         if backend == "auto" and not direct_model:
             click.echo(f"no build in {folder} (run `jfexport build`): using the torch backend", err=True)
-        return ReferencePipeline(load_model(checkpoint, vae, preset), numerics)
+        bundle = load_model(checkpoint, vae, preset)
+        if task in ("generate", None):  # named now, not after sampling has run
+            bundle.require_vae()
+        return ReferencePipeline(bundle, numerics)
     if direct_model:
         raise InputError(f"--backend {backend} runs built engines: build them with `jfexport build`, then pass --engines")
     if numerics != "fp32":

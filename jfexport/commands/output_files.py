@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 import click
 
@@ -25,6 +26,30 @@ def say(text: str = "", nl: bool = True) -> None:
     except OSError as e:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise OutputError(f"cannot write to standard output ({e.strerror or e})") from None
+
+
+@contextmanager
+def removed_if_left_empty(*folders: Path) -> Iterator[None]:
+    """The folders a command may create for its output: where it fails (a refused prompt, a build at
+    fault, Ctrl-C), those it created and left empty are removed, so that a refused command leaves
+    nothing behind. A folder that existed, or holds anything, stays."""
+    chains = []
+    for folder in folders:
+        missing, f = [], folder.absolute()
+        while not f.exists() and f != f.parent:  # the folder and its missing parents, deepest first
+            missing.append(f)
+            f = f.parent
+        chains.append(missing)
+    try:
+        yield
+    except BaseException:
+        for missing in chains:
+            for f in missing:
+                try:
+                    f.rmdir()
+                except OSError:  # not empty (or not ours to remove): it and its parents stay
+                    break
+        raise
 
 
 def ensure_writable_folder(folder: Path, option: str) -> None:

@@ -22,7 +22,7 @@ from .options import (
     reference_bundle_for_build,
     runtime_options,
 )
-from .output_files import OutputError, ensure_writable_folder, say
+from .output_files import OutputError, ensure_writable_folder, removed_if_left_empty, say
 
 
 @click.command("build")
@@ -70,6 +70,13 @@ def build_cmd(checkpoint, vae, preset, fp16, int8, backend, out, max_batch, max_
 def generate_cmd(prompts, engines, backend, precision, verify_files, checkpoint, vae, preset, num_images, steps, cfg, seed,
                  numerics, out, overwrite, previews_dir, num_previews):
     """Text-to-image: write PNG files for PROMPTS."""
+    with removed_if_left_empty(out, *([previews_dir] if previews_dir is not None else [])):
+        _generate(prompts, engines, backend, precision, verify_files, checkpoint, vae, preset, num_images, steps, cfg,
+                  seed, numerics, out, overwrite, previews_dir, num_previews)
+
+
+def _generate(prompts, engines, backend, precision, verify_files, checkpoint, vae, preset, num_images, steps, cfg, seed,
+              numerics, out, overwrite, previews_dir, num_previews) -> None:
     paths = plan_image_paths(out, len(prompts) * num_images, overwrite)
     if previews_dir is not None:
         check_previews(num_previews, steps, "--num-previews")
