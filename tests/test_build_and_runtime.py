@@ -86,6 +86,9 @@ def test_verify_cli_passes_and_detects_foreign_weights(built, tmp_path):
     res = run_cli("verify", "--engines", str(built), "--steps", "30")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "latent max abs (30 steps)" in res.stdout and "greedy tokens identical" in res.stdout
+    # Progress on stderr, step by step: hashing, then each side's run.
+    assert [line.split(":")[0] for line in res.stderr.splitlines()] == [str(built), "loading the reference model",
+                                                                       "the engines (fp32)", "the reference"], res.stderr
     other = tmp_path / "other"
     shutil.copytree(built, other)
     manifest = json.loads((other / "manifest.json").read_text())

@@ -193,11 +193,16 @@ def verify_cmd(engines, backend, precision, checkpoint, vae, steps):
     from jfexport.runtime.pipelines import JanusFlowRuntime
     from jfexport.tools.verify import format_checks, verify
 
+    def progress(msg: str) -> None:
+        click.echo(msg, err=True)
+
     # verify is the command that re-establishes trust: every file is hashed, whatever the stamps say.
+    progress(f"{engines}: hashing every file")
     checked = check_build(engines, backend, precision, verify_files=True)
     runtime = JanusFlowRuntime.from_engines(engines, backend, checked.precision, checked.device)
+    progress("loading the reference model")
     bundle = reference_bundle_for_build(engines, checkpoint, vae)
-    checks = verify(runtime, ReferencePipeline(bundle), steps=steps)
+    checks = verify(runtime, ReferencePipeline(bundle), steps=steps, progress=progress)
     say(format_checks(checks))
     failed = [c.name for c in checks if not c.ok]
     if failed:

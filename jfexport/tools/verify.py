@@ -14,6 +14,7 @@ The bounds are those of the precision the runtime actually loaded (`EngineSet.pr
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -131,14 +132,18 @@ def compare(precision: str, got: Outputs, ref: Outputs, steps: int = 30, new_tok
 
 
 def verify(runtime: JanusFlowRuntime, reference: JanusFlowRuntime | ReferencePipeline, steps: int = 30,
-           cfg: float = 2.0, seed: int = 0, new_tokens: int | None = None) -> list[Check]:
+           cfg: float = 2.0, seed: int = 0, new_tokens: int | None = None,
+           progress: Callable[[str], None] = lambda msg: None) -> list[Check]:
     """The checks, first the precision whose bounds apply (the one the engines were loaded at);
     `new_tokens` defaults to the precision's (NEW_TOKENS). `reference` is the PyTorch reference, or
     fp32 engines already held to it (the INT8 build's own gate)."""
     precision = loaded_precision(runtime)
     new_tokens = NEW_TOKENS[precision] if new_tokens is None else new_tokens
-    return compare(precision, measure(runtime, steps, cfg, seed, new_tokens),
-                   measure(reference, steps, cfg, seed, new_tokens), steps, new_tokens)
+    what = f"an image ({steps} Euler steps, cfg {cfg:g}, seed {seed}) and {new_tokens} greedy tokens"
+    progress(f"the engines ({precision}): {what}")
+    engines = measure(runtime, steps, cfg, seed, new_tokens)
+    progress(f"the reference: {what}")
+    return compare(precision, engines, measure(reference, steps, cfg, seed, new_tokens), steps, new_tokens)
 
 
 PLAIN_VALUES = {"image PSNR (dB)": ".1f", f"greedy token agreement ({NEW_TOKENS['int8']})": ".3f"}  # else .3e
