@@ -227,9 +227,9 @@ def test_a_lock_that_is_not_a_file_of_its_own_is_refused_and_left_alone(tmp_path
         os.link(precious, lock)
     else:
         os.mkfifo(lock)
-    res = run_cli("build", "--preset", "tiny", "--out", str(out))
-    assert res.returncode == 2 and f"error: {lock}: cannot use it as the build lock" in res.stderr, res.stderr
-    assert "Traceback" not in res.stderr and precious.read_text() == "precious user data"
+    with pytest.raises(BuildFolderError, match=f"{re.escape(str(lock))}: cannot use it as the build lock"):
+        build(load_preset("tiny"), out)
+    assert precious.read_text() == "precious user data"
     assert sorted(p.name for p in out.iterdir()) == [".jfexport.lock"]
 
 
@@ -237,9 +237,10 @@ def test_a_manifest_path_holding_a_folder_is_named_before_any_export(tmp_path):
     out = tmp_path / "engines"
     (out / "manifest.json").mkdir(parents=True)
     (out / "manifest.json" / "mine.txt").write_text("kept")
-    res = run_cli("build", "--preset", "tiny", "--out", str(out))
-    assert res.returncode == 2 and f"error: {out / 'manifest.json'}: is a folder" in res.stderr, res.stderr
-    assert "exporting" not in res.stderr.lower() and (out / "manifest.json" / "mine.txt").read_text() == "kept"
+    messages: list[str] = []
+    with pytest.raises(BuildFolderError, match=f"{re.escape(str(out / 'manifest.json'))}: is a folder"):
+        build(load_preset("tiny"), out, progress=messages.append)
+    assert not [m for m in messages if "exporting" in m] and (out / "manifest.json" / "mine.txt").read_text() == "kept"
 
 
 def test_export_into_a_build_folder_is_refused(base, tmp_path):
