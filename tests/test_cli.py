@@ -189,10 +189,17 @@ def test_a_checkpoint_without_a_vae_is_named_before_sampling(tmp_path):
     assert res.returncode == 2 and "no VAE loaded" in res.stderr and "sampling" not in res.stderr, res.stderr
 
 
-def test_a_refused_generate_leaves_no_folder_it_created(engines, tmp_path):
+def test_a_refused_generate_leaves_no_folder_it_created(tmp_path):
+    """Refused once its folders are made (the build named is not there): those it made are removed."""
     kept = tmp_path / "kept"
     kept.mkdir()
-    res = run_cli("generate", "   ", "--steps", "4", "-o", str(tmp_path / "new" / "deeper"), "--previews",
-                  str(kept / "previews"), "--engines", str(engines))
-    assert res.returncode == 2 and "empty prompt" in res.stderr, res.stderr
+    res = run_cli("generate", "a red circle", "--steps", "4", "-o", str(tmp_path / "new" / "deeper"), "--previews",
+                  str(kept / "previews"), "--engines", str(tmp_path / "no-build"))
+    assert res.returncode == 2 and "engines folder does not exist" in res.stderr, res.stderr
     assert not (tmp_path / "new").exists() and list(kept.iterdir()) == []
+
+
+def test_a_blank_prompt_is_refused_before_anything_is_loaded_or_made(tmp_path):
+    res = run_cli("generate", "a red circle", " ", "-o", str(tmp_path / "out"), "--engines", str(tmp_path / "no-build"))
+    assert res.returncode == 2 and "error: PROMPTS[1]: empty prompt" in res.stderr, res.stderr
+    assert not (tmp_path / "out").exists()

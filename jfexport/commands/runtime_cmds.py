@@ -8,7 +8,13 @@ from pathlib import Path
 import click
 
 from jfexport import defaults
-from jfexport.core.processor.request_checks import MAX_NEW_TOKENS, MAX_PREVIEWS, MAX_TEMPERATURE, check_previews
+from jfexport.core.processor.request_checks import (
+    MAX_NEW_TOKENS,
+    MAX_PREVIEWS,
+    MAX_TEMPERATURE,
+    check_previews,
+    check_prompt,
+)
 from jfexport.defaults import ENGINE_BACKENDS
 
 from .image_output import plan_image_paths, provenance, write_png
@@ -77,6 +83,8 @@ def generate_cmd(prompts, engines, backend, precision, verify_files, checkpoint,
 
 def _generate(prompts, engines, backend, precision, verify_files, checkpoint, vae, preset, num_images, steps, cfg, seed,
               numerics, out, overwrite, previews_dir, num_previews) -> None:
+    for i, prompt in enumerate(prompts):  # before any model is loaded or folder made
+        check_prompt(prompt, "PROMPT" if len(prompts) == 1 else f"PROMPTS[{i}]")
     paths = plan_image_paths(out, len(prompts) * num_images, overwrite)
     if previews_dir is not None:
         check_previews(num_previews, steps, "--num-previews")
