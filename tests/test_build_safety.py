@@ -60,8 +60,11 @@ def _staging_folders(folder: Path) -> list[str]:
 
 def _start_build(out: Path, *args: str) -> subprocess.Popen:
     """`jfexport build` in its own process, stopped once it is mid-build: its first graph is done."""
+    # SIGINT as a terminal delivers it: a suite started in the background (`pytest &`) inherits SIGINT
+    # ignored, and Python keeps an ignored SIGINT ignored, so the build would run on to its end.
     proc = subprocess.Popen([sys.executable, "-m", "jfexport.cli", "build", "--out", str(out), *args], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stderr:
         # vision_encoder exported and validated (at fp32, or at fp16 alone beside fp32 graphs it keeps)
         if line.startswith("embed_tokens [") and line.rstrip().endswith("]: exporting"):

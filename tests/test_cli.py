@@ -203,3 +203,19 @@ def test_a_blank_prompt_is_refused_before_anything_is_loaded_or_made(tmp_path):
     res = run_cli("generate", "a red circle", " ", "-o", str(tmp_path / "out"), "--engines", str(tmp_path / "no-build"))
     assert res.returncode == 2 and "error: PROMPTS[1]: empty prompt" in res.stderr, res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_disk_too_small_for_the_images_is_named_before_sampling(engines, tmp_path):
+    """A real full-ish disk (a 64 KiB tmpfs): a probe file fits where eight images would not."""
+    out = tmp_path / "small"
+    out.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(out)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        res = run_cli("generate", "a red circle", "-n", "8", "--steps", "2", "--engines", str(engines), "-o", str(out))
+        assert res.returncode == 2 and "free, the images need up to" in res.stderr, res.stderr
+        assert "sampling" not in res.stderr and list(out.iterdir()) == []
+        fits = run_cli("generate", "a red circle", "--steps", "2", "--engines", str(engines), "-o", str(out))
+        assert fits.returncode == 0 and [p.name for p in out.iterdir()] == ["image_0.png"], fits.stderr
+    finally:
+        subprocess.run(["umount", str(out)], check=True)

@@ -584,6 +584,9 @@ def _chat_body(**fields):
     ("/v1/images/generations", {"prompt": "a red circle", "steps": 0}, "steps"),
     ("/v1/images/generations", {"prompt": ""}, "prompt"),
     ("/v1/images/generations", {"prompt": " \n\t "}, "prompt"),
+    # Numbers as sent: pydantic's lax mode would have read these as 1 and 3.
+    ("/v1/images/generations", {"prompt": "a red circle", "n": True}, "n"),
+    ("/v1/chat/completions", {"messages": chat_messages(data_url(shape_image())), "max_tokens": "3"}, "max_tokens"),
     ("/v1/images/generations", {"prompt": "a red circle", "cfg": 3}, "cfg"),
 ])
 def test_bad_input_is_400_naming_the_field(http, path, body, param):

@@ -40,6 +40,13 @@ def write_png(image: Image.Image, path: Path, overwrite: bool, text: dict[str, s
     write_atomically(path, lambda f: image.save(f, format="PNG", pnginfo=info), replace=overwrite)
 
 
+def png_bound(side: int, text: dict[str, str]) -> int:
+    """The most bytes a side x side RGB PNG with `text` chunks takes: its raw rows (a filter byte each) stored
+    uncompressed at worst, zlib's block headers, the chunks' own framing and the text."""
+    raw = side * (3 * side + 1)
+    return raw + 5 * (raw // 16384 + 1) + 4096 + sum(len(k.encode()) + len(v.encode()) + 32 for k, v in text.items())
+
+
 def provenance(prompts: list[str], n: int, index: int, seed: int, steps: int, cfg: float, model: dict) -> dict[str, str]:
     """The text chunks of image `index` of a request: its prompt, and all a rerun needs to draw it again
     (the noise of image i is row i of the request's noise, so the request's prompts and n, not only its own)."""

@@ -52,6 +52,23 @@ def removed_if_left_empty(*folders: Path) -> Iterator[None]:
         raise
 
 
+def check_room(folder: Path, need: int, option: str) -> None:
+    """Refuse, before the work, a `folder` whose file system has fewer than `need` bytes free (the most the
+    outputs can take): a probe file proves the folder writable, not that the results will fit."""
+    try:
+        stats = os.statvfs(folder)
+    except OSError:  # no statvfs here: the write itself will say
+        return
+    free = stats.f_bavail * stats.f_frsize
+    if free < need:
+        raise OutputError(f"{option}: {folder} has {_size(free)} free, the images need up to {_size(need)}: free some "
+                          "space or write them elsewhere")
+
+
+def _size(count: int) -> str:
+    return f"{count / (1 << 20):.1f} MiB" if count >= 1 << 20 else f"{count / 1024:.1f} KiB"
+
+
 def ensure_writable_folder(folder: Path, option: str) -> None:
     """Create `folder` if needed and prove a file can be created in it; `option` names the culprit."""
     if folder.exists() and not folder.is_dir():

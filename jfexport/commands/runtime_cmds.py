@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from jfexport.core.processor.request_checks import (
 )
 from jfexport.defaults import ENGINE_BACKENDS
 
-from .image_output import plan_image_paths, provenance, write_png
+from .image_output import plan_image_paths, png_bound, provenance, write_png
 from .options import (
     DEFAULT_ENGINES,
     backend_option,
@@ -28,7 +29,7 @@ from .options import (
     reference_bundle_for_build,
     runtime_options,
 )
-from .output_files import OutputError, ensure_writable_folder, removed_if_left_empty, say
+from .output_files import OutputError, check_room, ensure_writable_folder, removed_if_left_empty, say
 
 
 @click.command("build")
@@ -95,6 +96,17 @@ def _generate(prompts, engines, backend, precision, verify_files, checkpoint, va
             raise OutputError(f"--previews {previews_dir}: {', '.join(taken)} exist(s); pass --overwrite to replace")
     pipe = open_pipeline(engines, backend, precision, checkpoint, vae, preset, numerics, "generate", verify_files)
     model = _model_record(pipe, engines or DEFAULT_ENGINES, numerics)
+    per_image = png_bound(pipe.image_size, provenance(list(prompts), num_images, 0, seed, steps, cfg, model))
+    images_need = len(paths) * per_image
+    if previews_dir is None:
+        check_room(out, images_need, "-o")
+    else:
+        previews_need = len(paths) * num_previews * per_image
+        if os.stat(out).st_dev == os.stat(previews_dir).st_dev:
+            check_room(out, images_need + previews_need, "-o and --previews")
+        else:
+            check_room(out, images_need, "-o")
+            check_room(previews_dir, previews_need, "--previews")
     if previews_dir is None:
         with click.progressbar(length=steps, label="sampling", file=sys.stderr) as bar:
             images = pipe.generate(list(prompts), n=num_images, steps=steps, cfg=cfg, seed=seed,

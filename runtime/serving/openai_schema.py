@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Callable, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 
 from jfexport import defaults
 from jfexport.core.errors import InputError
@@ -42,9 +42,11 @@ class Unsupported(ValueError):
     """A value OpenAI's API defines that this server does not serve: a 400 with code `unsupported_value`."""
 
 
-def checked(check: Callable[[Any, str], Any]) -> AfterValidator:
+def checked(check: Callable[[Any, str], Any]) -> BeforeValidator:
     """The field validated by the runtime's own request check (`check(value, name)`), so that the
-    HTTP bounds are the runtime's: they are stated once, in request_checks."""
+    HTTP bounds are the runtime's: they are stated once, in request_checks. It sees the value as sent,
+    before pydantic's lax coercion, so `true` or `"3"` for a number is refused as the runtime refuses it
+    (not read as 1 and 3)."""
 
     def validate(value: Any, info: ValidationInfo) -> Any:
         if value is None:
@@ -55,7 +57,7 @@ def checked(check: Callable[[Any, str], Any]) -> AfterValidator:
         except InputError as e:
             raise ValueError(str(e).removeprefix(f"{name}: ")) from None
 
-    return AfterValidator(validate)
+    return BeforeValidator(validate)
 
 
 Seed = Annotated[int | None, checked(check_seed),
