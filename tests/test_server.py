@@ -485,6 +485,21 @@ def test_disconnect_mid_image_stream_cancels_it(http, server):
     assert steps < 800, f"{steps} of 1000 Euler steps ran for a client that left"
 
 
+def test_disconnect_from_an_image_stream_without_previews_cancels_it(http, server):
+    """No event comes until the image: the steps keep waking the stream's feed, and its client's leaving
+    must be noticed all the same."""
+    steps_before = metric(metrics(http), "jfexport_batch_rows_count", kind="generation")
+    body = {"prompt": "a red circle", "stream": True, "steps": 1000}
+    with httpx.Client(base_url=server[0], headers=AUTH) as own:
+        with own.stream("POST", "/v1/images/generations", json=body) as r:
+            assert r.status_code == 200
+            wait_for(lambda: metric(metrics(http), "jfexport_batch_rows_count", kind="generation") > steps_before,
+                     10, "the image started")
+    wait_for(lambda: metric(metrics(http), "jfexport_active_rows", kind="generation") == 0, 3, "generation row freed")
+    steps = metric(metrics(http), "jfexport_batch_rows_count", kind="generation") - steps_before
+    assert steps < 500, f"{steps} of 1000 Euler steps ran for a client that left"
+
+
 def test_image_detail_and_text_response_format_are_accepted(client, runtime):
     image = shape_image()
     expected = runtime.chat([image], [QUESTION], max_new_tokens=12)[0]

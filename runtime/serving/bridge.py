@@ -59,6 +59,9 @@ class Feed:
     async def next(self, timeout: float):
         """The next item, None at the end; raises the request's error, or TimeoutError after
         `timeout` s without news (the caller's cue to check its client and call again)."""
+        # One deadline for the call: a wake-up that brings nothing (an Euler step, no preview) does not
+        # restart the wait, or a request whose steps are quick would never give its caller the cue.
+        deadline = self._loop.time() + timeout
         while not self._pending:
             if self._over:
                 return None
@@ -66,7 +69,7 @@ class Feed:
             items, self._over = self._read_new()
             self._pending.extend(items)
             if not items and not self._over:
-                await asyncio.wait_for(self._event.wait(), timeout)
+                await asyncio.wait_for(self._event.wait(), max(0.0, deadline - self._loop.time()))
         return self._pending.popleft()
 
     def close(self) -> None:
