@@ -38,6 +38,11 @@ class ReferencePipeline:
     def processor(self):
         return self.bundle.processor
 
+    @property
+    def image_size(self) -> int:
+        """Side of the images `generate` returns, as `JanusFlowRuntime.image_size`."""
+        return self.bundle.image_size
+
     def generate_latents(
         self,
         prompts: list[str],
