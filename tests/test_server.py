@@ -603,6 +603,12 @@ def _chat_body(**fields):
     ("/v1/images/generations", {"prompt": "a red circle", "n": True}, "n"),
     ("/v1/chat/completions", {"messages": chat_messages(data_url(shape_image())), "max_tokens": "3"}, "max_tokens"),
     ("/v1/images/generations", {"prompt": "a red circle", "cfg": 3}, "cfg"),
+    # Flags as sent: lax mode reads "yes", "off", 1 and 0 as booleans.
+    ("/v1/images/generations", {"prompt": "a red circle", "stream": "yes"}, "stream"),
+    ("/v1/chat/completions", {"messages": chat_messages(data_url(shape_image())), "stream": 1}, "stream"),
+    ("/v1/chat/completions", {"messages": chat_messages(data_url(shape_image())), "logprobs": "off"}, "logprobs"),
+    ("/v1/chat/completions", {"messages": chat_messages(data_url(shape_image())), "stream": True,
+                              "stream_options": {"include_usage": 0}}, "stream_options.include_usage"),
 ])
 def test_bad_input_is_400_naming_the_field(http, path, body, param):
     r = http.post(path, json=body)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Callable, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
 
 from jfexport import defaults
 from jfexport.core.errors import InputError
@@ -97,7 +97,7 @@ class ChatMessage(_Body):
 
 
 class StreamOptions(_Body):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class ResponseFormat(_Body):
@@ -115,11 +115,11 @@ class ChatCompletionRequest(_Body):
     top_p: Annotated[float, checked(check_top_p)] = defaults.TOP_P
     seed: Seed = None
     stop: list[str] | None = None  # OpenAI also takes one string: made a list before validation
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     n: Annotated[int, checked(check_choices)] = 1
-    logprobs: bool | None = None
+    logprobs: StrictBool | None = None
     top_logprobs: Annotated[int | None, checked(check_top_logprobs)] = None
     user: str | None = None
 
@@ -163,7 +163,7 @@ class ImageGenerationRequest(_Body):
     quality: Literal["low", "medium", "high", "auto"] = "auto"  # defaults.QUALITY_STEPS' keys
     background: Literal["auto", "opaque", "transparent"] = "auto"
     moderation: Literal["auto", "low"] = "auto"  # accepted: no moderation model runs here
-    stream: bool = False
+    stream: StrictBool = False
     partial_images: int | None = Field(None, ge=0, le=MAX_PREVIEWS)
     user: str | None = None
     # Extensions (not in OpenAI's API): the sampler's settings.
