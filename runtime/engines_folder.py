@@ -160,8 +160,11 @@ def load_engines(folder: str | Path, backend: str = "auto", precision: str | Non
         if build.backend == "tensorrt":
             from .backends.trt_backend import TrtEngine
 
-            engines[name] = TrtEngine.from_manifest_entry(name, build.folder, build.manifest.graphs[name],
-                                                          build.precision)
+            trt_engine = TrtEngine.from_manifest_entry(name, build.folder, build.manifest.graphs[name],
+                                                       build.precision)
+            check_tensors(name, trt_engine.path, build.manifest.graphs[name].spec, trt_engine.inputs,
+                          trt_engine.outputs)
+            engines[name] = trt_engine
         else:
             from .backends.ort_backend import OrtEngine
 

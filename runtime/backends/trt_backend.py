@@ -47,6 +47,7 @@ class TrtEngine:
         import tensorrt as trt
 
         self.name = name
+        self.path = path
         self._trt = trt
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
