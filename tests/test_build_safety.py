@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from jfexport.export.build import build
+from jfexport.export.build import build, previous_manifest
 from jfexport.export.build_folder import LOCK, BuildFolderError, BuildLockedError
 from jfexport.reference.bundle import load_preset
 from jfexport.runtime.folder_files import STAMPS
@@ -457,18 +457,38 @@ def _all_graphs(folder: Path) -> set[str]:
     return set(json.loads((folder / "manifest.json").read_text())["graphs"])
 
 
-@pytest.mark.parametrize("change,key", [
+_MALFORMED = [
     (lambda m: m["graphs"]["llm_decode"].update(files=["x"]), r"graphs\.llm_decode\.files: expected an object"),
     (lambda m: m["graphs"]["gen_encoder"]["files"]["fp32"].pop("sha256"),
      r"graphs\.gen_encoder\.files\.fp32\.sha256: missing"),
     (lambda m: m["tokenizer"].update({"../../victim": "0" * 64}), r"tokenizer\.\.\./\.\./victim: expected a file"),
-], ids=["wrong-type", "missing-key", "tokenizer-name-escapes"])
-def test_a_malformed_previous_manifest_is_reused_from_nothing(base, tmp_path, change, key):
+]
+_MALFORMED_IDS = ["wrong-type", "missing-key", "tokenizer-name-escapes"]
+
+
+def _malformed_copy(base: Path, tmp_path: Path, change) -> Path:
     out = tmp_path / "engines"
     shutil.copytree(base, out)
     manifest = json.loads((out / "manifest.json").read_text())
     change(manifest)
     (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+@pytest.mark.parametrize("change,key", _MALFORMED, ids=_MALFORMED_IDS)
+def test_a_malformed_previous_manifest_is_not_trusted_and_named(base, tmp_path, change, key):
+    out = _malformed_copy(base, tmp_path, change)
+    messages: list[str] = []
+    assert previous_manifest(out, messages.append) is None
+    assert len(messages) == 1 and re.search(rf"manifest\.json: {key}", messages[0]), messages
+    assert "none of its files are removed" in messages[0]
+
+
+def test_a_build_over_a_malformed_manifest_rebuilds_everything_and_removes_nothing(base, tmp_path):
+    """What `build` does with a previous manifest it does not trust, which every malformation above leads
+    to (one full build, for the case whose bad record names a path outside the folder)."""
+    change, key = _MALFORMED[_MALFORMED_IDS.index("tokenizer-name-escapes")]
+    out = _malformed_copy(base, tmp_path, change)
     victim = tmp_path / "victim"
     victim.write_text("not the build's")
     old = _snapshot(out)
