@@ -10,7 +10,8 @@ import pytest
 import torch
 from jfexport.reference.bundle import load_preset
 from jfexport.reference.pipelines.reference_pipeline import ReferencePipeline
-from jfexport.runtime.batching.kv_cache import KVCache, KVLayout, PrefixCache
+from jfexport.runtime.batching.kv_cache import KVCache, KVLayout
+from jfexport.runtime.batching.prefix_cache import PrefixCache
 from jfexport.runtime.pipelines import JanusFlowRuntime
 from PIL import Image
 

@@ -31,7 +31,8 @@ from jfexport.core.schedulers import TokenLogprobs, token_logprobs
 from ..errors import NonFiniteOutput, RuntimeFailure
 from .decode_step import ChatExecutor, DecodeRow, first_token
 from .jobs import ChatJob, ChatPart, ChatRow
-from .kv_cache import KVCache, KVLayout, PrefixCache
+from .kv_cache import KVCache, KVLayout
+from .prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,6 @@ a bucket of 64 columns costs one extra read and write of the live K/V every 64 t
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -223,67 +222,3 @@ class KVCache:
             k[slot, :, :count] = pk[:, :count]
             v[slot, :, :count] = pv[:, :count]
         self.lengths[slot] = count
-
-
-@dataclass
-class _Prefix:
-    ids: tuple[int, ...]
-    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer [Hkv, len(ids), Dh]
-    nbytes: int
-
-
-class PrefixCache:
-    """K/V of earlier requests' token sequences, for a follow-up turn to start from.
-
-    Keyed by the image's content hash and the token ids (K/V at a position depends on the tokens up
-    to it and on the image embeddings spliced among them, nothing else); a request reuses the
-    longest common prefix of its ids with a stored sequence of the same image, as vLLM's automatic
-    prefix caching and SGLang's radix cache do. Bounded by `budget_bytes`, least recently used
-    first out. Entries are copies: a slot's columns change once its row leaves.
-    """
-
-    def __init__(self, budget_bytes: int):
-        self.budget_bytes = budget_bytes
-        self._entries: OrderedDict[tuple[str, tuple[int, ...]], _Prefix] = OrderedDict()
-        self.nbytes = 0
-        self.hits = 0  # requests that started from a stored prefix
-        self.reused_tokens = 0  # prompt tokens those requests did not run
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def longest(self, image: str, ids: list[int], at_least: int) -> tuple[_Prefix, int] | None:
-        """The entry of `image` sharing the longest prefix with `ids`, and its length, if >= `at_least`;
-        at most len(ids) - 1 tokens are reused (the last one is run to give the next token's logits)."""
-        best, best_len = None, 0
-        for (img, key), entry in self._entries.items():
-            if img != image:
-                continue
-            n = 0
-            limit = min(len(key), len(ids) - 1)
-            while n < limit and key[n] == ids[n]:
-                n += 1
-            if n > best_len:
-                best, best_len = (img, key), n
-        if best is None or best_len < at_least:
-            return None
-        self._entries.move_to_end(best)
-        self.hits += 1
-        self.reused_tokens += best_len
-        return self._entries[best], best_len
-
-    def store(self, image: str, ids: list[int], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
-        if nbytes > self.budget_bytes:
-            return
-        key = (image, tuple(ids))
-        old = self._entries.pop(key, None)
-        if old is not None:
-            self.nbytes -= old.nbytes
-        # A stored sequence that is a prefix of this one adds nothing this one does not hold.
-        for other in [k for k in self._entries if k[0] == image and k[1] == key[1][: len(k[1])]]:
-            self.nbytes -= self._entries.pop(other).nbytes
-        while self._entries and self.nbytes + nbytes > self.budget_bytes:
-            self.nbytes -= self._entries.popitem(last=False)[1].nbytes
-        self._entries[key] = _Prefix(key[1], kv, nbytes)
-        self.nbytes += nbytes
