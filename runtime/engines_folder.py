@@ -16,6 +16,7 @@ import torch
 
 # What each pipeline runs (GENERATION_GRAPHS, UNDERSTANDING_GRAPHS): pass one as `graphs` and a text-to-image
 # service does not open the vision encoder, a chat one not the VAE. One definition, in the graph contract.
+from jfexport.core.errors import InputError
 from jfexport.core.graph_contract import GENERATION_GRAPHS, UNDERSTANDING_GRAPHS
 from jfexport.core.manifest import MANIFEST, EnginesError, Int8Record, Manifest, SpecRecord
 
@@ -49,8 +50,8 @@ def pick_precision(manifest: Manifest, requested: str | None, device: str) -> st
         # never chosen for the caller: it trades accuracy for speed (README "INT8"), so it is asked for.
         requested = "fp16" if torch.device(device).type == "cuda" and "fp16" in available else "fp32"
     if requested not in available:
-        flag = {"fp16": "--fp16", "int8": "--int8"}.get(requested, f"--{requested}")
-        raise EnginesError(f"the engines were built for {available}, not {requested} (rebuild with {flag})")
+        how = {"fp16": " (rebuild with --fp16)", "int8": " (rebuild with --int8)"}.get(requested, "")
+        raise EnginesError(f"the engines were built for {available}, not {requested}{how}")
     return requested
 
 
@@ -98,6 +99,18 @@ class CheckedBuild:
     tokenizer: Path  # the tokenizer folder the manifest names, its files checked against the manifest's hashes
 
 
+def _check_device(device: object) -> str | None:
+    if device is None:
+        return None
+    try:
+        kind = torch.device(device).type if isinstance(device, str) else None
+    except RuntimeError:
+        kind = None
+    if not isinstance(device, str) or kind not in ("cpu", "cuda"):
+        raise InputError(f"device: expected None, \"cpu\", \"cuda\" or \"cuda:N\", got {device!r}")
+    return device
+
+
 def check_build(folder: str | Path, backend: str = "auto", precision: str | None = None, device: str | None = None,
                 graphs: Iterable[str] | None = None, verify_files: bool = False) -> CheckedBuild:
     """Validate the manifest, confine its paths and check the files `graphs` are served from (all graphs by
@@ -105,7 +118,7 @@ def check_build(folder: str | Path, backend: str = "auto", precision: str | None
     folder = Path(folder)
     manifest = Manifest.read(folder)
     names = _select_graphs(manifest, graphs, folder)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _check_device(device) or ("cuda" if torch.cuda.is_available() else "cpu")
     if backend != "auto":
         chosen = choose_backend(backend).backend
     else:  # an export folder has no backend: ONNX Runtime serves its graphs

@@ -35,6 +35,11 @@ class RequestTimeout(RuntimeFailure):
     pass
 
 
+class WaitTimeout(RuntimeFailure, TimeoutError):
+    """A caller's wait (a handle's `timeout`) ended before its request did. The request goes on: wait
+    again, or cancel it. A TimeoutError too, as `concurrent.futures` raises."""
+
+
 class RequestCancelled(RuntimeFailure):
     pass
 

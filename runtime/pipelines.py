@@ -10,8 +10,9 @@ is bounded (`max_queue`): past it, `Overloaded` is raised at once.
 
 from __future__ import annotations
 
+import operator
 import weakref
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping, SupportsIndex, cast
 
 import torch
 from PIL import Image
@@ -22,7 +23,13 @@ from jfexport.core.graph_contract import GENERATION_GRAPHS, UNDERSTANDING_GRAPHS
 from jfexport.core.images import initial_noise, to_uint8
 from jfexport.core.manifest import EnginesError
 from jfexport.core.processor import JanusProcessor
-from jfexport.core.processor.request_checks import check_choices, check_generation, check_sampling, check_top_logprobs
+from jfexport.core.processor.request_checks import (
+    check_choices,
+    check_generation,
+    check_sampling,
+    check_timeout,
+    check_top_logprobs,
+)
 from jfexport.core.schedulers import StopRule, answers_from_stream, row_generators
 
 from .batching.chat_batch import ChatSlots
@@ -42,6 +49,23 @@ DEFAULT_MAX_ROWS = defaults.MAX_BATCH
 DEFAULT_PREFIX_CACHE_BYTES = defaults.PREFIX_CACHE_BYTES
 
 
+TASK_GRAPHS = {"generate": GENERATION_GRAPHS, "chat": UNDERSTANDING_GRAPHS}
+
+
+def _count(name: str, value: object, low: int) -> int:
+    """A runtime option that counts something (bytes, threads, requests), refused by name when it is
+    not an integer >= `low` (a thread count of 0 killed the scheduler's thread as it started)."""
+    if not isinstance(value, bool):
+        try:
+            number = operator.index(cast(SupportsIndex, value))
+        except TypeError:
+            pass
+        else:
+            if number >= low:
+                return number
+    raise InputError(f"{name}: expected an integer >= {low}, got {value!r}")
+
+
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """uint8 [N,H,W,3] -> PIL images."""
     return [Image.fromarray(x.numpy()) for x in images]
@@ -57,6 +81,10 @@ class JanusFlowRuntime:
                  chat_executor: ChatExecutor | None = None):
         """`generation_executor` runs the Euler step (default: the engines, `EngineGenerationExecutor`);
         `chat_executor` the decode step (default: the engines, `EngineChatExecutor`)."""
+        max_queue = _count("max_queue", max_queue, 1)
+        kv_budget_bytes = _count("kv_budget_bytes", kv_budget_bytes, 0)
+        prefix_cache_bytes = _count("prefix_cache_bytes", prefix_cache_bytes, 0)
+        torch_threads = None if torch_threads is None else _count("torch_threads", torch_threads, 1)
         self.engines = engines
         self.processor = processor
         self.latent_shape = latent_shape  # (C, h, w) of one latent
@@ -96,7 +124,11 @@ class JanusFlowRuntime:
         """
         from .engines_folder import load_engines
 
-        wanted = {g for task in tasks for g in {"generate": GENERATION_GRAPHS, "chat": UNDERSTANDING_GRAPHS}[task]}
+        if isinstance(tasks, str) or not isinstance(tasks, (tuple, list)) or not tasks or set(tasks) - set(TASK_GRAPHS):
+            raise InputError(f"tasks: expected a tuple of {', '.join(map(repr, TASK_GRAPHS))}, got {tasks!r}")
+        if engine_threads is not None:
+            engine_threads = _count("engine_threads", engine_threads, 1)
+        wanted = {g for task in tasks for g in TASK_GRAPHS[task]}
         engines, manifest, chosen = load_engines(folder, backend, precision, device, graphs=wanted,
                                                  verify_files=verify_files, threads=engine_threads)
 
@@ -195,7 +227,8 @@ class JanusFlowRuntime:
     def _generation_job(self, prompts: list[str], n: int, steps: int, cfg: float, seed: int, decode: bool,
                         timeout: float | None, previews: int = 0) -> GenerationJob:
         self._need(GENERATION_GRAPHS if decode else GENERATION_GRAPHS[:-1], "text-to-image")
-        check_generation(n, steps, cfg, seed, previews)
+        n, steps, cfg, seed, previews = check_generation(n, steps, cfg, seed, previews)
+        timeout = check_timeout(timeout)
         if not prompts:
             raise InputError("no prompt given")
         ids = [self.processor.generation_ids(p) for p in prompts]
@@ -203,7 +236,7 @@ class JanusFlowRuntime:
         images = len(prompts) * n
         self._check_len(max(map(len, ids)) - 1 + 1 + self.grid**2, "prompt + image sequence")
         z0 = initial_noise((images, *self.latent_shape), seed, torch.float32)
-        return GenerationJob(ids, n, z0, steps, float(cfg), decode, timeout, self.scheduler.alive, previews)
+        return GenerationJob(ids, n, z0, steps, cfg, decode, timeout, self.scheduler.alive, previews)
 
     def submit_generate(self, prompt: str | list[str], n: int = defaults.IMAGES_PER_PROMPT, steps: int = defaults.STEPS,
                         cfg: float = defaults.CFG, seed: int = defaults.SEED,
@@ -214,6 +247,8 @@ class JanusFlowRuntime:
         `previews` (0-3, fewer than `steps`) per image: the VAE decode of the clean latent the
         sampler heads for, at steps spread before the last (`preview_steps`); iterate
         `handle.previews()` for them as they come. They do not change the images."""
+        if not isinstance(prompt, (str, list, tuple)):
+            raise InputError(f"prompt: expected text (str) or a list of texts, got {type(prompt).__name__}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         job = self._generation_job(prompts, n, steps, cfg, seed, True, timeout, previews)
         self.scheduler.submit(job)
@@ -257,7 +292,8 @@ class JanusFlowRuntime:
         self._need(UNDERSTANDING_GRAPHS, "understanding")
         if len(images) != len(questions) or not questions:
             raise InputError(f"need one image per question, got {len(images)} images for {len(questions)} questions")
-        check_sampling(temperature, top_p, seed, max_new_tokens)
+        temperature, top_p, seed, max_new_tokens = check_sampling(temperature, top_p, seed, max_new_tokens)
+        timeout = check_timeout(timeout)
         self._check_rows(len(questions) * n, self.max_rows,
                          f"{len(questions)} question(s)" if n == 1 else f"{n} answers (n)")
         if history is None and image_turn == 0:
@@ -270,7 +306,7 @@ class JanusFlowRuntime:
         gens = iter(row_generators(seed, len(questions) * n))
         rows = [ChatRow(i, pixels, next(gens)) for i, img in zip(ids, images)
                 for pixels in [self.processor.pixel_values(img)] for _ in range(n)]
-        return ChatJob(rows, StopRule(self.tokenizer.eos_id, max_new_tokens), float(temperature), float(top_p),
+        return ChatJob(rows, StopRule(self.tokenizer.eos_id, max_new_tokens), temperature, top_p,
                        keep_logits, timeout, self.scheduler.alive, top_logprobs)
 
     def _conversation_ids(self, question: str, history: list[tuple[str, str]] | None, image_turn: int,
@@ -307,9 +343,9 @@ class JanusFlowRuntime:
         first (0) by default, so with no history the image goes with the question, as without
         these arguments. The whole conversation plus `max_new_tokens` must fit the engines'
         `max_seq` (else an InputError naming the sizes); `handle.prompt_tokens` counts it all."""
-        check_choices(n)
+        n = check_choices(n)
         if top_logprobs is not None:
-            check_top_logprobs(top_logprobs)
+            top_logprobs = check_top_logprobs(top_logprobs)
         job = self._chat_job([image], [question], max_new_tokens, temperature, top_p, seed, False, timeout,
                              system_prompt, history, image_turn, top_logprobs, n)
         self.scheduler.submit(job)

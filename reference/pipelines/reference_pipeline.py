@@ -53,7 +53,7 @@ class ReferencePipeline:
         schedule: Schedule = "cached",
         on_step: Callable[[int, int], None] | None = None,
     ) -> torch.Tensor:
-        check_generation(n, steps, cfg, seed)
+        n, steps, cfg, seed, _ = check_generation(n, steps, cfg, seed)
         if not prompts:
             raise InputError("no prompt given")
         batch = self.processor.generation_tokens([p for p in prompts for _ in range(n)])
@@ -81,7 +81,7 @@ class ReferencePipeline:
         on_logits: Callable[[torch.Tensor], None] | None = None,
     ) -> Iterator[torch.Tensor]:
         """Yield the next token id of every (image, question) row until all rows end."""
-        check_sampling(temperature, top_p, seed, max_new_tokens)
+        temperature, top_p, seed, max_new_tokens = check_sampling(temperature, top_p, seed, max_new_tokens)
         if len(images) != len(questions):
             raise InputError(f"{len(images)} images for {len(questions)} questions")
         batch = self.processor.understanding_batch(questions, images)

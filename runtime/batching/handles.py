@@ -12,10 +12,12 @@ from typing import TYPE_CHECKING, Callable, Generic, Iterator, TypeVar
 
 import torch
 
+from jfexport.core.processor.errors import RequestError
+from jfexport.core.processor.request_checks import check_index
 from jfexport.core.schedulers import FinishReason, TokenLogprobs
 
 from ..errors import RuntimeFailure
-from .jobs import ChatJob, GenerationJob, Job
+from .jobs import ChatJob, GenerationJob, Job, wait_deadline
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -88,12 +90,11 @@ class GenerationHandle(_Handle[GenerationJob]):
         """Until the request is done; `on_step(done, total)` runs here, on the caller's thread."""
         job, seen = self._job, 0
         target = (lambda: job.images is not None) if job.decode else (lambda: job.latents is not None)
+        deadline = wait_deadline(timeout)
         job.watch_progress = on_step is not None
-        limit = None if timeout is None else time.monotonic() + timeout
         while True:
-            left = None if limit is None else max(0.0, limit - time.monotonic())
             with job.waiting():
-                job.wait_for(lambda: target() or (on_step is not None and job.steps_done > seen), left)
+                job.wait_for(lambda: target() or (on_step is not None and job.steps_done > seen), deadline)
                 done_steps, ready = job.steps_done, target()
             if on_step is not None:
                 for k in range(seen + 1, done_steps + 1):
@@ -118,11 +119,10 @@ class GenerationHandle(_Handle[GenerationJob]):
         """The previews as they are decoded, until the request ends (then `result()` returns at once);
         closing the iterator early does not cancel the request."""
         job, read = self._job, 0
-        limit = None if timeout is None else time.monotonic() + timeout
+        deadline = wait_deadline(timeout)
         while True:
             with job.waiting():
-                job.wait_for(lambda: len(job.preview_images) > read,
-                             None if limit is None else max(0.0, limit - time.monotonic()))
+                job.wait_for(lambda: len(job.preview_images) > read, deadline)
                 items = job.preview_images[read:]
             read += len(items)
             if not items:
@@ -171,7 +171,7 @@ class ChatHandle(_Handle[ChatJob]):
 
     def choice(self, i: int) -> "ChatHandle":
         """The handle of answer i (row i, seeded seed + i); it keeps this one, and so the request, alive."""
-        return ChatHandle(self._job, self.tokenizer, self.prompt_tokens, i, self)
+        return ChatHandle(self._job, self.tokenizer, self.prompt_tokens, check_index(i, self.n, "choice"), self)
 
     def stop(self) -> None:
         """End this answer where it is (the others go on): what the caller has read is its answer."""
@@ -186,8 +186,10 @@ class ChatHandle(_Handle[ChatJob]):
         """The i-th token's log-probability and alternatives; for requests submitted with `top_logprobs`,
         for tokens already read (`tokens_since`, iteration)."""
         if self._job.top_logprobs is None:
-            raise ValueError("this request was submitted without top_logprobs: no log-probabilities were kept")
-        return self._row.logprobs[i]
+            raise RequestError("logprobs: this request was submitted without top_logprobs: no log-probabilities "
+                               "were kept")
+        with self._job.cond:  # the tokens decoded so far
+            return self._row.logprobs[check_index(i, len(self._row.logprobs), "logprobs")]
 
     @property
     def token_ids(self) -> list[int]:
@@ -231,7 +233,7 @@ class ChatHandle(_Handle[ChatJob]):
             yield token
 
     def text(self, timeout: float | None = None) -> str:
-        job, row = self._job, self._row
+        job, row, deadline = self._job, self._row, wait_deadline(timeout)
         with job.waiting():
-            job.wait_for(lambda: row.finish_reason is not None, timeout)  # until it ends; raises its error if it failed
+            job.wait_for(lambda: row.finish_reason is not None, deadline)  # until it ends; raises its error if it failed
         return self.tokenizer.decode(self.token_ids)

@@ -19,16 +19,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
+from numbers import Real
 from typing import Callable, Generic, Iterator, TypeVar, cast
 
 import torch
 
+from jfexport.core.errors import InputError
 from jfexport.core.schedulers import FinishReason, StopRule, TokenLogprobs
 
-from ..errors import RequestTimeout, RuntimeFailure, SchedulerStopped
+from ..errors import RequestTimeout, RuntimeFailure, SchedulerStopped, WaitTimeout
 
 Value = TypeVar("Value")
 
@@ -163,27 +166,38 @@ class Job:
             self._end_if_overdue(time.monotonic())
             return self.finished
 
-    def wait_for(self, ready: Callable[[], bool], timeout: float | None = None) -> None:
+    def wait_for(self, ready: Callable[[], bool], deadline: float | None = None) -> None:
         """Block (holding `cond` on return) until `ready()` or the job ends; raise its error.
 
-        The caller's own deadline is enforced here too, so a worker busy in a long engine call
-        cannot hold a caller past it; a dead worker is noticed within POLL_S. Hold the lock with
-        `waiting()`, so that a job ended here still notifies.
+        `deadline` (`time.monotonic()` time, see `wait_deadline`) is the caller's: past it,
+        WaitTimeout, and the request goes on. It is enforced here too, so a worker busy in a long
+        engine call cannot hold a caller past it; a dead worker is noticed within POLL_S. Hold the
+        lock with `waiting()`, so that a job ended here still notifies.
         """
         if getattr(_notifying, "active", False) and not (ready() or self.finished):
             raise RuntimeError(f"a {self.kind} request was waited for from inside a request notification, which "
                                "runs on the scheduler's worker: the wait would never end")
-        limit = None if timeout is None else time.monotonic() + timeout
         while not ready():
             now = time.monotonic()
             self._end_if_overdue(now)
             if self.finished:
                 break
-            if limit is not None and now >= limit:
-                raise TimeoutError(f"{self.kind} request not done within {timeout} s")
+            if deadline is not None and now >= deadline:
+                raise WaitTimeout(f"{self.kind} request still running when the wait's timeout ended; it goes on: "
+                                  "wait again, or cancel it")
             self.cond.wait(POLL_S)
         if self.error is not None and not ready():
             raise self.error
+
+
+def wait_deadline(timeout: object) -> float | None:
+    """The `time.monotonic()` time a caller's wait of `timeout` seconds ends (None: it does not).
+    A NaN would never end, so it is refused with any other non-number or negative value."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, Real) or not 0 <= float(timeout) < math.inf:
+        raise InputError(f"timeout: expected None or a number of seconds >= 0, got {timeout!r}")
+    return time.monotonic() + float(timeout)
 
 
 def _run_notifications(fns: list[Callable[[], None]]) -> None:
@@ -404,6 +418,14 @@ class ChatJob(Job):
     def wants_logits(self) -> bool:
         """Whether the decode step must hand this job's logits back to the host (a cost others do not pay)."""
         return self.keep_logits or self.top_logprobs is not None
+
+    def complete_at_limit(self) -> None:
+        """End a question asked for no token (max_new_tokens 0: its prompt is all it has) as an answer
+        that reached its length limit, so every row says why it ended."""
+        with self.cond:
+            for row in self.chat_rows:
+                row.finish_reason = row.finish_reason or "length"
+        self.complete()
 
     def end_row(self, row: ChatRow) -> None:
         """End one row early (its caller has what it wants, e.g. a stop sequence) while the others go on;

@@ -108,7 +108,7 @@ class Scheduler:
     def submit(self, job: Job) -> None:
         with self._cond:
             if self._closed or not self.alive():
-                raise SchedulerStopped("the scheduler is stopped" + (f" ({self._death!r})" if self._death else ""))
+                raise self._stopped()
             if len(self._queue) >= self.max_queue:
                 # Roughly the time for the queue ahead to be admitted, at one request per iteration.
                 raise Overloaded(f"{len(self._queue)} requests are queued (the limit): retry later",
@@ -120,9 +120,12 @@ class Scheduler:
         """Run `fn` on the worker between iterations (engine work outside the two request kinds)."""
         with self._cond:
             if self._closed or not self.alive():
-                raise SchedulerStopped("the scheduler is stopped")
+                raise self._stopped()
             self._calls.append((fn, job))
             self._cond.notify_all()
+
+    def _stopped(self) -> SchedulerStopped:
+        return SchedulerStopped("the scheduler is stopped" + (f" ({self._death!r})" if self._death else ""))
 
     def torch_threads(self) -> int:
         """torch's intra-op thread count on the worker, where the runtime's torch work runs."""
@@ -155,7 +158,7 @@ class Scheduler:
         if self._thread is not None:
             raise RuntimeError("this scheduler runs its iterations on its own worker thread")
         if not self.alive():
-            raise SchedulerStopped("the scheduler is stopped" + (f" ({self._death!r})" if self._death else ""))
+            raise self._stopped()
         try:
             self._iteration()
         except BaseException as e:
@@ -172,9 +175,9 @@ class Scheduler:
         return bool(self._queue or self._calls or g.rows or g.to_decode or self.chat.rows)
 
     def _run(self) -> None:
-        if self._torch_threads is not None:
-            torch.set_num_threads(self._torch_threads)
         try:
+            if self._torch_threads is not None:
+                torch.set_num_threads(self._torch_threads)
             while True:
                 with self._cond:
                     while not self._closed and not self._busy():
@@ -197,6 +200,14 @@ class Scheduler:
             self._calls.clear()
         for job in waiting + list(self.generation.jobs()) + list(self.chat.jobs()):
             job.fail(error)
+        # Their rows leave too, so that stats() of a stopped scheduler counts none in flight.
+        for part in self.generation.jobs():
+            self.generation.drop(part)
+        try:
+            for chat_job in self.chat.jobs():
+                self.chat.drop(chat_job)
+        except Exception:  # noqa: BLE001 - a cache the failure left broken is never used again
+            log.warning("the K/V slots of a stopped scheduler could not be released", exc_info=True)
 
     def _iteration(self) -> None:
         self._run_calls()
@@ -278,7 +289,7 @@ class Scheduler:
             for job in prefill_only:
                 self._queue.remove(job)
         for job in prefill_only:
-            job.complete()
+            job.complete_at_limit()
         admitted = self._admit_parts(ChatJob, chat.slots - chat.active_rows)
         if admitted:
             self._isolated(chat.prefill, admitted)

@@ -19,6 +19,7 @@ Accepted ranges (inclusive unless stated):
 | `steps` | int in 1 .. MAX_STEPS |
 | `cfg` | finite real in 0 .. MAX_CFG |
 | `previews` | int in 0 .. MAX_PREVIEWS, and fewer than `steps` (each preview at its own step before the last) |
+| `timeout` | None, or a finite real > 0 (seconds) |
 
 `bool` is refused wherever a number is expected: `True` as a seed or a token count is a caller's bug.
 
@@ -31,7 +32,7 @@ from __future__ import annotations
 import math
 import operator
 from numbers import Real
-from typing import SupportsIndex, cast
+from typing import NamedTuple, SupportsIndex, cast
 
 from jfexport.core.processor.errors import ProcessorInputError, RequestError
 
@@ -100,6 +101,13 @@ def check_prompt(prompt: object, name: str = "prompt") -> str:
     return text
 
 
+def check_index(index: object, count: int, name: str) -> int:
+    """An index into `count` things (answers of a request, tokens read so far)."""
+    if count == 0:
+        raise RequestError(f"{name}: there is none yet to index, got {index!r}")
+    return _integer(name, index, 0, count - 1)
+
+
 def check_seed(seed: object, name: str = "seed") -> int:
     return _integer(name, seed, 0, MAX_SEED)
 
@@ -149,12 +157,18 @@ def check_cfg(cfg: object, name: str = "cfg") -> float:
     return weight
 
 
-def check_sampling(temperature: object, top_p: object, seed: object, max_new_tokens: object) -> None:
-    """Parameters of understanding (text) decoding."""
-    check_temperature(temperature)
-    check_top_p(top_p)
-    check_seed(seed)
-    check_max_new_tokens(max_new_tokens)
+class Sampling(NamedTuple):
+    temperature: float
+    top_p: float
+    seed: int
+    max_new_tokens: int
+
+
+def check_sampling(temperature: object, top_p: object, seed: object, max_new_tokens: object) -> Sampling:
+    """Parameters of understanding (text) decoding, as checked: the values to use from here on (a numpy
+    integer seed becomes the int torch's generators take)."""
+    return Sampling(check_temperature(temperature), check_top_p(top_p), check_seed(seed),
+                    check_max_new_tokens(max_new_tokens))
 
 
 def check_previews(previews: object, steps: int, name: str = "previews") -> int:
@@ -165,10 +179,27 @@ def check_previews(previews: object, steps: int, name: str = "previews") -> int:
     return count
 
 
-def check_generation(n: object, steps: object, cfg: object, seed: object, previews: object = 0) -> None:
-    """Parameters of text-to-image generation."""
-    check_images_per_prompt(n)
+class Generation(NamedTuple):
+    n: int
+    steps: int
+    cfg: float
+    seed: int
+    previews: int
+
+
+def check_generation(n: object, steps: object, cfg: object, seed: object, previews: object = 0) -> Generation:
+    """Parameters of text-to-image generation, as checked: the values to use from here on."""
     count = check_steps(steps)
-    check_cfg(cfg)
-    check_seed(seed)
-    check_previews(previews, count)
+    return Generation(check_images_per_prompt(n), count, check_cfg(cfg), check_seed(seed),
+                      check_previews(previews, count))
+
+
+def check_timeout(timeout: object, name: str = "timeout") -> float | None:
+    """None (no deadline) or a positive finite number of seconds: NaN would never expire, and a
+    deadline already past is a caller's bug, not a timeout."""
+    if timeout is None:
+        return None
+    seconds = _real(name, timeout)
+    if seconds <= 0:
+        raise RequestError(f"{name}: must be a positive number of seconds (or None for no deadline), got {timeout}")
+    return seconds
