@@ -2,7 +2,7 @@
 number of stored conversations, with the block index (`PrefixCache`, what the runtime does) and with
 a scan of every entry (the replaced policy, reproduced here as `ScanPrefixCache`), both measured in
 this run; then, given a build folder, the runtime's time per chat request as thousands of distinct
-conversations fill its cache.
+conversations fill its cache, with each of the two.
 
     .venv/bin/python bench/prefix_entries.py engines/default > bench/results/default-prefix-entries-cpu.json
 """
@@ -74,9 +74,11 @@ def structure(kind: type[PrefixCache], size: int) -> float:
     return (time.perf_counter() - start) / LOOKUPS * 1e3
 
 
-def runtime(folder: str) -> list[dict]:
+def runtime(folder: str, kind: type[PrefixCache]) -> list[dict]:
     """ms per one-question chat request, window by window, each request with an image of its own."""
     rt = JanusFlowRuntime.from_engines(folder)
+    chat = rt.scheduler.chat
+    chat.prefixes = kind(chat.prefixes.budget_bytes)  # before any request: the worker is idle
     rng = np.random.default_rng(0)
     windows = []
     try:
@@ -103,7 +105,8 @@ def main() -> None:
         result["structure_ms_per_lookup_and_store"][size] = {"index": round(index, 4), "scan": round(scan, 4)}
         print(size, result["structure_ms_per_lookup_and_store"][size], file=sys.stderr, flush=True)
     if len(sys.argv) > 1:
-        result["runtime"] = {"folder": sys.argv[1], "windows": runtime(sys.argv[1])}
+        result["runtime"] = {"folder": sys.argv[1], "index": runtime(sys.argv[1], PrefixCache),
+                             "scan": runtime(sys.argv[1], ScanPrefixCache)}
     print(json.dumps(result, indent=2))
 
 
