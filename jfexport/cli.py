@@ -18,7 +18,7 @@ from jfexport.commands.reference_cmds import verify_reference_cmd
 from jfexport.commands.runtime_cmds import build_cmd, chat_cmd, generate_cmd, verify_cmd
 from jfexport.commands.serve_cmd import serve_cmd
 from jfexport.commands.train_cmd import train_cmd, train_default_cmd
-from jfexport.core.errors import RUNTIME_FAILURE, USER_ERROR, RuntimeFailure, UserError
+from jfexport.core.errors import INTERRUPTED, RUNTIME_FAILURE, TERMINATED, USER_ERROR, RuntimeFailure, UserError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -32,10 +32,6 @@ def cli(verbose: bool) -> None:
 for _command in (build_cmd, generate_cmd, chat_cmd, verify_cmd, bench_cmd, bench_serve_cmd, bench_startup_cmd, bench_torch_cmd,
                  export_cmd, verify_reference_cmd, train_cmd, train_default_cmd, eval_cmd, serve_cmd):
     cli.add_command(_command)
-
-
-INTERRUPTED = 130
-TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process the signal ended
 
 
 class Terminated(KeyboardInterrupt):

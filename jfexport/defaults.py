@@ -36,6 +36,7 @@ PORT = 8000
 MODEL_NAME = "janusflow"
 REQUEST_TIMEOUT_S = 120.0
 GRACE_S = 30.0
+MAX_GRACE_S = 3600.0  # a drain longer than an hour is a stuck process, not a drain
 MAX_BODY_MB = 8.0
 MAX_IMAGE_MB = 4.0
 MAX_IMAGE_PIXELS = 4096 * 4096  # of an image in a chat request, read from its header before decoding

@@ -90,7 +90,9 @@ def test_the_server_takes_the_table():
 @pytest.mark.parametrize("options, culprit", [
     ({"max_queue": 0}, "max_queue"), ({"max_queue": 1.5}, "max_queue"), ({"request_timeout": float("nan")}, "request_timeout"),
     ({"max_body_mb": -1}, "max_body_mb"), ({"max_image_mb": "big"}, "max_image_mb"), ({"grace": -1}, "grace"),
-    ({"api_key": " "}, "api_key"),
+    ({"api_key": " "}, "api_key"), ({"api_key": "k\n"}, "api_key"), ({"grace": 1e9}, "grace"),
+    ({"grace": float("nan")}, "grace"), ({"model": ""}, "model"), ({"max_body_mb": 1e-30}, "max_body_mb"),
+    ({"precision": "fp64"}, "precision"), ({"backend": "cuda"}, "backend"),
 ])
 def test_serve_settings_out_of_range_are_named(options, culprit):
     from jfexport.runtime.serving.settings import ServeSettings

@@ -237,6 +237,19 @@ def test_sigterm_lets_in_flight_requests_finish(ray_server):
     assert all(end > signalled for _, end in results)  # they were in flight when the signal came
 
 
+@pytest.mark.parametrize("args,culprit", [
+    ({"replicas": "two"}, "replicas"), ({"replicas": 1.7}, "replicas"), ({"replicas": True}, "replicas"),
+    ({"num_cpus": "x"}, "num_cpus"), ({"num_gpus": "nan"}, "num_gpus"), ({"num_cpus": -1}, "num_cpus"),
+    ({"grace": 1e9}, "grace"), ({"model": ""}, "model"), ({"precision": "fp64"}, "precision"),
+    ({"max_queu": 8}, "unknown argument"),
+])
+def test_app_arguments_out_of_range_refuse_to_build_the_app(args, culprit):
+    from jfexport.runtime.serving.ray_app import build_app
+
+    with pytest.raises(ValueError, match=f"^{culprit}"):
+        build_app({"engines": "engines", **args})
+
+
 def test_a_replica_takes_as_many_requests_as_its_queue():
     """Ray holds back requests past max_ongoing_requests (they wait at the proxy instead of getting
     the scheduler's 429): the app's max_queue must set it, not the default's."""

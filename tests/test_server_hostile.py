@@ -547,9 +547,11 @@ def test_a_bug_is_a_json_500_that_closes_its_connection_and_is_counted_as_500(en
 
 
 def _sigterm_with_requests_in_flight(engines, tmp_path, grace: float, path: str, body: bytes, requests: int,
-                                     in_flight: int) -> tuple[int, float, str, list[httpx.Response]]:
-    """A server of its own given SIGTERM once `in_flight` of `requests` POSTs of `body` are in flight:
-    (its exit code, seconds from the signal to its exit, its log, the answers that came back)."""
+                                     in_flight: int, signals: tuple[int, ...] = (signal.SIGTERM,),
+                                     ) -> tuple[int, float, str, list[httpx.Response]]:
+    """A server of its own given SIGTERM (or `signals`, 0.3 s apart) once `in_flight` of `requests` POSTs of
+    `body` are in flight: (its exit code, seconds from the first signal to its exit, its log, the answers
+    that came back)."""
     port = free_port()
     proc = ServerProcess(["serve", "--engines", str(engines), "--port", str(port), "--grace", str(grace)],
                          tmp_path / "server.log")
@@ -573,7 +575,9 @@ def _sigterm_with_requests_in_flight(engines, tmp_path, grace: float, path: str,
             assert time.monotonic() < deadline, "the requests did not start"
             time.sleep(0.02)
         signalled = time.monotonic()
-        proc.proc.send_signal(signal.SIGTERM)
+        for i, sig in enumerate(signals):
+            time.sleep(0.3 if i else 0)
+            proc.proc.send_signal(sig)
         code = proc.proc.wait(grace + 60)
         exited = time.monotonic() - signalled
         for t in threads:
@@ -598,6 +602,32 @@ def test_sigterm_past_the_grace_answers_503_and_exits_0_promptly(engines, tmp_pa
         error = _named_4xx(r, 503)
         assert r.headers["retry-after"] and "shutting down" in error["message"]
         assert error["code"] == "shutting_down", error
+
+
+IMAGES_BODY = json.dumps({"prompt": "a red circle", "n": 4, "steps": 1000}).encode()
+
+
+def test_a_second_ctrl_c_ends_the_grace_with_the_drains_503s_and_exits_130(engines, tmp_path):
+    """uvicorn's force exit cancelled the requests in flight: a plain-text 500 each, a traceback in the
+    log, and exit 0 as if the drain had completed."""
+    code, exited, log, responses = _sigterm_with_requests_in_flight(
+        engines, tmp_path, 60.0, "/v1/images/generations", IMAGES_BODY, requests=2, in_flight=2,
+        signals=(signal.SIGINT, signal.SIGINT))
+    assert code == 130 and exited < 5, (code, exited, log[-2000:])
+    assert len(responses) == 2
+    for r in responses:
+        assert _named_4xx(r, 503)["code"] == "shutting_down"
+    assert "Traceback" not in log and log.count("status=503 kind=image") == 2, log[-2000:]
+
+
+def test_sighup_drains_as_sigterm_does(engines, tmp_path):
+    """A closed terminal's SIGHUP killed the server at once, dropping the requests in flight."""
+    code, exited, log, responses = _sigterm_with_requests_in_flight(
+        engines, tmp_path, 1.0, "/v1/images/generations", IMAGES_BODY, requests=2, in_flight=2,
+        signals=(signal.SIGHUP,))
+    assert code == 0 and exited < 3, (code, exited, log[-2000:])
+    assert [_named_4xx(r, 503)["code"] for r in responses] == ["shutting_down"] * 2
+    assert "SIGHUP: draining" in log
 
 
 def test_sigterm_while_bodies_arrive_waits_for_them_within_the_grace(engines, tmp_path):
@@ -670,6 +700,11 @@ def test_sigterm_while_preparation_runs_on_the_pool_exits_promptly(engines, tmp_
     (["--grace", "-3"], {}, "--grace"),
     (["--max-queue", "0"], {}, "--max-queue"),
     (["--model-name", " "], {}, "--model-name"),
+    (["--grace", "nan"], {}, "must be a number in 0 .. 3600, got nan"),
+    (["--host", ""], {}, "--host"),
+    (["--api-key", "s3cret "], {}, "--api-key has whitespace around it"),
+    ([], {"JFEXPORT_API_KEY": " s3cret"}, "JFEXPORT_API_KEY has whitespace around it"),
+    (["--max-image-mb", "1e-30"], {}, "less than a byte"),
 ])
 def test_bad_options_are_refused_before_loading(tmp_path, args, env, message):
     """click's own runner, in this process: the command must stop before it listens or loads."""

@@ -31,6 +31,24 @@ class _Positive(click.ParamType):
 
 
 POSITIVE = _Positive()
+
+
+class _Finite(click.ParamType):
+    """A finite number in [low, high] (click's FloatRange lets nan through)."""
+
+    name = "number"
+
+    def __init__(self, low: float, high: float):
+        self.low, self.high = low, high
+
+    def convert(self, value, param, ctx):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not self.low <= number <= self.high:  # false for nan
+            self.fail(f"must be a number in {self.low:g} .. {self.high:g}, got {value}", param, ctx)
+        return number
 API_KEY_ENV = "JFEXPORT_API_KEY"
 
 
@@ -41,9 +59,16 @@ def _api_key(ctx, param, value):
         value = os.environ[API_KEY_ENV]
         source = API_KEY_ENV
     else:
-        source = "--api-key"
-    if value is not None and not value.strip():
-        raise click.BadParameter(f"{source} is empty: give a key, or unset it to serve without one", ctx, param)
+        from click.core import ParameterSource
+
+        source = API_KEY_ENV if ctx.get_parameter_source(param.name) == ParameterSource.ENVIRONMENT else "--api-key"
+    if value is not None:
+        from jfexport.runtime.serving.settings import check_api_key
+
+        try:
+            check_api_key(value, source)
+        except ValueError as e:
+            raise click.BadParameter(str(e), ctx, param) from None
     return value
 
 
@@ -62,7 +87,7 @@ def _api_key(ctx, param, value):
               help="Requests the scheduler admits; past it, 429.")
 @click.option("--request-timeout", type=POSITIVE, default=defaults.REQUEST_TIMEOUT_S, show_default=True,
               help="Seconds per request, queueing included; 504 past it.")
-@click.option("--grace", type=click.FloatRange(0, 3600), default=defaults.GRACE_S, show_default=True,
+@click.option("--grace", type=_Finite(0, defaults.MAX_GRACE_S), default=defaults.GRACE_S, show_default=True,
               help="SIGTERM: seconds in-flight requests get to finish.")
 @click.option("--max-body-mb", type=POSITIVE, default=defaults.MAX_BODY_MB, show_default=True,
               help="Largest request body; 413 past it.")
@@ -88,6 +113,9 @@ def serve_cmd(engines, precision, host, port, api_key, model_name, max_queue, re
     """
     if not model_name.strip():
         raise click.BadParameter("must not be empty", param_hint="--model-name")
+    if not host.strip():
+        # An unset variable in `--host "$HOST"` would otherwise bind every interface.
+        raise click.BadParameter("must not be empty (0.0.0.0 listens on all interfaces)", param_hint="--host")
     from jfexport.runtime.serving.server import listen
 
     try:  # before building or loading anything: a port in use is said at once
@@ -99,21 +127,45 @@ def serve_cmd(engines, precision, host, port, api_key, model_name, max_queue, re
         if not (engines / "manifest.json").is_file():
             click.echo(f"no build in {engines}: building the bundled default model first", err=True)
             # In a child process: the server process imports no model code.
-            if subprocess.run([sys.executable, "-m", "jfexport.cli", "build", "--out", str(engines)]).returncode:
+            if _build_default(engines):
                 raise click.ClickException(f"building {engines} failed (see above)")
     options = {"precision": precision, "max_queue": max_queue, "api_key": api_key, "model": model_name,
                "request_timeout": request_timeout, "max_body_mb": max_body_mb, "max_image_mb": max_image_mb,
                "grace": grace, "header_timeout": header_timeout, "body_timeout": body_timeout,
                "send_timeout": send_timeout, "max_connections": max_connections}
+    from jfexport.runtime.serving.settings import ServeSettings
+
+    try:  # named as a usage error before anything starts (the Ray app checks them again, for `serve run`)
+        settings = ServeSettings.from_options(options)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     if use_ray:
+        from jfexport.core.manifest import Manifest
         from jfexport.runtime.serving.ray_local import serve_on_ray
+
+        Manifest.read(engines)  # a folder that is no build is named here, not by Ray's failed deployment
 
         sys.exit(serve_on_ray({**options, "engines": str(engines.resolve()), "replicas": replicas}, host, port))
     from jfexport.runtime.serving.server import exit_now, serve
-    from jfexport.runtime.serving.settings import ServeSettings
 
     try:
-        code = serve(engines, host, port, ServeSettings.from_options(options))
+        code = serve(engines, host, port, settings)
     except OSError as e:  # taken since the check above; still before anything loaded
         raise click.ClickException(str(e.strerror)) from None
     exit_now(code)
+
+
+def _build_default(engines: Path) -> int:
+    """`jfexport build --out engines` in a child process; its exit code. Interrupted here (a SIGTERM sent to
+    this process alone), the child is asked to stop as well and waited for, so that it removes its staging
+    folder: subprocess.run would kill it outright."""
+    child = subprocess.Popen([sys.executable, "-m", "jfexport.cli", "build", "--out", str(engines)])
+    try:
+        return child.wait()
+    except BaseException:
+        try:
+            child.wait(1)  # a Ctrl-C at a terminal reached it too
+        except subprocess.TimeoutExpired:
+            child.terminate()
+            child.wait()
+        raise

@@ -39,6 +39,8 @@ class RuntimeFailure(JanusFlowError):
 BUG = 1
 USER_ERROR = 2
 RUNTIME_FAILURE = 3
+INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C
+TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process the signal ended
 
 
 def exit_code(error: BaseException) -> int:

@@ -29,7 +29,7 @@ from jfexport import defaults
 
 from .app import build_app as build_asgi_app
 from .loading import load_runtime
-from .settings import ServeSettings
+from .settings import SETTINGS_OPTIONS, ServeSettings, at_least_zero, positive_int
 
 DEPLOYMENT = "JanusFlow"
 
@@ -57,10 +57,13 @@ class JanusFlowDeployment:
 
 def _gpus(value: Any) -> float:
     if value not in (None, "auto"):
-        return float(value)
+        return at_least_zero("num_gpus", value)
     import torch
 
     return 1.0 if torch.cuda.is_available() else 0.0
+
+
+APP_ARGS = frozenset({"engines", "replicas", "num_cpus", "num_gpus"})
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -71,11 +74,16 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     (per replica, default 1), and the settings of `ServeSettings.from_options`: backend,
     precision, max_queue, api_key (default: the JFEXPORT_API_KEY environment variable), model
     (the model id), request_timeout (seconds), max_body_mb, max_image_mb, grace (seconds a
-    stopping replica gives its in-flight requests). A setting out of range refuses to start, naming it.
+    stopping replica gives its in-flight requests). A setting out of range, or an argument not listed
+    here, refuses to start, naming it.
     """
     if not args.get("engines"):
         raise ValueError("the Ray Serve app needs engines=DIR (a `jfexport build` folder)")
-    actor_options: dict[str, Any] = {"num_cpus": float(args.get("num_cpus", 1))}
+    unknown = sorted(set(args) - APP_ARGS - SETTINGS_OPTIONS)
+    if unknown:  # a misspelt option (max_queu) would otherwise be dropped without a word
+        raise ValueError(f"unknown argument(s) {', '.join(unknown)}; the app takes "
+                         f"{', '.join(sorted(APP_ARGS | SETTINGS_OPTIONS))}")
+    actor_options: dict[str, Any] = {"num_cpus": at_least_zero("num_cpus", args.get("num_cpus", 1))}
     if gpus := _gpus(args.get("num_gpus")):
         actor_options["num_gpus"] = gpus
     settings = ServeSettings.from_options({"api_key": os.environ.get("JFEXPORT_API_KEY"), **args})
@@ -84,7 +92,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     # its scheduler's queue, that scheduler answers 429), and each proxy holds at most max_queue more
     # waiting for a replica, answering 429 with Retry-After past them (Ray's default queues without end).
     deployment = JanusFlowDeployment.options(  # type: ignore[attr-defined]
-        num_replicas=int(args.get("replicas", 1)), ray_actor_options=actor_options,
+        num_replicas=positive_int("replicas", args.get("replicas", 1)), ray_actor_options=actor_options,
         graceful_shutdown_timeout_s=settings.grace, max_ongoing_requests=settings.max_queue,
         max_queued_requests=settings.max_queue, backpressure_config=BackpressureConfig(status_code=429, retry_after_s=1))
     return deployment.bind(str(args["engines"]), settings)

@@ -1,8 +1,9 @@
 """`jfexport serve`: uvicorn over the app, engines loaded in the background, SIGTERM drains.
 
-SIGTERM (or Ctrl-C): new requests get 503 and /ready turns 503 while the listener stays open,
-in-flight requests get up to the grace period to finish; those still running then get a 503
-(OpenAI's error JSON) and the server exits 0 within about a second. A second Ctrl-C exits at once.
+SIGTERM (or Ctrl-C, or SIGHUP: a closed terminal): new requests get 503 and /ready turns 503 while
+the listener stays open, in-flight requests get up to the grace period to finish; those still
+running then get a 503 (OpenAI's error JSON) and the server exits 0 within about a second. A
+second Ctrl-C ends the grace at once: the same 503s, and exit 130.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import uvicorn
 
 from jfexport import defaults
-from jfexport.core.errors import BUG, exit_code
+from jfexport.core.errors import BUG, INTERRUPTED, exit_code
 
 from .app import build_app
 from .connections import guarded_protocol
@@ -41,16 +42,21 @@ class DrainingServer(uvicorn.Server):
         self.drain_deadline: float | None = None
         self.aborted_at: float | None = None
         self.failed = 0  # the exit code of a failed load
+        self.interrupted = False  # a second Ctrl-C cut the grace short
 
     def handle_exit(self, sig: int, frame) -> None:
         # Not uvicorn's handler: it would close the listener at once (connection refused, not 503)
         # and re-raise the signal after shutdown, which exits non-zero.
         if self.drain_deadline is None:
-            log.info("signal %d: draining (%d in flight, grace %.0f s)", sig, self.service.in_flight, self.grace)
+            log.info("%s: draining (%d in flight, grace %.0f s)", signal.Signals(sig).name, self.service.in_flight,
+                     self.grace)
             self.service.draining = True
             self.drain_deadline = time.monotonic() + self.grace
-        elif sig == signal.SIGINT:
-            self.should_exit = self.force_exit = True
+        elif sig == signal.SIGINT and not self.interrupted:
+            # Not uvicorn's force_exit: it cancels the requests in flight, which answer a plain-text 500.
+            log.warning("second Ctrl-C: the grace ends now (%d in flight)", self.service.in_flight)
+            self.interrupted = True
+            self.drain_deadline = time.monotonic()
 
     async def on_tick(self, counter: int) -> bool:
         if self.drain_deadline is not None and not self.should_exit:
@@ -97,8 +103,9 @@ def listen(host: str, port: int) -> socket.socket:
 
 def serve(engines: Path, host: str = defaults.HOST, port: int = defaults.PORT,
           settings: ServeSettings = ServeSettings()) -> int:
-    """Serve until a signal; the exit code (0 after a drain; when the engines failed to load, the CLI's
-    code for the error: 2 a user error such as a bad build, 3 a runtime failure, 1 a bug).
+    """Serve until a signal; the exit code (0 after a drain, 130 after one a second Ctrl-C cut short; when
+    the engines failed to load, the CLI's code for the error: 2 a user error such as a bad build, 3 a
+    runtime failure, 1 a bug).
 
     Raises OSError before loading anything when host:port cannot be listened on.
     """
@@ -112,6 +119,9 @@ def serve(engines: Path, host: str = defaults.HOST, port: int = defaults.PORT,
                             h11_max_incomplete_event_size=settings.max_header_bytes, timeout_graceful_shutdown=1,
                             timeout_keep_alive=5)
     server = DrainingServer(config, service)
+    # uvicorn handles SIGINT and SIGTERM; a closed terminal's SIGHUP drains too, rather than killing
+    # the requests in flight.
+    signal.signal(signal.SIGHUP, server.handle_exit)
     server.load_in_background(engines)
     log.info("listening on http://%s:%d (model %r from %s)", host, port, settings.model_id, engines)
     server.run(sockets=[sock])
@@ -121,7 +131,7 @@ def serve(engines: Path, host: str = defaults.HOST, port: int = defaults.PORT,
     if service.busy_threads or loading:
         log.warning("stopping with %d request thread(s) still busy%s: the process should exit without waiting for "
                     "them (exit_now)", service.busy_threads, " and the engines still loading" if loading else "")
-    return server.failed
+    return server.failed or (INTERRUPTED if server.interrupted else 0)
 
 
 def exit_now(code: int) -> None:

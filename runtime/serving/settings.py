@@ -47,25 +47,47 @@ class ServeSettings:
         """From the options of `jfexport serve` or the Ray app's args (sizes in MB, `model` for the id);
         an option absent or None keeps its default. A number that is not finite and > 0 is a
         ValueError naming the option."""
-        known = {f.name for f in fields(cls)} | {"max_body_mb", "max_image_mb", "model"}
-        given = {k: v for k, v in options.items() if k in known and v is not None}
+        given = {k: v for k, v in options.items() if k in SETTINGS_OPTIONS and v is not None}
         for key in ("request_timeout", "max_body_mb", "max_image_mb", "header_timeout", "body_timeout",
                     "send_timeout"):
             if key in given:
                 given[key] = _positive(key, given[key])
         for key in ("max_queue", "max_connections"):
             if key in given:
-                given[key] = _positive_int(key, given[key])
+                given[key] = positive_int(key, given[key])
         if "grace" in given:
-            given["grace"] = _at_least_zero("grace", given["grace"])
+            given["grace"] = at_least_zero("grace", given["grace"])
+            if given["grace"] > defaults.MAX_GRACE_S:
+                raise ValueError(f"grace: must be at most {defaults.MAX_GRACE_S:g} s, got {options['grace']!r}")
         if "model" in given:
             given["model_id"] = str(given.pop("model"))
+            if not given["model_id"].strip():
+                raise ValueError("model: the model id is empty")
         for key, field in (("max_body_mb", "max_body_bytes"), ("max_image_mb", "max_image_bytes")):
             if key in given:
                 given[field] = int(given.pop(key) * MIB)
-        if "api_key" in given and not str(given["api_key"]).strip():
-            raise ValueError("api_key is empty: give a key, or leave it unset to serve without one")
+                if given[field] < 1:
+                    raise ValueError(f"{key}: {options[key]!r} MB is less than a byte")
+        if "backend" in given and given["backend"] not in defaults.ENGINE_BACKENDS:
+            raise ValueError(f"backend: expected one of {', '.join(defaults.ENGINE_BACKENDS)}, got {given['backend']!r}")
+        if "precision" in given and given["precision"] not in defaults.ENGINE_PRECISIONS:
+            raise ValueError(f"precision: expected one of {', '.join(defaults.ENGINE_PRECISIONS)}, "
+                             f"got {given['precision']!r}")
+        if "api_key" in given:
+            check_api_key(given["api_key"], "api_key")
         return cls(**given)
+
+
+def check_api_key(key: object, source: str) -> str:
+    """The key as given, refused when it could not protect anything as its operator meant: empty (a
+    bare `Bearer ` would pass), or with whitespace around it (a client's token is compared stripped,
+    so no client could ever send it: every request would be 401)."""
+    text = str(key)
+    if not text.strip():
+        raise ValueError(f"{source} is empty: give a key, or leave it unset to serve without one")
+    if text != text.strip():
+        raise ValueError(f"{source} has whitespace around it, which no client's token can match: remove it")
+    return text
 
 
 def _number(key: str, value: Any) -> float:
@@ -85,14 +107,18 @@ def _positive(key: str, value: Any) -> float:
     return number
 
 
-def _at_least_zero(key: str, value: Any) -> float:
+def at_least_zero(key: str, value: Any) -> float:
     number = _number(key, value)
     if number < 0:
         raise ValueError(f"{key}: must be a finite number >= 0, got {value!r}")
     return number
 
 
-def _positive_int(key: str, value: Any) -> int:
+def positive_int(key: str, value: Any) -> int:
     if isinstance(value, bool) or not float(_number(key, value)).is_integer() or int(float(value)) < 1:
         raise ValueError(f"{key}: must be a whole number >= 1, got {value!r}")
     return int(float(value))
+
+
+# The options `from_options` reads: the settings' fields, and the sizes in MB and `model` it converts.
+SETTINGS_OPTIONS = frozenset({f.name for f in fields(ServeSettings)} | {"max_body_mb", "max_image_mb", "model"})
