@@ -719,6 +719,13 @@ def test_bad_options_are_refused_before_loading(tmp_path, args, env, message):
     assert "listening on" not in res.output
 
 
+def test_serve_on_ray_names_a_folder_that_is_no_build_before_ray_starts(tmp_path):
+    """Ray's failed deployment took 22 s and printed seven tracebacks, exit 1."""
+    res = run_cli("serve", "--ray", "--engines", str(tmp_path / "no-engines"), "--port", str(free_port()), timeout=60)
+    assert res.returncode == 2 and res.stderr.startswith("error: "), res.stderr[-2000:]
+    assert "no-engines: engines folder does not exist" in res.stderr and "Traceback" not in res.stderr
+
+
 def test_a_port_in_use_is_reported_before_loading(engines, tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
