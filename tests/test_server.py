@@ -489,15 +489,20 @@ def test_disconnect_from_an_image_stream_without_previews_cancels_it(http, serve
     """No event comes until the image: the steps keep waking the stream's feed, and its client's leaving
     must be noticed all the same."""
     steps_before = metric(metrics(http), "jfexport_batch_rows_count", kind="generation")
+    left_before = metric(metrics(http), "jfexport_requests_total", kind="image", status="499")
     body = {"prompt": "a red circle", "stream": True, "steps": 1000}
     with httpx.Client(base_url=server[0], headers=AUTH) as own:
-        with own.stream("POST", "/v1/images/generations", json=body) as r:
+        with own.stream("POST", "/v1/images/generations", json=body, headers={"X-Request-Id": "stream-left"}) as r:
             assert r.status_code == 200
             wait_for(lambda: metric(metrics(http), "jfexport_batch_rows_count", kind="generation") > steps_before,
                      10, "the image started")
     wait_for(lambda: metric(metrics(http), "jfexport_active_rows", kind="generation") == 0, 3, "generation row freed")
     steps = metric(metrics(http), "jfexport_batch_rows_count", kind="generation") - steps_before
     assert steps < 500, f"{steps} of 1000 Euler steps ran for a client that left"
+    # Cancelled, not answered, though its 200 had been sent: counted and logged as a client that left.
+    wait_for(lambda: "request_id=stream-left" in server[1].log(), 5, "the request ended")
+    assert "request_id=stream-left POST /v1/images/generations status=499" in server[1].log()
+    assert metric(metrics(http), "jfexport_requests_total", kind="image", status="499") == left_before + 1
 
 
 def test_image_detail_and_text_response_format_are_accepted(client, runtime):

@@ -427,6 +427,8 @@ def test_headers_sent_byte_by_byte_get_408_and_the_connection_closed(server):
 
 def test_connections_past_the_cap_are_refused_logged_and_freed(server, http):
     url, proc = server
+    before = {code: metric(http.get("/metrics").text, "jfexport_errors_total", type=code)
+              for code in ("too_many_connections", "header_timeout")}
     socks = [_connect(url) for _ in range(MAX_CONNECTIONS + 20)]
     for s in socks:
         s.sendall(b"GET /health HTTP/1.1\r\n")  # and never the rest
@@ -440,6 +442,13 @@ def test_connections_past_the_cap_are_refused_logged_and_freed(server, http):
     assert json.loads(refused)["error"]["code"] == "too_many_connections"
     assert "refused a connection: 40 are open" in proc.log()
     assert http.get("/health").status_code == 200  # the server serves on once they are gone
+    # The guard's answers are error answers too, though no route saw them.
+    after = http.get("/metrics").text
+    assert metric(after, "jfexport_errors_total", type="too_many_connections") - before["too_many_connections"] == \
+        statuses.count(503)
+    # Plus, perhaps, the 408 of this test's own kept-alive connection, idle past the 1 s header deadline.
+    assert metric(after, "jfexport_errors_total", type="header_timeout") - before["header_timeout"] in (
+        statuses.count(408), statuses.count(408) + 1)
 
 
 def test_oversized_headers_are_431(server):
@@ -618,6 +627,32 @@ def test_a_second_ctrl_c_ends_the_grace_with_the_drains_503s_and_exits_130(engin
     for r in responses:
         assert _named_4xx(r, 503)["code"] == "shutting_down"
     assert "Traceback" not in log and log.count("status=503 kind=image") == 2, log[-2000:]
+
+
+def test_requests_refused_by_the_drain_are_counted(engines, tmp_path):
+    """Refused on arrival, they never counted in flight, and were missing from requests_total."""
+    port = free_port()
+    proc = ServerProcess(["serve", "--engines", str(engines), "--port", str(port), "--grace", "3"],
+                         tmp_path / "server.log")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        proc.wait_ready(url)
+        long = threading.Thread(target=lambda: httpx.post(f"{url}/v1/images/generations", content=IMAGES_BODY,
+                                                          headers={"content-type": "application/json"}, timeout=30))
+        long.start()
+        wait_for(lambda: metric(httpx.get(f"{url}/metrics").text, "jfexport_requests_in_flight") == 1, 10,
+                 "the long request in flight")
+        proc.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: httpx.get(f"{url}/ready").status_code == 503, 5, "draining")
+        refused = [httpx.post(f"{url}/v1/images/generations", json={"prompt": "a red circle"}) for _ in range(3)]
+        assert [r.status_code for r in refused] == [503] * 3
+        text = httpx.get(f"{url}/metrics").text
+        assert metric(text, "jfexport_requests_total", kind="image", status="503") == 3
+        assert metric(text, "jfexport_errors_total", type="draining") == 3
+        long.join(30)
+        assert proc.proc.wait(30) == 0
+    finally:
+        proc.stop()
 
 
 def test_sighup_drains_as_sigterm_does(engines, tmp_path):

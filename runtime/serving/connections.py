@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import time
+from typing import Callable
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -73,8 +74,16 @@ class _RateLimitedLog:
             self.count, self.last = 0, now
 
 
-def guarded_protocol(settings: ServeSettings) -> type[H11Protocol]:
-    """The protocol class for `uvicorn.Config(http=...)`, with the settings' header timeout and connection cap."""
+def guarded_protocol(settings: ServeSettings,
+                     count_refusal: Callable[[str], None] = lambda code: None) -> type[H11Protocol]:
+    """The protocol class for `uvicorn.Config(http=...)`, with the settings' header timeout and connection cap.
+    `count_refusal(code)` is told of every error it answers itself (no route sees them), for the metrics."""
+
+    def refuse(loop: asyncio.AbstractEventLoop, transport: asyncio.Transport, status: int, message: str,
+               code: str) -> None:
+        count_refusal(code)
+        _answer_and_close(loop, transport, _raw_error(status, message, code))
+
     refused_log = _RateLimitedLog(f"refused a connection: {settings.max_connections} are open (the connection cap)")
     slow_log = _RateLimitedLog(f"closed a connection whose request headers took over {settings.header_timeout:g} s")
     stalled_log = _RateLimitedLog(f"closed a connection whose client read none of its answer for "
@@ -91,9 +100,9 @@ def guarded_protocol(settings: ServeSettings) -> type[H11Protocol]:
             if len(self.connections) >= settings.max_connections:
                 refused_log()
                 self._refused = True
-                _answer_and_close(self.loop, transport, _raw_error(
-                    503, f"the server holds {settings.max_connections} connections, its most; retry later",
-                    "too_many_connections"))
+                refuse(self.loop, transport, 503,
+                       f"the server holds {settings.max_connections} connections, its most; retry later",
+                       "too_many_connections")
                 return
             super().connection_made(transport)
             self._arm_header_timer()
@@ -153,11 +162,10 @@ def guarded_protocol(settings: ServeSettings) -> type[H11Protocol]:
             self._disarm_header_timer()
             self._refused = True
             if len(self.conn.trailing_data[0]) > settings.max_header_bytes:
-                response = _raw_error(431, f"the request's headers are larger than {settings.max_header_bytes} bytes",
-                                      "headers_too_large")
+                refuse(self.loop, self.transport, 431,
+                       f"the request's headers are larger than {settings.max_header_bytes} bytes", "headers_too_large")
             else:
-                response = _raw_error(400, "invalid HTTP request", "invalid_http")
-            _answer_and_close(self.loop, self.transport, response)
+                refuse(self.loop, self.transport, 400, "invalid HTTP request", "invalid_http")
 
         def _arm_header_timer(self) -> None:
             self._disarm_header_timer()
@@ -174,7 +182,7 @@ def guarded_protocol(settings: ServeSettings) -> type[H11Protocol]:
                 return
             slow_log()
             self._refused = True
-            _answer_and_close(self.loop, self.transport, _raw_error(
-                408, f"the request's headers did not arrive within {settings.header_timeout:g} s", "header_timeout"))
+            refuse(self.loop, self.transport, 408,
+                   f"the request's headers did not arrive within {settings.header_timeout:g} s", "header_timeout")
 
     return GuardedH11Protocol

@@ -48,8 +48,11 @@ class ServingMiddleware:
                          (b"x-jfexport-replica", self.service.replica_id.encode("latin-1"))]
         start = time.perf_counter()
         status = [0]
+        answered, client_left = [False], [False]  # the last body part sent; the client's disconnect read
 
         async def send_with_headers(message):
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                answered[0] = True
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
                 headers = [*message.get("headers", []), *extra_headers]
@@ -60,19 +63,27 @@ class ServingMiddleware:
                 message = {**message, "headers": headers}
             await send(message)
 
+        async def watched_receive():
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                client_left[0] = True
+            return message
+
         model_route = scope["path"] in MODEL_ROUTES
         if model_route and self.service.draining:
             # Decided on arrival: a request counted in flight below is one the drain waits for.
             await self._send_error(send_with_headers, self.service.draining_error())
+            self.service.request_refused(state["kind"], 503)
             return self._log(scope, state, 503, start)
         if model_route:  # counted from its arrival: the drain waits for a body still arriving too
             self.service.request_started()
         try:
+            app_receive = watched_receive
             if scope["method"] == "POST":
-                receive = await self._buffered_body(receive, headers, send_with_headers)
-                if receive is None:
+                app_receive = await self._buffered_body(watched_receive, headers, send_with_headers)
+                if app_receive is None:
                     return
-            await self.app(scope, receive, send_with_headers)
+            await self.app(scope, app_receive, send_with_headers)
         except Exception as exc:
             # Answered here, not by Starlette's last-resort handler, which answers and then re-raises to
             # uvicorn: that drops the connection and leaves the status unknown (logged as 499).
@@ -82,9 +93,12 @@ class ServingMiddleware:
             else:
                 await self._send_error(send_with_headers, api_error_from(exc))
         finally:
+            # A stream its client left before its end was cancelled, not answered: 499, as a request the
+            # client left before its answer began.
+            final = 499 if not status[0] or (client_left[0] and not answered[0]) else status[0]
             if model_route:
-                self.service.request_finished(state["kind"], status[0] or 499, time.perf_counter() - start)
-            self._log(scope, state, status[0] or 499, start)
+                self.service.request_finished(state["kind"], final, time.perf_counter() - start)
+            self._log(scope, state, final, start)
 
     async def _buffered_body(self, receive, headers, send):
         """Read the whole body up to the limit (413 past it), then replay it to the route."""

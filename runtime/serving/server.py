@@ -115,7 +115,8 @@ def serve(engines: Path, host: str = defaults.HOST, port: int = defaults.PORT,
         logging.getLogger(name).setLevel(logging.INFO)
     app = build_app(None, settings)
     service: Service = app.state.service
-    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", http=guarded_protocol(settings),
+    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
+                            http=guarded_protocol(settings, service.count_refusal),
                             h11_max_incomplete_event_size=settings.max_header_bytes, timeout_graceful_shutdown=1,
                             timeout_keep_alive=5)
     server = DrainingServer(config, service)

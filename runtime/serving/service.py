@@ -139,7 +139,15 @@ class Service:
                            param="model", code="model_not_found")
 
     def count_error(self, error: APIError) -> None:
-        self.metrics.errors.labels(error.code or error.type).inc()
+        self.count_refusal(error.code or error.type)
+
+    def count_refusal(self, code: str) -> None:
+        """An error answer, by its code (the connection guard's answers have nothing else)."""
+        self.metrics.errors.labels(code).inc()
+
+    def request_refused(self, kind: str, status: int) -> None:
+        """A model-route request answered on arrival, never in flight (the drain's 503)."""
+        self.metrics.requests.labels(kind, str(status)).inc()
 
     def request_started(self) -> None:
         self.in_flight += 1
