@@ -106,13 +106,15 @@ def serve_on_ray(args: dict, host: str, port: int) -> int:
     log.setLevel(logging.INFO)  # its routine lines (where it listens, stopping) whatever the CLI's -v
     # Ray's own traffic stays on the loopback interface unless the server listens beyond it.
     ray.init(include_dashboard=False, _node_ip_address="127.0.0.1" if host in ("127.0.0.1", "localhost") else None)
+    # Right after ray.init, which installs a SIGTERM handler of its own that exits at once (leaving Ray's
+    # agents behind), and before the deployment, which takes seconds: a signal meanwhile stops it as
+    # one after it does, once serve.run returns.
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(args), name=APP, route_prefix="/")
-        # After ray.init, which installs a SIGTERM handler of its own that exits at once.
-        stop = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
         log.info("Ray Serve: %s replica(s) on http://%s:%d", args.get("replicas", 1), host, port)
         report_exposed_ports(host)
         while not stop.wait(0.5):  # a timed wait lets the signal handler run promptly
