@@ -43,6 +43,9 @@ def test_lookups_find_the_longest_common_prefix_of_the_stored_sequences():
         stored = {k: None for k in stored if not (k[0] == image and tuple(ids[:len(k[1])]) == k[1])}
         stored[(image, tuple(ids))] = None
         assert set(cache._entries) == set(stored)
+        # The index lists exactly the live entries' last blocks.
+        assert set(cache._ends.values()) == set(stored)
+        assert sum(sum(lengths.values()) for lengths in cache._tails.values()) == len(cache._ends)
         assert sum(img == image for img, _ in stored) <= CANDIDATES  # where the index is exact
 
 

@@ -11,7 +11,7 @@ tokens are compared before any is used, so a collision costs a comparison, never
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from itertools import islice
 
@@ -59,6 +59,8 @@ class PrefixCache:
         self._through: dict[int, dict[_Key, None]] = {}
         # (chained hash of the whole blocks, the tokens after them) -> the entry of exactly those ids
         self._ends: dict[tuple[int, tuple[int, ...]], _Key] = {}
+        # chained hash -> how many `_ends` keys under it have each tail length: the lengths worth looking up
+        self._tails: dict[int, Counter[int]] = {}
         self.nbytes = 0
         self.hits = 0  # requests that started from a stored prefix
         self.reused_tokens = 0  # prompt tokens those requests did not run
@@ -100,8 +102,9 @@ class PrefixCache:
                   depth: int) -> tuple[_Key | None, int]:
         """The longest stored sequence that `usable` starts with and that ends within block `depth`."""
         start = depth * BLOCK
-        for end in range(min(len(usable), start + BLOCK - 1), start - 1, -1):
-            key = self._ends.get((hashes[depth], usable[start:end]))
+        for tail in sorted(self._tails.get(hashes[depth], ()), reverse=True):
+            end = start + tail
+            key = self._ends.get((hashes[depth], usable[start:end])) if end <= len(usable) else None
             if key is not None and key[0] == image and key[1] == usable[:end]:
                 return key, end
         return None, 0
@@ -117,8 +120,9 @@ class PrefixCache:
         hashes = _chain(image, key[1], len(ids) // BLOCK)
         for depth, chained in enumerate(hashes):
             start = depth * BLOCK
-            for end in range(start, min(len(ids), start + BLOCK - 1) + 1):
-                other = self._ends.get((chained, key[1][start:end]))
+            for tail in list(self._tails.get(chained, ())):
+                end = start + tail
+                other = self._ends.get((chained, key[1][start:end])) if end <= len(ids) else None
                 if other is not None and other[0] == image and other[1] == key[1][:end]:
                     self._remove(other)
         while self._entries and self.nbytes + nbytes > self.budget_bytes:
@@ -127,7 +131,10 @@ class PrefixCache:
         self.nbytes += nbytes
         for chained in hashes:
             self._through.setdefault(chained, {})[key] = None
-        self._ends[(hashes[-1], key[1][(len(hashes) - 1) * BLOCK:])] = key
+        last = (hashes[-1], key[1][(len(hashes) - 1) * BLOCK:])
+        if last not in self._ends:
+            self._tails.setdefault(last[0], Counter())[len(last[1])] += 1
+        self._ends[last] = key
 
     def _remove(self, key: _Key) -> None:
         self.nbytes -= self._entries.pop(key).nbytes
@@ -140,4 +147,10 @@ class PrefixCache:
         end = (hashes[-1], key[1][(len(hashes) - 1) * BLOCK:])
         if self._ends.get(end) == key:
             del self._ends[end]
+            tails = self._tails[end[0]]
+            tails[len(end[1])] -= 1
+            if not tails[len(end[1])]:
+                del tails[len(end[1])]
+                if not tails:
+                    del self._tails[end[0]]
 
