@@ -10,9 +10,8 @@ is bounded (`max_queue`): past it, `Overloaded` is raised at once.
 
 from __future__ import annotations
 
-import operator
 import weakref
-from typing import Callable, Iterator, Mapping, SupportsIndex, cast
+from typing import Callable, Iterator, Mapping
 
 import torch
 from PIL import Image
@@ -25,6 +24,7 @@ from jfexport.core.manifest import EnginesError
 from jfexport.core.processor import JanusProcessor
 from jfexport.core.processor.request_checks import (
     check_choices,
+    check_count,
     check_generation,
     check_sampling,
     check_timeout,
@@ -52,20 +52,6 @@ DEFAULT_PREFIX_CACHE_BYTES = defaults.PREFIX_CACHE_BYTES
 TASK_GRAPHS = {"generate": GENERATION_GRAPHS, "chat": UNDERSTANDING_GRAPHS}
 
 
-def _count(name: str, value: object, low: int) -> int:
-    """A runtime option that counts something (bytes, threads, requests), refused by name when it is
-    not an integer >= `low` (a thread count of 0 killed the scheduler's thread as it started)."""
-    if not isinstance(value, bool):
-        try:
-            number = operator.index(cast(SupportsIndex, value))
-        except TypeError:
-            pass
-        else:
-            if number >= low:
-                return number
-    raise InputError(f"{name}: expected an integer >= {low}, got {value!r}")
-
-
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """uint8 [N,H,W,3] -> PIL images."""
     return [Image.fromarray(x.numpy()) for x in images]
@@ -81,10 +67,10 @@ class JanusFlowRuntime:
                  chat_executor: ChatExecutor | None = None):
         """`generation_executor` runs the Euler step (default: the engines, `EngineGenerationExecutor`);
         `chat_executor` the decode step (default: the engines, `EngineChatExecutor`)."""
-        max_queue = _count("max_queue", max_queue, 1)
-        kv_budget_bytes = _count("kv_budget_bytes", kv_budget_bytes, 0)
-        prefix_cache_bytes = _count("prefix_cache_bytes", prefix_cache_bytes, 0)
-        torch_threads = None if torch_threads is None else _count("torch_threads", torch_threads, 1)
+        max_queue = check_count(max_queue, "max_queue", 1)
+        kv_budget_bytes = check_count(kv_budget_bytes, "kv_budget_bytes", 0)
+        prefix_cache_bytes = check_count(prefix_cache_bytes, "prefix_cache_bytes", 0)
+        torch_threads = None if torch_threads is None else check_count(torch_threads, "torch_threads", 1)
         self.engines = engines
         self.processor = processor
         self.latent_shape = latent_shape  # (C, h, w) of one latent
@@ -127,7 +113,7 @@ class JanusFlowRuntime:
         if isinstance(tasks, str) or not isinstance(tasks, (tuple, list)) or not tasks or set(tasks) - set(TASK_GRAPHS):
             raise InputError(f"tasks: expected a tuple of {', '.join(map(repr, TASK_GRAPHS))}, got {tasks!r}")
         if engine_threads is not None:
-            engine_threads = _count("engine_threads", engine_threads, 1)
+            engine_threads = check_count(engine_threads, "engine_threads", 1)
         wanted = {g for task in tasks for g in TASK_GRAPHS[task]}
         engines, manifest, chosen = load_engines(folder, backend, precision, device, graphs=wanted,
                                                  verify_files=verify_files, threads=engine_threads)

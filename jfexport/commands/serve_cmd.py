@@ -15,30 +15,12 @@ from jfexport import defaults
 from .options import DEFAULT_ENGINES, precision_option
 
 
-class _Positive(click.ParamType):
-    """A finite number > 0 (click's FloatRange lets nan and inf through)."""
+class _Number(click.ParamType):
+    """A finite number > 0, or in [low, high] when given (click's FloatRange lets nan and inf through)."""
 
     name = "number"
 
-    def convert(self, value, param, ctx):
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is not a number", param, ctx)
-        if not math.isfinite(number) or number <= 0:
-            self.fail(f"must be a finite number > 0, got {value}", param, ctx)
-        return number
-
-
-POSITIVE = _Positive()
-
-
-class _Finite(click.ParamType):
-    """A finite number in [low, high] (click's FloatRange lets nan through)."""
-
-    name = "number"
-
-    def __init__(self, low: float, high: float):
+    def __init__(self, low: float | None = None, high: float | None = None):
         self.low, self.high = low, high
 
     def convert(self, value, param, ctx):
@@ -46,9 +28,15 @@ class _Finite(click.ParamType):
             number = float(value)
         except (TypeError, ValueError):
             self.fail(f"{value!r} is not a number", param, ctx)
-        if not self.low <= number <= self.high:  # false for nan
+        if self.low is None or self.high is None:
+            if not math.isfinite(number) or number <= 0:
+                self.fail(f"must be a finite number > 0, got {value}", param, ctx)
+        elif not self.low <= number <= self.high:  # false for nan
             self.fail(f"must be a number in {self.low:g} .. {self.high:g}, got {value}", param, ctx)
         return number
+
+
+POSITIVE = _Number()
 API_KEY_ENV = "JFEXPORT_API_KEY"
 
 
@@ -87,7 +75,7 @@ def _api_key(ctx, param, value):
               help="Requests the scheduler admits; past it, 429.")
 @click.option("--request-timeout", type=POSITIVE, default=defaults.REQUEST_TIMEOUT_S, show_default=True,
               help="Seconds per request, queueing included; 504 past it.")
-@click.option("--grace", type=_Finite(0, defaults.MAX_GRACE_S), default=defaults.GRACE_S, show_default=True,
+@click.option("--grace", type=_Number(0, defaults.MAX_GRACE_S), default=defaults.GRACE_S, show_default=True,
               help="SIGTERM: seconds in-flight requests get to finish.")
 @click.option("--max-body-mb", type=POSITIVE, default=defaults.MAX_BODY_MB, show_default=True,
               help="Largest request body; 413 past it.")

@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass, field
-from numbers import Real
 from typing import Callable, Generic, Iterator, TypeVar, cast
 
 import torch
 
-from jfexport.core.errors import InputError
+from jfexport.core.processor.request_checks import check_timeout
 from jfexport.core.schedulers import FinishReason, StopRule, TokenLogprobs
 
 from ..errors import RequestTimeout, RuntimeFailure, SchedulerStopped, WaitTimeout
@@ -191,13 +189,9 @@ class Job:
 
 
 def wait_deadline(timeout: object) -> float | None:
-    """The `time.monotonic()` time a caller's wait of `timeout` seconds ends (None: it does not).
-    A NaN would never end, so it is refused with any other non-number or negative value."""
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, Real) or not 0 <= float(timeout) < math.inf:
-        raise InputError(f"timeout: expected None or a number of seconds >= 0, got {timeout!r}")
-    return time.monotonic() + float(timeout)
+    """The `time.monotonic()` time a caller's wait of `timeout` seconds ends (None: it does not)."""
+    seconds = check_timeout(timeout, zero=True)
+    return None if seconds is None else time.monotonic() + seconds
 
 
 def _run_notifications(fns: list[Callable[[], None]]) -> None:

@@ -71,7 +71,7 @@ def check_text(name: str, value: object) -> str:
     return value
 
 
-def _integer(name: str, value: object, low: int, high: int) -> int:
+def _integer(name: str, value: object, low: int, high: int | None) -> int:
     if isinstance(value, bool):
         raise RequestError(f"{name}: expected an integer, got a bool ({value})")
     try:
@@ -79,7 +79,9 @@ def _integer(name: str, value: object, low: int, high: int) -> int:
         number = operator.index(cast(SupportsIndex, value))
     except TypeError:
         raise RequestError(f"{name}: expected an integer, got {type(value).__name__} {value!r}") from None
-    if not low <= number <= high:
+    if high is None and number < low:
+        raise RequestError(f"{name}: must be at least {low}, got {number}")
+    if high is not None and not low <= number <= high:
         raise RequestError(f"{name}: {number} is outside the accepted range {low} .. {high}")
     return number
 
@@ -194,12 +196,19 @@ def check_generation(n: object, steps: object, cfg: object, seed: object, previe
                       check_previews(previews, count))
 
 
-def check_timeout(timeout: object, name: str = "timeout") -> float | None:
+def check_timeout(timeout: object, name: str = "timeout", zero: bool = False) -> float | None:
     """None (no deadline) or a positive finite number of seconds: NaN would never expire, and a
-    deadline already past is a caller's bug, not a timeout."""
+    request's deadline already past is a caller's bug, not a timeout. `zero`: 0 is accepted too (a
+    wait that only looks)."""
     if timeout is None:
         return None
     seconds = _real(name, timeout)
-    if seconds <= 0:
-        raise RequestError(f"{name}: must be a positive number of seconds (or None for no deadline), got {timeout}")
+    if seconds < 0 or (seconds == 0 and not zero):
+        bound = ">= 0" if zero else "> 0"
+        raise RequestError(f"{name}: must be a number of seconds {bound} (or None for no deadline), got {timeout}")
     return seconds
+
+
+def check_count(value: object, name: str, low: int = 0) -> int:
+    """A runtime option that counts something (bytes, threads, requests): an integer >= `low`."""
+    return _integer(name, value, low, None)
